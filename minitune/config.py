@@ -8,6 +8,7 @@ and :func:`validate` collects *every* problem into one :class:`ConfigError`, bef
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -251,10 +252,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{where}: expected a number, got {value!r}")
             return value
@@ -364,10 +363,7 @@ def load_config(
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError([f"'{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
-    if isinstance(overrides, dict):
-        extra = overrides
-    else:
-        extra = parse_overrides(overrides)
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     problems: list[str] = []
     cfg = _build(_merge(data, extra) if isinstance(data, dict) else data, problems)
     problems += _check_values(cfg)

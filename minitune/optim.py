@@ -1,0 +1,90 @@
+"""Optimizer and learning-rate scheduler factories.
+
+torch AdamW, or bitsandbytes' 8-bit / paged optimizers by name; weight decay is never applied to
+biases and normalisation weights. Schedulers come from `transformers.get_scheduler`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import OptimizerArgs
+
+__all__ = ["build_optimizer", "build_scheduler", "parameter_groups", "warmup_steps"]
+
+# name -> bitsandbytes.optim class name
+BNB_OPTIMIZERS = {
+    "adamw8bit": "AdamW8bit",
+    "paged_adamw8bit": "PagedAdamW8bit",
+    "paged_adamw32bit": "PagedAdamW32bit",
+    "lion8bit": "Lion8bit",
+    "paged_lion8bit": "PagedLion8bit",
+}
+
+
+def _no_decay(name: str, param: torch.Tensor, norm_params: set[int]) -> bool:
+    return param.ndim < 2 or name.endswith(".bias") or id(param) in norm_params
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into a decayed group and a no-decay group (biases, norms, 1-D)."""
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(m).__name__
+        for p in m.parameters(recurse=False)
+    }
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p, norm_params) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, args: OptimizerArgs, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+    """The optimizer named by `args.name` over the model's trainable parameters.
+
+    Paged optimizers fall back to their unpaged version where paging is impossible (not CUDA);
+    `device.check` has already warned about it.
+
+    Raises:
+        ValueError: no trainable parameters, or an unknown optimizer name.
+    """
+    from .device import capabilities, optimizer_name_for
+
+    groups = parameter_groups(model, args.weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters: enable LoRA or set lora.enabled=false")
+    name = optimizer_name_for(args.name, device)
+    betas = tuple(args.betas)
+    if name == "adamw":
+        fused = bool(args.fused and capabilities(device).fused_adamw)
+        return torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=args.eps, fused=fused or None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr)
+    if name not in BNB_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}'")
+    import bitsandbytes as bnb  # lazy: heavy, and only needed for these optimizers
+
+    cls = getattr(bnb.optim, BNB_OPTIMIZERS[name])
+    if "lion" in name:
+        return cls(groups, lr=args.lr, betas=betas)
+    return cls(groups, lr=args.lr, betas=betas, eps=args.eps)
+
+
+def warmup_steps(args: OptimizerArgs, total_steps: int) -> int:
+    """Warmup optimizer steps: `warmup_steps` if set, else `warmup_ratio` of the total."""
+    return args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimizerArgs, total_steps: int) -> Any:
+    """`transformers.get_scheduler(args.scheduler)` with warmup, over `total_steps` optimizer steps."""
+    from transformers import get_scheduler
+
+    return get_scheduler(args.scheduler, optimizer, num_warmup_steps=warmup_steps(args, total_steps),
+                         num_training_steps=total_steps)

@@ -1,0 +1,45 @@
+"""Shared test helpers: offline, tiny models built from presets, shipped tokenizers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")
+T5_TOK = str(REPO / "tests/fixtures/tokenizers/t5_test_sentencepiece")
+QUOTES = str(REPO / "data/english_quotes.jsonl")
+XSUM = str(REPO / "tests/fixtures/xsum_sample.json")
+
+
+def tiny_config(preset: str = "tiny-llama", output_dir: str | Path = "runs/test", **sections) -> dict:
+    """A nested config dict for a fast run of a tiny random model on the quotes data."""
+    seq2seq = preset.endswith("t5")
+    cfg = {
+        "model": {"preset": preset, "tokenizer": T5_TOK if seq2seq else GPT2},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"path": QUOTES, "prompt": "{quote} ->: ", "response": "{tags}", "max_length": 48,
+                 "max_target_length": 16, "max_samples": 64, "validation_fraction": 0.1},
+        "optimizer": {"lr": 3e-3, "scheduler": "constant"},
+        "training": {"output_dir": str(output_dir), "max_steps": 8, "batch_size": 4, "seed": 0},
+        "logging": {"progress": "none"},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Factory: tiny(preset, **sections) -> config dict writing into a temporary folder."""
+
+    def make(preset: str = "tiny-llama", **sections):
+        return tiny_config(preset, tmp_path / "run", **sections)
+
+    return make

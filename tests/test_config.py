@@ -1,0 +1,88 @@
+import subprocess
+import sys
+
+import pytest
+
+from minitune.config import SCHEDULERS, Config, ConfigError, load_config, parse_overrides, validate
+
+from .conftest import REPO, tiny_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  preset: tiny-llama\n  tokenizer: x\ndata:\n  path: d.jsonl\nlora:\n  r: 4\n")
+    cfg = load_config(p, ["lora.r=16", "optimizer.lr=1e-4", "lora.target_modules=q,v", "training.epochs=2"])
+    assert cfg.lora.r == 16
+    assert cfg.optimizer.lr == pytest.approx(1e-4)
+    assert cfg.lora.target_modules == ["q", "v"]
+    assert cfg.training.epochs == 2.0 and isinstance(cfg.training.epochs, float)
+
+
+def test_every_problem_in_one_error():
+    with pytest.raises(ConfigError) as e:
+        load_config({"model": {"presett": "x"}, "lora": {"r": 0, "dropout": 1.5},
+                     "optimizer": {"name": "adamw_8bit", "lr": -1}, "trainin": {}})
+    text = str(e.value)
+    for fragment in ["'model.presett' (did you mean 'preset'?)", "lora.r=0", "lora.dropout=1.5",
+                     "did you mean 'adamw8bit'", "optimizer.lr=-1.0", "unknown section 'trainin'",
+                     "data.path is not set"]:
+        assert fragment in text, fragment
+    assert len(e.value.problems) >= 7
+
+
+def test_wrong_types():
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny_config(), ["training.batch_size=abc", "lora.use_dora=maybe", "lora.r=2.5"])
+    assert {"training.batch_size: expected an integer, got 'abc'", "lora.use_dora: expected true/false, got 'maybe'",
+            "lora.r: expected an integer, got 2.5"} <= set(e.value.problems)
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match="needs LoRA"):
+        load_config(tiny_config(), ["quantization.mode=4bit", "lora.enabled=false"])
+    with pytest.raises(ConfigError, match="packing and data.mask_prompt"):
+        load_config(tiny_config(), ["data.packing=true", "data.mask_prompt=true"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["lr=1"])
+
+
+def test_malformed_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  preset: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(p)
+
+
+def test_schedulers_match_transformers():
+    from transformers.trainer_utils import SchedulerType
+
+    known = {s.value for s in SchedulerType}
+    assert set(SCHEDULERS) <= known
+    # the ones left out need extra arguments get_scheduler cannot take from our config
+    assert known - set(SCHEDULERS) <= {"reduce_lr_on_plateau", "greedy"}
+
+
+def test_validate_python_config_and_roundtrip(tmp_path):
+    cfg = validate(load_config(tiny_config()))
+    cfg.save(tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    bad = Config()
+    with pytest.raises(ConfigError):
+        validate(bad)
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_import_is_light():
+    code = ("import sys, minitune; from minitune import load_config; "
+            "heavy = [m for m in ('bitsandbytes', 'peft', 'datasets', 'transformers', 'torch') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
