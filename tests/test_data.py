@@ -1,0 +1,326 @@
+"""minitune.data: rows, templates, tokenization (causal, seq2seq, packing), batches and samplers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from minitune.config import DataArgs  # noqa: E402
+from minitune.data import (  # noqa: E402
+    Collator,
+    DataError,
+    LengthGroupedSampler,
+    build_data,
+    ensure_pad_token,
+    estimate_padding,
+    load_rows,
+    make_dataloader,
+    render,
+    tokenize,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+QUOTES = ROOT / "data" / "english_quotes.jsonl"
+XSUM = ROOT / "tests" / "fixtures" / "xsum_sample.json"
+TOKENIZERS = ROOT / "tests" / "fixtures" / "tokenizers"
+SMOLLM = ROOT / "data" / "tokenizers" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2")
+    assert tok.pad_token is None  # ensure_pad_token has something to do
+    return tok
+
+
+@pytest.fixture(scope="module")
+def t5():
+    pytest.importorskip("sentencepiece", reason="T5Tokenizer reads spiece.model through sentencepiece")
+    return AutoTokenizer.from_pretrained(TOKENIZERS / "t5_test_sentencepiece")
+
+
+def quotes(**kw) -> DataArgs:
+    base = {"path": str(QUOTES), "prompt": "{quote} ->: ", "response": "{tags}", "validation_fraction": 0.0,
+            "max_samples": 200, "max_length": 128}
+    return DataArgs(**{**base, **kw})
+
+
+def xsum(**kw) -> DataArgs:
+    base = {"path": str(XSUM), "prompt": "summarize: {document}", "response": "{summary}",
+            "validation_fraction": 0.0, "max_length": 1024, "max_target_length": 128}
+    return DataArgs(**{**base, **kw})
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------ templates
+
+
+def test_render_joins_list_columns_and_blanks_none():
+    row = {"quote": "“Be yourself.”", "author": None, "tags": ["be-yourself", "honesty"]}
+    assert render("{quote} ->: ", row) == "“Be yourself.” ->: "
+    assert render("{tags}", row) == "be-yourself, honesty"
+    assert render("by {author}.", row) == "by ."
+
+
+def test_missing_column_error_lists_the_columns(gpt2):
+    with pytest.raises(DataError) as e:
+        render("{text}", {"quote": "q", "author": "a", "tags": []}, name="data.prompt")
+    assert str(e.value) == ("data.prompt uses column 'text' but the data has columns: quote, author, tags; "
+                            "set data.prompt / data.response to a template over them")
+    rows, _ = load_rows(quotes(max_samples=5))
+    with pytest.raises(DataError, match=r"data.response uses column 'tag' .* quote, author, tags"):
+        tokenize(rows, quotes(response="{tag}"), gpt2, seq2seq=False)
+    with pytest.raises(DataError, match="not a valid template"):
+        tokenize(rows, quotes(prompt="{quote"), gpt2, seq2seq=False)
+
+
+# ------------------------------------------------------------------------------------ rows
+
+
+def test_missing_file_names_it(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match=f"data file '{missing}' does not exist"):
+        load_rows(DataArgs(path=str(missing)))
+
+
+def test_hub_id_offline_asks_for_a_local_file():
+    if not datasets.config.HF_HUB_OFFLINE:
+        pytest.skip("needs HF_HUB_OFFLINE=1")
+    with pytest.raises(DataError, match="dataset 'someone/no-such-dataset' is not available offline.*local file"):
+        load_rows(DataArgs(path="someone/no-such-dataset"))
+
+
+def test_empty_file_and_empty_after_max_samples(tmp_path, gpt2):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        load_rows(DataArgs(path=str(empty)))
+    with pytest.raises(DataError, match="no training rows"):
+        load_rows(quotes(max_samples=0))
+    # the first rows are blank lines: max_samples keeps only them, and tokenize has nothing left
+    text = tmp_path / "notes.txt"
+    text.write_text("\n \n\nsome text\n")
+    args = DataArgs(path=str(text), validation_fraction=0.0, max_samples=3)
+    rows, _ = load_rows(args)
+    assert len(rows) == 3
+    with pytest.raises(DataError, match="every one of the 3 examples is empty"):
+        tokenize(rows, args, gpt2, seq2seq=False)
+
+
+def test_json_lines_json_list_csv_txt_and_folders_load(tmp_path):
+    rows = [{"document": "a b", "summary": "a"}, {"document": "c d", "summary": "c"}]
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps(rows))
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("document,summary\na b,a\nc d,c\n")
+    txt = tmp_path / "lines.txt"
+    txt.write_text("first line\nsecond line\n")
+    assert len(load_rows(xsum())[0]) == 10  # xsum_sample.json is JSON lines under a .json name
+    for path in (as_list, csv):
+        train, _ = load_rows(xsum(path=str(path)))
+        assert train.column_names == ["document", "summary"] and train[1] == rows[1]
+    train, _ = load_rows(DataArgs(path=str(txt), validation_fraction=0.0))
+    assert list(train["text"]) == ["first line", "second line"]
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": f"row {i}"} for i in range(5)])
+    write_jsonl(folder / "validation.jsonl", [{"text": "held out"}])
+    train, validation = load_rows(DataArgs(path=str(folder), validation_split="validation"))
+    assert len(train) == 5 and list(validation["text"]) == ["held out"]
+    with pytest.raises(DataError, match="validation split 'dev' .* splits found: train, validation"):
+        load_rows(DataArgs(path=str(folder), validation_split="dev"))
+
+
+def test_validation_hold_out_is_fixed_and_disjoint(tmp_path):
+    path = write_jsonl(tmp_path / "ids.jsonl", [{"id": i, "text": f"row {i}"} for i in range(100)])
+    args = DataArgs(path=str(path), validation_fraction=0.2)
+    train, validation = load_rows(args)
+    train2, validation2 = load_rows(DataArgs(path=str(path), validation_fraction=0.2, max_samples=30))
+    assert len(validation) == 20 and len(train) == 80
+    assert not set(train["id"]) & set(validation["id"])
+    assert sorted(list(train["id"]) + list(validation["id"])) == list(range(100))
+    # the same held-out rows every time, and max_samples only caps the training rows
+    assert list(validation2["id"]) == list(validation["id"])
+    assert len(train2) == 30 and set(train2["id"]) <= set(train["id"])
+    _, none = load_rows(DataArgs(path=str(path), validation_fraction=0.0))
+    assert none is None
+
+
+# ------------------------------------------------------------------------------------ tokenize + collate
+
+
+def test_causal_labels_are_minus_100_exactly_on_padding(gpt2):
+    bundle = build_data(quotes(max_samples=40), gpt2, seq2seq=False)
+    assert gpt2.pad_token_id == gpt2.eos_token_id  # ensure_pad_token ran (GPT-2 has no pad token)
+    batch = bundle.collator([bundle.train[i] for i in range(8)])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert all(v.dtype == torch.long for v in batch.values())
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"] == -100, ~mask)
+    assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])
+    assert (batch["attention_mask"].sum(1) < batch["input_ids"].shape[1]).any()  # there was padding
+    # every example ends with EOS (data.add_eos), which stays a target although EOS is also the pad
+    lengths = batch["attention_mask"].sum(1)
+    assert all(batch["labels"][i, n - 1] == gpt2.eos_token_id for i, n in enumerate(lengths.tolist()))
+    assert bundle.stats["rows"] == 40 and bundle.stats["tokens"] == sum(bundle.train["length"])
+
+
+@pytest.mark.parametrize("tokenizer_path", [TOKENIZERS / "gpt2", SMOLLM])
+def test_mask_prompt_hides_exactly_the_prompt(tokenizer_path):
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    args = quotes(max_samples=30, mask_prompt=True, max_length=1024)
+    rows, _ = load_rows(args)
+    ds = tokenize(rows, args, tok, seq2seq=False)
+    assert len(ds) == 30
+    for row, ex in zip(rows, ds, strict=True):
+        ids, labels = ex["input_ids"], ex["labels"]
+        n = labels.count(-100)
+        assert labels[:n] == [-100] * n and labels[n:] == ids[n:]  # a masked prefix, then targets
+        prompt, response = render(args.prompt, row), render(args.response, row)
+        # GPT-2 merges the prompt's last space into the first response token, which stays a target
+        assert tok.decode(ids[:n]).strip() == prompt.strip()
+        assert tok.decode(ids[n:]).strip() == response + tok.eos_token
+
+
+def test_mask_prompt_drops_examples_whose_response_was_cut_away(gpt2):
+    args = quotes(max_samples=100, mask_prompt=True, max_length=40)
+    rows, _ = load_rows(args)
+    stats: dict = {}
+    ds = tokenize(rows, args, gpt2, seq2seq=False, stats=stats)
+    assert stats["no_target"] > 0 and len(ds) == 100 - stats["no_target"]
+    assert all(any(t != -100 for t in labels[1:]) for labels in ds["labels"])
+    assert stats["target_tokens"] == sum(sum(t != -100 for t in labels[1:]) for labels in ds["labels"])
+
+
+def test_seq2seq_batches_from_xsum(gpt2):
+    args = xsum(max_length=256, max_target_length=16)
+    bundle = build_data(args, gpt2, seq2seq=True)
+    assert bundle.stats["rows"] == 10 and bundle.stats["truncated"] > 0
+    batch = next(iter(make_dataloader(bundle.train, bundle.collator, batch_size=4, shuffle=False, seed=0)))
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[0] == batch["labels"].shape[0] == 4
+    assert batch["input_ids"].shape[1] <= 256 and batch["labels"].shape[1] <= 16
+    for labels in batch["labels"]:
+        targets = labels[labels != -100]
+        assert targets[-1] == gpt2.eos_token_id  # add_eos: the decoder learns to stop
+
+
+def test_seq2seq_t5_keeps_eos_when_truncating(t5):
+    bundle = build_data(xsum(max_length=256, max_target_length=48), t5, seq2seq=True)
+    assert 0 < bundle.stats["truncated"] < 10
+    for ex in bundle.train:
+        assert len(ex["input_ids"]) <= 256 and ex["input_ids"][-1] == t5.eos_token_id
+        assert len(ex["labels"]) <= 48 and ex["labels"][-1] == t5.eos_token_id
+    assert max(bundle.train["length"]) == 256
+    batch = next(iter(make_dataloader(bundle.train, bundle.collator, batch_size=10, shuffle=False, seed=0)))
+    assert batch["input_ids"].shape == (10, 256) and batch["labels"].shape == (10, 48)
+    assert batch["attention_mask"].sum().item() == bundle.stats["tokens"]
+    assert (batch["labels"] != -100).sum().item() == bundle.stats["target_tokens"]
+
+
+def test_packing_cuts_full_blocks_covering_every_token(gpt2):
+    args = quotes(max_samples=50, packing=True, max_length=64)
+    rows, _ = load_rows(args)
+    packed = tokenize(rows, args, gpt2, seq2seq=False)
+    blocks = list(packed["input_ids"])
+    assert all(len(b) == 64 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 64
+    assert list(packed["labels"]) == blocks
+    stream = []
+    for row in rows:
+        stream += gpt2(render(args.prompt, row) + render(args.response, row))["input_ids"] + [gpt2.eos_token_id]
+    assert [t for b in blocks for t in b] == stream
+    with pytest.raises(DataError, match="packing is for causal"):
+        tokenize(rows, args, gpt2, seq2seq=True)
+
+
+def test_all_too_long_is_an_error_and_some_too_long_a_warning(gpt2, caplog):
+    args = quotes(max_samples=20, max_length=4)
+    rows, _ = load_rows(args)
+    with pytest.raises(DataError, match=r"every example is longer than data.max_length=4 .*raise data.max_length"):
+        tokenize(rows, args, gpt2, seq2seq=False)
+    stats: dict = {}
+    with caplog.at_level(logging.WARNING, logger="minitune.data"):
+        ds = tokenize(rows, quotes(max_samples=20, max_length=24), gpt2, seq2seq=False, stats=stats)
+    assert 0 < stats["truncated"] < 20 and "were truncated" in caplog.text
+    assert max(ds["length"]) == 24
+
+
+def test_collator_pads_to_a_multiple(gpt2):
+    collate = Collator(gpt2, seq2seq=True, pad_to_multiple_of=8)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [1]}, {"input_ids": [5], "labels": [1, 2, 3, 4, 5, 6, 7, 8, 9]}])
+    assert batch["input_ids"].shape == (2, 8) and batch["labels"].shape == (2, 16)
+    assert batch["attention_mask"].sum().item() == 4 and (batch["labels"] != -100).sum().item() == 10
+    assert ensure_pad_token(gpt2) == gpt2.eos_token_id
+
+
+# ------------------------------------------------------------------------------------ loaders
+
+
+def _order(loader) -> list[int]:
+    return [int(t) for batch in loader for t in batch["input_ids"][:, 0]]
+
+
+def test_dataloader_order_is_seeded(gpt2):
+    ds = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(1, 41)], "labels": [[i] for i in range(1, 41)]})
+    collate = Collator(gpt2, seq2seq=False)
+
+    def order(seed: int, epoch: int = 0) -> list[int]:
+        loader = make_dataloader(ds, collate, batch_size=6, shuffle=True, seed=seed)
+        loader.set_epoch(epoch)
+        return _order(loader)
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    assert order(1, epoch=1) != order(1) and order(1, epoch=1) == order(1, epoch=1)
+    assert sorted(order(1)) == list(range(1, 41))  # nothing dropped: the last batch has 4
+    loader = make_dataloader(ds, collate, batch_size=6, shuffle=True, seed=1)
+    assert _order(loader) == order(1) and _order(loader) == order(1, epoch=1)  # epochs move on by themselves
+    assert _order(make_dataloader(ds, collate, batch_size=6, shuffle=False, seed=1)) == list(range(1, 41))
+    assert len(make_dataloader(ds, collate, batch_size=6, shuffle=True, seed=1, drop_last=True)) == 6
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_example(gpt2):
+    args = quotes(max_samples=None, max_length=96)
+    rows, _ = load_rows(args)
+    ds = tokenize(rows.select(range(1000)), args, gpt2, seq2seq=False)
+    collate = Collator(gpt2, seq2seq=False)
+
+    def padding(group: bool) -> float:
+        loader = make_dataloader(ds, collate, batch_size=8, shuffle=True, seed=0, group_by_length=group)
+        real = total = 0
+        for batch in loader:
+            real += batch["attention_mask"].sum().item()
+            total += batch["attention_mask"].numel()
+        return 1 - real / total
+
+    plain, grouped = padding(False), padding(True)
+    assert grouped < plain / 3, (plain, grouped)
+    assert grouped == pytest.approx(estimate_padding(ds["length"], 8, group_by_length=True), abs=1e-9)
+
+    sampler = LengthGroupedSampler(ds["length"], batch_size=8, seed=0)
+    epoch0 = list(sampler)
+    assert sorted(epoch0) == list(range(len(ds)))  # every example exactly once
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert sorted(epoch1) == list(range(len(ds))) and epoch1 != epoch0
+    sampler.set_epoch(0)
+    assert list(sampler) == epoch0
+    # a short last batch (1003 = 125 * 8 + 3) is kept and comes last
+    uneven = LengthGroupedSampler(list(range(1003)), batch_size=8, seed=3)
+    assert sorted(uneven) == list(range(1003))
+    lengths = [len(b) for b in torch.utils.data.BatchSampler(uneven, 8, drop_last=False)]
+    assert lengths == [8] * 125 + [3]
