@@ -140,7 +140,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, safe_serialization=True, save_function=accelerator.save)
+        extra = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
+        unwrapped.save_pretrained(tmp, safe_serialization=True, save_function=accelerator.save, **extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if config is not None:
