@@ -99,7 +99,8 @@ class LoraArgs:
     alpha: float = _f(16, "LoRA alpha (scale is alpha/r, or alpha/sqrt(r) with rslora).")
     dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
     target_modules: list[str] | None = _f(
-        None, "Module names to adapt; default per architecture (bloom query_key_value, t5 q,v, others q_proj,v_proj)."
+        None, "Module names to adapt, or [all-linear]; default per architecture (bloom query_key_value, t5 q,v, "
+        "others q_proj,v_proj)."
     )
     bias: str = _f("none", "'none', 'all' or 'lora_only'.")
     modules_to_save: list[str] = _f([], "Extra modules trained fully and saved with the adapter.")

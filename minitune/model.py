@@ -361,9 +361,11 @@ def apply_lora(model: nn.Module, args: LoraArgs) -> nn.Module:
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = list(args.target_modules) if args.target_modules else default_target_modules(model)
+    targets: list[str] | str = list(args.target_modules) if args.target_modules else default_target_modules(model)
+    if targets == ["all-linear"]:
+        targets = "all-linear"  # peft's shorthand: every linear layer except the output head
     available = set(linear_module_names(model))
-    missing = [t for t in targets if t not in available]
+    missing = [t for t in targets if t not in available] if isinstance(targets, list) else []
     if missing:
         raise ModelError(f"lora.target_modules {missing} match no linear module of this model; "
                          f"its linear modules are: {', '.join(sorted(available))}")

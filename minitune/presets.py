@@ -44,7 +44,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any], int | None]] = {
         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
     ), 134_515_008),
     # --- tiny (2 layers), vocabularies match the shipped test tokenizers ---
-    # causal ones use the GPT-2 tokenizer (50,257 tokens), t5 the SentencePiece one (1,000 + 100 extra ids)
+    # causal ones use the GPT-2 tokenizer (50,257 tokens), t5 the SentencePiece one (1,101 tokens with extra ids)
     "tiny-llama": ("LlamaConfig", dict(
         vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
@@ -64,7 +64,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any], int | None]] = {
         attention_types=[[["global", "local"], 1]], window_size=64, bos_token_id=50256, eos_token_id=50256,
     ), None),
     "tiny-t5": ("T5Config", dict(
-        vocab_size=1100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        vocab_size=1104, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0,
         eos_token_id=1,
     ), None),
