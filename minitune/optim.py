@@ -21,6 +21,7 @@ BNB_OPTIMIZERS = {
     "adamw8bit": "AdamW8bit",
     "paged_adamw8bit": "PagedAdamW8bit",
     "paged_adamw32bit": "PagedAdamW32bit",
+    "adamw32bit": "AdamW32bit",  # what paged_adamw32bit falls back to off CUDA
     "lion8bit": "Lion8bit",
     "paged_lion8bit": "PagedLion8bit",
 }

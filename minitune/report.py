@@ -19,10 +19,12 @@ class RunLogger:
         total_steps: length of the progress bar.
         progress: 'rich', 'tqdm' or 'none'.
         initial_step: where a resumed run starts.
+        trackers: also send metrics to the Accelerate trackers.
+        append: append to an existing log.jsonl (resuming) instead of starting a new one.
     """
 
     def __init__(self, accelerator: Any, output_dir: str | Path | None, total_steps: int, *,
-                 progress: str = "rich", initial_step: int = 0, trackers: bool = False):
+                 progress: str = "rich", initial_step: int = 0, trackers: bool = False, append: bool = False):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.trackers = trackers
@@ -32,7 +34,8 @@ class RunLogger:
         if not self.main:
             return
         if output_dir is not None:
-            self._file = open(Path(output_dir) / "log.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+            # a resumed run appends to its log; a fresh (or overwriting) run starts a new one
+            self._file = open(Path(output_dir) / "log.jsonl", "a" if append else "w", buffering=1)  # noqa: SIM115
         if progress == "tqdm":
             from tqdm.auto import tqdm
 

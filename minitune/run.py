@@ -101,6 +101,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     resume_from = _resolve_resume(cfg)
     out = _check_output_dir(cfg)
 
+    _reset_single_process_state()
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=t.mixed_precision,
@@ -157,7 +158,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
                               batch_size=t.batch_size, seq_len=cfg.data.max_length,
                               gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision)
     logger = RunLogger(accelerator, out, total_steps, progress=cfg.logging.progress, initial_step=state.step,
-                       trackers=bool(cfg.logging.trackers))
+                       trackers=bool(cfg.logging.trackers), append=resume_from is not None)
     logger.message(prep.trainable_line)
     if prep.fp32_cast_params:
         logger.message(f"fp32 casting ({t.fp32_norms}): {prep.fp32_cast_params:,d} parameters in "
@@ -213,6 +214,18 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         console.print(profiler.table())
     accelerator.end_training()
     return TrainResult(out, final, state, metrics, memory, prep.trainable_line)
+
+
+def _reset_single_process_state() -> None:
+    """Accelerate keeps one global state per process; a second `train()` in the same Python process
+    (a notebook, a test, an embedding codebase) may ask for another precision. Outside a distributed
+    launch, start from a clean state."""
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _kind_of(cfg: Config) -> str:
