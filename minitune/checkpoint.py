@@ -4,12 +4,16 @@ Layout of `<output_dir>/checkpoint-000120/` (and `<output_dir>/final/`):
     adapter_config.json, adapter_model.safetensors   LoRA, loadable by PeftModel.from_pretrained
     (or config.json + model.safetensors for full fine-tuning)
     tokenizer files, config.yaml (the resolved run config)
-    trainer_state.json     step counters and data position (TrainState)
-    training_state.pt      optimizer, scheduler, GradScaler and RNG states (one file per process)
-    COMPLETE               written last: a folder without it is never resumed from
+    trainer_state.json        step counters, data position, pending log sums (TrainState) + num_processes
+    training_state_{rank}.pt  optimizer, scheduler and GradScaler states (one file per process)
+    rng_state_{rank}.pt       python / numpy / torch / cuda / mps RNG states (one file per process)
+    COMPLETE                  written last: a folder without it is never resumed from
 
-A checkpoint is written into a temporary folder beside its final place, flushed, and renamed, so
-a kill at any moment leaves either the previous checkpoint or the new one, whole.
+A checkpoint is written into `.tmp-<name>` beside its final place, flushed to disk, and renamed,
+so a kill at any moment leaves either the previous checkpoint or the new one, whole. Replacing an
+existing folder (`final` after a resume) goes through `.old-<name>`, which `find_latest` still
+accepts if a kill lands between the two renames. Old step checkpoints are renamed away before they
+are deleted, so a half-deleted folder never looks complete.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "find_latest", "is_complete", "list_checkpoints", "load_training_state",
-           "save_checkpoint"]
+__all__ = ["CheckpointError", "clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_training_state",
+           "restore_rng", "save_checkpoint", "verify_checkpoint"]
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+_DEBRIS = (".tmp-", ".old-", ".trash-")
 
 
 class CheckpointError(RuntimeError):
@@ -53,15 +58,38 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(out)]
 
 
+def _step_of(path: Path) -> int:
+    """The optimizer step a complete checkpoint was saved at."""
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint '{path}' has an unreadable trainer_state.json ({type(e).__name__}); "
+                              "delete that folder and resume from an earlier one") from None
+
+
 def find_latest(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (step checkpoints, or `final`), or None."""
-    candidates = list_checkpoints(output_dir)
-    final = Path(output_dir) / "final"
+    """The newest complete checkpoint in `output_dir` (step checkpoints or `final`), or None.
+
+    A complete `.old-<name>` folder (a replacement that was killed between its two renames) counts
+    in place of a missing `<name>`.
+
+    Raises:
+        CheckpointError: the newest candidate's trainer_state.json cannot be read.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    candidates = list_checkpoints(root)
+    final = root / "final"
     if is_complete(final):
         candidates.append(final)
+    for old in root.glob(".old-*"):
+        name = old.name.removeprefix(".old-")
+        if is_complete(old) and not is_complete(root / name) and (name == "final" or _STEP_DIR.match(name)):
+            candidates.append(old)
     if not candidates:
         return None
-    return max(candidates, key=lambda p: json.loads((p / "trainer_state.json").read_text()).get("step", 0))
+    return max(candidates, key=_step_of)  # ties: the first (a step checkpoint before `final`)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -97,11 +125,42 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+    for d in [path, *[p for p in path.rglob("*") if p.is_dir()]]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder so that no moment of the deletion leaves a complete-looking one."""
+    trash = path.parent / f".trash-{path.name}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_debris(output_dir: str | Path) -> None:
+    """Remove what killed saves left behind (`.tmp-*`, `.trash-*`, and `.old-*` whose new folder is in)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if not p.is_dir() or not p.name.startswith(_DEBRIS):
+            continue
+        if p.name.startswith(".old-") and not is_complete(root / p.name.removeprefix(".old-")):
+            continue  # still the only copy of that checkpoint
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -147,58 +206,124 @@ def save_checkpoint(
         if config is not None:
             config.save(tmp / "config.yaml")
         if state is not None:
-            (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=1))
+            counters = {**state.to_dict(), "num_processes": accelerator.num_processes}
+            (tmp / "trainer_state.json").write_text(json.dumps(counters, indent=1))
     if optimizer is not None:
         blob = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) else None,
-            "rng": _rng_state(),
         }
         accelerator.wait_for_everyone()
         torch.save(blob, tmp / f"training_state_{accelerator.process_index}.pt")
+        torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / MARKER).write_text("ok\n")
         _fsync_tree(tmp)
         old = path.parent / f".old-{path.name}"
         if path.exists():  # replacing `final` (e.g. after resuming): keep it until the new one is in
+            if old.exists():
+                _remove(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         if old.exists():
-            shutil.rmtree(old)
+            _remove(old)
         if keep_last and _STEP_DIR.match(path.name):
             for stale in list_checkpoints(path.parent)[:-keep_last]:
-                shutil.rmtree(stale, ignore_errors=True)
+                _remove(stale)
     accelerator.wait_for_everyone()
     return path
 
 
+def verify_checkpoint(path: str | Path, num_processes: int = 1) -> dict[str, Any]:
+    """Check that `path` is a complete, readable checkpoint without loading it; return its counters.
+
+    Reads trainer_state.json and the weights' safetensors headers (cheap), and checks that each
+    process has its training and RNG state file.
+
+    Raises:
+        CheckpointError: what is missing or unreadable, and what to do.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; give a checkpoint-NNNNNN folder "
+                              "or training.resume=auto")
+    if not is_complete(path):
+        raise CheckpointError(f"'{path}' is not a complete checkpoint (no {MARKER} marker: its save never "
+                              "finished); resume from another one or use training.resume=auto")
+    try:
+        counters = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(counters, dict) or "step" not in counters:
+            raise ValueError("no step counter")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{path}' has a missing or unreadable trainer_state.json "
+                              f"({type(e).__name__}); delete that folder and resume from an earlier one") from None
+    weights = [path / "adapter_model.safetensors"] if (path / "adapter_model.safetensors").exists() \
+        else sorted(path.glob("model*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"checkpoint '{path}' holds no weights (adapter_model.safetensors or "
+                              "model.safetensors); delete that folder and resume from an earlier one")
+    from safetensors import safe_open
+
+    for f in weights:
+        try:
+            with safe_open(f, framework="pt") as st:
+                st.keys()
+        except Exception as e:
+            raise CheckpointError(f"checkpoint '{path}': {f.name} is corrupt or truncated ({type(e).__name__}); "
+                                  "delete that folder and resume from an earlier one") from None
+    saved_procs = int(counters.get("num_processes", 1))
+    for rank in range(num_processes):
+        for stem in ("training_state", "rng_state"):
+            if not (path / f"{stem}_{rank}.pt").is_file():
+                why = (f"it was saved by {saved_procs} process(es), this run has {num_processes}"
+                       if saved_procs != num_processes else "it was saved without training state (weights only)")
+                raise CheckpointError(f"checkpoint '{path}' lacks {stem}_{rank}.pt: {why}; resume with the same "
+                                      "number of processes, or start a new run from these weights")
+    return counters
+
+
 def load_training_state(path: str | Path, *, accelerator: Any, optimizer: torch.optim.Optimizer,
-                        scheduler: Any = None) -> dict[str, Any]:
-    """Restore optimizer, scheduler, scaler and RNG states; return trainer_state.json as a dict.
+                        scheduler: Any = None, rng: bool = True) -> dict[str, Any]:
+    """Restore optimizer, scheduler, scaler (and, with `rng`, RNG) states; return trainer_state.json.
+
+    Restore the RNG as late as possible (`rng=False` here, then :func:`restore_rng` right before the
+    loop), so that nothing between loading and training draws from the restored streams.
 
     Raises:
         CheckpointError: the folder is incomplete or a file cannot be read.
     """
     path = Path(path)
-    if not is_complete(path):
-        raise CheckpointError(f"'{path}' is not a complete checkpoint (no {MARKER} marker); "
-                              "resume from another one or use training.resume=auto")
-    blob_path = path / f"training_state_{accelerator.process_index}.pt"
+    counters = verify_checkpoint(path, accelerator.num_processes)
     try:
-        counters = json.loads((path / "trainer_state.json").read_text())
-        blob = torch.load(blob_path, map_location="cpu", weights_only=False)
+        blob = torch.load(path / f"training_state_{accelerator.process_index}.pt", map_location="cpu",
+                          weights_only=False)
         optimizer.load_state_dict(blob["optimizer"])
         if scheduler is not None and blob.get("scheduler") is not None:
             scheduler.load_state_dict(blob["scheduler"])
         if blob.get("scaler") is not None and getattr(accelerator, "scaler", None) is not None:
             accelerator.scaler.load_state_dict(blob["scaler"])
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint '{path}' lacks {Path(e.filename).name}: it was saved without "
-                              "training state (or with another number of processes)") from None
     except Exception as e:
-        raise CheckpointError(f"checkpoint '{path}' is corrupt ({type(e).__name__}: {e}); "
-                              "delete it and resume from an earlier one") from None
-    _set_rng_state(blob["rng"])
+        raise CheckpointError(f"checkpoint '{path}': training_state_{accelerator.process_index}.pt is corrupt or "
+                              f"does not fit this optimizer ({type(e).__name__}: {str(e)[:200]}); delete that "
+                              "folder and resume from an earlier one") from None
+    if rng:
+        restore_rng(path, accelerator=accelerator)
     return counters
+
+
+def restore_rng(path: str | Path, *, accelerator: Any) -> None:
+    """Set every RNG (python, numpy, torch, cuda, mps) to where this process was when `path` was saved.
+
+    Raises:
+        CheckpointError: the RNG file cannot be read.
+    """
+    f = Path(path) / f"rng_state_{accelerator.process_index}.pt"
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        _set_rng_state(state)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{path}': {f.name} is corrupt ({type(e).__name__}); delete that "
+                              "folder and resume from an earlier one") from None
