@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["main_train", "user_errors"]
+__all__ = ["main_eval", "main_train", "user_errors"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -61,3 +61,96 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     from .run import train
 
     return run_cli(lambda: train(args.config, args.overrides))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def main_eval(argv: Sequence[str] | None = None) -> int:
+    """`eval.py -p CHECKPOINT [options] [section.key=value ...]`, or `eval.py --scores SHEET.csv`."""
+    parser = argparse.ArgumentParser(
+        prog="eval.py",
+        description="Compare a fine-tuned checkpoint with its base model on the held-out data: perplexity, "
+                    "generations and a blind human-evaluation sheet. Or summarize a filled-in sheet (--scores).",
+        epilog="Overrides of the checkpoint's config: section.key=value, e.g. data.max_length=128 training.device=cpu.",
+    )
+    parser.add_argument("-p", "--path", help="checkpoint folder, e.g. runs/smollm2-quotes/final")
+    parser.add_argument("--data", help="evaluate on another dataset (same templates; same hold-out rules)")
+    parser.add_argument("--split", help="evaluate on every row of this split (e.g. validation, or train for a whole file)")
+    parser.add_argument("--max-samples", type=_positive_int, help="use the first N held-out rows")
+    parser.add_argument("--batch-size", type=_positive_int, help="examples per batch (default: training.batch_size)")
+    parser.add_argument("--num-prompts", type=int, default=8, help="held-out rows to generate from (default 8; 0: none)")
+    parser.add_argument("--prompts", help="generate from this file instead: one prompt per line")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=48, help="new tokens per generation (default 48)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice, sampling and sheet order")
+    parser.add_argument("--out", help="folder for eval.json, eval.md and the sheet (default: the checkpoint folder)")
+    parser.add_argument("--no-sheet", action="store_true", help="do not write the human-evaluation sheet")
+    parser.add_argument("--merge-to", metavar="DIR", help="also write the merged model (base + LoRA) to DIR")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override training.device")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--scores", metavar="SHEET", help="summarize a filled-in sheet (with its key) and exit")
+    parser.add_argument("--key", help="the sheet's key file (default: <sheet>_key.csv beside it)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the checkpoint's config")
+    args = parser.parse_args(argv)
+    if args.scores is None and not args.path:
+        parser.error("give -p CHECKPOINT (e.g. runs/smollm2-quotes/final), or --scores SHEET.csv")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.num_prompts < 0:
+        parser.error("--temperature must be >= 0, --top-p in (0, 1], --num-prompts >= 0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rich.console import Console
+
+    console = Console()
+
+    def scores() -> None:
+        from .evaluate import render_scores, summarize_scores
+
+        render_scores(summarize_scores(args.scores, args.key), console)
+
+    def evaluate() -> None:
+        from .evaluate import evaluate_checkpoint, render_result
+
+        overrides = list(args.overrides) + ([f"training.device={args.device}"] if args.device else [])
+        with _progress(not args.no_progress) as progress:
+            result = evaluate_checkpoint(
+                args.path, overrides, data_path=args.data, split=args.split, max_samples=args.max_samples,
+                batch_size=args.batch_size, num_prompts=args.num_prompts, prompts_file=args.prompts,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                out_dir=args.out, sheet=not args.no_sheet, merge_to=args.merge_to, progress=progress,
+            )
+        render_result(result, console)
+
+    return run_cli(scores if args.scores is not None else evaluate)
+
+
+class _progress:
+    """A rich progress bar (on stderr) with one task per evaluation phase; yields `add(label, total)`."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[str, int], Callable[[], None]] | None:
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.bar.start()
+
+        def add(label: str, total: int) -> Callable[[], None]:
+            task = self.bar.add_task(label, total=total)
+            return lambda: self.bar.advance(task)
+
+        return add
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
