@@ -12,7 +12,9 @@ data parallelism give the same gradient as one big batch, whatever the padding.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -37,10 +39,16 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     tokens: int = 0  # real (non-padding) input tokens seen
     skipped_steps: int = 0  # steps skipped for a non-finite loss/gradient or an fp16 overflow
-    bad_streak: int = 0
+    scaler_skips: int = 0  # of those, fp16 GradScaler overflows (the scaler lowers its scale and goes on)
+    bad_streak: int = 0  # consecutive non-finite steps
     stop_reason: str = ""  # '', 'max_steps', 'signal', 'callback', 'nonfinite'
     last: dict = field(default_factory=dict)  # the last logged metrics
     eval_losses: list = field(default_factory=list)  # (step, loss)
+    # Sums since the last log, filled in only when saving: a run resumed between two logs logs the
+    # same loss and token counts as the uninterrupted one.
+    pending_loss_sum: float = 0.0
+    pending_loss_items: float = 0.0
+    pending_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,8 +106,11 @@ def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batche
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop saves and stops at the next step boundary.
-    A second signal restores the default handler and re-raises, exiting at once."""
+    """SIGTERM / SIGINT only set a flag; the loop saves and stops at the next step boundary.
+
+    A second signal exits at once, by the signal's default action: no cleanup code runs, so a save
+    in progress is abandoned as a `.tmp-` folder and the last complete checkpoint stays as it was.
+    """
 
     def __init__(self) -> None:
         self.raised: int | None = None
@@ -113,7 +124,8 @@ class _StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.raised is not None:
-            self.__exit__()
+            os.write(2, f"\n{name} again: exiting now, without saving\n".encode())
+            signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self.raised = signum
 
@@ -132,7 +144,7 @@ def _windows(loader: Any, accelerator: Any, state: TrainState, grad_accum: int) 
         if state.batch_in_epoch:  # resuming mid-epoch: skip what was already consumed
             epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
         window: list[dict] = []
-        for batch in epoch_loader:
+        for batch in itertools.chain([first] if first is not None else [], batches):
             window.append(batch)
             if len(window) == grad_accum:
                 yield window
@@ -149,10 +161,20 @@ def fit(
     optimizer: torch.optim.Optimizer,
     train_loader: Any,
     *,
+        name = signal.Signals(signum).name
+        # os.write, not print: a handler may interrupt a print to the same stream
     max_steps: int,
     scheduler: Any = None,
     eval_loader: Any = None,
+            return
     grad_accum: int = 1,
+        os.write(2, f"\n{name}: saving a checkpoint at the end of this step, then stopping "
+                    f"(send it again to exit at once, without saving)\n".encode())
+
+    def now(self, agreed: list[bool]) -> bool:
+        """Stop at this step boundary? `agreed`: [the flag summed over processes at the step's sync],
+        so that every process stops at the same step; empty with one process (the flag as it is now)."""
+        return agreed[0] if agreed else self.raised is not None
     max_grad_norm: float = 1.0,
     log_every: int = 1,
     eval_every: int = 0,
@@ -168,6 +190,12 @@ def fit(
     module_grad_norms: bool = False,
 ) -> TrainState:
     """Train `model` for `max_steps` optimizer steps. The one loop of minitune.
+        batches = iter(epoch_loader)
+        # Starting a DataLoader draws its base seed from the global torch RNG. Fork it, so that the
+        # dropout stream depends only on the batches trained on, not on how many loaders were
+        # started: a resumed run starts one more (the skipping one) and must see the same masks.
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches, None)
 
     Args:
         accelerator: an `accelerate.Accelerator`; model, optimizer and loaders already prepared.
@@ -199,9 +227,10 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     # Accumulated on the device between logs, so the step itself never waits for the device.
-    loss_sum = torch.zeros((), device=accelerator.device)
-    loss_items = torch.zeros((), device=accelerator.device)
-    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    # A resumed run starts from the sums its checkpoint held (see TrainState.pending_*).
+    loss_sum = torch.tensor(state.pending_loss_sum, device=accelerator.device)
+    loss_items = torch.tensor(state.pending_loss_items, device=accelerator.device)
+    tokens = torch.tensor(state.pending_tokens, dtype=torch.long, device=accelerator.device)
     t_log, steps_since_log, tokens_at_log = time.perf_counter(), 0, state.tokens
     with _StopFlag() as stop:
         for window in _windows(train_loader, accelerator, state, grad_accum):
@@ -222,8 +251,8 @@ def fit(
                     accelerator.backward(micro_loss * scale)
                     if phases and i == 0:
                         profiler.phase("backward")
-                loss_sum += micro_loss.detach().float()
-                loss_items += micro_items
+                window_loss += micro_loss.detach().float()
+                window_items += micro_items
                 if "attention_mask" in batch:
                     tokens += batch["attention_mask"].sum()
                 state.micro_step += 1
@@ -232,27 +261,58 @@ def fit(
             grad_norm = _grad_norm(accelerator, params, max_grad_norm)
             log_now = (state.step + 1) % log_every == 0 or state.step + 1 >= max_steps
             extra = _module_grad_norms(model) if module_grad_norms and log_now else {}
-            # Host-device sync, once per optimizer step: skip steps whose gradient is not finite.
-            if not torch.isfinite(grad_norm).item():
+            # Host-device sync, once per optimizer step: is the loss finite, is the gradient, and
+            # (with several processes, summed so that all take the same branch) did a signal come?
+            status = torch.stack([~torch.isfinite(window_loss), ~torch.isfinite(grad_norm)]).float()
+            if accelerator.num_processes > 1:
+                flag = torch.ones(1, device=accelerator.device) * (stop.raised is not None)
+                status = accelerator.reduce(torch.cat([status, flag]), reduction="sum")
+            loss_bad, grad_bad, *agreed = (bool(v > 0) for v in status.tolist())
+            overflow = False
+            if scaler is not None or not (loss_bad or grad_bad):
+                # fp16: always step, so the GradScaler sees the gradients it unscaled; it skips the
+                # update itself when they are not finite, and lowers its scale.
+                optimizer.step()
+                overflow = bool(getattr(optimizer, "step_was_skipped", False))
+            if loss_bad or grad_bad or overflow:
+                # The step does not count: no scheduler step, no step number, its loss is not logged.
                 optimizer.zero_grad(set_to_none=True)
                 state.skipped_steps += 1
-                state.bad_streak += 1
-                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
-                                  f"({state.bad_streak} in a row)")
-                loss_sum.zero_(), loss_items.zero_()
+                genuine = loss_bad or scaler is None or scaler.get_scale() < 1  # a scale < 1 still overflowing
+                if genuine:
+                    state.bad_streak += 1
+                    _say(logger, accelerator, f"step {state.step + 1}: non-finite "
+                         f"{'loss' if loss_bad else 'gradient'}, step skipped ({state.bad_streak} in a row, "
+                         f"stopping at {max_bad_steps})")
+                else:
+                    state.scaler_skips += 1
+    scaler = getattr(accelerator, "scaler", None)  # fp16 only
+    saved_at = -1  # micro_step of the last save, so a signal right after a save does not save twice
+
+    def save_now() -> None:
+        nonlocal saved_at
+        if save is None or saved_at == state.micro_step:
+            return
+        _stash_pending(state, accelerator, loss_sum, loss_items, tokens)
+        save(state)
+        saved_at = state.micro_step
+
                 if state.bad_streak >= max_bad_steps:
+        if accelerator.process_index != 0:  # see save_now
+            loss_sum.zero_(), loss_items.zero_(), tokens.zero_()
                     state.stop_reason = "nonfinite"
                     break
                 continue
-            optimizer.step()
-            skipped = bool(getattr(optimizer, "step_was_skipped", False))  # fp16 GradScaler overflow
-            if scheduler is not None and not skipped:
+            loss_sum += window_loss
+            loss_items += window_items
+            if scheduler is not None:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if phases:
+            window_loss = torch.zeros((), device=accelerator.device)
+            window_items = torch.zeros((), device=accelerator.device)
                 profiler.phase("optimizer")
             state.bad_streak = 0
-            state.skipped_steps += int(skipped)
             state.step += 1
             steps_since_log += 1
 
@@ -280,6 +340,10 @@ def fit(
                 t_log, steps_since_log, tokens_at_log = time.perf_counter(), 0, state.tokens
             if eval_loader is not None and eval_every and state.step % eval_every == 0:
                 metrics["eval_loss"] = evaluate_loss(accelerator, model, eval_loader, max_batches=eval_batches,
+                if stop.now(agreed):
+                    state.stop_reason = "signal"
+                    save_now()
+                    break
                                                      loss_fn=loss_fn)
                 state.eval_losses.append((state.step, metrics["eval_loss"]))
             if metrics:
@@ -289,12 +353,10 @@ def fit(
                     logger.log(state.step, metrics)
                 if on_step is not None and on_step(state, metrics):
                     state.stop_reason = "callback"
-            if save is not None and save_every and state.step % save_every == 0:
-                save(state)
-            if stop.raised is not None:
+            if stop.now(agreed):
                 state.stop_reason = "signal"
-                if save is not None:
-                    save(state)
+            if save_every and state.step % save_every == 0 or state.stop_reason == "signal":
+                save_now()
             if state.stop_reason:
                 break
             if state.step >= max_steps:
@@ -309,6 +371,7 @@ def count_items(model: nn.Module, batch: dict) -> torch.Tensor | int:
     config = getattr(model, "config", None)
     if labels is None or config is None:
         return 1
+                    **({"scaler_skips": state.scaler_skips} if scaler is not None else {}),
     if getattr(config, "is_encoder_decoder", False):
         return (labels != -100).sum()
     return (labels[:, 1:] != -100).sum()  # causal LMs predict labels[1:]
@@ -336,3 +399,21 @@ def _module_grad_norms(model: nn.Module) -> dict[str, float]:
             key = name.replace("base_model.model.", "").replace(".default.weight", "").replace(".weight", "")
             out[f"grad_norm/{key}"] = p.grad.detach().float().norm().item()
     return out
+    _stash_pending(state, accelerator, loss_sum, loss_items, tokens)  # for the final checkpoint
+def _stash_pending(state: TrainState, accelerator: Any, loss_sum: torch.Tensor, loss_items: torch.Tensor,
+                   tokens: torch.Tensor) -> None:
+    """Copy the sums not yet logged into `state` (a host-device sync; only when saving). Summed over
+    processes; a resumed run puts them on the main process only, and the next log sums them again."""
+    pending = accelerator.reduce(torch.stack([loss_sum, loss_items]), reduction="sum").tolist()
+    state.pending_loss_sum, state.pending_loss_items = pending
+    state.pending_tokens = int(accelerator.reduce(tokens, reduction="sum").item())
+
+
+def _say(logger: Any, accelerator: Any, text: str) -> None:
+    """A line for the user, through the logger (which keeps the progress bar intact) if there is one."""
+    if logger is not None and hasattr(logger, "message"):
+        logger.message(text)
+    else:
+        accelerator.print(text)
+
+

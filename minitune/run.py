@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,21 +41,47 @@ _RUN_FILES = ("config.yaml", "log.jsonl", "final")
 
 
 def _check_output_dir(cfg: Config) -> Path:
+    """Refuse a folder that holds another run (unless overwrite or resume) or that cannot be written.
+
+    Creates nothing: a run that fails on bad input afterwards leaves no trace; `_prepare_output_dir`
+    creates the folder once every input check has passed.
+    """
     out = Path(cfg.training.output_dir)
-    holds_run = out.is_dir() and any((out / f).exists() for f in _RUN_FILES) or (
-        out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir()))
+    if out.exists() and not out.is_dir():
+        raise RunError(f"training.output_dir '{out}' is a file, not a folder; choose another training.output_dir")
+    holds_run = out.is_dir() and (any((out / f).exists() for f in _RUN_FILES)
+                                  or any(p.name.startswith("checkpoint-") for p in out.iterdir()))
     if holds_run and not cfg.training.overwrite and not cfg.training.resume:
         raise RunError(f"output folder '{out}' already holds a run; pick another training.output_dir, "
                        "resume it with training.resume=auto, or set training.overwrite=true")
+    # the folder, or the nearest existing folder above it, must take a new entry
+    probe_in = out
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        if not probe_in.is_dir():
+            raise NotADirectoryError(20, f"'{probe_in}' is a file")
+        # one probe per process (ranks of a launch probe at once); removed at once
+        os.rmdir(tempfile.mkdtemp(prefix=f".write-test-{os.getpid()}-", dir=probe_in))
     except OSError as e:
-        raise RunError(f"output folder '{out}' is not writable ({e.strerror}); choose another "
+        raise RunError(f"output folder '{out}' is not writable ({e.strerror or e}); choose another "
                        "training.output_dir") from None
     return out
+
+
+def _prepare_output_dir(out: Path, cfg: Config, resuming: bool, accelerator: Any) -> None:
+    """Create the output folder (every input check has passed by now); with training.overwrite and no
+    resume, remove the previous run's checkpoints, so that a later resume=auto cannot pick one of them."""
+    from .checkpoint import clean_debris
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.training.overwrite and not resuming:
+            for old in [out / "final", *out.glob("checkpoint-*")]:
+                if old.is_dir():
+                    shutil.rmtree(old)
+        clean_debris(out)  # .tmp-* folders of saves that were killed
+    accelerator.wait_for_everyone()
 
 
 def _total_steps(cfg: Config, batches_per_epoch: int) -> int:
@@ -76,12 +105,13 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         ConfigError: invalid config or a request this device cannot honour (before anything loads).
         RunError, minitune.data.DataError, minitune.model.ModelError: bad output folder, data or model.
     """
+    cfg = load_config(config, overrides)  # first, before the heavy imports: a bad config fails in a blink
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from . import device as dev
-    from .checkpoint import find_latest, save_checkpoint
+    from .checkpoint import find_latest, restore_rng, save_checkpoint
     from .data import build_data, make_dataloader
     from .loop import TrainState, evaluate_loss, fit
     from .memory import MemoryProfiler, estimate_peak, format_bytes, tensor_breakdown
@@ -89,7 +119,6 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     from .optim import build_optimizer, build_scheduler
     from .report import RunLogger, summary_table
 
-    cfg = load_config(config, overrides)
     t = cfg.training
     try:
         device = dev.resolve_device(t.device)
@@ -150,7 +179,9 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     state = TrainState()
     if resume_from is not None:
         state = _resume(resume_from, cfg, accelerator, model, optimizer, scheduler)
-    cfg.save(out / "config.yaml")
+    _prepare_output_dir(out, cfg, resume_from is not None, accelerator)
+    if accelerator.is_main_process:
+        cfg.save(out / "config.yaml")
     if cfg.logging.trackers:
         accelerator.init_trackers("minitune", config=_flat(cfg.to_dict()))
 
@@ -177,6 +208,8 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     t0 = time.perf_counter()
     try:
         state = fit(
+    if resume_from is not None:
+        restore_rng(resume_from, accelerator=accelerator)  # last, so nothing above draws from it
             accelerator, model, optimizer, train_loader, max_steps=total_steps, scheduler=scheduler,
             eval_loader=eval_loader, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
             log_every=cfg.logging.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches,
@@ -186,11 +219,15 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     finally:
         logger.close()
     elapsed = time.perf_counter() - t0
+    except torch.OutOfMemoryError as e:
+        logger.close()
+        raise _out_of_memory(e, cfg, state, accelerator, profiler) from None
     if state.stop_reason == "nonfinite":
         profiler.stop()
         last = find_latest(out)
-        raise RunError(f"stopped after {t.max_bad_steps} consecutive non-finite steps at step {state.step}; "
-                       f"last good checkpoint: {last or 'none'}; lower optimizer.lr or use bf16/fp32")
+        raise RunError(f"stopped: {t.max_bad_steps} consecutive steps with a non-finite loss or gradient after step "
+                       f"{state.step} ({state.skipped_steps} skipped in all); last good checkpoint: {last or 'none'}; "
+                       "lower optimizer.lr (or use bf16/fp32 instead of fp16) and resume with training.resume=auto")
 
     metrics: dict[str, Any] = dict(state.last)
     if eval_loader is not None and state.stop_reason != "signal":
@@ -220,6 +257,49 @@ def _reset_single_process_state() -> None:
     """Accelerate keeps one global state per process; a second `train()` in the same Python process
     (a notebook, a test, an embedding codebase) may ask for another precision. Outside a distributed
     launch, start from a clean state."""
+def _out_of_memory(err: BaseException, cfg: Config, state: Any, accelerator: Any, profiler: Any) -> RunError:
+    """One line: where memory ran out, how much was in use, and the settings that need less.
+    The profiler's table (memory by phase up to this point) is printed above it."""
+    import torch
+
+    from .memory import format_bytes
+
+    t, device = cfg.training, accelerator.device
+    if accelerator.is_main_process:
+        try:
+            from rich.console import Console
+
+            Console(stderr=True).print(profiler.table())
+        except Exception:  # the error line below matters more than the table
+            pass
+    now = ""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        now = (f"{format_bytes(torch.cuda.memory_allocated(device))} allocated, "
+               f"{format_bytes(torch.cuda.memory_reserved(device))} reserved, {format_bytes(free)} free of "
+               f"{format_bytes(total)} on {device}; ")
+    peak = profiler.peak_bytes() if profiler is not None else 0
+    if peak:
+        now += f"peak so far {format_bytes(peak)}; "
+    knobs = []
+    if t.batch_size > 1:
+        smaller = t.batch_size // 2
+        knobs.append(f"training.batch_size={smaller} training.grad_accum={t.grad_accum * t.batch_size // smaller} "
+                     "(the same examples per step)")
+    if not t.gradient_checkpointing:
+        knobs.append("training.gradient_checkpointing=true")
+    if cfg.optimizer.name in ("adamw", "paged_adamw32bit"):
+        knobs.append("optimizer.name=adamw8bit")
+    if not cfg.lora.enabled:
+        knobs.append("lora.enabled=true")
+    elif cfg.quantization.mode != "4bit":
+        knobs.append("quantization.mode=4bit")
+    if cfg.data.max_length > 128:
+        knobs.append(f"data.max_length={cfg.data.max_length // 2}")
+    return RunError(f"out of memory at step {state.step + 1} (micro-batch {t.batch_size} x up to "
+                    f"{cfg.data.max_length} tokens): {now}try {', '.join(knobs) or 'a smaller model'}")
+
+
     import os
 
     from accelerate.state import AcceleratorState
@@ -248,17 +328,46 @@ def _kind_of(cfg: Config) -> str:
 
 
 def _resolve_resume(cfg: Config) -> Path | None:
-    from .checkpoint import find_latest, is_complete
+    """The checkpoint to resume from (None: start fresh), checked before anything loads.
+
+    Raises:
+        CheckpointError: the checkpoint is incomplete, unreadable, or from an incompatible config.
+    """
+    from .checkpoint import CheckpointError, find_latest, verify_checkpoint
 
     r = cfg.training.resume
+# What a resumed run must share with the checkpoint's run to continue it exactly: section -> keys
+# (None: every key), minus keys that change nothing about the numbers.
+_RESUME_KEYS: dict[str, tuple[str, ...] | None] = {
+    "model": None, "quantization": None, "lora": None, "data": None,
+    "optimizer": ("name",), "training": ("batch_size", "grad_accum", "seed"),
+}
+_RESUME_FREE = {"data.num_workers"}
+
+
     if not r:
         return None
     if r == "auto":
-        return find_latest(cfg.training.output_dir)  # nothing yet: start fresh
-    path = Path(r)
-    if not is_complete(path):
-        raise RunError(f"training.resume='{r}' is not a complete checkpoint folder; "
-                       "give a checkpoint-NNNNNN folder or training.resume=auto")
+        path = find_latest(cfg.training.output_dir)
+        if path is None:
+            return None  # nothing saved yet: start fresh
+    else:
+        path = Path(r)
+        if not path.is_dir():
+            raise CheckpointError(f"training.resume='{r}' does not exist; give a checkpoint folder "
+                                  "(e.g. runs/x/checkpoint-000100) or training.resume=auto")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    counters = verify_checkpoint(path, processes)
+    changes = _resume_changes(path, cfg)
+    if counters.get("num_processes", 1) != processes:
+        changes.append(f"processes {counters.get('num_processes', 1)} -> {processes}")
+    if changes and not cfg.training.resume_force:
+        raise CheckpointError(f"cannot resume from '{path}' exactly: this run changes {'; '.join(changes)}; "
+                              "undo the change, start a new run in another training.output_dir, or set "
+                              "training.resume_force=true to resume anyway")
+    if changes:
+        print(f"warning: resuming from '{path}' with changes ({'; '.join(changes)}): "
+              "the run will not match an uninterrupted one", flush=True)
     return path
 
 
@@ -266,8 +375,43 @@ def _resume(path: Path, cfg: Config, accelerator: Any, model: Any, optimizer: An
     from .checkpoint import load_training_state
     from .loop import TrainState
 
+def _resume_changes(path: Path, cfg: Config) -> list[str]:
+    """'section.key: old -> new' for each setting that differs from the checkpoint's config.yaml."""
+    import yaml
+
+    from .checkpoint import CheckpointError
+
+    saved_file = path / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except yaml.YAMLError:
+        raise CheckpointError(f"checkpoint '{path}' has an unreadable config.yaml; delete that folder and "
+                              "resume from an earlier one") from None
+    now = cfg.to_dict()
+    missing = object()
+    changes = []
+    for section, keys in _RESUME_KEYS.items():
+        old_section = saved.get(section) or {}
+        for key in keys or now[section]:
+            if f"{section}.{key}" in _RESUME_FREE:
+                continue
+            old, new = old_section.get(key, missing), now[section][key]
+            if old is not missing and old != new:
+                changes.append(f"{section}.{key} {old!r} -> {new!r}")
+    return changes
+
+
     _load_weights(path, accelerator.unwrap_model(model))
-    counters = load_training_state(path, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler)
+    """Load weights, optimizer, scheduler and scaler states and the counters from `path`.
+
+    The RNG is restored separately, right before the loop (`checkpoint.restore_rng`), so that nothing
+    in between draws from the restored streams. Log records after the checkpoint's step (written by
+    the interrupted run after its last save) are dropped: the resumed run writes them again.
+    """
+    counters = load_training_state(path, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
+                                   rng=False)
     fields = set(TrainState.__dataclass_fields__)
     state = TrainState(**{k: v for k, v in counters.items() if k in fields})
     state.stop_reason = ""
@@ -275,30 +419,67 @@ def _resume(path: Path, cfg: Config, accelerator: Any, model: Any, optimizer: An
     return state
 
 
+    log = Path(cfg.training.output_dir) / "log.jsonl"
+    if accelerator.is_main_process and log.is_file():
+        _trim_log(log, state.step)
 def _load_weights(path: Path, model: Any) -> None:
     from safetensors.torch import load_file
 
     from .checkpoint import CheckpointError
+def _trim_log(log: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (and drop a line cut short by a kill); atomic."""
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, log)
 
+
+
+    """Load the adapter (or the full model) saved in `path` into `model`, checking that every
+    trainable tensor is covered and nothing is left over.
+
+    Raises:
+        CheckpointError: unreadable weights, or weights of another model / adapter layout.
+    """
     adapter = path / "adapter_model.safetensors"
     try:
         if adapter.is_file():
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(model, load_file(adapter))
-            return
-        files = sorted(path.glob("model*.safetensors"))
-        if not files:
-            raise CheckpointError(f"checkpoint '{path}' holds no weights (adapter_model.safetensors or model.safetensors)")
-        state = {}
-        for f in files:
-            state.update(load_file(f))
-        model.load_state_dict(state, strict=False)
+            result = set_peft_model_state_dict(model, load_file(adapter))
+            missing = [k for k in result.missing_keys if "lora_" in k]
+        else:
+            files = sorted(path.glob("model*.safetensors"))
+            if not files:
+                raise CheckpointError(f"checkpoint '{path}' holds no weights (adapter_model.safetensors or "
+                                      "model.safetensors); delete that folder and resume from an earlier one")
+            state = {}
+            for f in files:
+                state.update(load_file(f))
+            result = model.load_state_dict(state, strict=False)
+            # tied weights (e.g. lm_head = embed_tokens) are saved once
+            own = model.state_dict()
+            loaded = {own[k].data_ptr() for k in state if k in own}
+            missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot read the weights in '{path}' ({type(e).__name__}: {e}); "
-                              "the checkpoint is corrupt: resume from an earlier one") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"cannot load the weights in '{path}' ({type(e).__name__}: {first}); the "
+                              "checkpoint is corrupt or from another model: resume from another one") from None
+    problems = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+    if problems:
+        raise CheckpointError(f"the weights in '{path}' do not fit this model ({', '.join(problems)}): it was "
+                              "saved from another model or LoRA setup; resume from a checkpoint of this config")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -316,7 +497,8 @@ def _summary_rows(state, metrics, elapsed, prep, predicted, profiler, final, out
 
     peak = profiler.peak_bytes()
     rows = [
-        ("steps", f"{state.step} ({state.micro_step} micro-batches, {state.skipped_steps} skipped)"
+        ("steps", f"{state.step} ({state.micro_step} micro-batches, {state.skipped_steps} skipped"
+                  + (f", {state.scaler_skips} of them fp16 overflows)" if state.scaler_skips else ")")
                   + (f", stopped by {state.stop_reason}" if state.stop_reason not in ("", "max_steps") else "")),
         ("final loss", f"{metrics['loss']:.4f}" if "loss" in metrics else "-"),
         ("eval loss", f"{metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "-"),

@@ -69,7 +69,9 @@ def test_pinned_losses(tmp_path):
     assert _losses(tmp_path / "run") == pytest.approx(PINNED, abs=1e-4)
 
 
-PINNED = [10.843, 10.8364, 10.8395, 10.8293]  # torch 2.13.0 CPU, recorded from this configuration
+# torch 2.13.0 CPU, recorded from this configuration (re-recorded when starting a data loader stopped
+# drawing from the dropout RNG stream, which exact resume needs: steps 3-4 moved by ~1e-3)
+PINNED = [10.843, 10.8364, 10.838, 10.8291]
 
 
 def test_adapter_loads_with_peft(tmp_path):

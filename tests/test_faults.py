@@ -1,0 +1,287 @@
+"""Faults: non-finite steps, fp16 overflows, out of memory, signals, `kill -9` mid-run and mid-save.
+
+The process-level tests start `train.py`'s entry point in a subprocess (through a small runner that
+slows each logged step, or one checkpoint write, so that the test can strike at a known moment),
+then resume in this process and compare with an uninterrupted run: bitwise-equal adapters and the
+same log records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+from minitune.checkpoint import find_latest, is_complete
+from minitune.run import RunError, train
+
+from .conftest import REPO, tiny_config
+
+# ---------------------------------------------------------------------------------------------
+# numerical faults, in process
+
+
+def fault_config(out, **sections) -> dict:
+    cfg = tiny_config("tiny-llama", out, data={"max_samples": 16},
+                      optimizer={"scheduler": "linear", "lr": 3e-3},
+                      training={"max_steps": 5, "batch_size": 4, "eval_batches": 1})
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def patch_forward(monkeypatch, at: set[int], how: str) -> None:
+    """Make the training forward passes number `at` (1-based micro-batches) go wrong."""
+    original = LlamaForCausalLM.forward
+    calls = [0]
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in at:
+                if how == "nan_loss":
+                    out.logits = out.logits * float("nan")
+                elif how == "nan_grad":  # the loss stays finite; its gradient does not
+                    out.logits.register_hook(lambda g: g * float("nan"))
+                elif how == "oom":
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+
+
+def logged(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("how", ["nan_loss", "nan_grad"])
+def test_a_non_finite_step_is_skipped(tmp_path, monkeypatch, capsys, how):
+    patch_forward(monkeypatch, {3}, how)
+    result = train(fault_config(tmp_path / "run"))
+    records = logged(tmp_path / "run")
+    # the bad micro-batch is consumed but the step does not count: still 5 steps, in 6 micro-batches
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert result.state.micro_step == 6 and result.state.skipped_steps == 1
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
+    # the scheduler did not advance on the skipped step: linear decay over 5 counted steps
+    assert [r["learning_rate"] for r in records] == pytest.approx([3e-3 * (5 - k) / 5 for k in range(1, 6)])
+    assert all(torch.isfinite(t).all() for t in load_file(result.checkpoint / "adapter_model.safetensors").values())
+    what = "loss" if how == "nan_loss" else "gradient"
+    assert f"step 3: non-finite {what}, step skipped (1 in a row" in capsys.readouterr().out
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    patch_forward(monkeypatch, {3, 4, 5}, "nan_loss")
+    with pytest.raises(RunError) as e:
+        train(fault_config(out, training={"max_bad_steps": 3, "save_every": 1}))
+    msg = str(e.value)
+    assert "3 consecutive steps with a non-finite loss or gradient after step 2" in msg
+    assert f"last good checkpoint: {out / 'checkpoint-000002'}" in msg and "lower optimizer.lr" in msg
+    assert find_latest(out) == out / "checkpoint-000002" and not (out / "final").exists()
+    adapter = load_file(out / "checkpoint-000002" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
+    patch_forward(monkeypatch, {2}, "oom")
+    with pytest.raises(RunError) as e:
+        train(fault_config(tmp_path / "run", training={"grad_accum": 1}))
+    msg = str(e.value)
+    assert msg.startswith("out of memory at step 2 (micro-batch 4 x up to 48 tokens)")
+    for knob in ("training.batch_size=2 training.grad_accum=2", "training.gradient_checkpointing=true",
+                 "optimizer.name=adamw8bit", "quantization.mode=4bit"):
+        assert knob in msg
+    assert "\n" not in msg
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_fp16_overflow_is_skipped_by_the_grad_scaler():
+    """With fp16 the loop must hand non-finite gradients to the GradScaler (which skips the update
+    and halves its scale), not skip `optimizer.step()` itself: the scaler has already unscaled the
+    gradients for clipping and would refuse the next step. Run on CPU with a CPU GradScaler."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from minitune.loop import fit
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # other tests in this process used another precision
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.native_amp = True  # what Accelerate sets on CUDA for fp16
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model = _Tiny()
+    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    torch.manual_seed(0)
+    loader = [{"x": torch.randn(2, 4)} for _ in range(8)]
+    calls = [0]
+
+    def loss_fn(m, batch):
+        calls[0] += 1
+        h = m.lin(batch["x"])
+        if calls[0] == 2:  # finite loss, infinite gradient: an fp16 overflow
+            h.register_hook(lambda g: g * float("inf"))
+        if calls[0] == 4:  # a non-finite loss is a bad step, with or without a scaler
+            h = h * float("nan")
+        return h.pow(2).sum(), torch.ones(())
+
+    state = fit(accelerator, model, optimizer, loader, max_steps=5, max_grad_norm=1.0, max_bad_steps=2,
+                loss_fn=loss_fn)
+    assert state.step == 5 and state.micro_step == 7
+    assert state.skipped_steps == 2 and state.scaler_skips == 1 and state.stop_reason == "max_steps"
+    assert accelerator.scaler.get_scale() == 2.0**8  # halved for the overflow and for the NaN
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# process faults: signals, kill -9, a kill during a save
+
+RUNNER = r"""
+import os, sys, time
+import minitune.checkpoint, minitune.report
+pause = float(os.environ.get("PAUSE_AFTER_LOG", "0"))
+if pause:  # slow each logged step, so that the test can strike mid-run
+    log = minitune.report.RunLogger.log
+    def slow_log(self, step, metrics):
+        log(self, step, metrics)
+        time.sleep(pause)
+    minitune.report.RunLogger.log = slow_log
+stall = int(os.environ.get("STALL_SAVE", "0"))
+if stall:  # the n-th checkpoint stalls after writing training_state_0.pt, before rng_state_0.pt
+    rng_state, calls = minitune.checkpoint._rng_state, []
+    def stalled():
+        calls.append(1)
+        if len(calls) == stall:
+            time.sleep(300)
+        return rng_state()
+    minitune.checkpoint._rng_state = stalled
+from minitune.cli import main_train
+sys.exit(main_train(sys.argv[1:]))
+"""
+
+
+def proc_config(out) -> dict:
+    return tiny_config("tiny-llama", out, lora={"dropout": 0.1}, data={"max_samples": 10},
+                       training={"max_steps": 6, "batch_size": 2, "grad_accum": 2, "save_every": 1,
+                                 "keep_last": 2, "eval_batches": 1})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(proc_config(out))
+    return out
+
+
+def start(tmp_path: Path, out: Path, **env) -> subprocess.Popen:
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump(proc_config(out)))
+    log = open(tmp_path / "proc.log", "w")  # noqa: SIM115 - closed when the test's tmp_path goes
+    return subprocess.Popen([sys.executable, "-c", RUNNER, "--config", str(cfg_file)], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                                      **{k: str(v) for k, v in env.items()}})
+
+
+def wait_for(proc: subprocess.Popen, what, tmp_path: Path, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not what():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) too early:\n{(tmp_path / 'proc.log').read_text()[-3000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"timed out:\n{(tmp_path / 'proc.log').read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def resume_and_compare(out: Path, reference: Path) -> None:
+    """Resume `out` in this process; it must end as the uninterrupted run did."""
+    result = train({**proc_config(out), "training": {**proc_config(out)["training"], "resume": "auto"}})
+    assert result.state.step == 6
+    a = load_file(reference / "final" / "adapter_model.safetensors")
+    b = load_file(out / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("step", "loss", "grad_norm", "learning_rate", "tokens")
+    assert [[r[k] for k in keys] for r in logged(out)] == [[r[k] for k in keys] for r in logged(reference)]
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-", ".trash-"))]
+
+
+def test_kill_9_mid_run_then_resume_auto(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = start(tmp_path, out, PAUSE_AFTER_LOG=0.5)
+    wait_for(proc, lambda: lines(out / "log.jsonl") >= 3, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "final").exists()
+    assert find_latest(out) is not None and find_latest(out).name.startswith("checkpoint-")
+    resume_and_compare(out, uninterrupted)
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = start(tmp_path, out, STALL_SAVE=3)
+    half = out / ".tmp-checkpoint-000003"
+    wait_for(proc, lambda: (half / "training_state_0.pt").exists(), tmp_path)
+    before = files(out / "checkpoint-000002")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert half.is_dir() and not is_complete(half)  # the half-written one is never picked
+    assert find_latest(out) == out / "checkpoint-000002"
+    assert files(out / "checkpoint-000002") == before
+    resume_and_compare(out, uninterrupted)
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = start(tmp_path, out, PAUSE_AFTER_LOG=0.5)
+    wait_for(proc, lambda: lines(out / "log.jsonl") >= 2, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    text = (tmp_path / "proc.log").read_text()
+    assert "SIGTERM: saving a checkpoint at the end of this step" in text and "Traceback" not in text
+    assert "stopped by signal" in text and not (out / "final").exists()
+    last = find_latest(out)
+    assert last.name == f"checkpoint-{lines(out / 'log.jsonl'):06d}"  # saved at the step it was on
+    assert json.loads((last / "trainer_state.json").read_text())["stop_reason"] == "signal"
+    resume_and_compare(out, uninterrupted)
+
+
+def test_a_second_signal_exits_at_once_without_touching_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = start(tmp_path, out, STALL_SAVE=2)
+    wait_for(proc, lambda: (out / ".tmp-checkpoint-000002" / "training_state_0.pt").exists(), tmp_path)
+    before = files(out / "checkpoint-000001")
+    proc.send_signal(signal.SIGTERM)  # noted; the stalled save goes on
+    time.sleep(0.5)
+    assert proc.poll() is None
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM and time.monotonic() - t0 < 10
+    assert "SIGTERM again: exiting now, without saving" in (tmp_path / "proc.log").read_text()
+    assert files(out / "checkpoint-000001") == before
+    assert find_latest(out) == out / "checkpoint-000001"

@@ -1,0 +1,137 @@
+"""Exact resume: a run interrupted at any step and resumed ends bitwise equal to the uninterrupted one.
+
+The reference run crosses an epoch boundary with a short last accumulation window (5 batches per
+epoch, grad_accum 2: windows of 2, 2, 1), uses LoRA dropout (the RNG must be restored), a linear
+schedule with warmup (the scheduler state must be restored) and logs every 2 steps (sums pending
+between two logs must be restored). Checkpoints are taken at every step; a resumed run starts from a
+copy of one of them, with the reference's log.jsonl (which also holds the records written after that
+checkpoint, as an interrupted run's would), and must end with the same adapter and the same log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minitune.checkpoint import CheckpointError, find_latest
+from minitune.run import train
+
+from .conftest import tiny_config
+
+STEPS = 5
+
+
+def exact_config(out, **sections) -> dict:
+    cfg = tiny_config(
+        "tiny-llama", out,
+        lora={"dropout": 0.1},
+        data={"max_samples": 10},
+        optimizer={"scheduler": "linear", "warmup_steps": 1},
+        training={"max_steps": STEPS, "batch_size": 2, "grad_accum": 2, "save_every": 1, "keep_last": 0,
+                  "eval_batches": 1},
+        logging={"log_every": 2},
+    )
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    f = folder / "adapter_model.safetensors"
+    return load_file(f if f.exists() else folder / "model.safetensors")
+
+
+def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs by {(a[name] - b[name]).abs().max().item():.3g}"
+
+
+def log_records(folder: Path) -> list[tuple]:
+    keys = ("step", "loss", "grad_norm", "learning_rate", "tokens", "epoch", "skipped_steps")
+    return [tuple(json.loads(line).get(k) for k in keys) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def resume_copy(ref: Path, checkpoint: str, out: Path) -> Path:
+    """A run folder holding one of the reference's checkpoints and its whole log (as after a kill)."""
+    out.mkdir(parents=True)
+    shutil.copytree(ref / checkpoint, out / checkpoint)
+    for f in ("log.jsonl", "config.yaml"):
+        shutil.copy(ref / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = train(exact_config(out))
+    assert result.state.step == STEPS and result.state.epoch == 1  # crossed the epoch boundary
+    assert [r[0] for r in log_records(out)] == [2, 4, 5]
+    return out
+
+
+@pytest.mark.parametrize("step", [1, 3, 4])  # 3: on the epoch boundary; 1 and 3: between two logs
+def test_resume_is_bitwise_exact(reference, tmp_path, step):
+    out = resume_copy(reference, f"checkpoint-{step:06d}", tmp_path / "run")
+    result = train(exact_config(out, training={"resume": "auto"}))
+    assert result.state.step == STEPS
+    assert_bitwise(weights(reference / "final"), weights(out / "final"))
+    assert log_records(out) == log_records(reference)  # losses, grad norms, lr, token counts
+    for k in range(step + 1, STEPS + 1):  # the checkpoints written after resuming match too
+        assert_bitwise(weights(reference / f"checkpoint-{k:06d}"), weights(out / f"checkpoint-{k:06d}"))
+
+
+def test_final_is_a_resume_point(tmp_path):
+    """Train 3 steps, then resume from `final` for 2 more: the same as 5 steps at once (constant lr)."""
+    constant = {"optimizer": {"scheduler": "constant", "warmup_steps": 0}, "training": {"save_every": 0}}
+    short = tmp_path / "short"
+    train(exact_config(short, **{**constant, "training": {"save_every": 0, "max_steps": 3}}))
+    assert find_latest(short) == short / "final"
+    train(exact_config(short, **{**constant, "training": {"save_every": 0, "resume": "auto"}}))
+    full = tmp_path / "full"
+    train(exact_config(full, **constant))
+    assert_bitwise(weights(full / "final"), weights(short / "final"))
+    assert log_records(short)[-1] == log_records(full)[-1]  # step 5: the loss of step 5 alone in both
+
+
+def test_resume_8bit_optimizer_and_full_finetuning(tmp_path):
+    """bitsandbytes 8-bit optimizer state (quantized moments, absmax) and full weights resume exactly."""
+    over = {"lora": {"enabled": False}, "optimizer": {"name": "adamw8bit"},
+            "training": {"max_steps": 3, "keep_last": 0}}
+    ref = tmp_path / "ref"
+    train(exact_config(ref, **over))
+    out = resume_copy(ref, "checkpoint-000001", tmp_path / "run")
+    train(exact_config(out, **{**over, "training": {**over["training"], "resume": "auto"}}))
+    assert_bitwise(weights(ref / "final"), weights(out / "final"))
+    assert log_records(out) == log_records(ref)
+
+
+def test_changed_config_is_refused_unless_forced(reference, tmp_path, capsys):
+    out = resume_copy(reference, "checkpoint-000004", tmp_path / "run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    changed = {"training": {"resume": "auto", "batch_size": 4, "seed": 1}}
+    with pytest.raises(CheckpointError) as e:
+        train(exact_config(out, **changed))
+    msg = str(e.value)
+    assert "training.batch_size 2 -> 4" in msg and "training.seed 0 -> 1" in msg and "resume_force=true" in msg
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+
+    # a longer run (max_steps) is not a change that is refused; forcing a refused change works
+    result = train(exact_config(out, training={"resume": "auto", "seed": 1, "max_steps": 6, "resume_force": True}))
+    assert result.state.step == 6
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_explicit_resume_of_a_missing_or_incomplete_checkpoint(reference, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(exact_config(tmp_path / "a", training={"resume": str(tmp_path / "nope")}))
+    half = tmp_path / "b" / "checkpoint-000002"
+    shutil.copytree(reference / "checkpoint-000002", half)
+    (half / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        train(exact_config(tmp_path / "b", training={"resume": str(half)}))
