@@ -123,11 +123,21 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        # os.write, not print: a handler may interrupt a print to the same stream
         if self.raised is not None:
             os.write(2, f"\n{name} again: exiting now, without saving\n".encode())
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
+            return
         self.raised = signum
+        os.write(2, f"\n{name}: saving a checkpoint at the end of this step, then stopping "
+                    f"(send it again to exit at once, without saving)\n".encode())
+
+    def now(self, agreed: list[bool]) -> bool:
+        """Stop at this step boundary? `agreed`: [the flag summed over processes at the step's sync],
+        so that every process stops at the same step; empty with one process (the flag as it is now)."""
+        return agreed[0] if agreed else self.raised is not None
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -143,6 +153,12 @@ def _windows(loader: Any, accelerator: Any, state: TrainState, grad_accum: int) 
         epoch_loader = loader
         if state.batch_in_epoch:  # resuming mid-epoch: skip what was already consumed
             epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+        batches = iter(epoch_loader)
+        # Starting a DataLoader draws its base seed from the global torch RNG. Fork it, so that the
+        # dropout stream depends only on the batches trained on, not on how many loaders were
+        # started: a resumed run starts one more (the skipping one) and must see the same masks.
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches, None)
         window: list[dict] = []
         for batch in itertools.chain([first] if first is not None else [], batches):
             window.append(batch)
@@ -161,20 +177,10 @@ def fit(
     optimizer: torch.optim.Optimizer,
     train_loader: Any,
     *,
-        name = signal.Signals(signum).name
-        # os.write, not print: a handler may interrupt a print to the same stream
     max_steps: int,
     scheduler: Any = None,
     eval_loader: Any = None,
-            return
     grad_accum: int = 1,
-        os.write(2, f"\n{name}: saving a checkpoint at the end of this step, then stopping "
-                    f"(send it again to exit at once, without saving)\n".encode())
-
-    def now(self, agreed: list[bool]) -> bool:
-        """Stop at this step boundary? `agreed`: [the flag summed over processes at the step's sync],
-        so that every process stops at the same step; empty with one process (the flag as it is now)."""
-        return agreed[0] if agreed else self.raised is not None
     max_grad_norm: float = 1.0,
     log_every: int = 1,
     eval_every: int = 0,
@@ -190,12 +196,6 @@ def fit(
     module_grad_norms: bool = False,
 ) -> TrainState:
     """Train `model` for `max_steps` optimizer steps. The one loop of minitune.
-        batches = iter(epoch_loader)
-        # Starting a DataLoader draws its base seed from the global torch RNG. Fork it, so that the
-        # dropout stream depends only on the batches trained on, not on how many loaders were
-        # started: a resumed run starts one more (the skipping one) and must see the same masks.
-        with torch.random.fork_rng(devices=[]):
-            first = next(batches, None)
 
     Args:
         accelerator: an `accelerate.Accelerator`; model, optimizer and loaders already prepared.
@@ -232,7 +232,20 @@ def fit(
     loss_items = torch.tensor(state.pending_loss_items, device=accelerator.device)
     tokens = torch.tensor(state.pending_tokens, dtype=torch.long, device=accelerator.device)
     t_log, steps_since_log, tokens_at_log = time.perf_counter(), 0, state.tokens
+    scaler = getattr(accelerator, "scaler", None)  # fp16 only
+    saved_at = -1  # micro_step of the last save, so a signal right after a save does not save twice
+
+    def save_now() -> None:
+        nonlocal saved_at
+        if save is None or saved_at == state.micro_step:
+            return
+        _stash_pending(state, accelerator, loss_sum, loss_items, tokens)
+        save(state)
+        saved_at = state.micro_step
+
     with _StopFlag() as stop:
+        if accelerator.process_index != 0:  # see save_now
+            loss_sum.zero_(), loss_items.zero_(), tokens.zero_()
         for window in _windows(train_loader, accelerator, state, grad_accum):
             if state.step >= max_steps:
                 state.stop_reason = "max_steps"
@@ -242,6 +255,8 @@ def fit(
             n_items = sum(torch.as_tensor(count_items(model, b), device=accelerator.device) for b in window)
             n_items = accelerator.reduce(n_items, reduction="sum").clamp(min=1)
             scale = accelerator.num_processes / n_items  # DDP averages gradients over processes
+            window_loss = torch.zeros((), device=accelerator.device)
+            window_items = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(window):
                 last = i == len(window) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
@@ -286,21 +301,12 @@ def fit(
                          f"stopping at {max_bad_steps})")
                 else:
                     state.scaler_skips += 1
-    scaler = getattr(accelerator, "scaler", None)  # fp16 only
-    saved_at = -1  # micro_step of the last save, so a signal right after a save does not save twice
-
-    def save_now() -> None:
-        nonlocal saved_at
-        if save is None or saved_at == state.micro_step:
-            return
-        _stash_pending(state, accelerator, loss_sum, loss_items, tokens)
-        save(state)
-        saved_at = state.micro_step
-
                 if state.bad_streak >= max_bad_steps:
-        if accelerator.process_index != 0:  # see save_now
-            loss_sum.zero_(), loss_items.zero_(), tokens.zero_()
                     state.stop_reason = "nonfinite"
+                    break
+                if stop.now(agreed):
+                    state.stop_reason = "signal"
+                    save_now()
                     break
                 continue
             loss_sum += window_loss
@@ -309,8 +315,6 @@ def fit(
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if phases:
-            window_loss = torch.zeros((), device=accelerator.device)
-            window_items = torch.zeros((), device=accelerator.device)
                 profiler.phase("optimizer")
             state.bad_streak = 0
             state.step += 1
@@ -332,6 +336,7 @@ def fit(
                     "step_time_s": elapsed / max(steps_since_log, 1),
                     "tokens": state.tokens,
                     "skipped_steps": state.skipped_steps,
+                    **({"scaler_skips": state.scaler_skips} if scaler is not None else {}),
                     **extra,
                 }
                 if profiler is not None:
@@ -340,10 +345,6 @@ def fit(
                 t_log, steps_since_log, tokens_at_log = time.perf_counter(), 0, state.tokens
             if eval_loader is not None and eval_every and state.step % eval_every == 0:
                 metrics["eval_loss"] = evaluate_loss(accelerator, model, eval_loader, max_batches=eval_batches,
-                if stop.now(agreed):
-                    state.stop_reason = "signal"
-                    save_now()
-                    break
                                                      loss_fn=loss_fn)
                 state.eval_losses.append((state.step, metrics["eval_loss"]))
             if metrics:
@@ -362,7 +363,17 @@ def fit(
             if state.step >= max_steps:
                 state.stop_reason = "max_steps"
                 break
+    _stash_pending(state, accelerator, loss_sum, loss_items, tokens)  # for the final checkpoint
     return state
+
+
+def _stash_pending(state: TrainState, accelerator: Any, loss_sum: torch.Tensor, loss_items: torch.Tensor,
+                   tokens: torch.Tensor) -> None:
+    """Copy the sums not yet logged into `state` (a host-device sync; only when saving). Summed over
+    processes; a resumed run puts them on the main process only, and the next log sums them again."""
+    pending = accelerator.reduce(torch.stack([loss_sum, loss_items]), reduction="sum").tolist()
+    state.pending_loss_sum, state.pending_loss_items = pending
+    state.pending_tokens = int(accelerator.reduce(tokens, reduction="sum").item())
 
 
 def count_items(model: nn.Module, batch: dict) -> torch.Tensor | int:
@@ -371,10 +382,17 @@ def count_items(model: nn.Module, batch: dict) -> torch.Tensor | int:
     config = getattr(model, "config", None)
     if labels is None or config is None:
         return 1
-                    **({"scaler_skips": state.scaler_skips} if scaler is not None else {}),
     if getattr(config, "is_encoder_decoder", False):
         return (labels != -100).sum()
     return (labels[:, 1:] != -100).sum()  # causal LMs predict labels[1:]
+
+
+def _say(logger: Any, accelerator: Any, text: str) -> None:
+    """A line for the user, through the logger (which keeps the progress bar intact) if there is one."""
+    if logger is not None and hasattr(logger, "message"):
+        logger.message(text)
+    else:
+        accelerator.print(text)
 
 
 def _len(loader: Any) -> int:
@@ -399,21 +417,3 @@ def _module_grad_norms(model: nn.Module) -> dict[str, float]:
             key = name.replace("base_model.model.", "").replace(".default.weight", "").replace(".weight", "")
             out[f"grad_norm/{key}"] = p.grad.detach().float().norm().item()
     return out
-    _stash_pending(state, accelerator, loss_sum, loss_items, tokens)  # for the final checkpoint
-def _stash_pending(state: TrainState, accelerator: Any, loss_sum: torch.Tensor, loss_items: torch.Tensor,
-                   tokens: torch.Tensor) -> None:
-    """Copy the sums not yet logged into `state` (a host-device sync; only when saving). Summed over
-    processes; a resumed run puts them on the main process only, and the next log sums them again."""
-    pending = accelerator.reduce(torch.stack([loss_sum, loss_items]), reduction="sum").tolist()
-    state.pending_loss_sum, state.pending_loss_items = pending
-    state.pending_tokens = int(accelerator.reduce(tokens, reduction="sum").item())
-
-
-def _say(logger: Any, accelerator: Any, text: str) -> None:
-    """A line for the user, through the logger (which keeps the progress bar intact) if there is one."""
-    if logger is not None and hasattr(logger, "message"):
-        logger.message(text)
-    else:
-        accelerator.print(text)
-
-

@@ -205,23 +205,23 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         logger.message(f"saved {path}")
         return path
 
+    if resume_from is not None:
+        restore_rng(resume_from, accelerator=accelerator)  # last, so nothing above draws from it
     t0 = time.perf_counter()
     try:
         state = fit(
-    if resume_from is not None:
-        restore_rng(resume_from, accelerator=accelerator)  # last, so nothing above draws from it
             accelerator, model, optimizer, train_loader, max_steps=total_steps, scheduler=scheduler,
             eval_loader=eval_loader, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
             log_every=cfg.logging.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches,
             save_every=t.save_every, max_bad_steps=t.max_bad_steps, profiler=profiler, logger=logger,
             save=save, state=state, module_grad_norms=cfg.logging.module_grad_norms,
         )
-    finally:
-        logger.close()
-    elapsed = time.perf_counter() - t0
     except torch.OutOfMemoryError as e:
         logger.close()
         raise _out_of_memory(e, cfg, state, accelerator, profiler) from None
+    finally:
+        logger.close()
+    elapsed = time.perf_counter() - t0
     if state.stop_reason == "nonfinite":
         profiler.stop()
         last = find_latest(out)
@@ -253,10 +253,6 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     return TrainResult(out, final, state, metrics, memory, prep.trainable_line)
 
 
-def _reset_single_process_state() -> None:
-    """Accelerate keeps one global state per process; a second `train()` in the same Python process
-    (a notebook, a test, an embedding codebase) may ask for another precision. Outside a distributed
-    launch, start from a clean state."""
 def _out_of_memory(err: BaseException, cfg: Config, state: Any, accelerator: Any, profiler: Any) -> RunError:
     """One line: where memory ran out, how much was in use, and the settings that need less.
     The profiler's table (memory by phase up to this point) is printed above it."""
@@ -300,6 +296,10 @@ def _out_of_memory(err: BaseException, cfg: Config, state: Any, accelerator: Any
                     f"{cfg.data.max_length} tokens): {now}try {', '.join(knobs) or 'a smaller model'}")
 
 
+def _reset_single_process_state() -> None:
+    """Accelerate keeps one global state per process; a second `train()` in the same Python process
+    (a notebook, a test, an embedding codebase) may ask for another precision. Outside a distributed
+    launch, start from a clean state."""
     import os
 
     from accelerate.state import AcceleratorState
@@ -327,15 +327,6 @@ def _kind_of(cfg: Config) -> str:
         raise _offline_hint("model", path, e) from None
 
 
-def _resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint to resume from (None: start fresh), checked before anything loads.
-
-    Raises:
-        CheckpointError: the checkpoint is incomplete, unreadable, or from an incompatible config.
-    """
-    from .checkpoint import CheckpointError, find_latest, verify_checkpoint
-
-    r = cfg.training.resume
 # What a resumed run must share with the checkpoint's run to continue it exactly: section -> keys
 # (None: every key), minus keys that change nothing about the numbers.
 _RESUME_KEYS: dict[str, tuple[str, ...] | None] = {
@@ -345,6 +336,15 @@ _RESUME_KEYS: dict[str, tuple[str, ...] | None] = {
 _RESUME_FREE = {"data.num_workers"}
 
 
+def _resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), checked before anything loads.
+
+    Raises:
+        CheckpointError: the checkpoint is incomplete, unreadable, or from an incompatible config.
+    """
+    from .checkpoint import CheckpointError, find_latest, verify_checkpoint
+
+    r = cfg.training.resume
     if not r:
         return None
     if r == "auto":
@@ -370,10 +370,6 @@ _RESUME_FREE = {"data.num_workers"}
               "the run will not match an uninterrupted one", flush=True)
     return path
 
-
-def _resume(path: Path, cfg: Config, accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> Any:
-    from .checkpoint import load_training_state
-    from .loop import TrainState
 
 def _resume_changes(path: Path, cfg: Config) -> list[str]:
     """'section.key: old -> new' for each setting that differs from the checkpoint's config.yaml."""
@@ -403,29 +399,29 @@ def _resume_changes(path: Path, cfg: Config) -> list[str]:
     return changes
 
 
-    _load_weights(path, accelerator.unwrap_model(model))
+def _resume(path: Path, cfg: Config, accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> Any:
     """Load weights, optimizer, scheduler and scaler states and the counters from `path`.
 
     The RNG is restored separately, right before the loop (`checkpoint.restore_rng`), so that nothing
     in between draws from the restored streams. Log records after the checkpoint's step (written by
     the interrupted run after its last save) are dropped: the resumed run writes them again.
     """
+    from .checkpoint import load_training_state
+    from .loop import TrainState
+
+    _load_weights(path, accelerator.unwrap_model(model))
     counters = load_training_state(path, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
                                    rng=False)
     fields = set(TrainState.__dataclass_fields__)
     state = TrainState(**{k: v for k, v in counters.items() if k in fields})
     state.stop_reason = ""
+    log = Path(cfg.training.output_dir) / "log.jsonl"
+    if accelerator.is_main_process and log.is_file():
+        _trim_log(log, state.step)
     accelerator.print(f"resumed from {path} at step {state.step}")
     return state
 
 
-    log = Path(cfg.training.output_dir) / "log.jsonl"
-    if accelerator.is_main_process and log.is_file():
-        _trim_log(log, state.step)
-def _load_weights(path: Path, model: Any) -> None:
-    from safetensors.torch import load_file
-
-    from .checkpoint import CheckpointError
 def _trim_log(log: Path, step: int) -> None:
     """Keep the records of steps <= `step` (and drop a line cut short by a kill); atomic."""
     kept = []
@@ -441,13 +437,17 @@ def _trim_log(log: Path, step: int) -> None:
     os.replace(tmp, log)
 
 
-
+def _load_weights(path: Path, model: Any) -> None:
     """Load the adapter (or the full model) saved in `path` into `model`, checking that every
     trainable tensor is covered and nothing is left over.
 
     Raises:
         CheckpointError: unreadable weights, or weights of another model / adapter layout.
     """
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointError
+
     adapter = path / "adapter_model.safetensors"
     try:
         if adapter.is_file():
