@@ -1,18 +1,34 @@
 """The one place that knows what each device supports: CUDA, MPS or CPU.
 
-Everything else asks this module (`capabilities`, `check`) instead of branching on device types,
-so the loop stays free of device and precision special cases.
+Everything else asks this module (`capabilities`, `check`, `check_processes`) instead of branching
+on device types, so the loop stays free of device and precision special cases.
+
+What is supported where (with the installed torch and bitsandbytes):
+
+    feature                    cuda                      mps                           cpu
+    bf16 (weights, autocast)   compute capability >= 8   macOS 14+ and torch >= 2.6    yes
+    fp16 autocast              yes                       torch >= 2.5                  no (Accelerate ignores it)
+    bitsandbytes 8/4-bit       yes                       if bitsandbytes ships an      if bitsandbytes ships a
+      layers                                             MPS backend                   CPU backend
+    bitsandbytes 8-bit         yes                       if that backend has an        likewise
+      optimizers                                         8-bit optimizer kernel
+    paged optimizers           yes                       no: unpaged, one warning      no: unpaged, one warning
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
+import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["Capabilities", "capabilities", "check", "resolve_device"]
+__all__ = ["Capabilities", "capabilities", "check", "check_processes", "optimizer_name_for", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -20,107 +36,207 @@ class Capabilities:
     """What a device can do for training."""
 
     device: torch.device
-    bf16: bool
+    bf16: bool  # bfloat16 weights and bf16 autocast
     fp16_autocast: bool
     bnb_layers: bool  # bitsandbytes 8-bit / 4-bit linear layers
     bnb_optimizers: bool  # bitsandbytes 8-bit optimizers
     paged_optimizers: bool  # paged (unified-memory) optimizer state: CUDA only
     fused_adamw: bool
+    bnb_note: str = ""  # why bitsandbytes cannot run here (empty when it can)
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
-    """The device a run uses: 'auto' is what Accelerate would pick (CUDA, then MPS, then CPU).
+    """The device a run uses, before the Accelerator exists (to check the config against it).
+
+    'auto' is what Accelerate picks: CUDA (this process's GPU under `accelerate launch`), then
+    MPS, then CPU. 'cpu' overrides an accelerator that is present.
 
     Raises:
         ValueError: the requested device does not exist on this machine.
     """
-    if preference == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        # Accelerate gives process `LOCAL_RANK` the GPU `LOCAL_RANK % device_count`
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    if preference in ("auto", "mps") and _mps_available():
+        return torch.device("mps")
+    if preference == "cuda":
         raise ValueError("training.device=cuda but no CUDA device is visible; use training.device=auto or cpu")
-    if preference == "mps" and not _mps_available():
-        raise ValueError("training.device=mps but MPS is not available; use training.device=auto or cpu")
-    return torch.device(preference)
+    if preference == "mps":
+        raise ValueError("training.device=mps but MPS is not available (needs Apple silicon and a torch built "
+                         "with MPS); use training.device=auto or cpu")
+    return torch.device("cpu")
 
 
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def _bnb_installed() -> bool:
-    return importlib.util.find_spec("bitsandbytes") is not None
+def _macos_at_least(major: int) -> bool:
+    try:
+        return bool(torch.backends.mps.is_macos_or_newer(major, 0))
+    except Exception:  # not macOS, or a torch without the query
+        return False
 
 
-def _bnb_version() -> tuple[int, ...]:
-    from importlib.metadata import version
+def _torch_at_least(major: int, minor: int) -> bool:
+    found = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    return found >= (major, minor)
+
+
+def _bnb_version() -> str | None:
+    """The installed bitsandbytes version, or None (read from metadata: importing it is slow)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return tuple(int(x) for x in version("bitsandbytes").split(".")[:2])
-    except Exception:  # pragma: no cover - odd version strings
-        return (0, 0)
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def _bnb_backend(device_type: str) -> frozenset[str] | None:
+    """Names of the ops the installed bitsandbytes implements for `device_type`, read from its
+    `backends/<type>/ops.py` without importing it; None when it ships no backend for that device.
+
+    bitsandbytes grew CPU and MPS backends release by release, so asking the installed files is
+    exact where a version table would be a guess.
+    """
+    spec = importlib.util.find_spec("bitsandbytes")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    ops = Path(next(iter(spec.submodule_search_locations))) / "backends" / device_type / "ops.py"
+    if not ops.is_file():
+        return None
+    return frozenset(re.findall(r"bitsandbytes::(\w+)", ops.read_text(encoding="utf-8")))
+
+
+def _fused_adamw_devices() -> set[str]:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return set(_get_fused_kernels_supported_devices())
+    except Exception:  # pragma: no cover - older or newer torch without the helper
+        return {"cuda"}
 
 
 def capabilities(device: torch.device | str) -> Capabilities:
     """Capabilities of `device` with the installed torch and bitsandbytes."""
     device = torch.device(device)
-    bnb = _bnb_installed()
+    version = _bnb_version()
+    fused = device.type in _fused_adamw_devices()
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
-        return Capabilities(device, bf16=major >= 8, fp16_autocast=True, bnb_layers=bnb,
-                            bnb_optimizers=bnb, paged_optimizers=bnb, fused_adamw=True)
+        bnb = version is not None
+        return Capabilities(device, bf16=major >= 8, fp16_autocast=True, bnb_layers=bnb, bnb_optimizers=bnb,
+                            paged_optimizers=bnb, fused_adamw=fused,
+                            bnb_note="" if bnb else "bitsandbytes is not installed (pip install bitsandbytes)")
     if device.type == "mps":
-        # bitsandbytes gained an MPS backend only in recent releases; older ones cannot run there.
-        bnb_mps = bnb and _bnb_version() >= (0, 49)
-        return Capabilities(device, bf16=True, fp16_autocast=True, bnb_layers=bnb_mps,
-                            bnb_optimizers=bnb_mps, paged_optimizers=False, fused_adamw=True)
-    # CPU: bf16 autocast works; fp16 autocast is silently ignored by Accelerate; bitsandbytes
-    # >= 0.45 runs its 8-bit optimizers and 8/4-bit layers on CPU; paging needs CUDA unified memory.
-    bnb_cpu = bnb and _bnb_version() >= (0, 45)
-    return Capabilities(device, bf16=True, fp16_autocast=False, bnb_layers=bnb_cpu,
-                        bnb_optimizers=bnb_cpu, paged_optimizers=False, fused_adamw=False)
+        # bf16 on MPS needs macOS 14; Accelerate asks torch >= 2.6 for bf16 and >= 2.5 for fp16 autocast
+        bf16 = _macos_at_least(14) and _torch_at_least(2, 6)
+        fp16 = _torch_at_least(2, 5)
+    else:
+        # CPU: bf16 autocast works; Accelerate silently ignores fp16 autocast on CPU
+        bf16, fp16 = True, False
+    ops = _bnb_backend(device.type) if version is not None else None
+    layers = ops is not None
+    optimizers = layers and "optimizer_update_8bit_blockwise" in ops
+    if version is None:
+        note = "bitsandbytes is not installed (pip install bitsandbytes)"
+    elif not layers:
+        note = f"bitsandbytes {version} has no {device.type.upper()} backend (upgrade bitsandbytes)"
+    elif not optimizers:
+        note = f"bitsandbytes {version} has no 8-bit optimizer kernel for {device.type.upper()}"
+    else:
+        note = ""
+    return Capabilities(device, bf16=bf16, fp16_autocast=fp16, bnb_layers=layers, bnb_optimizers=optimizers,
+                        paged_optimizers=False, fused_adamw=fused, bnb_note=note)
 
 
-def check(cfg, device: torch.device | str) -> tuple[list[str], list[str]]:
-    """Problems (fatal) and warnings for running `cfg` on `device`, before anything loads.
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"this CUDA device (compute capability {major}.{minor})"
+    return device.type
+
+
+def check(cfg: Any, device: torch.device | str) -> tuple[list[str], list[str]]:
+    """Problems (fatal) and notes (warnings) for running `cfg` on `device`, before anything loads.
+
+    The only fallback is a paged optimizer running unpaged off CUDA (a note); every other request
+    the device cannot honour is a problem naming the fix.
 
     Args:
         cfg: a minitune Config.
-        device: the device the run will use.
+        device: the device the run will use (see `resolve_device`).
 
     Returns:
-        (problems, warnings): one line each, naming the fix.
+        (problems, notes): one line each.
     """
     caps = capabilities(device)
-    kind = caps.device.type
+    where = _describe(caps.device)
     problems: list[str] = []
     notes: list[str] = []
     mp = cfg.training.mixed_precision
     if mp == "bf16" and not caps.bf16:
-        problems.append(f"training.mixed_precision=bf16 is not supported on this {kind} device; use fp16 or no")
+        problems.append(f"training.mixed_precision=bf16 is not supported on {where}; use fp16 or no")
     if mp == "fp16" and not caps.fp16_autocast:
-        problems.append(f"training.mixed_precision=fp16 would be silently ignored on {kind} (no fp16 autocast); "
-                        "use bf16 or no")
-    for name in ("model.dtype", "quantization.compute_dtype"):
-        section, key = name.split(".")
-        if getattr(getattr(cfg, section), key) == "bfloat16" and not caps.bf16:
-            problems.append(f"{name}=bfloat16 is not supported on this {kind} device; use float16 or float32")
-    if cfg.quantization.mode != "none" and not caps.bnb_layers:
+        problems.append(f"training.mixed_precision=fp16 would be silently ignored on {where} (no fp16 autocast "
+                        "there: it would train in fp32); use bf16 or no")
+    quantized = cfg.quantization.mode != "none"
+    for name, value in (("model.dtype", cfg.model.dtype),
+                        ("quantization.compute_dtype", cfg.quantization.compute_dtype if quantized else None)):
+        if value == "bfloat16" and not caps.bf16:
+            problems.append(f"{name}=bfloat16 is not supported on {where}; use float16 or float32")
+    if quantized and not caps.bnb_layers:
         problems.append(f"quantization.mode={cfg.quantization.mode} needs bitsandbytes layers, which cannot run on "
-                        f"{kind} with the installed bitsandbytes; set quantization.mode=none")
-    opt = cfg.optimizer.name
-    if opt != "adamw" and opt != "sgd" and not caps.bnb_optimizers:
-        problems.append(f"optimizer.name={opt} needs bitsandbytes optimizers, which cannot run on {kind}; "
-                        "use optimizer.name=adamw")
-    if opt.startswith("paged_") and not caps.paged_optimizers:
-        notes.append(f"optimizer.name={opt}: paged optimizers need CUDA; on {kind} it runs unpaged "
-                     f"({opt.removeprefix('paged_')})")
-    if cfg.optimizer.fused and not caps.fused_adamw:
-        notes.append(f"optimizer.fused=true: no fused AdamW on {kind}; using the default implementation")
+                        f"{where}: {caps.bnb_note}; or set quantization.mode=none")
+    opt = optimizer_name_for(cfg.optimizer.name, caps.device)
+    if opt not in ("adamw", "sgd") and not caps.bnb_optimizers:
+        problems.append(f"optimizer.name={cfg.optimizer.name} needs bitsandbytes optimizers, which cannot run on "
+                        f"{where}: {caps.bnb_note}; or use optimizer.name=adamw")
+    elif opt != cfg.optimizer.name:
+        notes.append(f"optimizer.name={cfg.optimizer.name}: paged optimizers need CUDA; on {where} it runs "
+                     f"unpaged ({opt})")
+    if cfg.optimizer.fused and cfg.optimizer.name == "adamw" and not caps.fused_adamw:
+        notes.append(f"optimizer.fused=true: torch has no fused AdamW for {where}; using the default implementation")
     return problems, notes
+
+
+def check_processes(accelerator: Any, quantized: bool = False) -> list[str]:
+    """Problems with how `accelerate launch` set up this process, found before the model loads.
+
+    Catches a multi-process launch in which each process trains alone (every process would write
+    the same run), and, on CUDA, a process whose device is not its own GPU (with `quantized`,
+    bitsandbytes would quantize every process's copy onto that one GPU).
+
+    Args:
+        accelerator: the run's Accelerator (or anything with its `num_processes`,
+            `local_process_index` and `device`).
+        quantized: the model will be loaded with bitsandbytes layers, placed on `accelerator.device`.
+
+    Returns:
+        One line per problem, naming the fix.
+    """
+    problems: list[str] = []
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        problems.append(f"launched as one of {launched} processes, but Accelerate set this one up alone on "
+                        f"{accelerator.device} (each process would train and write the same run); on CPU launch "
+                        "with configs/accelerate/cpu-2proc.yaml (`--multi_gpu`, not `--cpu`) and "
+                        "training.device=cpu or auto")
+    device = torch.device(accelerator.device)
+    if device.type == "cuda" and accelerator.num_processes > 1:
+        count = torch.cuda.device_count()
+        expected = accelerator.local_process_index % max(1, count)
+        if device.index is not None and device.index != expected:
+            problems.append(f"process {accelerator.local_process_index} runs on {device} instead of cuda:{expected}; "
+                            "launch with `accelerate launch` and do not set training.device to a fixed GPU")
+        elif quantized and int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) > count:
+            problems.append(f"{os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes)} processes share {count} "
+                            "GPU(s) on this machine: with a quantized model each process needs its own GPU; set "
+                            "--num_processes to at most the number of GPUs")
+    return problems
 
 
 def optimizer_name_for(name: str, device: torch.device | str) -> str:

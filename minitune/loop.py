@@ -62,7 +62,7 @@ def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Ten
     """
     labels = batch.get("labels")
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    config = getattr(model, "config", None)
+    config = _config_of(model)
     if labels is None or config is None:
         out = model(**batch)
         loss = out if torch.is_tensor(out) else out["loss"]
@@ -81,6 +81,15 @@ def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Ten
     return loss_sum, (targets != -100).sum()
 
 
+def _bare(model: nn.Module) -> nn.Module:
+    """The module inside DDP (which, unlike FSDP or a PeftModel, does not forward attributes)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _config_of(model: nn.Module) -> Any:
+    return getattr(_bare(model), "config", None)
+
+
 def _decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base = getattr(base, "module", base)  # DDP
@@ -90,19 +99,44 @@ def _decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batches: int = 0,
                   loss_fn: LossFn = default_loss) -> float:
-    """Mean per-token loss over `loader`, summed across processes. Leaves the model in train mode."""
+    """Mean per-token loss over `loader`, summed across processes. Leaves the model in train mode.
+
+    `max_batches` counts batches over all processes (a prepared loader gives process p the batches
+    p, p + N, p + 2N, ...), so the result does not depend on the number of processes. Under DDP each
+    process runs the bare module (no collectives are needed without gradients) on its own batches
+    only, without the examples Accelerate repeats to even out the last batch.
+    """
     model.eval()
+    net = _bare(model)
+    procs, rank = accelerator.num_processes, accelerator.process_index
     total = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        loss_sum, n = loss_fn(model, batch)
-        total += loss_sum.float()
-        count += n
+    with _own_batches_only(loader) if net is not model else contextlib.nullcontext():
+        for i, batch in enumerate(loader):
+            if max_batches and i * procs + rank >= max_batches:
+                break
+            loss_sum, n = loss_fn(net, batch)
+            total += loss_sum.float()
+            count += n
     total, count = accelerator.reduce(torch.stack([total, count]), reduction="sum")
     model.train()
     return (total / count.clamp(min=1)).item()  # host-device sync, once per evaluation
+
+
+@contextlib.contextmanager
+def _own_batches_only(loader: Any) -> Iterator[None]:
+    """Accelerate pads every process's share to the same number of full batches by repeating the
+    first examples (training needs it: every process must take every step); an evaluation must not
+    count them twice."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if not hasattr(sampler, "even_batches"):
+        yield
+        return
+    old, sampler.even_batches = sampler.even_batches, False
+    try:
+        yield
+    finally:
+        sampler.even_batches = old
 
 
 class _StopFlag:
@@ -379,7 +413,7 @@ def _stash_pending(state: TrainState, accelerator: Any, loss_sum: torch.Tensor, 
 def count_items(model: nn.Module, batch: dict) -> torch.Tensor | int:
     """Target tokens `default_loss` will count for `batch` (1 for a model that returns its own loss)."""
     labels = batch.get("labels")
-    config = getattr(model, "config", None)
+    config = _config_of(model)
     if labels is None or config is None:
         return 1
     if getattr(config, "is_encoder_decoder", False):
@@ -412,7 +446,7 @@ def _grad_norm(accelerator: Any, params: list[torch.Tensor], max_norm: float) ->
 def _module_grad_norms(model: nn.Module) -> dict[str, float]:
     """L2 norm of each LoRA factor's gradient, keyed 'grad_norm/<module>.lora_A'."""
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in _bare(model).named_parameters():
         if p.grad is not None and (".lora_A." in name or ".lora_B." in name):
             key = name.replace("base_model.model.", "").replace(".default.weight", "").replace(".weight", "")
             out[f"grad_norm/{key}"] = p.grad.detach().float().norm().item()

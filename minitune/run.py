@@ -138,6 +138,9 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         log_with=cfg.logging.trackers or None,
         project_dir=str(out),
     )
+    launch_problems = dev.check_processes(accelerator, quantized=cfg.quantization.mode != "none")
+    if launch_problems:
+        raise RunError("; ".join(launch_problems))
     for note in notes:
         accelerator.print(f"warning: {note}")
     set_seed(t.seed)
