@@ -1,0 +1,230 @@
+"""device.py: what CUDA, MPS and CPU support, and the checks made before anything loads.
+
+There is no GPU or Mac here: the CUDA and MPS paths run with torch's and bitsandbytes' answers
+patched (torch.cuda.is_available / get_device_capability, torch.backends.mps.is_available, the
+macOS version, the installed bitsandbytes version and backends).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from minitune import device as dev
+from minitune.config import ConfigError, load_config
+
+from .conftest import REPO, tiny_config
+
+MPS_OPS_0_50 = frozenset({"quantize_4bit", "dequantize_4bit", "gemv_4bit", "gemm_4bit", "quantize_blockwise"})
+
+
+def _cfg(**sections):
+    return load_config(tiny_config("tiny-llama", "runs/unused", **sections))
+
+
+def _problems(device, **sections) -> list[str]:
+    return dev.check(_cfg(**sections), device)[0]
+
+
+def _notes(device, **sections) -> list[str]:
+    return dev.check(_cfg(**sections), device)[1]
+
+
+@pytest.fixture
+def mac(monkeypatch):
+    """An Apple-silicon Mac on macOS 14 with a bitsandbytes that has an MPS backend for its
+    quantized layers but no MPS kernel for 8-bit optimizers (as 0.50 ships)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(dev, "_macos_at_least", lambda major: major <= 14)
+    monkeypatch.setattr(dev, "_bnb_version", lambda: "0.50.2")
+    backends = {"mps": MPS_OPS_0_50}
+    monkeypatch.setattr(dev, "_bnb_backend", lambda kind: backends.get(kind))
+    return backends
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """A machine with 2 GPUs of compute capability `cuda.capability` (default 8.0, Ampere)."""
+    gpus = types.SimpleNamespace(capability=(8, 0), count=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus.count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpus.capability)
+    monkeypatch.setattr(dev, "_bnb_version", lambda: "0.50.2")
+    return gpus
+
+
+# --- CPU, with what is installed here ------------------------------------------------------------
+
+def test_cpu_capabilities_with_installed_bitsandbytes():
+    caps = dev.capabilities("cpu")
+    assert caps.bf16 and not caps.fp16_autocast and not caps.paged_optimizers
+    # bitsandbytes >= 0.46 ships a CPU backend; this one has the 8-bit optimizer kernel too
+    ops = dev._bnb_backend("cpu")
+    assert ops is not None and "quantize_blockwise" in ops
+    assert caps.bnb_layers and caps.bnb_optimizers == ("optimizer_update_8bit_blockwise" in ops)
+
+
+def test_installed_bitsandbytes_backends_are_read_without_importing_it():
+    code = ("import sys; from minitune import device; ops = device._bnb_backend('mps'); "
+            "print(sorted(ops) if ops else None, 'bitsandbytes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")  # importing bitsandbytes takes seconds; reading its files does not
+    assert "quantize_4bit" in out  # the installed 0.50 quantizes 4-bit on MPS
+    assert dev._bnb_backend("no-such-device") is None
+
+
+def test_cpu_refuses_fp16_autocast_and_allows_bf16():
+    assert any("fp16 would be silently ignored on cpu" in p for p in _problems("cpu", training={
+        "mixed_precision": "fp16"}))
+    assert _problems("cpu", training={"mixed_precision": "bf16"}, model={"dtype": "bfloat16"}) == []
+
+
+def test_paged_optimizer_falls_back_unpaged_off_cuda_with_one_note():
+    problems, notes = dev.check(_cfg(optimizer={"name": "paged_adamw8bit"}), "cpu")
+    assert problems == [] and len(notes) == 1 and "runs unpaged (adamw8bit)" in notes[0]
+    assert dev.optimizer_name_for("paged_adamw8bit", "cpu") == "adamw8bit"
+    assert dev.optimizer_name_for("paged_adamw32bit", "cpu") == "adamw32bit"
+    assert dev.optimizer_name_for("adamw8bit", "cpu") == "adamw8bit"
+
+
+def test_no_bitsandbytes_is_a_problem_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(dev, "_bnb_version", lambda: None)
+    problems = _problems("cpu", quantization={"mode": "4bit"}, optimizer={"name": "adamw8bit"})
+    assert len(problems) == 2 and all("pip install bitsandbytes" in p for p in problems)
+    assert "quantization.mode=none" in problems[0] and "optimizer.name=adamw" in problems[1]
+
+
+def test_resolve_device_auto_and_overrides_here():
+    assert dev.resolve_device("auto") == torch.device("cpu")
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="training.device=cuda but no CUDA device"):
+        dev.resolve_device("cuda")
+    with pytest.raises(ValueError, match="training.device=mps but MPS is not available"):
+        dev.resolve_device("mps")
+
+
+def test_unavailable_device_fails_before_anything_is_created(tmp_path):
+    from minitune.run import train
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="training.device=mps but MPS is not available"):
+        train(tiny_config("tiny-llama", out, training={"device": "mps"}))
+    assert not out.exists()
+
+
+def test_paged_fallback_warns_once_and_trains(tmp_path, capsys):
+    from minitune.run import train
+
+    result = train(tiny_config("tiny-llama", tmp_path / "run", optimizer={"name": "paged_adamw8bit"},
+                               training={"max_steps": 1}, data={"validation_fraction": 0}))
+    assert result.state.step == 1
+    assert capsys.readouterr().out.count("paged optimizers need CUDA") == 1
+
+
+# --- Apple MPS (mocked) ---------------------------------------------------------------------------
+
+def test_mps_is_picked_by_auto(mac):
+    assert dev.resolve_device("auto") == torch.device("mps")
+    assert dev.resolve_device("mps") == torch.device("mps")
+    assert dev.resolve_device("cpu") == torch.device("cpu")  # the override
+
+
+@pytest.mark.parametrize("dtype,mp", [("float32", "no"), ("float16", "no"), ("float32", "fp16"),
+                                      ("bfloat16", "no"), ("float32", "bf16")])
+def test_mps_lora_in_fp32_fp16_bf16_with_checkpointing_is_accepted(mac, dtype, mp):
+    assert _problems("mps", model={"dtype": dtype}, training={
+        "mixed_precision": mp, "gradient_checkpointing": True}) == []
+
+
+def test_mps_before_macos_14_has_no_bf16(mac, monkeypatch):
+    monkeypatch.setattr(dev, "_macos_at_least", lambda major: major <= 13)
+    caps = dev.capabilities("mps")
+    assert not caps.bf16 and caps.fp16_autocast
+    problems = _problems("mps", model={"dtype": "bfloat16"}, training={"mixed_precision": "bf16"})
+    assert len(problems) == 2 and all("not supported on mps" in p for p in problems)
+
+
+def test_mps_old_torch_has_no_autocast(mac, monkeypatch):
+    monkeypatch.setattr(dev, "_torch_at_least", lambda major, minor: False)
+    caps = dev.capabilities("mps")
+    assert not caps.bf16 and not caps.fp16_autocast
+
+
+def test_mps_quantized_layers_only_where_bitsandbytes_has_an_mps_backend(mac):
+    caps = dev.capabilities("mps")
+    assert caps.bnb_layers and not caps.bnb_optimizers and not caps.paged_optimizers
+    assert _problems("mps", quantization={"mode": "4bit"}) == []
+    # 8-bit optimizers: no MPS kernel in this version -> refused with the reason
+    (problem,) = _problems("mps", optimizer={"name": "adamw8bit"})
+    assert "bitsandbytes 0.50.2 has no 8-bit optimizer kernel for MPS" in problem
+    # paged falls back to unpaged, which still needs the missing kernel: one problem, no note
+    problems, notes = dev.check(_cfg(optimizer={"name": "paged_adamw8bit"}), "mps")
+    assert len(problems) == 1 and notes == []
+    # an older bitsandbytes without an MPS backend: quantization refused too
+    mac.pop("mps")
+    (problem,) = _problems("mps", quantization={"mode": "8bit"})
+    assert "bitsandbytes 0.50.2 has no MPS backend" in problem and "quantization.mode=none" in problem
+
+
+def test_mps_8bit_optimizers_once_bitsandbytes_ships_the_kernel(mac):
+    mac["mps"] = MPS_OPS_0_50 | {"optimizer_update_8bit_blockwise"}
+    assert dev.capabilities("mps").bnb_optimizers
+    assert _problems("mps", optimizer={"name": "adamw8bit"}) == []
+
+
+# --- CUDA (mocked) --------------------------------------------------------------------------------
+
+def test_cuda_bf16_follows_compute_capability(cuda):
+    assert dev.capabilities("cuda:0").bf16
+    cuda.capability = (7, 5)  # Turing: fp16 only
+    caps = dev.capabilities("cuda:0")
+    assert not caps.bf16 and caps.fp16_autocast and caps.bnb_layers and caps.paged_optimizers
+    (problem,) = _problems("cuda:0", training={"mixed_precision": "bf16"})
+    assert "compute capability 7.5" in problem and "use fp16 or no" in problem
+    assert _problems("cuda:0", training={"mixed_precision": "fp16"}) == []
+
+
+def test_cuda_paged_optimizers_run_paged(cuda):
+    problems, notes = dev.check(_cfg(optimizer={"name": "paged_adamw8bit"}, quantization={"mode": "4bit"}), "cuda:0")
+    assert problems == [] and notes == []
+    assert dev.optimizer_name_for("paged_adamw8bit", "cuda:0") == "paged_adamw8bit"
+
+
+def test_cuda_device_of_each_launched_process(cuda, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dev.resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # 4 processes on 2 GPUs: Accelerate wraps around
+    assert dev.resolve_device("cuda") == torch.device("cuda", 1)
+
+
+def _accelerator(device, *, num_processes=2, local_process_index=0):
+    return types.SimpleNamespace(device=torch.device(device), num_processes=num_processes,
+                                 local_process_index=local_process_index)
+
+
+def test_check_processes_each_process_on_its_own_gpu(cuda, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert dev.check_processes(_accelerator("cuda:1", local_process_index=1), quantized=True) == []
+    (problem,) = dev.check_processes(_accelerator("cuda:0", local_process_index=1), quantized=True)
+    assert "process 1 runs on cuda:0 instead of cuda:1" in problem
+    # more processes than GPUs: fine for a full-precision model, not for quantized copies
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert dev.check_processes(_accelerator("cuda:1", num_processes=4, local_process_index=3)) == []
+    (problem,) = dev.check_processes(_accelerator("cuda:1", num_processes=4, local_process_index=3), quantized=True)
+    assert "4 processes share 2 GPU(s)" in problem
+
+
+def test_check_processes_catches_a_launch_where_each_process_trains_alone(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (problem,) = dev.check_processes(_accelerator("cpu", num_processes=1))
+    assert "launched as one of 2 processes" in problem and "cpu-2proc.yaml" in problem
+    assert dev.check_processes(_accelerator("cpu", num_processes=2)) == []
+    monkeypatch.delenv("WORLD_SIZE")
+    assert dev.check_processes(_accelerator("cpu", num_processes=1)) == []
