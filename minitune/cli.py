@@ -25,8 +25,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, RunError, DataError, ModelError, CheckpointError)
 
 
+def _quiet_third_party() -> None:
+    """Silence known-harmless noise of the pinned stack (CLI only; the library sets nothing globally):
+    bitsandbytes' note that an optional CPU kernel package is missing, and a transformers
+    deprecation warning that peft triggers on every gradient-checkpointing check."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def run_cli(fn: Callable[[], Any]) -> int:
     """Call `fn`; bad input becomes `error: <message>` on stderr and exit code 2."""
+    _quiet_third_party()
     try:
         fn()
     except user_errors() as e:
@@ -141,11 +153,11 @@ class _progress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=Console(stderr=True), transient=True)
-        self.bar.start()
-
         def add(label: str, total: int) -> Callable[[], None]:
+            if self.bar is None:  # started with the first task: an early error leaves the terminal clean
+                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                self.bar.start()
             task = self.bar.add_task(label, total=total)
             return lambda: self.bar.advance(task)
 

@@ -41,7 +41,10 @@ class RunLogger:
 
             self._bar = _TqdmBar(tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True))
         elif progress == "rich":
-            self._bar = _RichBar(total_steps, initial_step)
+            import sys
+
+            # no terminal (a log file, CI): a plain line per logged step instead of a live bar
+            self._bar = _RichBar(total_steps, initial_step) if sys.stdout.isatty() else _Lines(total_steps)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record one logged step."""
@@ -107,6 +110,20 @@ class _TqdmBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class _Lines:
+    def __init__(self, total: int):
+        self.total = total
+
+    def update(self, step: int, text: str) -> None:
+        print(f"step {step}/{self.total} | {text}", flush=True)
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 class _RichBar:
