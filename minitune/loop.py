@@ -111,7 +111,10 @@ def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batche
     procs, rank = accelerator.num_processes, accelerator.process_index
     total = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
-    with _own_batches_only(loader) if net is not model else contextlib.nullcontext():
+    # fork_rng: starting the loader draws from the global RNG; evaluating must not move the training's
+    # dropout stream (else eval_every, or resuming from `final`, would change the trained weights)
+    with _own_batches_only(loader) if net is not model else contextlib.nullcontext(), \
+            torch.random.fork_rng(devices=[]):
         for i, batch in enumerate(loader):
             if max_batches and i * procs + rank >= max_batches:
                 break
