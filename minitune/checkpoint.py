@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_training_state",
-           "restore_rng", "save_checkpoint", "verify_checkpoint"]
+           "restore_rng", "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint"]
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -92,7 +92,8 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return max(candidates, key=_step_of)  # ties: the first (a step checkpoint before `final`)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state on this process (python, numpy, torch, cuda, mps)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
@@ -107,7 +108,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
@@ -197,9 +199,14 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # debris of a save that was killed
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    # FSDP and DeepSpeed shard the weights: every process joins in gathering them (a collective)
+    full = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
+    state_dict = accelerator.get_state_dict(model) if full else None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         extra = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
+        if state_dict is not None:
+            extra["state_dict"] = state_dict
         unwrapped.save_pretrained(tmp, safe_serialization=True, save_function=accelerator.save, **extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -216,7 +223,7 @@ def save_checkpoint(
         }
         accelerator.wait_for_everyone()
         torch.save(blob, tmp / f"training_state_{accelerator.process_index}.pt")
-        torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / MARKER).write_text("ok\n")
@@ -323,7 +330,7 @@ def restore_rng(path: str | Path, *, accelerator: Any) -> None:
     f = Path(path) / f"rng_state_{accelerator.process_index}.pt"
     try:
         state = torch.load(f, map_location="cpu", weights_only=False)
-        _set_rng_state(state)
+        set_rng_state(state)
     except Exception as e:
         raise CheckpointError(f"checkpoint '{path}': {f.name} is corrupt ({type(e).__name__}); delete that "
                               "folder and resume from an earlier one") from None

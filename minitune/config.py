@@ -159,6 +159,8 @@ class TrainingArgs:
     max_steps: int = _f(0, "Stop after this many optimizer steps (0: run `epochs`).")
     batch_size: int = _f(8, "Micro-batch size per process.")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    auto_batch_size: bool = _f(False, "On out of memory before the first step, retry with a smaller batch_size and "
+                               "a larger grad_accum (the same examples per step), down to what fits.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
     mixed_precision: str = _f("no", "'no', 'bf16' or 'fp16' (autocast through Accelerate).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")

@@ -109,9 +109,10 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils.memory import clear_device_cache
 
     from . import device as dev
-    from .checkpoint import find_latest, restore_rng, save_checkpoint
+    from .checkpoint import find_latest, restore_rng, rng_state, save_checkpoint, set_rng_state
     from .data import build_data, make_dataloader
     from .loop import TrainState, evaluate_loss, fit
     from .memory import MemoryProfiler, estimate_peak, format_bytes, tensor_breakdown
@@ -210,18 +211,40 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
 
     if resume_from is not None:
         restore_rng(resume_from, accelerator=accelerator)  # last, so nothing above draws from it
+    rng_at_start = rng_state()  # training.auto_batch_size: a retry starts from the same randomness
     t0 = time.perf_counter()
     try:
-        state = fit(
-            accelerator, model, optimizer, train_loader, max_steps=total_steps, scheduler=scheduler,
-            eval_loader=eval_loader, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
-            log_every=cfg.logging.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches,
-            save_every=t.save_every, max_bad_steps=t.max_bad_steps, profiler=profiler, logger=logger,
-            save=save, state=state, module_grad_norms=cfg.logging.module_grad_norms,
-        )
-    except torch.OutOfMemoryError as e:
-        logger.close()
-        raise _out_of_memory(e, cfg, state, accelerator, profiler) from None
+        while True:
+            try:
+                state = fit(
+                    accelerator, model, optimizer, train_loader, max_steps=total_steps, scheduler=scheduler,
+                    eval_loader=eval_loader, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
+                    log_every=cfg.logging.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches,
+                    save_every=t.save_every, max_bad_steps=t.max_bad_steps, profiler=profiler, logger=logger,
+                    save=save, state=state, module_grad_norms=cfg.logging.module_grad_norms,
+                )
+                break
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                smaller = _smaller_batch(t.batch_size)
+                if not (t.auto_batch_size and state.step == 0 and resume_from is None and smaller):
+                    raise _out_of_memory(e, cfg, state, accelerator, profiler) from None
+                # Nothing was stepped yet: drop this attempt and start again with a smaller micro-batch
+                # and more accumulation, so that a step still takes the same examples.
+                del e
+                optimizer.zero_grad(set_to_none=True)
+                clear_device_cache(garbage_collection=True)
+                logger.message(f"out of memory with training.batch_size={t.batch_size}: retrying with "
+                               f"batch_size={smaller} grad_accum={t.grad_accum * t.batch_size // smaller}")
+                t.grad_accum, t.batch_size = t.grad_accum * t.batch_size // smaller, smaller
+                train_loader = accelerator.prepare(make_dataloader(
+                    data.train, data.collator, batch_size=t.batch_size, shuffle=True, seed=t.seed,
+                    group_by_length=cfg.data.group_by_length, num_workers=cfg.data.num_workers))
+                if accelerator.is_main_process:
+                    cfg.save(out / "config.yaml")  # what checkpoints will hold, and a resume will need
+                state = TrainState()
+                set_rng_state(rng_at_start)
     finally:
         logger.close()
     elapsed = time.perf_counter() - t0
@@ -254,6 +277,21 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         console.print(profiler.table())
     accelerator.end_training()
     return TrainResult(out, final, state, metrics, memory, prep.trainable_line)
+
+
+def _is_oom(err: BaseException) -> bool:
+    """Out of memory on any device: CUDA/XPU/MPS raise torch.OutOfMemoryError, the CPU allocator a
+    RuntimeError (accelerate's `should_reduce_batch_size` knows the messages)."""
+    import torch
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(err, torch.OutOfMemoryError) or should_reduce_batch_size(err)
+
+
+def _smaller_batch(batch_size: int) -> int:
+    """The largest divisor of `batch_size` below it (0 if none): accumulation then keeps the examples
+    per step exact (8 -> 4, 6 -> 3, 5 -> 1)."""
+    return next((d for d in range(batch_size // 2, 0, -1) if batch_size % d == 0), 0)
 
 
 def _out_of_memory(err: BaseException, cfg: Config, state: Any, accelerator: Any, profiler: Any) -> RunError:
@@ -391,6 +429,16 @@ def _resume_changes(path: Path, cfg: Config) -> list[str]:
     now = cfg.to_dict()
     missing = object()
     changes = []
+    old_t = saved.get("training") or {}
+    old_split = old_t.get("batch_size"), old_t.get("grad_accum")
+    t = cfg.training
+    if (t.auto_batch_size and None not in old_split and old_split != (t.batch_size, t.grad_accum)
+            and old_split[0] * old_split[1] == t.batch_size * t.grad_accum):
+        # training.auto_batch_size settled on a smaller micro-batch: continue with it
+        print(f"training.auto_batch_size: resuming with the checkpoint's batch_size={old_split[0]} "
+              f"grad_accum={old_split[1]}", flush=True)
+        t.batch_size, t.grad_accum = old_split
+        now = cfg.to_dict()
     for section, keys in _RESUME_KEYS.items():
         old_section = saved.get(section) or {}
         for key in keys or now[section]:

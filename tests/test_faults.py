@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,39 @@ def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
     assert "\n" not in msg
 
 
+def test_auto_batch_size_halves_until_a_step_fits(tmp_path, monkeypatch, capsys):
+    """A forward pass of more than 2 examples 'runs out of memory': batch 8 x 1 becomes 2 x 4, the
+    same examples per step; the run equals one started at 2 x 4, and resumes with the original config."""
+    original = LlamaForCausalLM.forward
+
+    def forward(self, input_ids=None, **kwargs):
+        if self.training and input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+    auto = tmp_path / "auto"
+    written = {"batch_size": 8, "auto_batch_size": True, "max_steps": 3, "save_every": 1, "keep_last": 0}
+    train(fault_config(auto, training=written))
+    out = capsys.readouterr().out
+    assert "out of memory with training.batch_size=8: retrying with batch_size=4 grad_accum=2" in out
+    assert "retrying with batch_size=2 grad_accum=4" in out
+    saved = yaml.safe_load((auto / "final" / "config.yaml").read_text())["training"]
+    assert (saved["batch_size"], saved["grad_accum"]) == (2, 4)
+    direct = tmp_path / "direct"
+    train(fault_config(direct, training={"batch_size": 2, "grad_accum": 4, "max_steps": 3}))
+    # resuming with the config as written (8 x 1) continues at 2 x 4 instead of refusing
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(auto / "checkpoint-000002", resumed / "checkpoint-000002")
+    train(fault_config(resumed, training={**written, "resume": "auto"}))
+    assert "resuming with the checkpoint's batch_size=2 grad_accum=4" in capsys.readouterr().out
+    a = load_file(direct / "final" / "adapter_model.safetensors")
+    for run in (auto, resumed):
+        b = load_file(run / "final" / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 class _Tiny(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -166,13 +200,13 @@ if pause:  # slow each logged step, so that the test can strike mid-run
     minitune.report.RunLogger.log = slow_log
 stall = int(os.environ.get("STALL_SAVE", "0"))
 if stall:  # the n-th checkpoint stalls after writing training_state_0.pt, before rng_state_0.pt
-    rng_state, calls = minitune.checkpoint._rng_state, []
+    rng_state, calls = minitune.checkpoint.rng_state, []
     def stalled():
         calls.append(1)
         if len(calls) == stall:
             time.sleep(300)
         return rng_state()
-    minitune.checkpoint._rng_state = stalled
+    minitune.checkpoint.rng_state = stalled
 from minitune.cli import main_train
 sys.exit(main_train(sys.argv[1:]))
 """

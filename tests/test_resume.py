@@ -99,6 +99,14 @@ def test_final_is_a_resume_point(tmp_path):
     assert log_records(short)[-1] == log_records(full)[-1]  # step 5: the loss of step 5 alone in both
 
 
+def test_evaluating_does_not_change_training(tmp_path):
+    """Evaluation starts a data loader too; it must not move the dropout stream."""
+    plain, evaluated = tmp_path / "plain", tmp_path / "evaluated"
+    train(exact_config(plain, training={"max_steps": 3, "save_every": 0}))
+    train(exact_config(evaluated, training={"max_steps": 3, "save_every": 0, "eval_every": 1}))
+    assert_bitwise(weights(plain / "final"), weights(evaluated / "final"))
+
+
 def test_resume_8bit_optimizer_and_full_finetuning(tmp_path):
     """bitsandbytes 8-bit optimizer state (quantized moments, absmax) and full weights resume exactly."""
     over = {"lora": {"enabled": False}, "optimizer": {"name": "adamw8bit"},
