@@ -203,22 +203,35 @@ def check(cfg: Any, device: torch.device | str) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def check_processes(accelerator: Any, quantized: bool = False) -> list[str]:
+def check_processes(accelerator: Any, quantized: bool = False, grad_accum: int = 1) -> list[str]:
     """Problems with how `accelerate launch` set up this process, found before the model loads.
 
     Catches a multi-process launch in which each process trains alone (every process would write
-    the same run), and, on CUDA, a process whose device is not its own GPU (with `quantized`,
-    bitsandbytes would quantize every process's copy onto that one GPU).
+    the same run); an FSDP or DeepSpeed config that Accelerate did not apply (FSDP needs GPUs: on
+    CPU it would quietly run as DDP); DeepSpeed with minitune's own gradient accumulation (the
+    engine steps at every backward through Accelerate); and, on CUDA, a process whose device is not
+    its own GPU (with `quantized`, bitsandbytes would quantize every process's copy onto that GPU).
 
     Args:
         accelerator: the run's Accelerator (or anything with its `num_processes`,
-            `local_process_index` and `device`).
+            `local_process_index`, `device` and `distributed_type`).
         quantized: the model will be loaded with bitsandbytes layers, placed on `accelerator.device`.
+        grad_accum: training.grad_accum.
 
     Returns:
         One line per problem, naming the fix.
     """
     problems: list[str] = []
+    kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
+    for wanted, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(env, "false").lower() == "true" and kind != wanted:
+            problems.append(f"the accelerate config asks for {wanted} but Accelerate set up {kind} on "
+                            f"{accelerator.device} ({wanted} needs GPUs); on CPU launch with "
+                            "configs/accelerate/cpu-2proc.yaml")
+    if kind == "DEEPSPEED" and grad_accum > 1:
+        problems.append(f"training.grad_accum={grad_accum} under DeepSpeed, whose engine steps at every backward "
+                        "in minitune's loop: set training.grad_accum=1 (raise training.batch_size or the number "
+                        "of processes instead)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         problems.append(f"launched as one of {launched} processes, but Accelerate set this one up alone on "

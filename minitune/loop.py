@@ -441,9 +441,10 @@ def _len(loader: Any) -> int:
 
 def _grad_norm(accelerator: Any, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Total gradient norm (clipped to `max_norm` when > 0). Unscales fp16 gradients first."""
-    if max_norm > 0:
-        return accelerator.clip_grad_norm_(params, max_norm).float()
-    return accelerator.clip_grad_norm_(params, math.inf).float()
+    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if not torch.is_tensor(norm):  # DeepSpeed clips in its engine and reports a float (None before its first step)
+        norm = torch.tensor(math.nan if norm is None else float(norm), device=accelerator.device)
+    return norm.float()
 
 
 def _module_grad_norms(model: nn.Module) -> dict[str, float]:

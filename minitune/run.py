@@ -139,7 +139,8 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         log_with=cfg.logging.trackers or None,
         project_dir=str(out),
     )
-    launch_problems = dev.check_processes(accelerator, quantized=cfg.quantization.mode != "none")
+    launch_problems = dev.check_processes(accelerator, quantized=cfg.quantization.mode != "none",
+                                          grad_accum=t.grad_accum)
     if launch_problems:
         raise RunError("; ".join(launch_problems))
     for note in notes:

@@ -228,3 +228,20 @@ def test_check_processes_catches_a_launch_where_each_process_trains_alone(monkey
     assert dev.check_processes(_accelerator("cpu", num_processes=2)) == []
     monkeypatch.delenv("WORLD_SIZE")
     assert dev.check_processes(_accelerator("cpu", num_processes=1)) == []
+
+
+def test_check_processes_refuses_fsdp_or_deepspeed_that_accelerate_did_not_apply(monkeypatch):
+    cpu_ddp = _accelerator("cpu")
+    cpu_ddp.distributed_type = "DistributedType.MULTI_CPU"
+    assert dev.check_processes(cpu_ddp) == []
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # an FSDP config launched on CPU runs as DDP
+    (problem,) = dev.check_processes(cpu_ddp)
+    assert "asks for FSDP but Accelerate set up MULTI_CPU" in problem and "cpu-2proc.yaml" in problem
+
+
+def test_deepspeed_needs_grad_accum_1():
+    ds = _accelerator("cpu")
+    ds.distributed_type = "DistributedType.DEEPSPEED"
+    assert dev.check_processes(ds, grad_accum=1) == []
+    (problem,) = dev.check_processes(ds, grad_accum=4)
+    assert "training.grad_accum=4 under DeepSpeed" in problem and "set training.grad_accum=1" in problem

@@ -191,3 +191,74 @@ def _assert_same(got: dict, ref: dict, **tol) -> None:
     assert got.keys() == ref.keys() and len(ref) > 0
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# --- the shipped accelerate configs ----------------------------------------------------------------
+
+ACCELERATE_CONFIGS = {  # file -> (launch mode, processes)
+    "single-gpu": ("NO", 1),
+    "multi-gpu-ddp": ("MULTI_GPU", 2),
+    "cpu-2proc": ("MULTI_GPU", 2),  # turned into MULTI_CPU (gloo) by Accelerator(cpu=True)
+    "multi-node": ("MULTI_GPU", 16),
+    "fsdp-full": ("FSDP", 2),
+    "fsdp-lora": ("FSDP", 2),
+    "deepspeed-zero2": ("DEEPSPEED", 2),
+    "deepspeed-zero3": ("DEEPSPEED", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCELERATE_CONFIGS))
+def test_accelerate_config_is_accepted_by_accelerate_launch(name, monkeypatch):
+    """Each file goes through what `accelerate launch --config_file` does before starting processes:
+    parse (unknown keys fail), merge into the launch arguments, build the processes' environment,
+    and build the FSDP / DeepSpeed plugin from it (deepspeed itself is not installed)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = REPO / "configs/accelerate" / f"{name}.yaml"
+    mode, processes = ACCELERATE_CONFIGS[name]
+    text = path.read_text()
+    assert f"accelerate launch --config_file configs/accelerate/{name}.yaml" in text  # the header shows its use
+    cfg = load_config_from_file(str(path))
+    assert str(cfg.distributed_type).endswith(mode) and cfg.num_processes == processes
+    # minitune passes training.mixed_precision to the Accelerator, which overrides the file's
+    assert cfg.mixed_precision == "no"
+    assert f"configs/accelerate/{name}.yaml" in (REPO / "README.md").read_text()  # documented
+
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(
+        ["--config_file", str(path), "train.py", "--config", "configs/tiny-llama.yaml"]))
+    assert args.num_processes == processes
+    assert (args.multi_gpu, args.use_fsdp, args.use_deepspeed) == (mode == "MULTI_GPU", mode == "FSDP",
+                                                                     mode == "DEEPSPEED")
+    if mode == "NO":
+        return
+    if mode == "DEEPSPEED":
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    for key, value in env.items():  # what the launched processes would see
+        monkeypatch.setenv(key, value)
+    if mode == "MULTI_GPU":
+        assert int(args.nproc_per_node) * cfg.num_machines == processes
+        if cfg.num_machines > 1:
+            rendezvous = getattr(args, "master_addr", None) or getattr(args, "rdzv_endpoint", "")
+            assert args.nnodes == str(cfg.num_machines) and cfg.main_process_ip in rendezvous
+    elif mode == "FSDP":
+        plugin = FullyShardedDataParallelPlugin()
+        # FSDP2 shards frozen and trainable parameters alike (LoRA), one unit per decoder layer, and
+        # checkpoints gather the full state dict (checkpoint.py saves it from rank 0)
+        assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT"
+        assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+        assert plugin.cpu_offload is not None and not plugin.activation_checkpointing
+    else:
+        plugin = DeepSpeedPlugin()
+        stage = int(name[-1])
+        assert plugin.zero_stage == stage and plugin.deepspeed_config["gradient_accumulation_steps"] == 1
+        assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] == (stage == 3)
+
+
+def test_every_shipped_accelerate_config_is_checked():
+    assert sorted(p.stem for p in (REPO / "configs/accelerate").glob("*.yaml")) == sorted(ACCELERATE_CONFIGS)
