@@ -9,8 +9,8 @@ x grad_accum 2 takes (1 x batch 4 would pad differently, and a length-grouped or
 batch size). The loop normalises by the target tokens of the whole window over all processes, so
 the gradients agree to fp32 rounding.
 
-This file is also the launched worker: `python tests/test_distributed.py RECORD_DIR CONFIG [k=v ...]`
-trains and writes, per process, the examples each of its batches held.
+This file is also the launched worker: `python tests/test_distributed.py RECORD_DIR CONFIG [CONFIG ...]`
+trains each config in turn and writes, per run and process, the examples each of its batches held.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ if __name__ == "__main__":  # the launched worker: train each config in turn, in
     record_dir, *configs = sys.argv[1:]
     # train() ends by destroying the process group; keep it for the next run (one launch is cheaper)
     destroy, PartialState.destroy_process_group = PartialState.destroy_process_group, lambda self, group=None: None
+    collate = data.Collator.__call__
     for i, config in enumerate(configs):
         batches: list = []
+        data.Collator.__call__ = collate
         data.Collator.__call__ = _recorder(batches)
         result = train(config)
         Path(record_dir, f"run{i}-rank{os.environ['RANK']}.json").write_text(json.dumps({
