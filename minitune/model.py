@@ -188,7 +188,12 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
             return model
         # bitsandbytes quantizes while loading weights: round-trip the random model through disk.
         with tempfile.TemporaryDirectory(prefix="minitune-init-") as tmp:
-            model.save_pretrained(tmp)
+            # Written by hand, not with save_pretrained: under torch.distributed transformers writes
+            # only on rank 0, and every process needs its own copy to quantize.
+            from safetensors.torch import save_model
+
+            model.config.save_pretrained(tmp)
+            save_model(model, os.path.join(tmp, "model.safetensors"))
             return _from_pretrained(tmp, args, qconf, device, kind=model_kind(model.config))
     return _from_pretrained(resolve_path(args.name_or_path), args, qconf, device)
 
