@@ -71,10 +71,10 @@ def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Ten
         inputs["decoder_input_ids"] = _decoder_inputs(model, labels)
         targets = labels
     else:
-        targets = labels[:, 1:]
+        # Shift the labels, not the logits: `logits[:, :-1]` cannot be flattened without a copy of the
+        # whole batch x seq x vocab tensor (and its gradient); the last position simply gets no target.
+        targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     logits = model(**inputs).logits
-    if not getattr(config, "is_encoder_decoder", False):
-        logits = logits[:, :-1]
     loss_sum = nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )

@@ -115,6 +115,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     from .checkpoint import find_latest, restore_rng, rng_state, save_checkpoint, set_rng_state
     from .data import build_data, make_dataloader
     from .loop import TrainState, evaluate_loss, fit
+    from .losses import loss_fn_for
     from .memory import MemoryProfiler, estimate_peak, format_bytes, tensor_breakdown
     from .model import apply_lora, load_model, load_tokenizer, prepare_for_training, trainable_parameters
     from .optim import build_optimizer, build_scheduler
@@ -213,6 +214,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     if resume_from is not None:
         restore_rng(resume_from, accelerator=accelerator)  # last, so nothing above draws from it
     rng_at_start = rng_state()  # training.auto_batch_size: a retry starts from the same randomness
+    loss_fn = loss_fn_for(t.loss, t.loss_chunk_size)  # 'chunked': never the whole logits tensor (losses.py)
     t0 = time.perf_counter()
     try:
         while True:
@@ -222,7 +224,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
                     eval_loader=eval_loader, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
                     log_every=cfg.logging.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches,
                     save_every=t.save_every, max_bad_steps=t.max_bad_steps, profiler=profiler, logger=logger,
-                    save=save, state=state, module_grad_norms=cfg.logging.module_grad_norms,
+                    save=save, state=state, module_grad_norms=cfg.logging.module_grad_norms, loss_fn=loss_fn,
                 )
                 break
             except Exception as e:
@@ -258,7 +260,8 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
 
     metrics: dict[str, Any] = dict(state.last)
     if eval_loader is not None and state.stop_reason != "signal":
-        metrics["eval_loss"] = evaluate_loss(accelerator, model, eval_loader, max_batches=t.eval_batches)
+        metrics["eval_loss"] = evaluate_loss(accelerator, model, eval_loader, max_batches=t.eval_batches,
+                                             loss_fn=loss_fn)
     final = None
     if state.stop_reason != "signal":
         final = save_checkpoint(out / "final", accelerator=accelerator, model=model, optimizer=optimizer,

@@ -1,0 +1,251 @@
+"""Loss functions for `minitune.loop.fit`: `(model, batch) -> (sum of token losses, target tokens)`.
+
+`default_loss` (in loop.py) lets the model build the whole `batch x seq x vocab` logits tensor and
+takes the cross-entropy over it: for bloom's 250,880-token vocabulary that is 1 GB per 1,000
+tokens in fp32, and autograd keeps it plus the log-softmax and their gradients alive at once.
+
+`chunked_loss` never builds it. The model runs with its output layer bypassed, so its forward
+returns the hidden states; the output layer is then applied to `chunk_size` target positions at a
+time, and each chunk's cross-entropy *and its gradient* are computed right there (the
+"fused linear cross-entropy" of Liger-Kernel / Apple's cut-cross-entropy, in plain PyTorch), so
+only one chunk of logits is ever alive and nothing is recomputed in backward. Positions whose
+label is -100 (padding, masked prompts) get no logits at all. Output layers that are not a plain
+`nn.Linear` (a LoRA-wrapped or quantized head) go through `torch.utils.checkpoint` chunk by chunk
+instead: same memory bound, one extra forward of the head in backward.
+
+Both return the same value and gradients as `default_loss` (tests/test_losses.py checks it to 1e-5
+on tiny llama / opt / bloom / gpt-neo / t5 models).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .loop import LossFn, _decoder_inputs, default_loss
+
+__all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "linear_cross_entropy", "loss_fn_for"]
+
+LOSSES = ("full", "chunked")
+
+# Architectures whose forward returns `lm_head(hidden)` untouched (no soft-capping or logit
+# scaling after the head: gemma2/3, cohere, granite scale their logits and keep the full loss).
+CHUNKABLE_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma",
+    "opt", "bloom", "gpt_neo", "gpt_neox", "gpt2", "gptj", "falcon", "starcoder2", "smollm3", "olmo", "olmo2",
+    "t5", "mt5", "bart", "mbart",
+})
+
+_warned: set[str] = set()
+AUTO_CHUNK_BYTES = 256 * 2**20  # chunk_size=0: this much fp32 logits per chunk
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Target positions whose fp32 logits fill AUTO_CHUNK_BYTES (bloom's 250,880 tokens: 267)."""
+    return max(16, AUTO_CHUNK_BYTES // (4 * max(1, vocab_size)))
+
+
+def loss_fn_for(name: str, chunk_size: int = 0) -> LossFn:
+    """The loss function a config names: 'full' (`default_loss`) or 'chunked' (`chunked_loss`).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name == "full":
+        return default_loss
+    if name == "chunked":
+        return functools.partial(chunked_loss, chunk_size=chunk_size)
+    raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP / torch.compile wrappers (peft's wrapper forwards attributes itself)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x
+
+
+class _HeadBypassed:
+    """Within the block, `head(x)` returns `x`: the model's forward hands back its hidden states as
+    `logits`. The forward still runs through every wrapper (DDP, peft, compile, autocast)."""
+
+    def __init__(self, head: nn.Module):
+        self.head = head
+        self.saved = head.__dict__.get("forward")  # an instance-level forward (accelerate hooks) is kept
+
+    def __enter__(self) -> nn.Module:
+        self.head.forward = _identity
+        return self.head
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            self.head.forward = self.saved
+        else:
+            del self.head.forward
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"training.loss=chunked: {reason}; using the full loss", stacklevel=3)
+
+
+def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`default_loss` without materialising the full logits (see the module docstring).
+
+    Args:
+        model: a transformers causal or seq2seq LM, optionally peft-, DDP- or compile-wrapped.
+        batch: `input_ids`, `attention_mask`, `labels` (-100 = no target), as the collator makes them.
+        chunk_size: target positions per chunk (memory: chunk_size x vocab x 4 bytes, about 2x at
+            peak); 0: `auto_chunk_size(vocab)`, 256 MiB of fp32 logits.
+
+    Returns:
+        (sum of per-token losses, number of target tokens), like `default_loss`. Models it cannot
+        chunk (no output layer, logits post-processed after the head, prompt-learning adapters) get
+        `default_loss`, with a warning once.
+    """
+    labels = batch.get("labels")
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if labels is None or config is None:
+        return default_loss(model, batch)
+    model_type = getattr(config, "model_type", "")
+    if model_type not in CHUNKABLE_MODEL_TYPES:
+        _fallback(f"model type '{model_type}' may post-process its logits")
+        return default_loss(model, batch)
+    peft_config = getattr(inner, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        _fallback("prompt-learning adapters change the sequence")
+        return default_loss(model, batch)
+    head = inner.get_output_embeddings()
+    if head is None:
+        _fallback(f"{type(inner).__name__} has no output embeddings")
+        return default_loss(model, batch)
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    if seq2seq:
+        inputs["decoder_input_ids"] = _decoder_inputs(inner, labels)
+    with _HeadBypassed(head):
+        out = model(**inputs, use_cache=False)
+    hidden = out["logits"] if isinstance(out, dict) else out[0]
+    if seq2seq:
+        targets = labels
+    else:  # a causal LM predicts token t+1 from position t
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    loss_sum = linear_cross_entropy(hidden, head, targets, chunk_size=chunk_size)
+    return loss_sum, (targets != -100).sum()
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *,
+                         chunk_size: int = 0) -> torch.Tensor:
+    """Sum over positions of cross_entropy(head(hidden), targets), ignoring targets of -100, in fp32,
+    with at most `chunk_size` positions' logits alive at a time.
+
+    Args:
+        hidden: (..., hidden_size) states that `head` maps to logits.
+        head: the output layer; a plain `nn.Linear` takes the fused path (no recomputation).
+        targets: (...) token ids, -100 where there is no target.
+        chunk_size: positions per chunk (0: `auto_chunk_size`).
+
+    Returns:
+        A scalar fp32 tensor (differentiable).
+    """
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0: automatic)")
+    h = hidden.reshape(-1, hidden.size(-1))
+    t = targets.reshape(-1).to(h.device)
+    # Only target positions get logits: padding and masked prompts cost nothing. Selecting them is
+    # a host-device sync (the count decides a shape), once per micro-batch.
+    keep = (t != -100).nonzero().squeeze(1)
+    h, t = h.index_select(0, keep), t.index_select(0, keep)
+    if chunk_size == 0:
+        weight = getattr(head, "weight", None)
+        chunk_size = auto_chunk_size(weight.shape[0] if weight is not None else head(h[:1]).shape[-1])
+    if type(head) is nn.Linear:
+        need_grad = torch.is_grad_enabled()
+        return _LinearCrossEntropy.apply(h, head.weight, head.bias, t, chunk_size, need_grad)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.size(0), chunk_size):
+        hc, tc = h[start: start + chunk_size], t[start: start + chunk_size]
+        if torch.is_grad_enabled():
+            # this chunk's logits are freed after the forward and recomputed in backward
+            total = total + checkpoint(_head_cross_entropy, head, hc, tc, use_reentrant=False)
+        else:
+            total = total + _head_cross_entropy(head, hc, tc)
+    return total
+
+
+def _head_cross_entropy(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(h @ W.T + b, t)) whose gradients are computed chunk by chunk in forward.
+
+    Per chunk: logits -> fp32 -> loss; softmax - one_hot is the gradient of the logits, turned at
+    once into the gradients of h (and W, b when they train). Backward only scales them by the
+    incoming gradient (the loop's 1 / tokens-in-window, and the fp16 loss scale), which is why the
+    saved gradients are kept in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
+                chunk_size: int, need_grad: bool) -> torch.Tensor:
+        grad_h = grad_w = grad_b = None
+        want_h = need_grad and ctx.needs_input_grad[0]
+        want_w = need_grad and ctx.needs_input_grad[1]
+        want_b = need_grad and bias is not None and ctx.needs_input_grad[2]
+        if want_h:
+            grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        if want_w:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if want_b:
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.size(0), chunk_size):
+            hc, tc = h[start: start + chunk_size], t[start: start + chunk_size]
+            logits = nn.functional.linear(hc, weight, bias)  # autocast applies here as in the model
+            lf = logits.float()
+            lse = torch.logsumexp(lf, dim=-1)
+            loss += (lse - lf.gather(1, tc.unsqueeze(1)).squeeze(1)).sum()
+            if not (want_h or want_w or want_b):
+                continue
+            # d loss / d logits = softmax(logits) - one_hot(t), built in place in the fp32 logits
+            g = lf.sub_(lse.unsqueeze(1)).exp_()  # lf is no longer needed (it may be `logits` itself)
+            g[torch.arange(g.size(0), device=g.device), tc] -= 1
+            gc = g.to(logits.dtype)  # the matmuls run in the dtype the forward matmul ran in
+            del logits, lf
+            if want_h:
+                grad_h[start: start + chunk_size] = gc @ weight.to(gc.dtype)
+            if want_w:
+                grad_w += (gc.t() @ hc.to(gc.dtype)).float()
+            if want_b:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        scale = grad_out.float()
+        return (
+            (grad_h * scale).to(h_dtype) if grad_h is not None else None,
+            (grad_w * scale).to(w_dtype) if grad_w is not None else None,
+            (grad_b * scale).to(b_dtype) if grad_b is not None else None,
+            None, None, None,
+        )

@@ -1,0 +1,169 @@
+"""minitune.losses: the chunked cross-entropy equals default_loss (value and gradients) and is wired to the config."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from minitune.config import ConfigError, LoraArgs, ModelArgs, load_config
+from minitune.loop import count_items, default_loss
+from minitune.losses import auto_chunk_size, chunked_loss, linear_cross_entropy, loss_fn_for
+from minitune.model import build_from_config, prepare_model
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(preset: str, lora: LoraArgs | None):
+    model = build_from_config(ModelArgs(preset=preset), seed=0)
+    for m in model.modules():  # no dropout: both losses must see the same forward
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("dropout", "attention_dropout", "dropout_rate"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    model, _ = prepare_model(model, lora or LoraArgs(enabled=False))
+    return model.train()
+
+
+def _batch(preset: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 17), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    mask[2, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :4] = -100  # a masked prompt
+    if preset.endswith("t5"):
+        labels = torch.randint(2, 1000, (3, 7), generator=g)
+        labels[1, 4:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(fn, model, batch):
+    model.zero_grad(set_to_none=True)
+    loss_sum, n = fn(model, batch)
+    (loss_sum / n).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss_sum.detach(), n, grads
+
+
+def _assert_equal_losses(model, batch, chunk_size=5):
+    ref, n_ref, g_ref = _loss_and_grads(default_loss, model, batch)
+    out, n, g = _loss_and_grads(lambda m, b: chunked_loss(m, b, chunk_size=chunk_size), model, batch)
+    assert int(n) == int(n_ref) == int(count_items(model, batch))
+    torch.testing.assert_close(out / n, ref / n_ref, rtol=1e-5, atol=1e-5)
+    assert g.keys() == g_ref.keys() and g
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-opt", "tiny-bloom", "tiny-gpt-neo", "tiny-t5"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_chunked_equals_default_value_and_gradients(preset, lora):
+    model = _model(preset, LoraArgs(r=4, alpha=8, dropout=0.0) if lora else None)
+    _assert_equal_losses(model, _batch(preset))  # chunks of 5 of the ~30 targets: several chunks, a short last one
+
+
+def test_trainable_head_with_bias_and_tied_embedding_gradients():
+    """The fused path's own weight and bias gradients: a Linear head with a bias, trained fully."""
+    torch.manual_seed(0)
+    h = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(8, 50, bias=True).double()
+    t = torch.randint(0, 50, (23,))
+    t[::4] = -100
+    loss = linear_cross_entropy(h, head, t, chunk_size=4)
+    loss.backward()
+    got = (h.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone())
+    h.grad = head.weight.grad = head.bias.grad = None
+    ref = torch.nn.functional.cross_entropy(head(h), t, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, (h.grad, head.weight.grad, head.bias.grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fp32 saved gradients
+
+
+def test_wrapped_head_goes_through_checkpointed_chunks():
+    """A head that is not a plain nn.Linear (peft's modules_to_save wrapper) takes the checkpoint path."""
+    model = _model("tiny-llama", LoraArgs(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"]))
+    assert type(model.get_output_embeddings()) is not torch.nn.Linear
+    _assert_equal_losses(model, _batch("tiny-llama"))
+
+
+def test_no_grad_evaluation_and_empty_targets():
+    model = _model("tiny-bloom", LoraArgs(r=4, alpha=8, dropout=0.0))
+    batch = _batch("tiny-bloom")
+    with torch.no_grad():
+        ref, _ = default_loss(model, batch)
+        out, _ = chunked_loss(model, batch, chunk_size=7)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    empty = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    loss_sum, n = chunked_loss(model, empty)
+    assert float(loss_sum) == 0.0 and int(n) == 0
+    loss_sum.backward()  # still part of the graph
+
+
+def test_bf16_autocast_close_to_default():
+    model = _model("tiny-llama", LoraArgs(r=4, alpha=8, dropout=0.0))
+    batch = _batch("tiny-llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, n = default_loss(model, batch)
+        out, _ = chunked_loss(model, batch, chunk_size=8)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out / n, ref / n, rtol=2e-2, atol=2e-2)
+
+
+def test_model_types_with_logit_post_processing_fall_back_with_a_warning():
+    model = _model("tiny-llama", None)
+    model.config.model_type = "gemma2"  # soft-caps its logits after the head: chunking it would be wrong
+    batch = _batch("tiny-llama")
+    with pytest.warns(UserWarning, match="training.loss=chunked: model type 'gemma2'"):
+        out, _ = chunked_loss(model, batch)
+    ref, _ = default_loss(model, batch)
+    assert torch.equal(out, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chunked_loss(model, batch)  # warned once only
+
+
+def test_head_restored_after_the_forward():
+    model = _model("tiny-opt", None)
+    head = model.get_output_embeddings()
+    chunked_loss(model, _batch("tiny-opt"))
+    assert "forward" not in head.__dict__
+    x = torch.randn(2, head.in_features)
+    torch.testing.assert_close(head(x), x @ head.weight.T)
+
+
+def test_config_choice_and_errors():
+    assert loss_fn_for("full") is default_loss
+    assert loss_fn_for("chunked", 64).keywords == {"chunk_size": 64}
+    assert load_config(tiny_config()).training.loss == "full"  # the default stays the plain loss
+    cfg = load_config(tiny_config(training={"loss": "chunked", "loss_chunk_size": 256}))
+    assert (cfg.training.loss, cfg.training.loss_chunk_size) == ("chunked", 256)
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny_config(training={"loss": "chunky", "loss_chunk_size": -1}))
+    assert "training.loss='chunky' is not one of full, chunked (did you mean 'chunked'?)" in str(e.value)
+    assert "training.loss_chunk_size=-1 must be >= 0 (0: automatic)" in str(e.value)
+    with pytest.raises(ValueError, match="chunk_size=-1"):
+        linear_cross_entropy(torch.zeros(1, 2), torch.nn.Linear(2, 3), torch.zeros(1, dtype=torch.long), chunk_size=-1)
+    assert auto_chunk_size(250_880) == 267 and auto_chunk_size(50_272) == 1334
+
+
+def test_train_with_chunked_loss_matches_full(tiny):
+    """End to end through run.train: the loss the config names is the one the loop uses."""
+    from minitune.run import train
+
+    full = train(tiny("tiny-llama", lora={"dropout": 0.0}, training={"max_steps": 3}))
+    chunked = train(tiny("tiny-llama", lora={"dropout": 0.0},
+                         training={"max_steps": 3, "loss": "chunked", "overwrite": True}))
+    assert chunked.metrics["loss"] == pytest.approx(full.metrics["loss"], abs=1e-4)
+    assert chunked.metrics["eval_loss"] == pytest.approx(full.metrics["eval_loss"], abs=1e-4)
