@@ -202,9 +202,10 @@ stall = int(os.environ.get("STALL_SAVE", "0"))
 if stall:  # the n-th checkpoint stalls after writing training_state_0.pt, before rng_state_0.pt
     rng_state, calls = minitune.checkpoint.rng_state, []
     def stalled():
-        calls.append(1)
-        if len(calls) == stall:
-            time.sleep(300)
+        if sys._getframe(1).f_code.co_name == "save_checkpoint":
+            calls.append(1)
+            if len(calls) == stall:
+                time.sleep(300)
         return rng_state()
     minitune.checkpoint.rng_state = stalled
 from minitune.cli import main_train
