@@ -266,6 +266,7 @@ def resume_and_compare(out: Path, reference: Path) -> None:
     assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-", ".trash-"))]
 
 
+@pytest.mark.slow  # ~25 s; the kill during a save below also kills -9 and resumes, in the default run
 def test_kill_9_mid_run_then_resume_auto(tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = start(tmp_path, out, PAUSE_AFTER_LOG=0.5)
