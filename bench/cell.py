@@ -1,0 +1,305 @@
+"""One cell of the memory benchmark, run in its own process (a clean allocator, RSS and CUDA context).
+
+    python bench/cell.py '<cell spec as JSON>' result.json
+    python bench/cell.py --train '<minitune config as JSON>' result.json   (a short real training)
+
+A cell is built from minitune's own pieces, the way `minitune.run.train` builds a run:
+`Accelerator` -> `load_model` (a preset, random init; 8-bit / 4-bit through bitsandbytes) ->
+`prepare_model` (freeze, fp32 norms, gradient checkpointing, LoRA) -> `build_optimizer` ->
+`accelerator.prepare` -> `minitune.loop.fit` with `default_loss` (or the configured loss) and a
+`MemoryProfiler` recording phases every step. The batches are random token ids (no tokenizer,
+no padding): `batch_size x seq_len` inputs, and for seq2seq models `seq_len` targets too.
+
+Memory: the profiler starts after every library is imported, so on CPU its baseline is the RSS of
+Python + torch + transformers + peft + bitsandbytes, and the peak is RSS above that baseline
+(`MemoryProfiler.peak_bytes(above_baseline=True)`). `peak_train_mb` is the highest per-step peak
+of the training steps (warm-up included): a random-init quantized model goes through a
+temporary fp32 copy while it loads, which `peak_all_mb` (the whole process, load included) shows
+and the training peak does not. On CUDA the peak is `max_memory_allocated` (baseline 0).
+
+Writes one JSON object to the result path: status ('ok', 'OOM' or 'error: ...'), the settings,
+peaks, the tensor breakdown at the training peak, the prediction of `estimate_peak`, the
+per-step records, the phase snapshots of every step and the step times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+MB = 2**20
+
+DEFAULTS = {
+    "model": "tiny-llama",
+    "method": "lora",  # a label only; the settings below decide
+    "batch_size": 2,
+    "seq_len": 64,
+    "warmup": 1,
+    "steps": 3,
+    "device": "auto",
+    "dtype": "float32",  # non-quantized weights
+    "mixed_precision": "no",
+    "quant": "none",  # none | 8bit | 4bit (nf4, double quant)
+    "compute_dtype": "float32",  # 4-bit compute dtype
+    "lora": True,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "target_modules": None,  # None: minitune's default per architecture
+    "gradient_checkpointing": False,
+    "fp32_norms": "norms",
+    "optimizer": "adamw",
+    "loss": "full",
+    "profile": True,  # False: no MemoryProfiler at all (for the overhead measurement)
+    "seed": 0,
+}
+
+
+def _preimport(model_name: str) -> None:
+    """Import every library a cell touches before the profiler takes its baseline."""
+    import importlib
+
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    import transformers
+
+    from minitune import loop, model, optim  # noqa: F401
+    from minitune.presets import preset_config
+
+    with contextlib.suppress(ImportError):
+        import bitsandbytes  # noqa: F401
+    model_type = preset_config(model_name).model_type
+    importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    transformers.AutoModelForCausalLM  # noqa: B018  (resolve the lazy auto classes too)
+    transformers.AutoModelForSeq2SeqLM  # noqa: B018
+
+
+def _random_batches(n: int, vocab: int, batch_size: int, seq_len: int, seq2seq: bool, device, seed: int) -> list:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        batch["labels"] = torch.randint(3, vocab, (batch_size, seq_len), generator=g) if seq2seq else ids.clone()
+        out.append({k: v.to(device) for k, v in batch.items()})
+    return out
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`), so that memory freed while
+    loading (a quantized random-init model passes through a temporary fp32 copy) does not stay in
+    the RSS the training steps are measured by. No-op off glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss_file_mb() -> float | None:
+    """File-backed resident memory of this process (Linux), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _copy_off_checkpoint_file(model) -> int:
+    """Copy the plain (non-quantized) tensors of a model loaded by `from_pretrained` into ordinary
+    memory; returns how many. The loader leaves them as views of the memory-mapped safetensors
+    file, which then stays mapped, and every page the quantization read stays in the RSS as
+    file-backed memory (for minitune's random-init path, a deleted temporary file). A random-init
+    unquantized model never had such a mapping, so without this copy the quantized cells would
+    carry hundreds of MiB of reclaimable page cache that the others do not."""
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if t.is_floating_point() and type(t) in (torch.Tensor, torch.nn.Parameter):
+                    t.data = t.data.clone()
+                    n += 1
+    return n
+
+
+def run_cell(spec: dict) -> dict:
+    """Build and run one cell; returns the result dict (raises on errors other than out-of-memory)."""
+    s = {**DEFAULTS, **spec}
+    _preimport(s["model"])
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    from minitune.config import LoraArgs, ModelArgs, QuantizationArgs
+    from minitune.device import optimizer_name_for
+    from minitune.loop import fit
+    from minitune.losses import loss_fn_for
+    from minitune.memory import MemoryProfiler, estimate_peak, tensor_breakdown
+    from minitune.model import load_model, model_kind, prepare_model
+
+    device = None if s["device"] == "auto" else s["device"]
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=s["mixed_precision"])
+    dev = accelerator.device
+    result: dict = {"spec": s, "device": str(dev), "status": "ok"}
+    if dev.type == "cuda":
+        result["device_name"] = torch.cuda.get_device_name(dev)
+    profiler = MemoryProfiler(dev, phases_every=1) if s["profile"] else None
+    if profiler is not None:
+        profiler.start()
+        profiler.phase("start")
+    t0 = time.perf_counter()
+    stage = "load"
+    try:
+        model = load_model(ModelArgs(preset=s["model"], dtype=s["dtype"]),
+                           QuantizationArgs(mode=s["quant"], compute_dtype=s["compute_dtype"]), device=dev,
+                           seed=s["seed"])
+        if profiler is not None:
+            profiler.phase("load")
+        if s["quant"] != "none" and dev.type == "cpu":
+            before = _rss_file_mb()
+            result["copied_off_file"] = _copy_off_checkpoint_file(model)
+            _trim_heap()
+            after = _rss_file_mb()
+            if before is not None and after is not None:
+                result["file_backed_released_mb"] = before - after
+        seq2seq = model_kind(model.config) == "seq2seq"
+        lora = LoraArgs(enabled=s["lora"], r=s["lora_r"], alpha=s["lora_alpha"],
+                        target_modules=s["target_modules"])
+        stage = "prepare"
+        model, report = prepare_model(model, lora, fp32_norms=s["fp32_norms"],
+                                      gradient_checkpointing=s["gradient_checkpointing"])
+        optimizer = build_optim(model, s["optimizer"], dev)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if profiler is not None:
+            profiler.phase("prepare")
+        result["load_s"] = time.perf_counter() - t0
+        bare = accelerator.unwrap_model(model)
+        opt_name = optimizer_name_for(s["optimizer"], dev)
+        result.update(trainable_params=report.trainable, total_params=report.total, optimizer_used=opt_name,
+                      fp32_cast_mb=report.fp32_cast_bytes / MB, seq2seq=seq2seq)
+        predicted = estimate_peak(bare, optimizer=opt_name, batch_size=s["batch_size"], seq_len=s["seq_len"],
+                                  gradient_checkpointing=s["gradient_checkpointing"],
+                                  mixed_precision=s["mixed_precision"])
+        result["predicted"] = predicted
+        n = s["warmup"] + s["steps"]
+        batches = _random_batches(n, bare.config.vocab_size, s["batch_size"], s["seq_len"], seq2seq, dev, s["seed"])
+        _trim_heap()
+        spent = [0.0]  # seconds inside the profiler's calls during training (for the overhead)
+        if profiler is not None:
+            profiler.step(0)  # closes the load window: step records from here on cover training only
+
+            def timed(fn):
+                def wrapper(*a, **k):
+                    t = time.perf_counter()
+                    try:
+                        return fn(*a, **k)
+                    finally:
+                        spent[0] += time.perf_counter() - t
+                return wrapper
+
+            profiler.phase, profiler.step = timed(profiler.phase), timed(profiler.step)
+        stamps: list[float] = []
+        phases: list[dict] = []
+        metrics: list[dict] = []
+
+        def on_step(state, m) -> None:
+            stamps.append(time.perf_counter())
+            metrics.append({k: v for k, v in m.items() if k in ("step", "loss", "grad_norm")})
+            if profiler is not None:
+                phases.append({k: v["mem/current_mb"] for k, v in profiler.phases.items()
+                               if k in ("forward", "backward", "optimizer")})
+
+        stage = "train"
+        t_fit = time.perf_counter()
+        fit(accelerator, model, optimizer, batches, max_steps=n, log_every=1, profiler=profiler, on_step=on_step,
+            loss_fn=loss_fn_for(s["loss"]))
+    except Exception as e:
+        if not should_reduce_batch_size(e):
+            raise
+        result["status"] = "OOM"
+        result["oom_stage"] = stage
+        result["error"] = str(e).splitlines()[0][:300]
+        if profiler is not None:
+            profiler.stop()
+            result["peak_all_mb"] = profiler.peak_bytes(above_baseline=True) / MB
+        return result
+
+    times = [b - a for a, b in zip([t_fit, *stamps], stamps, strict=False)]
+    timed = times[s["warmup"]:]
+    step_s = sum(timed) / len(timed)
+    tokens = s["batch_size"] * s["seq_len"] * (2 if seq2seq else 1)
+    result.update(step_times_s=times, step_s=step_s, step_s_min=min(timed), step_s_median=statistics.median(timed),
+                  tokens_per_step=tokens, tokens_per_s=tokens / step_s, metrics=metrics, phases=phases)
+    if profiler is not None:
+        profiler.stop()
+        # The profiler's cost, measured directly: time inside its calls per step, and the cost of
+        # one sample of the sampler thread (CPU/MPS) times its rate.
+        result["profiler_calls_s_per_step"] = spent[0] / n
+        if profiler.kind != "cuda":
+            t = time.perf_counter()
+            for _ in range(1000):
+                profiler._current()
+            result["sampler_cost_pct"] = 100 * (time.perf_counter() - t) / 1000 / profiler.sample_interval_s
+        baseline = profiler.baseline_bytes
+        key = {"cuda": "mem/peak_allocated_mb", "mps": "mem/max_sampled_mb"}.get(profiler.kind, "mem/peak_rss_mb")
+        train_peak = max(r[key] for r in profiler.records if r["step"] >= 1) * MB - baseline
+        train_peak = max(0, int(train_peak))
+        breakdown = tensor_breakdown(bare, optimizer, train_peak, assume_grads=True)
+        result.update(
+            peak_kind=profiler.summary()["peak_label"] + (" above baseline" if baseline else ""),
+            baseline_mb=baseline / MB,
+            peak_train_mb=train_peak / MB,
+            peak_all_mb=profiler.peak_bytes(above_baseline=True) / MB,
+            breakdown_mb={k: v / MB for k, v in breakdown.items()},
+            records=profiler.records,
+            ratio=train_peak / predicted["total"] if predicted["total"] else math.nan,
+        )
+    return result
+
+
+def build_optim(model, name: str, device):
+    from minitune.config import OptimizerArgs
+    from minitune.optim import build_optimizer
+
+    return build_optimizer(model, OptimizerArgs(name=name, lr=2e-4), device)
+
+
+def run_train(config: dict) -> dict:
+    """A short real training through `minitune.train`; returns the logged records."""
+    from minitune import train
+
+    res = train(config)
+    log = Path(res.output_dir) / "log.jsonl"
+    return {"status": "ok", "records": [json.loads(line) for line in log.read_text().splitlines() if line.strip()],
+            "trainable": res.trainable_line}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--train":
+        fn, payload, out = run_train, argv[1], argv[2]
+    else:
+        fn, payload, out = run_cell, argv[0], argv[1]
+    try:
+        result = fn(json.loads(payload))
+    except Exception as e:  # recorded, so that the grid goes on
+        traceback.print_exc()
+        result = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    Path(out).write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

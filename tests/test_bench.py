@@ -1,0 +1,48 @@
+"""Smoke tests of the memory benchmark (bench/memory_grid.py): one tiny cell end to end, and the
+grid recording a cell that fails or runs too long instead of stopping."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def _grid_module():
+    spec = importlib.util.spec_from_file_location("memory_grid", REPO / "bench" / "memory_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_tiny_cell_writes_tables_and_plots(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "memory_grid.py"), "--grid", "smoke", "--methods", "lora",
+         "--parts", "grid", "--out", str(tmp_path), "--name", "smoke"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for suffix in (".md", ".csv", ".json", "-peak.png", "-steps.png"):
+        assert (tmp_path / f"smoke{suffix}").stat().st_size > 0, suffix
+    with open(tmp_path / "smoke.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "ok", row
+    # tiny-llama: 2 layers, hidden 32, 4 heads of 8, 2 KV heads; LoRA r=8 on q_proj (32->32) and v_proj (32->16)
+    assert int(row["trainable_params"]) == 2 * 8 * ((32 + 32) + (32 + 16))
+    assert float(row["peak_train_mb"]) > 0 and float(row["predicted_mb"]) > 0 and float(row["step_s"]) > 0
+    # the breakdown adds up to the measured peak
+    parts = sum(float(row[k]) for k in ("weights_mb", "trainable_grads_mb", "optimizer_mb", "activations_mb"))
+    assert abs(parts - float(row["peak_train_mb"])) < 0.01 * float(row["peak_train_mb"]) + 0.1
+    md = (tmp_path / "smoke.md").read_text()
+    assert "peak RSS above baseline" in md and "| tiny-llama | LoRA | 2x16 | ok |" in md
+
+
+def test_failed_and_slow_cells_are_recorded_not_raised():
+    grid = _grid_module()
+    res = grid.run_cell({"model": "no-such-preset"}, timeout=120)
+    assert res["status"].startswith("error: KeyError") and "no-such-preset" in res["status"]
+    res = grid.run_cell({"model": "tiny-llama", "steps": 10**6}, timeout=1)
+    assert res["status"] == "timeout (> 1 s)"
