@@ -491,8 +491,10 @@ def load_checkpoint_config(path: str | Path, overrides: Sequence[str] = ()) -> C
     """
     path = Path(path)
     hint = "give a checkpoint folder such as runs/<name>/final"
-    if not path.is_dir():
+    if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist: {hint}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a file, not a folder: {hint}")
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"'{path}' is not a minitune checkpoint (no config.yaml): {hint}")
     if _weights_kind(path) is None:
@@ -712,6 +714,7 @@ def evaluate_checkpoint(
                 references.append(render(cfg.data.response, row, name="data.response") if cfg.data.response else "")
 
     # models: one load for LoRA (the base is the adapter disabled), two for full fine-tuning
+    loaded = progress("load model", 1) if progress is not None else None
     base_model = load_model(cfg.model, cfg.quantization, device=device, seed=cfg.training.seed)
     quantized = cfg.quantization.mode != "none"
     if method == "lora":
@@ -731,6 +734,8 @@ def evaluate_checkpoint(
         model.to(device)
         if base is not None:
             base.to(device)
+    if loaded is not None:
+        loaded()
 
     comparison = compare(model, loader, tokenizer, prompts, base=base, references=references,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
