@@ -267,7 +267,8 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         final = save_checkpoint(out / "final", accelerator=accelerator, model=model, optimizer=optimizer,
                                 scheduler=scheduler, state=state, config=cfg, tokenizer=tokenizer)
     profiler.stop()
-    breakdown = tensor_breakdown(accelerator.unwrap_model(model), optimizer, profiler.peak_bytes())
+    breakdown = tensor_breakdown(accelerator.unwrap_model(model), optimizer, profiler.peak_bytes(above_baseline=True),
+                                 assume_grads=True)
     profiler.breakdown = breakdown
     memory = profiler.summary()
     memory["predicted"] = predicted
@@ -306,6 +307,7 @@ def _out_of_memory(err: BaseException, cfg: Config, state: Any, accelerator: Any
     from .memory import format_bytes
 
     t, device = cfg.training, accelerator.device
+    profiler.stop()
     if accelerator.is_main_process:
         try:
             from rich.console import Console
@@ -550,7 +552,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _summary_rows(state, metrics, elapsed, prep, predicted, profiler, final, out, accelerator) -> list[tuple[str, str]]:
     from .memory import format_bytes
 
-    peak = profiler.peak_bytes()
+    # on CPU the measured peak is RSS above what the process held before loading (Python, libraries)
+    peak = profiler.peak_bytes(above_baseline=True)
+    label = "measured" + (" above the process baseline" if profiler.baseline_bytes else "")
     rows = [
         ("steps", f"{state.step} ({state.micro_step} micro-batches, {state.skipped_steps} skipped"
                   + (f", {state.scaler_skips} of them fp16 overflows)" if state.scaler_skips else ")")
@@ -559,8 +563,8 @@ def _summary_rows(state, metrics, elapsed, prep, predicted, profiler, final, out
         ("eval loss", f"{metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "-"),
         ("time", f"{elapsed:.1f} s"),
         ("tokens/s", f"{state.tokens / elapsed:,.0f}" if elapsed > 0 else "-"),
-        ("peak memory", f"{format_bytes(peak)} measured, {format_bytes(predicted['total'])} predicted"
-                        + (f" (x{peak / predicted['total']:.2f})" if predicted.get("total") else "")),
+        ("peak memory", f"{format_bytes(peak)} {label}, {format_bytes(predicted['total'])} predicted"
+                        + (f" (measured/predicted {peak / predicted['total']:.2f})" if predicted.get("total") else "")),
         ("trainable", prep.trainable_line),
         ("device", f"{accelerator.device} x{accelerator.num_processes}, mixed precision {accelerator.mixed_precision}"),
         ("adapter" if prep.lora_targets or final and (final / "adapter_config.json").exists() else "model",

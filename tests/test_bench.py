@@ -1,5 +1,5 @@
-"""Smoke tests of the memory benchmark (bench/memory_grid.py): one tiny cell end to end, and the
-grid recording a cell that fails or runs too long instead of stopping."""
+"""Smoke tests of the memory benchmark (bench/memory_grid.py): one tiny cell end to end next to one
+that runs out of memory, and cells that fail or run too long recorded instead of stopping the grid."""
 
 from __future__ import annotations
 
@@ -19,17 +19,20 @@ def _grid_module():
 
 
 def test_one_tiny_cell_writes_tables_and_plots(tmp_path):
+    # batch 20000 x 16 tokens asks for 64 GB of logits at once: the CPU allocator refuses, the cell is
+    # recorded as OOM and the grid goes on
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "memory_grid.py"), "--grid", "smoke", "--methods", "lora",
-         "--parts", "grid", "--out", str(tmp_path), "--name", "smoke"],
+         "--batch-sizes", "2,20000", "--parts", "grid", "--out", str(tmp_path), "--name", "smoke"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for suffix in (".md", ".csv", ".json", "-peak.png", "-steps.png"):
         assert (tmp_path / f"smoke{suffix}").stat().st_size > 0, suffix
     with open(tmp_path / "smoke.csv") as f:
-        (row,) = list(csv.DictReader(f))
+        row, oom = list(csv.DictReader(f))
     assert row["status"] == "ok", row
+    assert oom["status"] == "OOM" and oom["batch_size"] == "20000" and "can't allocate memory" in oom["note"], oom
     # tiny-llama: 2 layers, hidden 32, 4 heads of 8, 2 KV heads; LoRA r=8 on q_proj (32->32) and v_proj (32->16)
     assert int(row["trainable_params"]) == 2 * 8 * ((32 + 32) + (32 + 16))
     assert float(row["peak_train_mb"]) > 0 and float(row["predicted_mb"]) > 0 and float(row["step_s"]) > 0
@@ -38,6 +41,7 @@ def test_one_tiny_cell_writes_tables_and_plots(tmp_path):
     assert abs(parts - float(row["peak_train_mb"])) < 0.01 * float(row["peak_train_mb"]) + 0.1
     md = (tmp_path / "smoke.md").read_text()
     assert "peak RSS above baseline" in md and "| tiny-llama | LoRA | 2x16 | ok |" in md
+    assert "| tiny-llama | LoRA | 20000x16 | OOM |" in md
 
 
 def test_failed_and_slow_cells_are_recorded_not_raised():

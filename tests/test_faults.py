@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
-from minitune.checkpoint import find_latest, is_complete
+from minitune.checkpoint import find_latest, is_complete, list_checkpoints
 from minitune.run import RunError, train
 
 from .conftest import REPO, tiny_config
@@ -264,6 +264,7 @@ def resume_and_compare(out: Path, reference: Path) -> None:
     keys = ("step", "loss", "grad_norm", "learning_rate", "tokens")
     assert [[r[k] for k in keys] for r in logged(out)] == [[r[k] for k in keys] for r in logged(reference)]
     assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-", ".trash-"))]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000005", "checkpoint-000006"]  # keep_last=2
 
 
 @pytest.mark.slow  # ~25 s; the kill during a save below also kills -9 and resumes, in the default run

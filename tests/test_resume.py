@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minitune.checkpoint import CheckpointError, find_latest
+from minitune.checkpoint import CheckpointError, clean_debris, find_latest, list_checkpoints
 from minitune.run import train
 
 from .conftest import tiny_config
@@ -143,3 +143,26 @@ def test_explicit_resume_of_a_missing_or_incomplete_checkpoint(reference, tmp_pa
     (half / "COMPLETE").unlink()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         train(exact_config(tmp_path / "b", training={"resume": str(half)}))
+
+
+def _fake_checkpoint(path: Path, step: int, complete: bool = True) -> Path:
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"step": step}))
+    if complete:
+        (path / "COMPLETE").write_text("ok\n")
+    return path
+
+
+def test_find_latest_skips_half_written_folders_and_keeps_a_replaced_final(tmp_path):
+    _fake_checkpoint(tmp_path / "checkpoint-000002", 2)
+    _fake_checkpoint(tmp_path / "checkpoint-000004", 4, complete=False)  # killed before its marker
+    _fake_checkpoint(tmp_path / ".tmp-checkpoint-000006", 6)  # killed before its rename
+    # killed between the two renames that replace `final`: only `.old-final` holds it
+    old_final = _fake_checkpoint(tmp_path / ".old-final", 5)
+    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-000002"]
+    assert find_latest(tmp_path) == old_final
+    clean_debris(tmp_path)  # what a new run does first: `.old-final` is still the only copy
+    assert old_final.exists() and not (tmp_path / ".tmp-checkpoint-000006").exists()
+    _fake_checkpoint(tmp_path / "final", 5)
+    clean_debris(tmp_path)
+    assert not old_final.exists() and find_latest(tmp_path) == tmp_path / "final"
