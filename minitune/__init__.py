@@ -3,11 +3,19 @@
 Public API (everything else is private). Importing this package is light: torch, transformers,
 peft, bitsandbytes and datasets load only when a function that needs them is first used.
 
-    train(config, overrides)      run a whole fine-tuning job from a Config, dict or YAML path
-    fit(accelerator, model, ...)  the training loop, for your own model / data / optimizer
-    prepare_model(model, lora)    freeze, fp32 norms, checkpointing and LoRA, for any loop
-    MemoryProfiler                per-step memory records for any PyTorch loop
-    load_config, Config           typed configuration
+    train(config, overrides, on_step=)  run a whole fine-tuning job from a Config, dict or YAML path
+    fit(accelerator, model, ...)        the training loop, for your own model / data / optimizer
+    TrainState                          the loop's counters (what `fit` returns and resumes from)
+    RunLogger                           log.jsonl + progress bar (+ Accelerate trackers) for `fit`
+    save_checkpoint, load_checkpoint    atomic checkpoints of any model, and exact resume
+    find_latest                         the newest complete checkpoint of an output folder
+    prepare_model(model, lora)          freeze, fp32 norms, checkpointing and LoRA, for any loop
+    load_model, load_tokenizer          models and tokenizers as a config's model section names them
+    MemoryProfiler                      per-step memory records for any PyTorch loop
+    tensor_breakdown, estimate_peak     where the memory goes, measured from tensors and predicted
+    load_config, Config, LoraArgs       typed configuration
+
+See README.md, "Using minitune from Python", and examples/.
 """
 
 from __future__ import annotations
@@ -21,11 +29,16 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": "config",
     "ConfigError": "config",
+    "LoraArgs": "config",
     "load_config": "config",
     "train": "run",
     "TrainResult": "run",
     "fit": "loop",
     "TrainState": "loop",
+    "RunLogger": "report",
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "find_latest": "checkpoint",
     "prepare_model": "model",
     "PreparationReport": "model",
     "load_model": "model",
@@ -38,17 +51,22 @@ _EXPORTS = {
 __all__ = [
     "Config",
     "ConfigError",
+    "LoraArgs",
     "MemoryProfiler",
     "PreparationReport",
+    "RunLogger",
     "TrainResult",
     "TrainState",
     "__version__",
     "estimate_peak",
+    "find_latest",
     "fit",
+    "load_checkpoint",
     "load_config",
     "load_model",
     "load_tokenizer",
     "prepare_model",
+    "save_checkpoint",
     "tensor_breakdown",
     "train",
 ]
@@ -68,8 +86,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import Config, ConfigError, load_config
+    from .checkpoint import find_latest, load_checkpoint, save_checkpoint
+    from .config import Config, ConfigError, LoraArgs, load_config
     from .loop import TrainState, fit
     from .memory import MemoryProfiler, estimate_peak, tensor_breakdown
     from .model import PreparationReport, load_model, load_tokenizer, prepare_model
+    from .report import RunLogger
     from .run import TrainResult, train

@@ -2,7 +2,8 @@
 
 Layout of `<output_dir>/checkpoint-000120/` (and `<output_dir>/final/`):
     adapter_config.json, adapter_model.safetensors   LoRA, loadable by PeftModel.from_pretrained
-    (or config.json + model.safetensors for full fine-tuning)
+    (or config.json + model.safetensors for full fine-tuning; model.safetensors alone for a plain
+    nn.Module without `save_pretrained`)
     tokenizer files, config.yaml (the resolved run config)
     trainer_state.json        step counters, data position, pending log sums (TrainState) + num_processes
     training_state_{rank}.pt  optimizer, scheduler and GradScaler states (one file per process)
@@ -28,8 +29,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_training_state",
-           "restore_rng", "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint"]
+__all__ = ["CheckpointError", "clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
+           "load_training_state", "load_weights", "restore_rng", "rng_state", "save_checkpoint", "set_rng_state",
+           "verify_checkpoint"]
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -72,6 +74,12 @@ def find_latest(output_dir: str | Path) -> Path | None:
 
     A complete `.old-<name>` folder (a replacement that was killed between its two renames) counts
     in place of a missing `<name>`.
+
+    Args:
+        output_dir: a run's output folder (a missing folder gives None).
+
+    Returns:
+        The checkpoint folder with the highest step, or None when there is no complete one.
 
     Raises:
         CheckpointError: the newest candidate's trainer_state.json cannot be read.
@@ -182,7 +190,8 @@ def save_checkpoint(
     Args:
         path: the final folder, e.g. `<output_dir>/checkpoint-000120` or `<output_dir>/final`.
         accelerator: the run's Accelerator.
-        model: the prepared model (unwrapped here).
+        model: the prepared model (unwrapped here): a transformers / peft model (`save_pretrained`) or
+            any nn.Module (its state dict goes to model.safetensors).
         optimizer, scheduler: saved for resuming (None: weights only).
         state: the loop's TrainState.
         config: the run's Config (saved as config.yaml).
@@ -191,6 +200,9 @@ def save_checkpoint(
 
     Returns:
         The checkpoint folder.
+
+    Raises:
+        OSError: the folder cannot be written (the previous checkpoint stays untouched).
     """
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}"
@@ -207,7 +219,15 @@ def save_checkpoint(
         extra = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
         if state_dict is not None:
             extra["state_dict"] = state_dict
-        unwrapped.save_pretrained(tmp, safe_serialization=True, save_function=accelerator.save, **extra)
+        if hasattr(unwrapped, "save_pretrained"):
+            unwrapped.save_pretrained(tmp, safe_serialization=True, save_function=accelerator.save, **extra)
+        else:  # a plain nn.Module (minitune.fit with your own model): its state dict, shared tensors once
+            from safetensors.torch import save_file, save_model
+
+            if state_dict is not None:
+                save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors")
+            else:
+                save_model(unwrapped, str(tmp / "model.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if config is not None:
@@ -334,3 +354,80 @@ def restore_rng(path: str | Path, *, accelerator: Any) -> None:
     except Exception as e:
         raise CheckpointError(f"checkpoint '{path}': {f.name} is corrupt ({type(e).__name__}); delete that "
                               "folder and resume from an earlier one") from None
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load the adapter (or the full model) saved in `path` into `model`, checking that every
+    trainable tensor is covered and nothing is left over.
+
+    Raises:
+        CheckpointError: unreadable weights, or weights of another model / adapter layout.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    adapter = path / "adapter_model.safetensors"
+    try:
+        if adapter.is_file():
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(model, load_file(adapter))
+            missing = [k for k in result.missing_keys if "lora_" in k]
+        else:
+            files = sorted(path.glob("model*.safetensors"))
+            if not files:
+                raise CheckpointError(f"checkpoint '{path}' holds no weights (adapter_model.safetensors or "
+                                      "model.safetensors); delete that folder and resume from an earlier one")
+            state = {}
+            for f in files:
+                state.update(load_file(f))
+            result = model.load_state_dict(state, strict=False)
+            # tied weights (e.g. lm_head = embed_tokens) are saved once
+            own = model.state_dict()
+            loaded = {own[k].data_ptr() for k in state if k in own}
+            missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+    except CheckpointError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"cannot load the weights in '{path}' ({type(e).__name__}: {first}); the "
+                              "checkpoint is corrupt or from another model: resume from another one") from None
+    problems = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+    if problems:
+        raise CheckpointError(f"the weights in '{path}' do not fit this model ({', '.join(problems)}): it was "
+                              "saved from another model or LoRA setup; resume from a checkpoint of this config")
+
+
+def load_checkpoint(path: str | Path, *, accelerator: Any, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, rng: bool = True) -> Any:
+    """Restore a run saved by `save_checkpoint`: weights (adapter or full), optimizer, scheduler,
+    GradScaler and RNG states; returns the `TrainState` to pass to `fit(state=...)`.
+
+    Args:
+        path: a complete checkpoint folder (see `find_latest`).
+        accelerator: the run's Accelerator (same number of processes as the saving run).
+        model: the prepared model, built as it was when saved.
+        optimizer, scheduler: prepared like the saving run's (None: weights and counters only).
+        rng: restore every RNG too (do it last, right before `fit`, so nothing else draws from them).
+
+    Returns:
+        The loop's TrainState at the checkpoint (step, epoch, data position, pending log sums).
+
+    Raises:
+        CheckpointError: incomplete, corrupt or mismatched checkpoint (the message says what to do).
+    """
+    from .loop import TrainState
+
+    path = Path(path)
+    load_weights(path, accelerator.unwrap_model(model))
+    if optimizer is not None:
+        counters = load_training_state(path, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, rng=rng)
+    else:
+        counters = verify_checkpoint(path, 0)
+        if rng:
+            restore_rng(path, accelerator=accelerator)
+    state = TrainState.from_dict(counters)
+    state.stop_reason = ""
+    return state

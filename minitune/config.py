@@ -30,6 +30,7 @@ __all__ = [
     "QuantizationArgs",
     "TrainingArgs",
     "load_config",
+    "lora_args",
     "parse_overrides",
     "validate",
 ]
@@ -235,8 +236,17 @@ SCHEDULERS = (
 )
 
 
+# names other tools use for minitune's keys (peft's LoraConfig, Trainer's TrainingArguments)
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "learning_rate": "lr", "per_device_train_batch_size": "batch_size",
+            "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs"}
+
+
 def _suggest(name: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    if _ALIASES.get(name) in choices:
+        return f" (did you mean '{_ALIASES[name]}'?)"
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -380,6 +390,20 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def lora_args(values: dict[str, Any]) -> LoraArgs:
+    """A checked :class:`LoraArgs` from a dict of its fields (for `prepare_model` outside a config).
+
+    Raises:
+        ConfigError: unknown keys (with a suggestion), wrong types, out-of-range values.
+    """
+    problems: list[str] = []
+    cfg = _build({"lora": values}, problems)
+    problems += [p for p in _check_values(cfg) if p.startswith("lora")]
+    if problems:
+        raise ConfigError(problems)
+    return cfg.lora
 
 
 def validate(cfg: Config) -> Config:

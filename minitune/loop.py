@@ -51,7 +51,13 @@ class TrainState:
     pending_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """The counters as a JSON-able dict (what checkpoints store in trainer_state.json)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, counters: dict[str, Any]) -> TrainState:
+        """A TrainState from `to_dict()` output; extra keys (e.g. a checkpoint's num_processes) are ignored."""
+        return cls(**{k: v for k, v in counters.items() if k in cls.__dataclass_fields__})
 
 
 def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,6 +265,10 @@ def fit(
 
     Returns:
         The final TrainState (`stop_reason` says why it ended).
+
+    Raises:
+        Whatever the model, loss or optimizer raise (e.g. torch.OutOfMemoryError); non-finite losses
+        and gradients do not raise: the step is skipped, and `max_bad_steps` in a row stop the run.
     """
     state = state or TrainState()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -369,11 +379,12 @@ def fit(
                     "loss": (totals[0] / totals[1].clamp(min=1)).item(),
                     "grad_norm": grad_norm.item(),
                     "learning_rate": optimizer.param_groups[0]["lr"],
-                    "tokens_per_s": (state.tokens - tokens_at_log) / max(elapsed, 1e-9),
                     "step_time_s": elapsed / max(steps_since_log, 1),
-                    "tokens": state.tokens,
                     "skipped_steps": state.skipped_steps,
                     **({"scaler_skips": state.scaler_skips} if scaler is not None else {}),
+                    # tokens: attention-mask ones; batches without an attention mask (your own data) have none
+                    **({"tokens_per_s": (state.tokens - tokens_at_log) / max(elapsed, 1e-9), "tokens": state.tokens}
+                       if state.tokens else {}),
                     **extra,
                 }
                 if profiler is not None:

@@ -267,6 +267,9 @@ def tensor_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None =
 
     Returns:
         The flat dict of byte counts.
+
+    Raises:
+        Nothing: tensors on any device (meta included) are counted by size and dtype.
     """
     out: dict[str, int] = {}
     seen: set[tuple[int, int]] = set()
@@ -341,8 +344,21 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
     With checkpointing only each layer's input (h) is kept, plus one layer's full activations
     during its recompute. Logits (fp32) and their gradient add 2 * tokens * vocab * 4 bytes.
 
+    Args:
+        model: the prepared model (quantized, LoRA-wrapped or not; may live on the meta device).
+        optimizer: 'adamw' (two fp32 moments), 'adamw8bit' / 'paged_adamw8bit' (two 8-bit moments),
+            'lion8bit' (one), 'sgd' (none): any name from `optimizer.name`.
+        batch_size: micro-batch size.
+        seq_len: tokens per example (source tokens for seq2seq; targets are counted as many).
+        gradient_checkpointing: keep only each layer's input, recomputing in backward.
+        mixed_precision: 'no', 'bf16' or 'fp16' (autocast halves activations).
+        trainable_dtype_bytes: bytes per trainable element for gradients (default: the weights' own).
+
     Returns:
         weights, trainable_weights, gradients, optimizer_state, activations, total (bytes).
+
+    Raises:
+        Nothing: an unknown optimizer name is counted as two fp32 moments (AdamW).
     """
     weights = trainable = trainable_params = 0
     small_trainable = 0

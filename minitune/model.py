@@ -83,6 +83,12 @@ def _offline_hint(what: str, name: str, err: Exception) -> ModelError:
 def load_tokenizer(args: ModelArgs) -> Any:
     """The tokenizer named by `model.tokenizer`, else the one beside the model.
 
+    Args:
+        args: the config's model section (`model.tokenizer`, `model.name_or_path`, `model.gguf_file`).
+
+    Returns:
+        A transformers tokenizer with a pad token (the EOS token where it had none).
+
     Raises:
         ModelError: nothing to load it from, or it cannot be loaded.
     """
@@ -401,7 +407,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def prepare_model(
     model: nn.Module,
-    lora: LoraArgs | None = None,
+    lora: LoraArgs | dict | None = None,
     *,
     fp32_norms: str = "norms",
     gradient_checkpointing: bool = False,
@@ -411,7 +417,8 @@ def prepare_model(
 
     Args:
         model: a transformers model, quantized or not.
-        lora: LoRA settings; None or `enabled=False` means full fine-tuning.
+        lora: LoRA settings, a `LoraArgs` or a dict of its fields (r, alpha, dropout, target_modules,
+            bias, modules_to_save, use_rslora, use_dora); None or `enabled=False` means full fine-tuning.
         fp32_norms: 'norms' (default), 'all' or 'none'.
         gradient_checkpointing: enable activation checkpointing.
         reentrant: reentrant checkpointing (input gradients are enabled for it).
@@ -420,8 +427,13 @@ def prepare_model(
         (model, report): the (peft-wrapped) model and what was done, with `report.trainable_line`.
 
     Raises:
+        ConfigError: a LoRA dict with unknown keys or values out of range.
         ModelError: LoRA targets match nothing, or checkpointing is unsupported.
     """
+    if isinstance(lora, dict):
+        from .config import lora_args
+
+        lora = lora_args(lora)  # the config's own checks: unknown keys, r > 0, dropout in [0, 1)
     full = lora is None or not lora.enabled
     report = prepare_for_training(model, train_all=full, fp32_norms=fp32_norms,
                                   gradient_checkpointing=gradient_checkpointing, reentrant=reentrant)

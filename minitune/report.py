@@ -69,6 +69,7 @@ class RunLogger:
             print(text, flush=True)
 
     def close(self) -> None:
+        """Stop the progress bar and close log.jsonl."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,12 +92,15 @@ def _total_steps(cfg: Config, batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.training.epochs * steps_per_epoch))
 
 
-def train(config: Config | dict | str | Path, overrides: list[str] | dict | tuple = ()) -> TrainResult:
+def train(config: Config | dict | str | Path, overrides: list[str] | dict | tuple = (), *,
+          on_step: Callable[[Any, dict], Any] | None = None) -> TrainResult:
     """Fine-tune as `config` describes.
 
     Args:
         config: a Config, a nested dict, or a YAML path.
         overrides: `section.key=value` strings (or a nested dict) applied on top.
+        on_step: `on_step(state, metrics)` after every logged step (main process and others alike);
+            a true return value stops the run, which still saves its final checkpoint.
 
     Returns:
         TrainResult with the final checkpoint, metrics and memory summary.
@@ -225,6 +229,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
                     log_every=cfg.logging.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches,
                     save_every=t.save_every, max_bad_steps=t.max_bad_steps, profiler=profiler, logger=logger,
                     save=save, state=state, module_grad_norms=cfg.logging.module_grad_norms, loss_fn=loss_fn,
+                    on_step=on_step,
                 )
                 break
             except Exception as e:
@@ -463,15 +468,10 @@ def _resume(path: Path, cfg: Config, accelerator: Any, model: Any, optimizer: An
     in between draws from the restored streams. Log records after the checkpoint's step (written by
     the interrupted run after its last save) are dropped: the resumed run writes them again.
     """
-    from .checkpoint import load_training_state
-    from .loop import TrainState
+    from .checkpoint import load_checkpoint
 
-    _load_weights(path, accelerator.unwrap_model(model))
-    counters = load_training_state(path, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler,
-                                   rng=False)
-    fields = set(TrainState.__dataclass_fields__)
-    state = TrainState(**{k: v for k, v in counters.items() if k in fields})
-    state.stop_reason = ""
+    state = load_checkpoint(path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                            rng=False)
     log = Path(cfg.training.output_dir) / "log.jsonl"
     if accelerator.is_main_process and log.is_file():
         _trim_log(log, state.step)
@@ -492,51 +492,6 @@ def _trim_log(log: Path, step: int) -> None:
     tmp = log.with_name(log.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     os.replace(tmp, log)
-
-
-def _load_weights(path: Path, model: Any) -> None:
-    """Load the adapter (or the full model) saved in `path` into `model`, checking that every
-    trainable tensor is covered and nothing is left over.
-
-    Raises:
-        CheckpointError: unreadable weights, or weights of another model / adapter layout.
-    """
-    from safetensors.torch import load_file
-
-    from .checkpoint import CheckpointError
-
-    adapter = path / "adapter_model.safetensors"
-    try:
-        if adapter.is_file():
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(model, load_file(adapter))
-            missing = [k for k in result.missing_keys if "lora_" in k]
-        else:
-            files = sorted(path.glob("model*.safetensors"))
-            if not files:
-                raise CheckpointError(f"checkpoint '{path}' holds no weights (adapter_model.safetensors or "
-                                      "model.safetensors); delete that folder and resume from an earlier one")
-            state = {}
-            for f in files:
-                state.update(load_file(f))
-            result = model.load_state_dict(state, strict=False)
-            # tied weights (e.g. lm_head = embed_tokens) are saved once
-            own = model.state_dict()
-            loaded = {own[k].data_ptr() for k in state if k in own}
-            missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
-    except CheckpointError:
-        raise
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise CheckpointError(f"cannot load the weights in '{path}' ({type(e).__name__}: {first}); the "
-                              "checkpoint is corrupt or from another model: resume from another one") from None
-    problems = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
-    if result.unexpected_keys:
-        problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
-    if problems:
-        raise CheckpointError(f"the weights in '{path}' do not fit this model ({', '.join(problems)}): it was "
-                              "saved from another model or LoRA setup; resume from a checkpoint of this config")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -30,6 +30,16 @@ def test_every_problem_in_one_error():
     assert len(e.value.problems) >= 7
 
 
+def test_names_from_peft_and_trainer_point_to_minitune_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny_config(), ["lora.lora_alpha=32", "lora.rank=8", "optimizer.learning_rate=1e-4",
+                                    "training.gradient_accumulation_steps=4"])
+    assert set(e.value.problems) == {
+        "unknown key 'lora.lora_alpha' (did you mean 'alpha'?)", "unknown key 'lora.rank' (did you mean 'r'?)",
+        "unknown key 'optimizer.learning_rate' (did you mean 'lr'?)",
+        "unknown key 'training.gradient_accumulation_steps' (did you mean 'grad_accum'?)"}
+
+
 def test_wrong_types():
     with pytest.raises(ConfigError) as e:
         load_config(tiny_config(), ["training.batch_size=abc", "lora.use_dora=maybe", "lora.r=2.5"])
