@@ -62,30 +62,28 @@ ROWS: dict[str, dict] = {
                    "data": {"max_length": 32}, "training": {"batch_size": 4}},
 }
 
-# variant -> (side, config overrides). "minitune" is the loop with the default (full) loss.
+# variant -> (side, config overrides). "minitune" is the loop as configured by default (training.loss=auto:
+# the chunked loss for these architectures); "minitune+full-loss" is the loop with the model's whole logits.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "trainer": ("trainer", {}),
     "minitune": ("minitune", {}),
-    "minitune+chunked": ("minitune", {"training": {"loss": "chunked"}}),
+    "minitune+full-loss": ("minitune", {"training": {"loss": "full"}}),
     # levers (--levers): each next to the run it changes
     "trainer+gc": ("trainer", {"training": {"gradient_checkpointing": True}}),
     "minitune+gc": ("minitune", {"training": {"gradient_checkpointing": True}}),
-    "minitune+chunked+gc": ("minitune", {"training": {"loss": "chunked", "gradient_checkpointing": True}}),
     "trainer+group_by_length": ("trainer", {"data": {"group_by_length": True}}),
-    "minitune+chunked+group_by_length": ("minitune", {"training": {"loss": "chunked"},
-                                                      "data": {"group_by_length": True}}),
+    "minitune+group_by_length": ("minitune", {"data": {"group_by_length": True}}),
     "trainer+packing": ("trainer", {"data": {"packing": True}}),
-    "minitune+chunked+packing": ("minitune", {"training": {"loss": "chunked"}, "data": {"packing": True}}),
+    "minitune+packing": ("minitune", {"data": {"packing": True}}),
     "trainer+compile": ("trainer", {"training": {"compile": True}}),
     "minitune+compile": ("minitune", {"training": {"compile": True}}),
 }
-DEFAULT_VARIANTS = ["trainer", "minitune", "minitune+chunked"]
+DEFAULT_VARIANTS = ["trainer", "minitune", "minitune+full-loss"]
 LEVER_VARIANTS = {
-    "opt-125m": ["trainer", "minitune", "minitune+chunked", "trainer+gc", "minitune+gc", "minitune+chunked+gc",
-                 "trainer+group_by_length", "minitune+chunked+group_by_length", "trainer+packing",
-                 "minitune+chunked+packing"],
-    "bloom-560m": ["trainer", "minitune+chunked", "trainer+gc", "minitune+chunked+gc"],
-    "flan-t5-small": ["trainer", "minitune", "minitune+chunked", "trainer+gc", "minitune+gc"],
+    "opt-125m": ["trainer", "minitune", "trainer+gc", "minitune+gc", "trainer+group_by_length",
+                 "minitune+group_by_length", "trainer+packing", "minitune+packing"],
+    "bloom-560m": ["trainer", "minitune", "trainer+gc", "minitune+gc"],
+    "flan-t5-small": ["trainer", "minitune", "trainer+gc", "minitune+gc"],
 }
 
 
@@ -359,7 +357,7 @@ def summarise(results: list[dict], rows: list[str], variants: dict[str, list[str
             table.append(line)
     for line in table:
         suffix = line["variant"].split("+", 1)[1] if "+" in line["variant"] else ""
-        for s in (suffix.removeprefix("chunked+").removeprefix("chunked"), ""):
+        for s in (suffix, ""):  # e.g. minitune+gc vs trainer+gc; minitune+full-loss vs trainer
             ref_name = "trainer" + (f"+{s}" if s else "")
             ref = next((x for x in table if x["row"] == line["row"] and x["variant"] == ref_name), None)
             if ref is not None:

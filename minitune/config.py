@@ -175,10 +175,11 @@ class TrainingArgs:
     keep_last: int = _f(2, "Keep this many step checkpoints (the final one is always kept).")
     max_bad_steps: int = _f(5, "Stop after this many consecutive steps with a non-finite loss or gradient.")
     compile: bool = _f(False, "torch.compile the model.")
-    loss: str = _f("full", "'full': the model's whole logits, then cross-entropy; 'chunked': the output layer and "
-                   "cross-entropy a chunk of target tokens at a time, with its gradient (minitune.losses): the full "
-                   "batch x seq x vocab logits never exist, padding gets no logits; same value and gradients.")
-    loss_chunk_size: int = _f(0, "training.loss=chunked: target tokens per chunk, whose fp32 logits take "
+    loss: str = _f("auto", "'chunked': the output layer and cross-entropy a chunk of target tokens at a time, with "
+                   "its gradient (minitune.losses): the full batch x seq x vocab logits never exist, padding gets no "
+                   "logits; same value and gradients as 'full': the model's whole logits, then cross-entropy. "
+                   "'auto': chunked where the architecture allows it (most causal LMs and T5), else full.")
+    loss_chunk_size: int = _f(0, "training.loss=chunked/auto: target tokens per chunk, whose fp32 logits take "
                               "chunk x vocab x 4 bytes (about 2x that at peak); 0: as many as fit in 256 MiB.")
 
 
@@ -504,7 +505,7 @@ def _check_values(c: Config) -> list[str]:
     choice("training.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
     choice("training.fp32_norms", t.fp32_norms, ("norms", "all", "none"))
     choice("training.device", t.device, ("auto", "cpu", "cuda", "mps"))
-    choice("training.loss", t.loss, ("full", "chunked"))
+    choice("training.loss", t.loss, ("auto", "full", "chunked"))
     if isinstance(t.loss_chunk_size, int) and t.loss_chunk_size < 0:
         p.append(f"training.loss_chunk_size={t.loss_chunk_size} must be >= 0 (0: automatic)")
     if not t.output_dir:

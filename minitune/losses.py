@@ -31,7 +31,7 @@ from .loop import LossFn, _decoder_inputs, default_loss
 
 __all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "linear_cross_entropy", "loss_fn_for"]
 
-LOSSES = ("full", "chunked")
+LOSSES = ("auto", "full", "chunked")
 
 # Architectures whose forward returns `lm_head(hidden)` untouched (no soft-capping or logit
 # scaling after the head: gemma2/3, cohere, granite scale their logits and keep the full loss).
@@ -51,7 +51,8 @@ def auto_chunk_size(vocab_size: int) -> int:
 
 
 def loss_fn_for(name: str, chunk_size: int = 0) -> LossFn:
-    """The loss function a config names: 'full' (`default_loss`) or 'chunked' (`chunked_loss`).
+    """The loss function a config names: 'full' (`default_loss`), 'chunked' (`chunked_loss`), or
+    'auto' (the default: chunked where the architecture allows it, else full, without a warning).
 
     Raises:
         ValueError: an unknown name.
@@ -60,6 +61,8 @@ def loss_fn_for(name: str, chunk_size: int = 0) -> LossFn:
         return default_loss
     if name == "chunked":
         return functools.partial(chunked_loss, chunk_size=chunk_size)
+    if name == "auto":
+        return functools.partial(chunked_loss, chunk_size=chunk_size, warn=False)
     raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
 
 
@@ -96,13 +99,14 @@ class _HeadBypassed:
             del self.head.forward
 
 
-def _fallback(reason: str) -> None:
-    if reason not in _warned:
+def _fallback(reason: str, warn: bool = True) -> None:
+    if warn and reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"training.loss=chunked: {reason}; using the full loss", stacklevel=3)
 
 
-def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0,
+                 warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`default_loss` without materialising the full logits (see the module docstring).
 
     Args:
@@ -110,6 +114,7 @@ def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0) -> tuple
         batch: `input_ids`, `attention_mask`, `labels` (-100 = no target), as the collator makes them.
         chunk_size: target positions per chunk (memory: chunk_size x vocab x 4 bytes, about 2x at
             peak); 0: `auto_chunk_size(vocab)`, 256 MiB of fp32 logits.
+        warn: warn (once per reason) when falling back to `default_loss`.
 
     Returns:
         (sum of per-token losses, number of target tokens), like `default_loss`. Models it cannot
@@ -123,15 +128,15 @@ def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0) -> tuple
         return default_loss(model, batch)
     model_type = getattr(config, "model_type", "")
     if model_type not in CHUNKABLE_MODEL_TYPES:
-        _fallback(f"model type '{model_type}' may post-process its logits")
+        _fallback(f"model type '{model_type}' may post-process its logits", warn)
         return default_loss(model, batch)
     peft_config = getattr(inner, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        _fallback("prompt-learning adapters change the sequence")
+        _fallback("prompt-learning adapters change the sequence", warn)
         return default_loss(model, batch)
     head = inner.get_output_embeddings()
     if head is None:
-        _fallback(f"{type(inner).__name__} has no output embeddings")
+        _fallback(f"{type(inner).__name__} has no output embeddings", warn)
         return default_loss(model, batch)
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -132,6 +132,9 @@ def test_model_types_with_logit_post_processing_fall_back_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         chunked_loss(model, batch)  # warned once only
+        model.config.model_type = "cohere"
+        out, _ = loss_fn_for("auto")(model, batch)  # training.loss=auto: the full loss, without a warning
+    assert torch.equal(out, ref)
 
 
 def test_head_restored_after_the_forward():
@@ -146,12 +149,13 @@ def test_head_restored_after_the_forward():
 def test_config_choice_and_errors():
     assert loss_fn_for("full") is default_loss
     assert loss_fn_for("chunked", 64).keywords == {"chunk_size": 64}
-    assert load_config(tiny_config()).training.loss == "full"  # the default stays the plain loss
+    assert load_config(tiny_config()).training.loss == "auto"  # chunked where possible, silently
+    assert loss_fn_for("auto").keywords == {"chunk_size": 0, "warn": False}
     cfg = load_config(tiny_config(training={"loss": "chunked", "loss_chunk_size": 256}))
     assert (cfg.training.loss, cfg.training.loss_chunk_size) == ("chunked", 256)
     with pytest.raises(ConfigError) as e:
         load_config(tiny_config(training={"loss": "chunky", "loss_chunk_size": -1}))
-    assert "training.loss='chunky' is not one of full, chunked (did you mean 'chunked'?)" in str(e.value)
+    assert "training.loss='chunky' is not one of auto, full, chunked (did you mean 'chunked'?)" in str(e.value)
     assert "training.loss_chunk_size=-1 must be >= 0 (0: automatic)" in str(e.value)
     with pytest.raises(ValueError, match="chunk_size=-1"):
         linear_cross_entropy(torch.zeros(1, 2), torch.nn.Linear(2, 3), torch.zeros(1, dtype=torch.long), chunk_size=-1)
