@@ -54,7 +54,7 @@ DEFAULTS = {
     "gradient_checkpointing": False,
     "fp32_norms": "norms",
     "optimizer": "adamw",
-    "loss": "full",
+    "loss": "auto",  # minitune's default: the chunked loss for these architectures
     "profile": True,  # False: no MemoryProfiler at all (for the overhead measurement)
     "seed": 0,
 }
@@ -160,7 +160,7 @@ def run_cell(spec: dict) -> dict:
     from minitune.config import LoraArgs, ModelArgs, QuantizationArgs
     from minitune.device import optimizer_name_for
     from minitune.loop import fit
-    from minitune.losses import loss_fn_for
+    from minitune.losses import live_logit_positions, loss_fn_for
     from minitune.memory import MemoryProfiler, estimate_peak, tensor_breakdown
     from minitune.model import load_model, model_kind, prepare_model
 
@@ -207,7 +207,8 @@ def run_cell(spec: dict) -> dict:
                       fp32_cast_mb=report.fp32_cast_bytes / MB, seq2seq=seq2seq)
         predicted = estimate_peak(bare, optimizer=opt_name, batch_size=s["batch_size"], seq_len=s["seq_len"],
                                   gradient_checkpointing=s["gradient_checkpointing"],
-                                  mixed_precision=s["mixed_precision"])
+                                  mixed_precision=s["mixed_precision"],
+                                  logits_positions=live_logit_positions(bare, s["loss"]))
         result["predicted"] = predicted
         n = s["warmup"] + s["steps"]
         batches = _random_batches(n, bare.config.vocab_size, s["batch_size"], s["seq_len"], seq2seq, dev, s["seed"])

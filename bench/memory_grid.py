@@ -152,7 +152,7 @@ class Runner:
         g = self.grid
         return {"model": model, "batch_size": batch_size, "seq_len": seq_len, "warmup": g["warmup"],
                 "steps": g["steps"], "device": g["device"], "mixed_precision": g["mixed_precision"],
-                "compute_dtype": g["compute_dtype"], **overrides}
+                "compute_dtype": g["compute_dtype"], "loss": self.args.loss, **overrides}
 
     def run(self, spec: dict, label: str) -> dict:
         key = json.dumps(spec, sort_keys=True)
@@ -232,6 +232,8 @@ def knob_specs(model: str) -> list[tuple[str, str, dict]]:
         ("optimizer (full FT)", "adamw (32-bit)", {"lora": False}),
         ("optimizer (full FT)", "adamw8bit", {"lora": False, "optimizer": "adamw8bit"}),
         ("optimizer (full FT)", "paged_adamw8bit", {"lora": False, "optimizer": "paged_adamw8bit"}),
+        ("loss (LoRA)", "chunked (auto, the default)", {"loss": "auto"}),
+        ("loss (LoRA)", "full logits", {"loss": "full"}),
     ]
 
 
@@ -366,7 +368,8 @@ def markdown(data: dict) -> str:
                 else "taken over the training steps (warm-up included)."),
              f"Each cell: its own process, random token batches, {data['warmup']} warm-up step(s) then "
              f"{data['steps']} timed; step time and tokens/s are means over the timed steps (tokens: inputs, "
-             "plus targets for seq2seq). Predicted = `estimate_peak`; ratio = measured / predicted. "
+             "plus targets for seq2seq); training.loss=" + data.get("loss", "full") + " (auto, the default, is the "
+             "chunked cross-entropy for every model here). Predicted = `estimate_peak`; ratio = measured / predicted. "
              "Breakdown (`tensor_breakdown` at the peak): frozen weights | trainable weights + gradients | "
              "optimizer state | activations and temporaries (= peak minus the tensors).", ""]
     head = ("| model | method | batch x seq | status | trainable | trainable % | peak MiB | predicted MiB | ratio "
@@ -479,6 +482,7 @@ def _predicted_unrun(model: str, b: int, s: int) -> dict:
     import torch
 
     from minitune.config import LoraArgs, ModelArgs
+    from minitune.losses import live_logit_positions
     from minitune.memory import estimate_peak
     from minitune.model import build_from_config, prepare_model
 
@@ -486,7 +490,7 @@ def _predicted_unrun(model: str, b: int, s: int) -> dict:
     for method, lora in (("full FT", None), ("LoRA", LoraArgs(r=8, alpha=16))):
         with torch.device("meta"):
             net, _ = prepare_model(build_from_config(ModelArgs(preset=model)), lora)
-        out[method] = estimate_peak(net, batch_size=b, seq_len=s)["total"]
+        out[method] = estimate_peak(net, batch_size=b, seq_len=s, logits_positions=live_logit_positions(net, "auto"))["total"]
     return out
 
 
@@ -501,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, help="warm-up steps per cell")
     p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded")
     p.add_argument("--knob-model", help="the model of the knob and overhead parts")
+    p.add_argument("--loss", choices=("auto", "full", "chunked"), default="auto",
+                   help="training.loss of every cell (default auto, minitune's default)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     p.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
                    help="fixed: MALLOC_MMAP_THRESHOLD_=131072 in each cell, so RSS follows live memory (CPU)")
@@ -536,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(grid, args)
     peak_label = {"cpu": "peak RSS above baseline", "cuda": "peak allocated"}[kind]
     data: dict = {"device": slug, "machine": machine, "kind": kind, "date": date, "command": command.strip(),
-                  "malloc": args.malloc, "peak_label": peak_label, "warmup": grid["warmup"], "steps": grid["steps"],
+                  "malloc": args.malloc, "loss": args.loss, "peak_label": peak_label, "warmup": grid["warmup"], "steps": grid["steps"],
                   "rows": [], "knobs": []}
     t0 = time.perf_counter()
     data["load_start"] = os.getloadavg()[0]

@@ -29,7 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .loop import LossFn, _decoder_inputs, default_loss
 
-__all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "linear_cross_entropy", "loss_fn_for"]
+__all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "linear_cross_entropy", "live_logit_positions",
+           "loss_fn_for"]
 
 LOSSES = ("auto", "full", "chunked")
 
@@ -64,6 +65,15 @@ def loss_fn_for(name: str, chunk_size: int = 0) -> LossFn:
     if name == "auto":
         return functools.partial(chunked_loss, chunk_size=chunk_size, warn=False)
     raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
+
+
+def live_logit_positions(model: nn.Module, name: str, chunk_size: int = 0) -> int | None:
+    """How many positions' logits the loss `name` keeps alive at once on `model` (for
+    `memory.estimate_peak`): None for the full loss (all of them), the chunk size for the chunked one."""
+    config = getattr(_unwrap(model), "config", None)
+    if name == "full" or getattr(config, "model_type", "") not in CHUNKABLE_MODEL_TYPES:
+        return None
+    return chunk_size or auto_chunk_size(getattr(config, "vocab_size", 0) or 1)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

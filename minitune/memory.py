@@ -333,7 +333,7 @@ def _cfg(config: Any, *names: str, default: int = 0) -> int:
 
 def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int, seq_len: int,
                   gradient_checkpointing: bool = False, mixed_precision: str = "no",
-                  trainable_dtype_bytes: int | None = None) -> dict[str, int]:
+                  trainable_dtype_bytes: int | None = None, logits_positions: int | None = None) -> dict[str, int]:
     """Predicted peak training memory, from the model's tensors and config shape (no data touched:
     the model may live on the meta device).
 
@@ -342,7 +342,8 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
     projection before and after the activation), i.e. the 17*h of Korthikanti et al. (2022) for
     ffn = 4h, + 2*heads*seq (attention scores and probabilities, when the kernel materializes them).
     With checkpointing only each layer's input (h) is kept, plus one layer's full activations
-    during its recompute. Logits (fp32) and their gradient add 2 * tokens * vocab * 4 bytes.
+    during its recompute. Logits (fp32) and their gradient add 2 * positions * vocab * 4 bytes,
+    where positions is every token for the full loss and one chunk for the chunked loss.
 
     Args:
         model: the prepared model (quantized, LoRA-wrapped or not; may live on the meta device).
@@ -353,6 +354,8 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
         gradient_checkpointing: keep only each layer's input, recomputing in backward.
         mixed_precision: 'no', 'bf16' or 'fp16' (autocast halves activations).
         trainable_dtype_bytes: bytes per trainable element for gradients (default: the weights' own).
+        logits_positions: positions whose logits exist at once (None: batch_size x seq_len; the
+            chunked loss: its chunk, see `minitune.losses.live_logit_positions`).
 
     Returns:
         weights, trainable_weights, gradients, optimizer_state, activations, total (bytes).
@@ -394,7 +397,8 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
         activations = layers * tokens * h * act_bytes + per_layer
     else:
         activations = layers * per_layer
-    activations += 2 * tokens * vocab * 4  # fp32 logits and their gradient
+    positions = tokens if logits_positions is None else min(tokens, logits_positions)
+    activations += 2 * positions * vocab * 4  # fp32 logits and their gradient
     total = weights + grads + state + activations
     return {"weights": weights, "trainable_weights": trainable, "gradients": grads, "optimizer_state": state,
             "activations": activations, "total": total}

@@ -193,6 +193,11 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
         if qconf is None:
             return model
         # bitsandbytes quantizes while loading weights: round-trip the random model through disk.
+        kind = model_kind(model.config)
+        head = model.get_output_embeddings()
+        # an output layer of its own (flan-t5): the reload ties it to the input embedding again
+        own_head = head.weight.detach() if head is not None and head.weight is not model.get_input_embeddings().weight \
+            else None
         with tempfile.TemporaryDirectory(prefix="minitune-init-") as tmp:
             # Written by hand, not with save_pretrained: under torch.distributed transformers writes
             # only on rank 0, and every process needs its own copy to quantize.
@@ -200,7 +205,14 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
 
             model.config.save_pretrained(tmp)
             save_model(model, os.path.join(tmp, "model.safetensors"))
-            return _from_pretrained(tmp, args, qconf, device, kind=model_kind(model.config))
+            del model, head
+            quantized = _from_pretrained(tmp, args, qconf, device, kind=kind)
+        if own_head is not None:
+            _untie_lm_head_if_configured(quantized, args)
+            out = quantized.get_output_embeddings()
+            if out.weight is not quantized.get_input_embeddings().weight:
+                out.weight.data.copy_(own_head.to(out.weight.device, out.weight.dtype))
+        return quantized
     return _from_pretrained(resolve_path(args.name_or_path), args, qconf, device)
 
 

@@ -119,7 +119,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     from .checkpoint import find_latest, restore_rng, rng_state, save_checkpoint, set_rng_state
     from .data import build_data, make_dataloader
     from .loop import TrainState, evaluate_loss, fit
-    from .losses import loss_fn_for
+    from .losses import live_logit_positions, loss_fn_for
     from .memory import MemoryProfiler, estimate_peak, format_bytes, tensor_breakdown
     from .model import apply_lora, load_model, load_tokenizer, prepare_for_training, trainable_parameters
     from .optim import build_optimizer, build_scheduler
@@ -197,7 +197,8 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
 
     predicted = estimate_peak(accelerator.unwrap_model(model), optimizer=dev.optimizer_name_for(cfg.optimizer.name, accelerator.device),
                               batch_size=t.batch_size, seq_len=cfg.data.max_length,
-                              gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision)
+                              gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
+                              logits_positions=live_logit_positions(model, t.loss, t.loss_chunk_size))
     logger = RunLogger(accelerator, out, total_steps, progress=cfg.logging.progress, initial_step=state.step,
                        trackers=bool(cfg.logging.trackers), append=resume_from is not None)
     logger.message(prep.trainable_line)

@@ -38,6 +38,18 @@ def test_flan_t5_small_lm_head_is_untied():
     assert model.encoder.embed_tokens.weight is model.shared.weight
 
 
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_quantized_random_init_keeps_an_untied_output_layer(mode):
+    """A preset whose output layer is its own (tiny-t5, like flan-t5) keeps it, with its own weights,
+    through the quantized reload (which ties it to the input embedding unless told otherwise)."""
+    reference = build_from_config(ModelArgs(preset="tiny-t5"), seed=0)
+    model = load_model(ModelArgs(preset="tiny-t5"), QuantizationArgs(mode=mode), seed=0)
+    assert model.lm_head.weight is not model.shared.weight
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+    assert torch.equal(model.shared.weight, reference.shared.weight)
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()  # memory of its own
+
+
 @pytest.mark.parametrize("preset,targets", [("tiny-bloom", ["query_key_value"]), ("tiny-t5", ["q", "v"]),
                                            ("tiny-opt", ["q_proj", "v_proj"]), ("tiny-gpt-neo", ["q_proj", "v_proj"]),
                                            ("tiny-llama", ["q_proj", "v_proj"])])
