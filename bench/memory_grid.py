@@ -368,8 +368,9 @@ def markdown(data: dict) -> str:
                 else "taken over the training steps (warm-up included)."),
              f"Each cell: its own process, random token batches, {data['warmup']} warm-up step(s) then "
              f"{data['steps']} timed; step time and tokens/s are means over the timed steps (tokens: inputs, "
-             "plus targets for seq2seq); training.loss=" + data.get("loss", "full") + " (auto, the default, is the "
-             "chunked cross-entropy for every model here). Predicted = `estimate_peak`; ratio = measured / predicted. "
+             "plus targets for seq2seq); " + ("training.loss=auto, the default: the chunked cross-entropy for every "
+             "model here" if data.get("loss", "full") == "auto" else f"training.loss={data.get('loss', 'full')}")
+             + ". Predicted = `estimate_peak`; ratio = measured / predicted. "
              "Breakdown (`tensor_breakdown` at the peak): frozen weights | trainable weights + gradients | "
              "optimizer state | activations and temporaries (= peak minus the tensors).", ""]
     head = ("| model | method | batch x seq | status | trainable | trainable % | peak MiB | predicted MiB | ratio "
@@ -433,7 +434,7 @@ def markdown(data: dict) -> str:
                          f"{r['trainable_pct']:.4f} | {r['adapter_mb_fp32']:.2f} |")
     a = data.get("alpha")
     if a and a["runs"]:
-        lines += ["", f"## LoRA alpha sweep ({a['title']})", "",
+        lines += ["", f"## {a['title']}", "",
                   "Per-module norms are in the training log (`logging.module_grad_norms=true`); plot: -alpha.png.",
                   "",
                   "| alpha | scale alpha/r | grad norm step 1 | mean grad norm, last 5 steps | loss step 1 | "

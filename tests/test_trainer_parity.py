@@ -83,10 +83,11 @@ def _optimizer_args():
     return OptimizerArgs(lr=LR, weight_decay=0.1, scheduler="linear", warmup_steps=2)
 
 
-def _run_minitune(model, batches: list[dict], grad_accum: int) -> dict:
+def _run_minitune(model, batches: list[dict], grad_accum: int, loss: str = "full") -> dict:
     from accelerate import Accelerator
 
     from minitune.loop import fit
+    from minitune.losses import loss_fn_for
     from minitune.optim import build_optimizer, build_scheduler
     from minitune.run import _reset_single_process_state
 
@@ -104,7 +105,7 @@ def _run_minitune(model, batches: list[dict], grad_accum: int) -> dict:
         seen["lr"].append(metrics["learning_rate"])
 
     fit(accelerator, model, optimizer, batches, max_steps=STEPS, scheduler=scheduler, grad_accum=grad_accum,
-        max_grad_norm=1.0, log_every=1, on_step=on_step)
+        max_grad_norm=1.0, log_every=1, on_step=on_step, loss_fn=loss_fn_for(loss))
     seen["groups"] = _decay_groups(model, optimizer)
     seen["params"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return seen
@@ -163,36 +164,43 @@ def _decay_groups(model, optimizer) -> dict[float, set[str]]:
     return {decay: params for decay, params in groups.items() if params}  # Trainer keeps empty groups
 
 
-def _assert_same_run(ours: dict, theirs: dict) -> None:
+def _assert_same_run(ours: dict, theirs: dict, loss_tol: float = 1e-6, weight_atol: float = 1e-6) -> None:
     assert len(ours["loss"]) == len(theirs["loss"]) == STEPS
     assert ours["groups"] == theirs["groups"]  # the same parameters decayed, the same not
     for step, (a, b) in enumerate(zip(ours["loss"], theirs["loss"], strict=True), 1):
-        assert abs(a - b) <= 1e-6, f"step {step}: minitune loss {a!r}, Trainer loss {b!r}"
+        assert abs(a - b) <= loss_tol, f"step {step}: minitune loss {a!r}, Trainer loss {b!r}"
     torch.testing.assert_close(torch.tensor(ours["grad_norm"]), torch.tensor(theirs["grad_norm"]).float(),
                                rtol=1e-5, atol=1e-6)
     # Trainer logs the rate the step used; minitune the one after the scheduler's step (the next step's)
     assert ours["lr"][:-1] == pytest.approx(theirs["lr"][1:], rel=1e-12)
     assert ours["params"].keys() == theirs["params"].keys()
     for name, p in ours["params"].items():
-        torch.testing.assert_close(p, theirs["params"][name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, theirs["params"][name], rtol=1e-5, atol=weight_atol, msg=name)
     # it trained: the comparison is not of two idle runs (the model of `_model` starts where both did)
     moved = max((p - ours["start"][n]).abs().max().item() for n, p in ours["params"].items())
     assert moved > 1e-3
 
 
-@pytest.mark.parametrize(("preset", "lora"), [("tiny-llama", False), ("tiny-bloom", True)],
-                         ids=["llama-full-finetune", "bloom-lora"])
-def test_causal_lm_same_loss_every_step_with_accumulation(preset, lora, tmp_path):
+@pytest.mark.parametrize(("preset", "lora", "loss"), [("tiny-llama", False, "full"), ("tiny-bloom", True, "full"),
+                                                    ("tiny-llama", False, "auto"), ("tiny-bloom", True, "auto")],
+                         ids=["llama-full-finetune", "bloom-lora", "llama-full-finetune-chunked", "bloom-lora-chunked"])
+def test_causal_lm_same_loss_every_step_with_accumulation(preset, lora, loss, tmp_path):
+    """`fit` with the model's full logits (`default_loss`) and with training.loss=auto, the default
+    config's chunked loss."""
     grad_accum = 2
     batches = _batches(preset, STEPS * grad_accum)
     counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
     assert len(set(counts)) > 1  # windows mix micro-batches of different token counts: the normaliser matters
-    ours = _run_minitune(_model(preset, lora), batches, grad_accum)
+    ours = _run_minitune(_model(preset, lora), batches, grad_accum, loss)
     theirs = _run_trainer(_model(preset, lora), batches, grad_accum, tmp_path)
     # Trainer counted the window's target tokens the way minitune does (labels[:, 1:] != -100)
     windows = [sum(counts[i:i + grad_accum]) for i in range(0, len(counts), grad_accum)]
     assert [int(n) for n in theirs["num_items"][::grad_accum]] == windows
-    _assert_same_run(ours, theirs)
+    # The chunked loss adds the same token losses in another order: 2 fp32 ulps apart at a loss of ~10,
+    # and after 10 Adam steps the embedding rows of tokens that are never targets (gradients near 0,
+    # which Adam normalises) differ by up to 3.3e-6 (llama full fine-tuning; its weights moved 0.025).
+    chunked = loss != "full"
+    _assert_same_run(ours, theirs, loss_tol=4e-6 if chunked else 1e-6, weight_atol=1e-5 if chunked else 1e-6)
     if not lora:
         assert ours["groups"][0.0] and ours["groups"][0.1]  # norms undecayed, matrices decayed, on both sides
 
