@@ -341,8 +341,10 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
     9*h (saved inputs of the attention linears, q/k/v, norms, residuals) + 2*ffn (the MLP's up
     projection before and after the activation), i.e. the 17*h of Korthikanti et al. (2022) for
     ffn = 4h, + 2*heads*seq (attention scores and probabilities, when the kernel materializes them).
-    With checkpointing only each layer's input (h) is kept, plus one layer's full activations
-    during its recompute. Logits (fp32) and their gradient add 2 * positions * vocab * 4 bytes,
+    A gated MLP (SwiGLU, T5's gated-gelu: a `gate_proj` / `wi_0` module) keeps 4*ffn: gate and up
+    projections, the activation's output and the product. Each decoder layer of an encoder-decoder
+    adds cross-attention: 4*h + 2*heads*seq. With checkpointing only each layer's input (h) is
+    kept, plus one layer's full activations during its recompute. Logits (fp32) and their gradient add 2 * positions * vocab * 4 bytes,
     where positions is every token for the full loss and one chunk for the chunked loss.
 
     Args:
@@ -385,18 +387,23 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
     config = getattr(model, "config", None)
     h = _cfg(config, "hidden_size", "d_model", "n_embd", default=0)
     layers = _cfg(config, "num_hidden_layers", "num_layers", "n_layer", default=0)
+    decoder_layers = 0  # an encoder-decoder's decoder layers (with cross-attention)
     if getattr(config, "is_encoder_decoder", False):
-        layers += _cfg(config, "num_decoder_layers", default=layers)
+        decoder_layers = _cfg(config, "num_decoder_layers", default=layers)
+        layers += decoder_layers
     heads = _cfg(config, "num_attention_heads", "num_heads", "n_head", default=1)
     ffn = _cfg(config, "intermediate_size", "ffn_dim", "d_ff", "n_inner", default=4 * h)
     vocab = _cfg(config, "vocab_size", default=0)
     tokens = batch_size * seq_len
     act_bytes = 2 if mixed_precision in ("bf16", "fp16") else 4
-    per_layer = tokens * (9 * h + 2 * ffn) * act_bytes + batch_size * heads * seq_len * seq_len * 2 * act_bytes
+    gated = any(name.rsplit(".", 1)[-1] in ("gate_proj", "wi_0", "w1") for name, _ in model.named_modules())
+    scores = batch_size * heads * seq_len * seq_len * 2 * act_bytes  # attention scores and probabilities
+    per_layer = tokens * (9 * h + (4 if gated else 2) * ffn) * act_bytes + scores
+    cross = tokens * 4 * h * act_bytes + scores  # an encoder-decoder's decoder layers: cross-attention
     if gradient_checkpointing:
-        activations = layers * tokens * h * act_bytes + per_layer
+        activations = layers * tokens * h * act_bytes + per_layer + (cross if decoder_layers else 0)
     else:
-        activations = layers * per_layer
+        activations = layers * per_layer + decoder_layers * cross
     positions = tokens if logits_positions is None else min(tokens, logits_positions)
     activations += 2 * positions * vocab * 4  # fp32 logits and their gradient
     total = weights + grads + state + activations
