@@ -3,6 +3,7 @@ as a fresh script from a folder outside the package, and `import minitune` stays
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import os
@@ -125,7 +126,7 @@ def test_memory_profiler_module_needs_only_torch(tmp_path):
 def test_on_step_callback_logs_and_stops_early(tmp_path):
     out = run_example("05_on_step_callback.py", tmp_path, str(tmp_path / "cb"))
     line = next(x for x in out.splitlines() if x.startswith("callback saw"))
-    seen = eval(line.removeprefix("callback saw "))  # a printed list of (step, loss)
+    seen = ast.literal_eval(line.removeprefix("callback saw "))  # a printed list of (step, loss)
     logged = [json.loads(x) for x in (tmp_path / "cb" / "log.jsonl").read_text().splitlines()]
     assert [s for s, _ in seen] == [1, 2, 3] == [r["step"] for r in logged]
     assert [loss for _, loss in seen] == [round(r["loss"], 4) for r in logged]
