@@ -135,20 +135,6 @@ def _copy_off_checkpoint_file(model) -> int:
     return n
 
 
-def _check_untied_head(model, preset: str, result: dict) -> None:
-    """Record a warning when a preset whose real checkpoint has a separate output layer comes out of
-    `load_model` with the output layer tied to the input embedding (fewer weights than the real model)."""
-    from minitune.presets import PRESETS
-
-    if PRESETS[preset][1].get("tie_word_embeddings", True):
-        return
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if out is not None and out.weight.data_ptr() == inp.weight.data_ptr():
-        mb = out.weight.numel() * out.weight.element_size() / MB
-        result["warning"] = (f"the output layer came out tied to the input embedding ({mb:.1f} MiB of weights fewer "
-                             f"than the real {preset}; minitune.model.load_model)")
-
-
 def run_cell(spec: dict) -> dict:
     """Build and run one cell; returns the result dict (raises on errors other than out-of-memory)."""
     s = {**DEFAULTS, **spec}
@@ -190,7 +176,6 @@ def run_cell(spec: dict) -> dict:
             if before is not None and after is not None:
                 result["file_backed_released_mb"] = before - after
         seq2seq = model_kind(model.config) == "seq2seq"
-        _check_untied_head(model, s["model"], result)
         lora = LoraArgs(enabled=s["lora"], r=s["lora_r"], alpha=s["lora_alpha"],
                         target_modules=s["target_modules"])
         stage = "prepare"

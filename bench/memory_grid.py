@@ -195,8 +195,6 @@ def summarize(res: dict, group: str, method: str, label: str) -> dict:
         row["predicted_mb"] = res["predicted"]["total"] / MB
     if "error" in res or "stderr_tail" in res:
         row["note"] = res.get("error") or " | ".join(res.get("stderr_tail", []))[-300:]
-    elif "warning" in res:
-        row["note"] = "warning: " + res["warning"]
     return row
 
 

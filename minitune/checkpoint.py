@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
-           "load_training_state", "load_weights", "restore_rng", "rng_state", "save_checkpoint", "set_rng_state",
-           "verify_checkpoint"]
+           "load_weights", "restore_rng", "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint"]
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -312,18 +311,8 @@ def verify_checkpoint(path: str | Path, num_processes: int = 1) -> dict[str, Any
     return counters
 
 
-def load_training_state(path: str | Path, *, accelerator: Any, optimizer: torch.optim.Optimizer,
-                        scheduler: Any = None, rng: bool = True) -> dict[str, Any]:
-    """Restore optimizer, scheduler, scaler (and, with `rng`, RNG) states; return trainer_state.json.
-
-    Restore the RNG as late as possible (`rng=False` here, then :func:`restore_rng` right before the
-    loop), so that nothing between loading and training draws from the restored streams.
-
-    Raises:
-        CheckpointError: the folder is incomplete or a file cannot be read.
-    """
-    path = Path(path)
-    counters = verify_checkpoint(path, accelerator.num_processes)
+def _load_states(path: Path, accelerator: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """This process's optimizer, scheduler and scaler states (the checkpoint already verified)."""
     try:
         blob = torch.load(path / f"training_state_{accelerator.process_index}.pt", map_location="cpu",
                           weights_only=False)
@@ -336,9 +325,6 @@ def load_training_state(path: str | Path, *, accelerator: Any, optimizer: torch.
         raise CheckpointError(f"checkpoint '{path}': training_state_{accelerator.process_index}.pt is corrupt or "
                               f"does not fit this optimizer ({type(e).__name__}: {str(e)[:200]}); delete that "
                               "folder and resume from an earlier one") from None
-    if rng:
-        restore_rng(path, accelerator=accelerator)
-    return counters
 
 
 def restore_rng(path: str | Path, *, accelerator: Any) -> None:
@@ -421,13 +407,13 @@ def load_checkpoint(path: str | Path, *, accelerator: Any, model: torch.nn.Modul
     from .loop import TrainState
 
     path = Path(path)
+    # first make sure the folder is whole (per-process state files only when they will be read)
+    counters = verify_checkpoint(path, accelerator.num_processes if optimizer is not None else 0)
     load_weights(path, accelerator.unwrap_model(model))
     if optimizer is not None:
-        counters = load_training_state(path, accelerator=accelerator, optimizer=optimizer, scheduler=scheduler, rng=rng)
-    else:
-        counters = verify_checkpoint(path, 0)
-        if rng:
-            restore_rng(path, accelerator=accelerator)
+        _load_states(path, accelerator, optimizer, scheduler)
+    if rng:
+        restore_rng(path, accelerator=accelerator)
     state = TrainState.from_dict(counters)
     state.stop_reason = ""
     return state

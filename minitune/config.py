@@ -401,7 +401,7 @@ def lora_args(values: dict[str, Any]) -> LoraArgs:
     """
     problems: list[str] = []
     cfg = _build({"lora": values}, problems)
-    problems += [p for p in _check_values(cfg) if p.startswith("lora")]
+    problems += _check_lora(cfg.lora)
     if problems:
         raise ConfigError(problems)
     return cfg.lora
@@ -417,14 +417,33 @@ def validate(cfg: Config) -> Config:
     return rebuilt
 
 
+def _choice(p: list[str], where: str, value: Any, options: typing.Iterable[str]) -> None:
+    options = list(options)
+    if value not in options:
+        p.append(f"{where}='{value}' is not one of {', '.join(options)}{_suggest(str(value), options)}")
+
+
+def _check_lora(lo: LoraArgs) -> list[str]:
+    """Value ranges of the lora section (also used by `lora_args`)."""
+    p: list[str] = []
+    if isinstance(lo.r, int) and lo.r <= 0:
+        p.append(f"lora.r={lo.r} must be a positive integer (e.g. 8)")
+    if isinstance(lo.alpha, float) and lo.alpha <= 0:
+        p.append(f"lora.alpha={lo.alpha} must be > 0 (e.g. 2*r)")
+    if isinstance(lo.dropout, float) and not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    _choice(p, "lora.bias", lo.bias, ("none", "all", "lora_only"))
+    if lo.target_modules is not None and not lo.target_modules:
+        p.append("lora.target_modules is empty: leave it unset for the architecture default, or list module names")
+    return p
+
+
 def _check_values(c: Config) -> list[str]:
     """Value ranges and combinations that can never work. Device-specific checks live in device.py."""
     p: list[str] = []
 
     def choice(where: str, value: Any, options: typing.Iterable[str]) -> None:
-        options = list(options)
-        if value not in options:
-            p.append(f"{where}='{value}' is not one of {', '.join(options)}{_suggest(str(value), options)}")
+        _choice(p, where, value, options)
 
     m = c.model
     sources = [s for s in ("name_or_path", "preset", "config_file") if getattr(m, s)]
@@ -448,16 +467,7 @@ def _check_values(c: Config) -> list[str]:
         p.append("quantization of a GGUF model is not supported: GGUF weights are dequantized on load; "
                  "set quantization.mode=none")
 
-    lo = c.lora
-    if isinstance(lo.r, int) and lo.r <= 0:
-        p.append(f"lora.r={lo.r} must be a positive integer (e.g. 8)")
-    if isinstance(lo.alpha, float) and lo.alpha <= 0:
-        p.append(f"lora.alpha={lo.alpha} must be > 0 (e.g. 2*r)")
-    if isinstance(lo.dropout, float) and not 0 <= lo.dropout < 1:
-        p.append(f"lora.dropout={lo.dropout} must be in [0, 1)")
-    choice("lora.bias", lo.bias, ("none", "all", "lora_only"))
-    if lo.target_modules is not None and not lo.target_modules:
-        p.append("lora.target_modules is empty: leave it unset for the architecture default, or list module names")
+    p += _check_lora(c.lora)
 
     d = c.data
     if not d.path:

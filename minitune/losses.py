@@ -67,13 +67,26 @@ def loss_fn_for(name: str, chunk_size: int = 0) -> LossFn:
     raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
 
 
+def _not_chunkable(inner: nn.Module) -> str:
+    """Why `chunked_loss` must fall back to `default_loss` for this (unwrapped) model; '' if it need not."""
+    model_type = getattr(getattr(inner, "config", None), "model_type", "")
+    if model_type not in CHUNKABLE_MODEL_TYPES:
+        return f"model type '{model_type}' may post-process its logits"
+    peft_config = getattr(inner, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return "prompt-learning adapters change the sequence"
+    if inner.get_output_embeddings() is None:
+        return f"{type(inner).__name__} has no output embeddings"
+    return ""
+
+
 def live_logit_positions(model: nn.Module, name: str, chunk_size: int = 0) -> int | None:
     """How many positions' logits the loss `name` keeps alive at once on `model` (for
     `memory.estimate_peak`): None for the full loss (all of them), the chunk size for the chunked one."""
-    config = getattr(_unwrap(model), "config", None)
-    if name == "full" or getattr(config, "model_type", "") not in CHUNKABLE_MODEL_TYPES:
+    inner = _unwrap(model)
+    if name == "full" or _not_chunkable(inner):
         return None
-    return chunk_size or auto_chunk_size(getattr(config, "vocab_size", 0) or 1)
+    return chunk_size or auto_chunk_size(getattr(inner.config, "vocab_size", 0) or 1)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -136,18 +149,11 @@ def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0,
     config = getattr(inner, "config", None)
     if labels is None or config is None:
         return default_loss(model, batch)
-    model_type = getattr(config, "model_type", "")
-    if model_type not in CHUNKABLE_MODEL_TYPES:
-        _fallback(f"model type '{model_type}' may post-process its logits", warn)
-        return default_loss(model, batch)
-    peft_config = getattr(inner, "active_peft_config", None)
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        _fallback("prompt-learning adapters change the sequence", warn)
+    reason = _not_chunkable(inner)
+    if reason:
+        _fallback(reason, warn)
         return default_loss(model, batch)
     head = inner.get_output_embeddings()
-    if head is None:
-        _fallback(f"{type(inner).__name__} has no output embeddings", warn)
-        return default_loss(model, batch)
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     seq2seq = getattr(config, "is_encoder_decoder", False)

@@ -344,8 +344,9 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
     A gated MLP (SwiGLU, T5's gated-gelu: a `gate_proj` / `wi_0` module) keeps 4*ffn: gate and up
     projections, the activation's output and the product. Each decoder layer of an encoder-decoder
     adds cross-attention: 4*h + 2*heads*seq. With checkpointing only each layer's input (h) is
-    kept, plus one layer's full activations during its recompute. Logits (fp32) and their gradient add 2 * positions * vocab * 4 bytes,
-    where positions is every token for the full loss and one chunk for the chunked loss.
+    kept, plus one layer's full activations during its recompute. Logits (fp32) and their gradient
+    add 2 * positions * vocab * 4 bytes, where positions is every token for the full loss and one
+    chunk for the chunked loss.
 
     Args:
         model: the prepared model (quantized, LoRA-wrapped or not; may live on the meta device).

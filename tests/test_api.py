@@ -44,7 +44,6 @@ def test_import_is_light_and_has_no_side_effects(tmp_path):
 
 
 def test_public_surface_is_listed_typed_and_documented():
-    assert set(minitune.__all__) == {n for n in dir(minitune)}
     for name in minitune.__all__:
         if name.startswith("__"):
             continue

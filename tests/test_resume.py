@@ -166,3 +166,24 @@ def test_find_latest_skips_half_written_folders_and_keeps_a_replaced_final(tmp_p
     _fake_checkpoint(tmp_path / "final", 5)
     clean_debris(tmp_path)
     assert not old_final.exists() and find_latest(tmp_path) == tmp_path / "final"
+
+
+def test_load_checkpoint_without_optimizer_gives_weights_and_counters(reference, tmp_path):
+    """`minitune.load_checkpoint(..., optimizer=None)`: the adapter and the step counters only, checked
+    for completeness first (an unmarked folder is refused before any weight is touched)."""
+    from accelerate import Accelerator
+
+    from minitune.checkpoint import load_checkpoint
+    from minitune.config import LoraArgs, ModelArgs
+    from minitune.model import build_from_config, prepare_model
+
+    model, _ = prepare_model(build_from_config(ModelArgs(preset="tiny-llama")), LoraArgs(r=4, alpha=8))
+    saved = weights(reference / "checkpoint-000003")
+    state = load_checkpoint(reference / "checkpoint-000003", accelerator=Accelerator(cpu=True), model=model, rng=False)
+    assert state.step == 3 and state.stop_reason == ""
+    own = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert_bitwise({k: own[k] for k in saved}, saved)
+    half = shutil.copytree(reference / "checkpoint-000003", tmp_path / "half")
+    (half / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_checkpoint(half, accelerator=Accelerator(cpu=True), model=model, rng=False)
