@@ -124,7 +124,8 @@ def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batche
         for i, batch in enumerate(loader):
             if max_batches and i * procs + rank >= max_batches:
                 break
-            loss_sum, n = loss_fn(net, batch)
+            with accelerator.autocast():
+                loss_sum, n = loss_fn(net, batch)
             total += loss_sum.float()
             count += n
     total, count = accelerator.reduce(torch.stack([total, count]), reduction="sum")
@@ -307,7 +308,10 @@ def fit(
             for i, batch in enumerate(window):
                 last = i == len(window) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    micro_loss, micro_items = loss_fn(model, batch)
+                    # Autocast covers the loss too (Accelerate's idiom): the chunked loss applies the
+                    # output layer itself, outside the model's autocast-wrapped forward.
+                    with accelerator.autocast():
+                        micro_loss, micro_items = loss_fn(model, batch)
                     if phases and i == 0:
                         profiler.phase("forward")
                     accelerator.backward(micro_loss * scale)

@@ -197,7 +197,8 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.T
         chunk_size = auto_chunk_size(weight.shape[0] if weight is not None else head(h[:1]).shape[-1])
     if type(head) is nn.Linear:
         need_grad = torch.is_grad_enabled()
-        return _LinearCrossEntropy.apply(h, head.weight, head.bias, t, chunk_size, need_grad)
+        return _LinearCrossEntropy.apply(h, head.weight, head.bias, t, chunk_size, need_grad,
+                                         _matmul_dtype(h, head.weight))
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.size(0), chunk_size):
         hc, tc = h[start: start + chunk_size], t[start: start + chunk_size]
@@ -207,6 +208,15 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.T
         else:
             total = total + _head_cross_entropy(head, hc, tc)
     return total
+
+
+def _matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the output layer's matmul runs in: autocast's where it is on (as inside the model's
+    forward), else the weight's. Under Accelerate's mixed precision the model hands back fp32 hidden
+    states (its outputs are converted to fp32), so they are cast, never mixed with a bf16/fp16 weight."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return weight.dtype
 
 
 def _head_cross_entropy(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -224,7 +234,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor,
-                chunk_size: int, need_grad: bool) -> torch.Tensor:
+                chunk_size: int, need_grad: bool, dtype: torch.dtype) -> torch.Tensor:
         grad_h = grad_w = grad_b = None
         want_h = need_grad and ctx.needs_input_grad[0]
         want_w = need_grad and ctx.needs_input_grad[1]
@@ -236,9 +246,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if want_b:
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        # one explicit matmul dtype (see _matmul_dtype); autocast off so that nothing recasts it
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
         for start in range(0, h.size(0), chunk_size):
-            hc, tc = h[start: start + chunk_size], t[start: start + chunk_size]
-            logits = nn.functional.linear(hc, weight, bias)  # autocast applies here as in the model
+            hc, tc = h[start: start + chunk_size].to(dtype), t[start: start + chunk_size]
+            with torch.autocast(h.device.type, enabled=False):
+                logits = nn.functional.linear(hc, w, b)
             lf = logits.float()
             lse = torch.logsumexp(lf, dim=-1)
             loss += (lse - lf.gather(1, tc.unsqueeze(1)).squeeze(1)).sum()
@@ -247,12 +261,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d loss / d logits = softmax(logits) - one_hot(t), built in place in the fp32 logits
             g = lf.sub_(lse.unsqueeze(1)).exp_()  # lf is no longer needed (it may be `logits` itself)
             g[torch.arange(g.size(0), device=g.device), tc] -= 1
-            gc = g.to(logits.dtype)  # the matmuls run in the dtype the forward matmul ran in
+            gc = g.to(dtype)  # the matmuls run in the dtype the forward matmul ran in
             del logits, lf
             if want_h:
-                grad_h[start: start + chunk_size] = gc @ weight.to(gc.dtype)
+                grad_h[start: start + chunk_size] = gc @ w
             if want_w:
-                grad_w += (gc.t() @ hc.to(gc.dtype)).float()
+                grad_w += (gc.t() @ hc).float()
             if want_b:
                 grad_b += g.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -268,5 +282,5 @@ class _LinearCrossEntropy(torch.autograd.Function):
             (grad_h * scale).to(h_dtype) if grad_h is not None else None,
             (grad_w * scale).to(w_dtype) if grad_w is not None else None,
             (grad_b * scale).to(b_dtype) if grad_b is not None else None,
-            None, None, None,
+            None, None, None, None,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -171,3 +172,29 @@ def test_train_with_chunked_loss_matches_full(tiny):
                          training={"max_steps": 3, "loss": "chunked", "overwrite": True}))
     assert chunked.metrics["loss"] == pytest.approx(full.metrics["loss"], abs=1e-4)
     assert chunked.metrics["eval_loss"] == pytest.approx(full.metrics["eval_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True),
+                                             (torch.float32, True)])
+def test_half_precision_head_with_fp32_hidden_states(dtype, autocast):
+    """Accelerate's mixed precision hands the loss fp32 hidden states (the model's outputs are
+    converted) next to a bf16/fp16 output layer: the head's matmul runs in autocast's dtype where it
+    is on, else the weight's, exactly as the same matmul written out by hand."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(dtype)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9), generator=g)
+    targets[1, 5:] = -100
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        loss = linear_cross_entropy(hidden, head, targets, chunk_size=4)
+    loss.backward()
+    matmul = torch.bfloat16 if autocast else dtype
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    logits = torch.nn.functional.linear(ref_hidden.to(matmul), head.weight.to(matmul)).float()
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), ignore_index=-100,
+                                            reduction="sum")
+    ref.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=2e-2, atol=2e-2)
