@@ -243,6 +243,30 @@ _ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "
             "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs"}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML without YAML 1.1's boolean words: `no`, `off`, `yes`, `on` stay the text the user typed.
+
+    A string-typed key takes that text (`training.mixed_precision=no` means 'no', not False), and a
+    bool-typed key accepts the words in `_coerce`. Numbers and null resolve as usual.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "y": True, "false": False, "no": False, "off": False, "n": False}
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML the way minitune reads configs (see `_Loader`).
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _suggest(name: str, choices: typing.Iterable[str]) -> str:
     choices = list(choices)
     if _ALIASES.get(name) in choices:
@@ -268,6 +292,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return value
         return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if tp is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
         if not isinstance(value, bool):
             problems.append(f"{where}: expected true/false, got {value!r}")
         return value
@@ -333,7 +359,7 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
             problems.append(f"override '{item}' is not of the form section.key=value (e.g. training.lr=1e-4)")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         nested.setdefault(parts[0], {})[parts[1]] = value
@@ -379,7 +405,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError([f"config file '{path}' does not exist"])
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from minitune.config import SCHEDULERS, Config, ConfigError, load_config, parse_overrides, validate
 
@@ -96,3 +97,23 @@ def test_import_is_light():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_string_keys_take_the_word_the_user_typed(tmp_path):
+    # YAML 1.1 reads no/off/yes/on as booleans; a string key must get the text itself
+    cfg = load_config(tiny_config(), ["training.mixed_precision=no", "model.kind=auto"])
+    assert cfg.training.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  mixed_precision: no\n  overwrite: yes\n  compile: off\n" + yaml.safe_dump(
+        {k: v for k, v in tiny_config().items() if k != "training"}))
+    cfg = load_config(path)
+    assert (cfg.training.mixed_precision, cfg.training.overwrite, cfg.training.compile) == ("no", True, False)
+    # bool keys take the usual words, and nothing else
+    assert load_config(tiny_config(), ["lora.use_rslora=on"]).lora.use_rslora is True
+    with pytest.raises(ConfigError, match="lora.use_rslora: expected true/false, got 'maybe'"):
+        load_config(tiny_config(), ["lora.use_rslora=maybe"])
+    # a saved config (with 'no' quoted by the dumper) reads back the same
+    saved = tmp_path / "saved.yaml"
+    load_config(tiny_config(), ["training.mixed_precision=no"]).save(saved)
+    assert load_config(saved).training.mixed_precision == "no"
+
