@@ -75,7 +75,8 @@ class ModelArgs:
     )
     config_file: str | None = _f(None, "A config.json to build the model from (random init).")
     kind: str = _f("auto", "'causal', 'seq2seq' or 'auto' (from the model config).")
-    dtype: str = _f("float32", "dtype of the non-quantized weights: float32, bfloat16 or float16.")
+    dtype: str = _f("auto", "dtype of the non-quantized weights: float32, bfloat16, float16, or 'auto': the fastest "
+                    "safe one for the device (see minitune.device.choose_precision; the run prints its choice).")
     attn_implementation: str | None = _f(None, "Attention backend passed to transformers (e.g. 'sdpa', 'eager').")
     trust_remote_code: bool = _f(False, "Allow custom modelling code from the hub.")
 
@@ -87,7 +88,8 @@ class QuantizationArgs:
     mode: str = _f("none", "'none', '8bit' (LLM.int8) or '4bit'.")
     quant_type: str = _f("nf4", "4-bit data type: 'nf4' or 'fp4'.")
     double_quant: bool = _f(True, "4-bit: quantize the quantization constants too.")
-    compute_dtype: str = _f("float32", "4-bit compute dtype: float32, bfloat16 or float16.")
+    compute_dtype: str = _f("auto", "4-bit compute dtype: float32, bfloat16, float16, or 'auto' (the 16-bit dtype the "
+                            "device trains in, else float32).")
     skip_modules: list[str] = _f([], "Module names kept in full precision (e.g. lm_head).")
 
 
@@ -163,7 +165,8 @@ class TrainingArgs:
     auto_batch_size: bool = _f(False, "On out of memory before the first step, retry with a smaller batch_size and "
                                "a larger grad_accum (the same examples per step), down to what fits.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
-    mixed_precision: str = _f("no", "'no', 'bf16' or 'fp16' (autocast through Accelerate).")
+    mixed_precision: str = _f("auto", "'no', 'bf16', 'fp16' (autocast through Accelerate; fp16 adds a GradScaler) or "
+                              "'auto': what is fastest and safe on the device (see minitune.device.choose_precision).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     checkpointing_reentrant: bool = _f(False, "Use the reentrant checkpoint implementation.")
     fp32_norms: str = _f("norms", "Cast to fp32: 'norms' (layer norms only), 'all' (every non-quantized weight) or 'none'.")
@@ -229,6 +232,7 @@ _SECTION_TYPES = {
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "lion8bit", "paged_lion8bit", "sgd")
 DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 # transformers.SchedulerType's values, copied so that validating a config imports nothing heavy
 # (transformers.trainer_utils pulls in peft and bitsandbytes); a test keeps the two in sync.
 SCHEDULERS = (
@@ -480,12 +484,12 @@ def _check_values(c: Config) -> list[str]:
     if m.gguf_file and not m.name_or_path:
         p.append("model.gguf_file needs model.name_or_path (the folder that holds it)")
     choice("model.kind", m.kind, ("auto", "causal", "seq2seq"))
-    choice("model.dtype", m.dtype, DTYPES)
+    choice("model.dtype", m.dtype, ("auto", *DTYPES))
 
     q = c.quantization
     choice("quantization.mode", q.mode, ("none", "8bit", "4bit"))
     choice("quantization.quant_type", q.quant_type, ("nf4", "fp4"))
-    choice("quantization.compute_dtype", q.compute_dtype, DTYPES)
+    choice("quantization.compute_dtype", q.compute_dtype, ("auto", *DTYPES))
     if q.mode != "none" and not c.lora.enabled:
         p.append(f"quantization.mode={q.mode} needs LoRA (quantized weights cannot be trained): "
                  "set lora.enabled=true or quantization.mode=none")
@@ -493,6 +497,14 @@ def _check_values(c: Config) -> list[str]:
         p.append("quantization of a GGUF model is not supported: GGUF weights are dequantized on load; "
                  "set quantization.mode=none")
 
+    halves = {f"{where}={v}": v.replace("bf16", "bfloat16").replace("fp16", "float16")
+              for where, v in (("model.dtype", m.dtype), ("training.mixed_precision", c.training.mixed_precision),
+                               ("quantization.compute_dtype", q.compute_dtype if q.mode == "4bit" else "auto"))
+              if v in ("bfloat16", "float16", "bf16", "fp16")}
+    if len(set(halves.values())) > 1:
+        p.append(f"{' with '.join(halves)} mixes bfloat16 and float16 in one run (autocast cannot promote between "
+                 "them, and each rounds the other's values): use one 16-bit format, e.g. model.dtype=bfloat16 "
+                 "with training.mixed_precision=bf16, or leave them at auto")
     p += _check_lora(c.lora)
 
     d = c.data
@@ -538,7 +550,7 @@ def _check_values(c: Config) -> list[str]:
         p.append(f"training.epochs={t.epochs} must be > 0 (or set training.max_steps)")
     if isinstance(t.max_grad_norm, float) and t.max_grad_norm < 0:
         p.append(f"training.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
-    choice("training.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
+    choice("training.mixed_precision", t.mixed_precision, ("auto", *MIXED_PRECISION))
     choice("training.fp32_norms", t.fp32_norms, ("norms", "all", "none"))
     choice("training.device", t.device, ("auto", "cpu", "cuda", "mps"))
     choice("training.loss", t.loss, ("auto", "full", "chunked"))

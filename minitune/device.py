@@ -13,10 +13,25 @@ What is supported where (with the installed torch and bitsandbytes):
     bitsandbytes 8-bit         yes                       if that backend has an        likewise
       optimizers                                         8-bit optimizer kernel
     paged optimizers           yes                       no: unpaged, one warning      no: unpaged, one warning
+
+Precision `auto` (`choose_precision`, the default of model.dtype, training.mixed_precision and
+quantization.compute_dtype): the fastest setting that is safe on the device.
+
+    device                        LoRA / QLoRA: frozen weights, autocast   full fine-tuning: weights, autocast
+    CUDA, compute capability >= 8 bfloat16, bf16                           float32, bf16
+    CUDA below 8 (T4, V100)       float16, fp16 (+ GradScaler)             float32, fp16 (+ GradScaler)
+    MPS                           bfloat16, bf16 where supported, else float16, fp16; float32 without either
+    CPU with AVX512-BF16 or AMX   bfloat16, no autocast                    float32, no autocast
+    other CPUs                    float32, no autocast                     float32, no autocast
+
+LoRA adapters (and so their gradients and optimizer state) stay float32 whatever the frozen
+weights are: peft upcasts them, and `check` refuses what would train half-precision weights with a
+scaler or an optimizer that cannot handle them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -28,7 +43,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Capabilities", "capabilities", "check", "check_processes", "optimizer_name_for", "resolve_device"]
+__all__ = ["Capabilities", "Precision", "capabilities", "check", "check_processes", "choose_precision",
+           "optimizer_name_for", "resolve_device", "resolve_precision"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class Capabilities:
     paged_optimizers: bool  # paged (unified-memory) optimizer state: CUDA only
     fused_adamw: bool
     bnb_note: str = ""  # why bitsandbytes cannot run here (empty when it can)
+    fast_bf16: bool = False  # bf16 matmuls run faster than fp32 (tensor cores, AVX512-BF16 / AMX)
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
@@ -130,14 +147,17 @@ def capabilities(device: torch.device | str) -> Capabilities:
         bnb = version is not None
         return Capabilities(device, bf16=major >= 8, fp16_autocast=True, bnb_layers=bnb, bnb_optimizers=bnb,
                             paged_optimizers=bnb, fused_adamw=fused,
-                            bnb_note="" if bnb else "bitsandbytes is not installed (pip install bitsandbytes)")
+                            bnb_note="" if bnb else "bitsandbytes is not installed (pip install bitsandbytes)",
+                            fast_bf16=major >= 8)
     if device.type == "mps":
         # bf16 on MPS needs macOS 14; Accelerate asks torch >= 2.6 for bf16 and >= 2.5 for fp16 autocast
         bf16 = _macos_at_least(14) and _torch_at_least(2, 6)
         fp16 = _torch_at_least(2, 5)
+        fast = bf16
     else:
         # CPU: bf16 autocast works; Accelerate silently ignores fp16 autocast on CPU
         bf16, fp16 = True, False
+        fast = _cpu_has_fast_bf16()
     ops = _bnb_backend(device.type) if version is not None else None
     layers = ops is not None
     optimizers = layers and "optimizer_update_8bit_blockwise" in ops
@@ -150,7 +170,114 @@ def capabilities(device: torch.device | str) -> Capabilities:
     else:
         note = ""
     return Capabilities(device, bf16=bf16, fp16_autocast=fp16, bnb_layers=layers, bnb_optimizers=optimizers,
-                        paged_optimizers=False, fused_adamw=fused, bnb_note=note)
+                        paged_optimizers=False, fused_adamw=fused, bnb_note=note, fast_bf16=fast)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls ~3.8x faster than fp32 here (2048x1024 @ 1024x4096: 785 vs
+    207 GFLOP/s); without them bf16 is emulated and slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        try:
+            if getattr(cpu, probe)():
+                return True
+        except Exception:  # a torch without the probe
+            continue
+    return False
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a run trains in, with the reason shown to the user."""
+
+    dtype: str  # model.dtype: the non-quantized (frozen, or full fine-tuning) weights
+    mixed_precision: str  # training.mixed_precision: Accelerate's autocast ('no', 'bf16', 'fp16')
+    compute_dtype: str  # quantization.compute_dtype: what 4-bit layers compute in
+    reason: str
+
+    def describe(self) -> str:
+        """One line: what was chosen and why."""
+        return (f"model.dtype={self.dtype} training.mixed_precision={self.mixed_precision} "
+                f"quantization.compute_dtype={self.compute_dtype} ({self.reason})")
+
+
+def choose_precision(caps: Capabilities, *, full_finetune: bool = False) -> Precision:
+    """What `auto` means on a device: the fastest precision that is safe there (table in the module
+    docstring). Full fine-tuning keeps float32 weights (its updates would round away in 16 bits)
+    and gets the speed from autocast where the device has it.
+
+    Args:
+        caps: the device's capabilities (`capabilities(device)`).
+        full_finetune: every weight trains (lora.enabled=false).
+
+    Returns:
+        The Precision, with the reason for it.
+    """
+    kind = caps.device.type
+    where = _describe(caps.device)
+    if kind in ("cuda", "mps") and caps.bf16:
+        half, autocast, why = "bfloat16", "bf16", f"{where} has bf16"
+    elif kind in ("cuda", "mps") and caps.fp16_autocast:
+        half, autocast, why = "float16", "fp16", f"{where} has no bf16: fp16 with a GradScaler"
+    elif kind == "cpu" and caps.fast_bf16:
+        # measured on this project's CPU runs (bench/results/precision-*.md): bf16 weights alone beat
+        # bf16 autocast over them, which recasts every activation
+        half, autocast, why = "bfloat16", "no", "this CPU has AVX512-BF16/AMX: bf16 weights, no autocast"
+    else:
+        return Precision("float32", "no", "float32", f"{where} has no fast 16-bit matmuls")
+    if full_finetune:
+        return Precision("float32", autocast, half if autocast != "no" else "float32",
+                         f"{why}; full fine-tuning keeps float32 weights"
+                         + (f" under {autocast} autocast" if autocast != "no" else ""))
+    return Precision(half, autocast, half, f"{why}; LoRA adapters stay float32")
+
+
+_HALF = {"bf16": "bfloat16", "fp16": "float16"}  # autocast mode -> its dtype
+
+
+def resolve_precision(cfg: Any, device: torch.device | str) -> tuple[Any, Precision]:
+    """`cfg` with every 'auto' precision field replaced by `choose_precision`'s value for `device`.
+
+    Settings the user gave explicitly are kept; the 4-bit compute dtype follows the 16-bit dtype the
+    run uses (the weights', else the autocast's), else float32.
+
+    Args:
+        cfg: a minitune Config (not modified).
+        device: the device the run will use.
+
+    Returns:
+        (resolved copy of cfg, the Precision that was applied, with its reason).
+    """
+    auto = choose_precision(capabilities(device), full_finetune=not cfg.lora.enabled)
+    m, t, q = cfg.model, cfg.training, cfg.quantization
+    # an 'auto' field never brings a second 16-bit format next to one the user set (config.py
+    # refuses bf16 and fp16 together: CPU autocast cannot even promote between them)
+    if m.dtype != "auto":
+        dtype = m.dtype
+    elif t.mixed_precision in _HALF:
+        dtype = _HALF[t.mixed_precision] if auto.dtype != "float32" and cfg.lora.enabled else "float32"
+    else:
+        dtype = auto.dtype
+    if t.mixed_precision != "auto":
+        mixed = t.mixed_precision
+    elif dtype != "float32" and auto.mixed_precision != "no":
+        mixed = {v: k for k, v in _HALF.items()}[dtype]
+    else:
+        mixed = auto.mixed_precision
+    if q.compute_dtype != "auto":
+        compute = q.compute_dtype
+    elif dtype != "float32":
+        compute = dtype
+    else:
+        compute = _HALF.get(mixed, "float32")
+    given = [f"{k}={v}" for k, v in (("model.dtype", m.dtype), ("training.mixed_precision", t.mixed_precision))
+             if v != "auto"]
+    reason = auto.reason if not given else f"{', '.join(given)} as configured; auto: {auto.reason}"
+    chosen = Precision(dtype, mixed, compute, reason)
+    resolved = dataclasses.replace(
+        cfg, model=dataclasses.replace(m, dtype=dtype), training=dataclasses.replace(t, mixed_precision=mixed),
+        quantization=dataclasses.replace(q, compute_dtype=compute))
+    return resolved, chosen
 
 
 def _describe(device: torch.device) -> str:
@@ -188,6 +315,10 @@ def check(cfg: Any, device: torch.device | str) -> tuple[list[str], list[str]]:
                         ("quantization.compute_dtype", cfg.quantization.compute_dtype if quantized else None)):
         if value == "bfloat16" and not caps.bf16:
             problems.append(f"{name}=bfloat16 is not supported on {where}; use float16 or float32")
+    if cfg.model.dtype == "float16" and not cfg.lora.enabled:
+        problems.append("model.dtype=float16 with full fine-tuning (lora.enabled=false): fp16 weights cannot be "
+                        "trained (AdamW's updates underflow and the fp16 GradScaler refuses fp16 gradients); use "
+                        "model.dtype=float32 with training.mixed_precision=fp16 (or bf16), or enable LoRA")
     if quantized and not caps.bnb_layers:
         problems.append(f"quantization.mode={cfg.quantization.mode} needs bitsandbytes layers, which cannot run on "
                         f"{where}: {caps.bnb_note}; or set quantization.mode=none")

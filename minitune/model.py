@@ -7,6 +7,7 @@ Steps, each usable on its own:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import tempfile
@@ -159,8 +160,27 @@ def _untie_lm_head_if_configured(model: nn.Module, args: ModelArgs) -> None:
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
 
 
+def _without_auto(args: ModelArgs, quant: QuantizationArgs,
+                  device: torch.device | str | None) -> tuple[ModelArgs, QuantizationArgs]:
+    """The sections with 'auto' dtypes replaced by what a LoRA run on `device` uses, or float32 when
+    no device is named (the choice is per device; `train` resolves its config before loading)."""
+    if "auto" not in (args.dtype, quant.compute_dtype):
+        return args, quant
+    if device is None:
+        return (dataclasses.replace(args, dtype="float32" if args.dtype == "auto" else args.dtype),
+                dataclasses.replace(quant, compute_dtype="float32" if quant.compute_dtype == "auto"
+                                    else quant.compute_dtype))
+    from .config import Config
+    from .device import resolve_precision
+
+    resolved, _ = resolve_precision(Config(model=args, quantization=quant), device)
+    return resolved.model, resolved.quantization
+
+
 def build_from_config(args: ModelArgs, *, seed: int = 0) -> nn.Module:
-    """A randomly initialised model from a preset or config file (seeded)."""
+    """A randomly initialised model from a preset or config file (seeded); model.dtype 'auto' is
+    float32 here (no device is named)."""
+    args, _ = _without_auto(args, QuantizationArgs(), None)
     config = _config_from_args(args)
     kind = args.kind if args.kind != "auto" else model_kind(config)
     torch.manual_seed(seed)
@@ -177,7 +197,8 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
         args: the model section.
         quant: the quantization section (None: no quantization).
         device: where quantized weights are placed (bitsandbytes layers quantize on the device);
-            unquantized models load on CPU and Accelerate moves them.
+            unquantized models load on CPU and Accelerate moves them. Also what 'auto' dtypes are
+            resolved for (`device.resolve_precision`); with no device, 'auto' means float32.
         seed: seed for random init (preset / config_file).
 
     Returns:
@@ -186,7 +207,7 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
     Raises:
         ModelError: offline hub id, missing files, GGUF export problems.
     """
-    quant = quant or QuantizationArgs()
+    args, quant = _without_auto(args, quant or QuantizationArgs(), device)
     qconf = quantization_config(quant)
     if args.preset or args.config_file:
         model = build_from_config(args, seed=seed)

@@ -21,16 +21,20 @@ class RunLogger:
         initial_step: where a resumed run starts.
         trackers: also send metrics to the Accelerate trackers.
         append: append to an existing log.jsonl (resuming) instead of starting a new one.
+        first_record: keys added to the first record logged (facts about the whole run, e.g. the
+            precision it chose), so that every log says how it was made.
     """
 
     def __init__(self, accelerator: Any, output_dir: str | Path | None, total_steps: int, *,
-                 progress: str = "rich", initial_step: int = 0, trackers: bool = False, append: bool = False):
+                 progress: str = "rich", initial_step: int = 0, trackers: bool = False, append: bool = False,
+                 first_record: dict[str, Any] | None = None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.trackers = trackers
         self.records: list[dict[str, Any]] = []
         self._file = None
         self._bar = None
+        self._first = dict(first_record or {})
         if not self.main:
             return
         if output_dir is not None:
@@ -51,6 +55,9 @@ class RunLogger:
         if not self.main:
             return
         record = {k: _round(v) for k, v in metrics.items()}
+        if self._first:  # facts about the whole run (e.g. its precision) ride on its first record
+            record.update(self._first)
+            self._first = {}
         self.records.append(record)
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")

@@ -6,6 +6,7 @@ weights load: config -> device checks -> output folder -> tokenizer -> data -> m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, yaml_load
 
 __all__ = ["RunError", "TrainResult", "train"]
 
@@ -36,6 +37,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # final loss, eval loss, tokens/s, ...
     memory: dict[str, Any] = field(default_factory=dict)  # the profiler's summary
     trainable_line: str = ""
+    precision: Any = None  # the device.Precision the run trained in (what 'auto' chose, and why)
 
 
 _RUN_FILES = ("config.yaml", "log.jsonl", "final")
@@ -125,11 +127,12 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     from .optim import build_optimizer, build_scheduler
     from .report import RunLogger, summary_table
 
-    t = cfg.training
     try:
-        device = dev.resolve_device(t.device)
+        device = dev.resolve_device(cfg.training.device)
     except ValueError as e:
         raise ConfigError([str(e)]) from None
+    cfg, precision = dev.resolve_precision(cfg, device)  # 'auto' -> this device's choice; saved as resolved
+    t = cfg.training
     problems, notes = dev.check(cfg, device)
     if problems:
         raise ConfigError(problems)
@@ -200,7 +203,9 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
                               gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
                               logits_positions=live_logit_positions(model, t.loss, t.loss_chunk_size))
     logger = RunLogger(accelerator, out, total_steps, progress=cfg.logging.progress, initial_step=state.step,
-                       trackers=bool(cfg.logging.trackers), append=resume_from is not None)
+                       trackers=bool(cfg.logging.trackers), append=resume_from is not None,
+                       first_record={"precision": dataclasses.asdict(precision)})
+    logger.message(f"precision: {precision.describe()}")
     logger.message(prep.trainable_line)
     if prep.fp32_cast_params:
         logger.message(f"fp32 casting ({t.fp32_norms}): {prep.fp32_cast_params:,d} parameters in "
@@ -280,14 +285,14 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     memory["predicted"] = predicted
     if accelerator.is_main_process:
         (out / "memory.json").write_text(json.dumps(memory, indent=1, default=str))
-        rows = _summary_rows(state, metrics, elapsed, prep, predicted, profiler, final, out, accelerator)
+        rows = _summary_rows(state, metrics, elapsed, prep, predicted, profiler, final, out, accelerator, precision)
         from rich.console import Console
 
         console = Console()
         console.print(summary_table(rows))
         console.print(profiler.table())
     accelerator.end_training()
-    return TrainResult(out, final, state, metrics, memory, prep.trainable_line)
+    return TrainResult(out, final, state, metrics, memory, prep.trainable_line, precision)
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -434,7 +439,7 @@ def _resume_changes(path: Path, cfg: Config) -> list[str]:
     if not saved_file.is_file():
         return []
     try:
-        saved = yaml.safe_load(saved_file.read_text()) or {}
+        saved = yaml_load(saved_file.read_text()) or {}
     except yaml.YAMLError:
         raise CheckpointError(f"checkpoint '{path}' has an unreadable config.yaml; delete that folder and "
                               "resume from an earlier one") from None
@@ -505,7 +510,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _summary_rows(state, metrics, elapsed, prep, predicted, profiler, final, out, accelerator) -> list[tuple[str, str]]:
+def _summary_rows(state, metrics, elapsed, prep, predicted, profiler, final, out, accelerator,
+                  precision) -> list[tuple[str, str]]:
     from .memory import format_bytes
 
     # on CPU the measured peak is RSS above what the process held before loading (Python, libraries)
@@ -522,7 +528,8 @@ def _summary_rows(state, metrics, elapsed, prep, predicted, profiler, final, out
         ("peak memory", f"{format_bytes(peak)} {label}, {format_bytes(predicted['total'])} predicted"
                         + (f" (measured/predicted {peak / predicted['total']:.2f})" if predicted.get("total") else "")),
         ("trainable", prep.trainable_line),
-        ("device", f"{accelerator.device} x{accelerator.num_processes}, mixed precision {accelerator.mixed_precision}"),
+        ("device", f"{accelerator.device} x{accelerator.num_processes}"),
+        ("precision", precision.describe()),
         ("adapter" if prep.lora_targets or final and (final / "adapter_config.json").exists() else "model",
          str(final) if final else f"not saved (stopped); resume with training.resume=auto in {out}"),
     ]

@@ -22,12 +22,15 @@ def tiny_config(preset: str = "tiny-llama", output_dir: str | Path = "runs/test"
     """A nested config dict for a fast run of a tiny random model on the quotes data."""
     seq2seq = preset.endswith("t5")
     cfg = {
-        "model": {"preset": preset, "tokenizer": T5_TOK if seq2seq else GPT2},
+        # fp32 unless a test asks otherwise: numbers pinned here must not move with the device's
+        # `auto` precision (tests/test_precision.py and test_device.py cover auto)
+        "model": {"preset": preset, "tokenizer": T5_TOK if seq2seq else GPT2, "dtype": "float32"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"path": QUOTES, "prompt": "{quote} ->: ", "response": "{tags}", "max_length": 48,
                  "max_target_length": 16, "max_samples": 64, "validation_fraction": 0.1},
         "optimizer": {"lr": 3e-3, "scheduler": "constant"},
-        "training": {"output_dir": str(output_dir), "max_steps": 8, "batch_size": 4, "seed": 0},
+        "training": {"output_dir": str(output_dir), "max_steps": 8, "batch_size": 4, "seed": 0,
+                     "mixed_precision": "no"},
         "logging": {"progress": "none"},
     }
     for section, values in sections.items():

@@ -117,3 +117,7 @@ def test_string_keys_take_the_word_the_user_typed(tmp_path):
     load_config(tiny_config(), ["training.mixed_precision=no"]).save(saved)
     assert load_config(saved).training.mixed_precision == "no"
 
+
+def test_precision_defaults_are_auto():
+    cfg = load_config({"model": {"preset": "tiny-llama"}, "data": {"path": "x.jsonl"}})
+    assert (cfg.model.dtype, cfg.training.mixed_precision, cfg.quantization.compute_dtype) == ("auto",) * 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,98 @@ def test_deepspeed_needs_grad_accum_1():
     assert dev.check_processes(ds, grad_accum=1) == []
     (problem,) = dev.check_processes(ds, grad_accum=4)
     assert "training.grad_accum=4 under DeepSpeed" in problem and "set training.grad_accum=1" in problem
+
+
+# --- precision: what `auto` chooses per device, and what is refused ------------------------------
+
+def _auto_cfg(**sections):
+    """tiny_config pins fp32 for the other tests; these start from the defaults (auto)."""
+    model = {"dtype": "auto", **sections.pop("model", {})}
+    training = {"mixed_precision": "auto", **sections.pop("training", {})}
+    return _cfg(model=model, training=training, **sections)
+
+
+def _resolved(device, **sections):
+    cfg, chosen = dev.resolve_precision(_auto_cfg(**sections), device)
+    return (cfg.model.dtype, cfg.training.mixed_precision, cfg.quantization.compute_dtype), chosen
+
+
+@pytest.mark.parametrize("capability, lora, expected", [
+    ((8, 0), True, ("bfloat16", "bf16", "bfloat16")),  # A100 / H100 / RTX 30xx+: bf16 everywhere
+    ((8, 0), False, ("float32", "bf16", "bfloat16")),  # full fine-tuning: fp32 master weights, bf16 autocast
+    ((7, 5), True, ("float16", "fp16", "float16")),  # T4: no bf16, fp16 with a GradScaler
+    ((7, 0), False, ("float32", "fp16", "float16")),  # V100 full fine-tuning
+])
+def test_auto_precision_on_cuda_follows_compute_capability(cuda, capability, lora, expected):
+    cuda.capability = capability
+    got, chosen = _resolved("cuda:0", lora={"enabled": lora})
+    assert got == expected
+    assert f"compute capability {capability[0]}.{capability[1]}" in chosen.reason
+    assert not dev.check(dev.resolve_precision(_auto_cfg(lora={"enabled": lora}), "cuda:0")[0], "cuda:0")[0]
+
+
+def test_auto_precision_on_mps_follows_macos_and_torch(mac, monkeypatch):
+    assert _resolved("mps")[0] == ("bfloat16", "bf16", "bfloat16")
+    monkeypatch.setattr(dev, "_macos_at_least", lambda major: major <= 13)  # macOS 13: no bf16
+    assert _resolved("mps")[0] == ("float16", "fp16", "float16")
+    monkeypatch.setattr(dev, "_torch_at_least", lambda major, minor: False)  # no MPS autocast at all
+    assert _resolved("mps")[0] == ("float32", "no", "float32")
+
+
+def test_auto_precision_on_cpu_follows_its_bf16_instructions(monkeypatch):
+    monkeypatch.setattr(dev, "_cpu_has_fast_bf16", lambda: True)
+    got, chosen = _resolved("cpu")
+    assert got == ("bfloat16", "no", "bfloat16") and "AVX512-BF16/AMX" in chosen.reason
+    assert _resolved("cpu", lora={"enabled": False})[0] == ("float32", "no", "float32")
+    monkeypatch.setattr(dev, "_cpu_has_fast_bf16", lambda: False)  # bf16 would be emulated: slower than fp32
+    assert _resolved("cpu")[0] == ("float32", "no", "float32")
+
+
+def test_this_cpu_reports_its_bf16_instructions():
+    flags = Path("/proc/cpuinfo").read_text().split() if sys.platform == "linux" else []
+    expected = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert dev.capabilities("cpu").fast_bf16 == expected
+
+
+def test_explicit_settings_win_and_auto_fields_match_their_format(cuda):
+    # the user's own fields are kept; an 'auto' next to them takes the same 16-bit format
+    assert _resolved("cuda:0", model={"dtype": "float16"})[0] == ("float16", "fp16", "float16")
+    assert _resolved("cuda:0", training={"mixed_precision": "fp16"})[0] == ("float16", "fp16", "float16")
+    got, chosen = _resolved("cuda:0", model={"dtype": "float32"}, training={"mixed_precision": "no"})
+    assert got == ("float32", "no", "float32") and "as configured" in chosen.reason
+    assert _resolved("cuda:0", quantization={"mode": "4bit", "compute_dtype": "float32"})[0][2] == "float32"
+
+
+@pytest.mark.parametrize("sections", [
+    {"model": {"dtype": "float16"}, "training": {"mixed_precision": "bf16"}},
+    {"model": {"dtype": "bfloat16"}, "training": {"mixed_precision": "fp16"}},
+    {"model": {"dtype": "bfloat16"}, "quantization": {"mode": "4bit", "compute_dtype": "float16"}},
+])
+def test_two_16_bit_formats_in_one_run_are_refused(sections):
+    with pytest.raises(ConfigError, match="mixes bfloat16 and float16"):
+        _cfg(**sections)
+
+
+def test_fp16_full_finetuning_is_refused_everywhere(cuda):
+    for device in ("cpu", "cuda:0"):
+        problems = _problems(device, model={"dtype": "float16"}, lora={"enabled": False},
+                             training={"mixed_precision": "no"})
+        assert any("model.dtype=float32 with training.mixed_precision=fp16" in p for p in problems), problems
+
+
+def test_run_reports_its_precision_choice(tmp_path, capsys):
+    import json
+
+    from minitune.run import train
+
+    auto = {"model": {"dtype": "auto"}, "training": {"max_steps": 1, "mixed_precision": "auto"}}
+    result = train(tiny_config("tiny-llama", tmp_path / "run", **auto))
+    expected = dev.resolve_precision(_auto_cfg(), "cpu")[1]
+    assert result.precision == expected
+    out = capsys.readouterr().out
+    assert f"precision: {expected.describe()}" in out  # the startup line
+    first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert first["precision"]["reason"] == expected.reason  # log.jsonl says it too
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"  dtype: {expected.dtype}\n" in saved and "dtype: auto" not in saved  # what ran, for eval and resume
+    assert "mixed_precision: auto" not in saved
