@@ -341,3 +341,13 @@ def test_run_reports_its_precision_choice(tmp_path, capsys):
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert f"  dtype: {expected.dtype}\n" in saved and "dtype: auto" not in saved  # what ran, for eval and resume
     assert "mixed_precision: auto" not in saved
+
+
+@pytest.mark.parametrize("name", ["bloom", "gpt-neo-qlora", "opt-125m-qlora", "flan-t5-small", "smollm2-quotes"])
+def test_shipped_configs_leave_precision_to_auto_and_run_on_a_t4(cuda, name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert (cfg.model.dtype, cfg.training.mixed_precision, cfg.quantization.compute_dtype) == ("auto",) * 3
+    cuda.capability = (7, 5)  # a T4: no bf16
+    resolved, chosen = dev.resolve_precision(cfg, "cuda:0")
+    assert "bfloat16" not in (resolved.model.dtype, resolved.quantization.compute_dtype)
+    assert resolved.training.mixed_precision == "fp16" and not dev.check(resolved, "cuda:0")[0]
