@@ -337,7 +337,8 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
     """Predicted peak training memory, from the model's tensors and config shape (no data touched:
     the model may live on the meta device).
 
-    Activations per transformer layer and token, in fp32 bytes (halved under bf16/fp16 autocast):
+    Activations per transformer layer and token, in fp32 bytes (halved under bf16/fp16 autocast, or
+    when most of the weights are 16-bit):
     9*h (saved inputs of the attention linears, q/k/v, norms, residuals) + 2*ffn (the MLP's up
     projection before and after the activation), i.e. the 17*h of Korthikanti et al. (2022) for
     ffn = 4h, + 2*heads*seq (attention scores and probabilities, when the kernel materializes them).
@@ -368,6 +369,7 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
     """
     weights = trainable = trainable_params = 0
     small_trainable = 0
+    half_elements = full_elements = 0  # floating weights in 16 and 32 bits
     seen: set[tuple[int, int]] = set()
     for t in list(model.parameters()) + list(model.buffers()):
         key = _storage_key(t)
@@ -375,6 +377,11 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
             continue
         seen.add(key)
         weights += _nbytes(t)
+        if t.is_floating_point():
+            if t.element_size() == 2:
+                half_elements += t.numel()
+            else:
+                full_elements += t.numel()
         if isinstance(t, nn.Parameter) and t.requires_grad:
             trainable += _nbytes(t)
             if t.numel() < 4096:
@@ -396,7 +403,8 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
     ffn = _cfg(config, "intermediate_size", "ffn_dim", "d_ff", "n_inner", default=4 * h)
     vocab = _cfg(config, "vocab_size", default=0)
     tokens = batch_size * seq_len
-    act_bytes = 2 if mixed_precision in ("bf16", "fp16") else 4
+    # 16-bit activations under autocast, or when most weights are 16-bit (model.dtype=bfloat16/float16)
+    act_bytes = 2 if mixed_precision in ("bf16", "fp16") or half_elements > full_elements else 4
     gated = any(name.rsplit(".", 1)[-1] in ("gate_proj", "wi_0", "w1") for name, _ in model.named_modules())
     scores = batch_size * heads * seq_len * seq_len * 2 * act_bytes  # attention scores and probabilities
     per_layer = tokens * (9 * h + (4 if gated else 2) * ffn) * act_bytes + scores

@@ -153,3 +153,18 @@ def test_format_bytes():
     assert format_bytes(512) == "512 B"
     assert format_bytes(3 * MB) == "3.0 MiB"
     assert format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_estimate_counts_16_bit_activations_for_16_bit_weights():
+    from minitune.config import ModelArgs
+    from minitune.memory import estimate_peak
+    from minitune.model import build_from_config
+
+    shape = {"batch_size": 2, "seq_len": 32}
+    fp32 = estimate_peak(build_from_config(ModelArgs(preset="tiny-llama", dtype="float32")), **shape)
+    bf16 = estimate_peak(build_from_config(ModelArgs(preset="tiny-llama", dtype="bfloat16")), **shape)
+    autocast = estimate_peak(build_from_config(ModelArgs(preset="tiny-llama", dtype="float32")),
+                             mixed_precision="bf16", **shape)
+    logits = 2 * 2 * 32 * 50257 * 4  # fp32 logits and their gradient, the same in every case
+    assert abs(bf16["weights"] * 2 - fp32["weights"]) < 100  # fp32 buffers (rotary frequencies) aside
+    assert bf16["activations"] - logits == (fp32["activations"] - logits) // 2 == autocast["activations"] - logits
