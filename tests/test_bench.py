@@ -8,6 +8,8 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
@@ -50,3 +52,16 @@ def test_failed_and_slow_cells_are_recorded_not_raised():
     assert res["status"].startswith("error: KeyError") and "no-such-preset" in res["status"]
     res = grid.run_cell({"model": "tiny-llama", "steps": 10**6}, timeout=1)
     assert res["status"] == "timeout (> 1 s)"
+
+
+def test_precision_bench_dry_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "precision.py"), "--dry-run", "--jobs", "bloom-560m",
+                           "--precisions", "fp32,auto", "--out", str(tmp_path), "--name", "p"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "p.csv") as f:
+        fp32, auto = list(csv.DictReader(f))
+    assert (fp32["precision"], fp32["dtype"], fp32["mixed_precision"], fp32["speedup_vs_fp32"]) == \
+        ("fp32", "float32", "no", "1.0")
+    assert auto["status"] == "ok" and float(auto["tokens_per_s"]) > 0 and float(auto["eval_loss"]) > 0
+    assert "python bench/precision.py --dry-run" in (tmp_path / "p.md").read_text()
