@@ -54,6 +54,29 @@ def test_failed_and_slow_cells_are_recorded_not_raised():
     assert res["status"] == "timeout (> 1 s)"
 
 
+def test_gpu_check_refuses_to_run_without_a_gpu_unless_dry_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no CUDA device") and "--dry-run" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_part(tmp_path):
+    # ~2-3 min on 2 quiet cores: the CPU path of the script that `make gpu-check` runs on a GPU
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path),
+                           "--name", "dry"], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "dry.csv") as f:
+        rows = list(csv.DictReader(f))
+    parts = {r["part"] for r in rows}
+    assert parts == {"auto", "matrix", "optimizers", "memory", "trainer"}
+    assert not [r for r in rows if r["status"].startswith("FAILED")]
+    assert sum(r["status"] == "trained" for r in rows) >= 5  # auto, 2 matrix cells, 2 optimizer runs
+    assert any(r["part"] == "memory" and r["status"] == "ok" for r in rows)
+    assert (tmp_path / "dry-trainer.md").stat().st_size and (tmp_path / "dry-memory.md").stat().st_size
+
+
 def test_precision_bench_dry_run(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "precision.py"), "--dry-run", "--jobs", "bloom-560m",
                            "--precisions", "fp32,auto", "--out", str(tmp_path), "--name", "p"],

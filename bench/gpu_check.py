@@ -1,0 +1,257 @@
+"""Everything minitune claims about CUDA, checked in one command on one GPU (under ~8 minutes).
+
+    python bench/gpu_check.py                 # on a CUDA machine: writes bench/results/gpu-<date>.{md,csv}
+    python bench/gpu_check.py --parts matrix,optimizers
+    python bench/gpu_check.py --dry-run       # any machine: every part at toy size, to check the script
+
+Parts:
+1. `matrix`: the precision matrix (tests/test_precision.py's all-pairs cells: model.dtype x
+   mixed_precision x loss x quantization x gradient checkpointing, causal and seq2seq) through
+   `minitune.train` on the GPU. Expected: every cell trains (losses finite and falling, adapters
+   fp32), except a mix of two 16-bit formats, refused up front (and bf16 where the GPU has none).
+2. `optimizers`: 8-bit and 4-bit bases with every bitsandbytes optimizer, paged ones included
+   (on CUDA they must stay paged: the optimizer class is recorded).
+3. `memory`: the memory grid's GPU cells, gpt-neo-1.3B and a T0-3B-sized T5, full fine-tuning vs
+   LoRA vs QLoRA at batch 4 x 256 (bench/memory_grid.py --grid gpu), with predicted vs measured
+   peak (`max_memory_allocated`).
+4. `trainer`: bench/compare_trainer.py on the GPU (minitune vs transformers.Trainer, each side with
+   its default settings).
+5. `auto`: what precision `auto` chooses on this GPU, and the default tiny run with it.
+
+Each part runs even if an earlier one failed; each check is one row of the CSV (part, name,
+status, detail, seconds). `--dry-run` uses tiny models, two matrix cells, two optimizers, the
+memory grid's smoke sizes and the Trainer comparison's tiny row, on whatever device is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+PARTS = ("auto", "matrix", "optimizers", "memory", "trainer")
+BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "lion8bit", "paged_lion8bit")
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _train_row(part: str, name: str, cfg: dict, expect_refusal: str = "") -> dict:
+    """Run `minitune.train(cfg)`; one result row (trained / refused / failed, with the evidence)."""
+    from minitune.config import ConfigError
+    from minitune.run import train
+
+    t0 = time.perf_counter()
+    try:
+        result = train(cfg)
+    except ConfigError as e:
+        ok = bool(expect_refusal) and expect_refusal in str(e)
+        return {"part": part, "name": name, "status": "refused as expected" if ok else "FAILED: refused",
+                "detail": str(e).splitlines()[-1][:200], "seconds": time.perf_counter() - t0}
+    except Exception as e:  # recorded, so that the other checks still run
+        return {"part": part, "name": name, "status": "FAILED: error", "seconds": time.perf_counter() - t0,
+                "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    losses = _losses(Path(cfg["training"]["output_dir"]))
+    falling = all(x == x and abs(x) != float("inf") for x in losses) and losses[-1] < losses[0]
+    status = "trained" if falling and not expect_refusal else ("FAILED: should be refused" if expect_refusal
+                                                              else "FAILED: loss did not fall")
+    return {"part": part, "name": name, "status": status, "seconds": time.perf_counter() - t0,
+            "detail": f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; weights {result.precision.dtype}, autocast "
+                      f"{result.precision.mixed_precision}",
+            "peak_mb": result.memory.get("peak_mb"),
+            "predicted_mb": result.memory.get("predicted", {}).get("total", 0) / 2**20}
+
+
+def part_auto(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    import torch
+
+    from minitune import device as dev
+    from tests.conftest import tiny_config
+
+    device = dev.resolve_device("auto")
+    chosen = dev.choose_precision(dev.capabilities(device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    rows = [{"part": "auto", "name": f"choice on {name}", "status": "info", "detail": chosen.describe()}]
+    cfg = tiny_config("tiny-llama", tmp / "auto", model={"dtype": "auto"}, training={"mixed_precision": "auto"})
+    rows.append(_train_row("auto", "tiny-llama with auto", cfg))
+    return rows
+
+
+def part_matrix(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    from minitune import device as dev
+    from tests.test_precision import PAIRWISE, cell_config
+
+    caps = dev.capabilities(dev.resolve_device("auto"))
+    cells = PAIRWISE[:2] if args.dry_run else PAIRWISE
+    rows = []
+    for i, cell in enumerate(cells):
+        _, dtype, mixed, _, quant, _ = cell
+        halves = {dtype, {"bf16": "bfloat16", "fp16": "float16"}.get(mixed), quant.partition("-")[2]}
+        if {"bfloat16", "float16"} <= halves:
+            expect = "mixes bfloat16 and float16"
+        elif "bfloat16" in halves and not caps.bf16:
+            expect = "bfloat16 is not supported"
+        elif mixed == "fp16" and not caps.fp16_autocast:
+            expect = "training.mixed_precision=fp16"
+        else:
+            expect = ""
+        cfg = cell_config(cell, tmp / f"cell{i}")
+        cfg["training"]["device"] = "auto"
+        rows.append(_train_row("matrix", "-".join(map(str, cell)), cfg, expect))
+    return rows
+
+
+def part_optimizers(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    from minitune import device as dev
+    from tests.conftest import tiny_config
+
+    device = dev.resolve_device("auto")
+    names = ("paged_adamw8bit",) if args.dry_run else BNB_OPTIMIZERS
+    rows = []
+    for mode in ("8bit", "4bit"):
+        for name in names:
+            cfg = tiny_config("tiny-llama", tmp / f"opt-{mode}-{name}", quantization={"mode": mode},
+                              lora={"target_modules": ["all-linear"], "dropout": 0.0},
+                              data={"max_samples": 8}, optimizer={"name": name, "lr": 3e-3 if "lion" in name else 1e-2},
+                              training={"max_steps": 6, "batch_size": 8})
+            row = _train_row("optimizers", f"{mode} + {name}", cfg)
+            row["detail"] = f"runs as {dev.optimizer_name_for(name, device)}; {row.get('detail', '')}"
+            rows.append(row)
+    return rows
+
+
+def _script(part: str, cmd: list[str], timeout: float) -> tuple[dict, subprocess.CompletedProcess | None]:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, *cmd], cwd=REPO, env=_env(), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"part": part, "name": " ".join(cmd), "status": f"FAILED: timeout (> {timeout:.0f} s)",
+                "seconds": time.perf_counter() - t0}, None
+    status = "ran" if proc.returncode == 0 else f"FAILED: exit {proc.returncode}"
+    detail = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+    return {"part": part, "name": "python " + " ".join(cmd), "status": status, "detail": detail,
+            "seconds": time.perf_counter() - t0}, proc
+
+
+def part_memory(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    if args.dry_run:
+        sizes = ["--grid", "smoke", "--methods", "full,lora,qlora"]
+    else:
+        sizes = ["--grid", "gpu", "--models", "gpt-neo-1.3b,t0-3b", "--methods", "full,lora,qlora",
+                 "--batch-sizes", "4", "--seq-lens", "256", "--steps", "3", "--warmup", "1"]
+    row, proc = _script("memory", ["bench/memory_grid.py", *sizes, "--parts", "grid", "--out", str(tmp),
+                                   "--name", "grid"], args.timeout)
+    rows = [row]
+    if proc is not None and proc.returncode == 0:
+        with open(tmp / "grid.csv") as f:
+            for cell in csv.DictReader(f):
+                ratio = cell.get("ratio") or ""
+                rows.append({"part": "memory", "name": f"{cell['model']} {cell['method']} {cell.get('batch_size')}x"
+                             f"{cell.get('seq_len')}", "status": cell["status"],
+                             "peak_mb": cell.get("peak_train_mb"), "predicted_mb": cell.get("predicted_mb"),
+                             "detail": f"measured/predicted {ratio}" if ratio else cell.get("note", "")})
+        (args.out_dir / f"{args.name}-memory.md").write_text((tmp / "grid.md").read_text())
+    return rows
+
+
+def part_trainer(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    sizes = ["--rows", "tiny-llama", "--steps", "2", "--repeats", "1"] if args.dry_run else ["--repeats", "1"]
+    row, proc = _script("trainer", ["bench/compare_trainer.py", *sizes, "--threads", "0", "--out",
+                                    str(tmp / "trainer")], args.timeout)
+    if proc is not None and proc.returncode == 0:
+        (args.out_dir / f"{args.name}-trainer.md").write_text((tmp / "trainer.md").read_text())
+        row["detail"] = f"table in {args.name}-trainer.md"
+    return [row]
+
+
+def _num(v) -> str:
+    try:
+        return f"{float(v):,.0f}"
+    except (TypeError, ValueError):
+        return "-"
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| part | check | status | detail | peak MiB | predicted MiB | s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['part']} | {r['name']} | {r['status']} | {r.get('detail', '')} | {_num(r.get('peak_mb'))} "
+                     f"| {_num(r.get('predicted_mb'))} | {r.get('seconds', 0):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    p.add_argument("--dry-run", action="store_true", help="toy sizes on any device (checks the script)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds for each benchmark script")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--name", help="file stem (default gpu-<date>, or dry-run-<date>)")
+    args = p.parse_args(argv)
+    parts = [x for x in args.parts.split(",") if x]
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown:
+        print(f"error: unknown part {unknown}; choose from {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    import torch
+
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("error: no CUDA device is visible; run this on a GPU machine, or add --dry-run to check the script "
+              "on this one", file=sys.stderr)
+        return 2
+    today = datetime.date.today().isoformat()
+    args.name = args.name or (f"dry-run-{today}" if args.dry_run else f"gpu-{today}")
+    args.out_dir = args.out
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="minitune-gpu-check-") as tmp:
+        for part in parts:
+            print(f"== {part}", flush=True)
+            folder = Path(tmp) / part
+            folder.mkdir()
+            try:
+                new = globals()[f"part_{part}"](args, folder)
+            except Exception as e:  # one broken part must not hide the others
+                traceback.print_exc()
+                new = [{"part": part, "name": part, "status": f"FAILED: {type(e).__name__}: {e}"[:200]}]
+            for r in new:
+                print(f"  {r['name']}: {r['status']} {r.get('detail', '')}", flush=True)
+            rows += new
+    failed = [r for r in rows if str(r["status"]).startswith("FAILED")]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (dry run)"
+    header = (f"# GPU check ({today}, {gpu}, torch {torch.__version__}, {platform.machine()})\n\n"
+              f"`python bench/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}` in "
+              f"{(time.perf_counter() - t0) / 60:.1f} min: {len(rows)} checks, {len(failed)} failed.")
+    (args.out / f"{args.name}.md").write_text(markdown(rows, header))
+    with open(args.out / f"{args.name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["part", "name", "status", "detail", "peak_mb", "predicted_mb", "seconds"],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(markdown(rows, header))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
