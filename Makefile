@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train eval test test-slow test-all lint bench bench-memory bench-trainer clean
+.PHONY: setup train eval test test-slow test-all lint bench bench-memory bench-precision bench-trainer gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,12 @@ test-all: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+bench-precision: setup  # tokens/s, peak and eval loss per precision (~25 min on 2 CPU cores)
+	$(BIN)/python bench/precision.py $(ARGS)
+
+gpu-check: setup  # on a CUDA machine: every CUDA claim checked in one command (< 8 min); ARGS=--dry-run anywhere
+	$(BIN)/python bench/gpu_check.py $(ARGS)
 
 bench-memory: setup  # full FT vs LoRA vs 8-bit vs 4-bit (~12 min on 2 CPU cores); ARGS="--grid gpu" on a GPU
 	$(BIN)/python bench/memory_grid.py $(ARGS)
