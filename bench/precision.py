@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown precision {unknown}; choose from {', '.join(PRECISIONS)}", file=sys.stderr)
         return 2
     results = []
+    load_start = os.getloadavg()[0]
     for job in jobs:
         job_config(job, args)  # an unknown job fails before any run
         for repeat in range(args.repeats):
@@ -226,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"# Precision table ({datetime.date.today().isoformat()}, {platform.machine()}, "
               f"{os.cpu_count()} CPUs, device {device})\n\n`{command.strip()}`\n\n"
               f"tokens/s: median over timed steps (first {args.warmup} left out) and over {args.repeats} run(s); "
-              "peak: the run's profiler (CPU: RSS above the process baseline); eval loss: the run's final evaluation.")
+              "peak: the run's profiler (CPU: RSS above the process baseline); eval loss: the run's final evaluation. "
+              f"Load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 cores: above ~2, other "
+              "processes shared the CPU and the tokens/s are low and noisy).")
     (args.out / f"{name}.md").write_text(markdown(rows, header))
     (args.out / f"{name}.json").write_text(json.dumps({"command": command, "runs": results, "rows": rows}, default=str))
     fields = ["job", "precision", "dtype", "mixed_precision", "tokens_per_s", "speedup_vs_fp32", "peak_mb",
