@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TrainState", "count_items", "default_loss", "evaluate_loss", "fit"]
+from .lm import count_targets, model_kind, shift_targets, unwrap
+
+__all__ = ["TrainState", "count_items", "decoder_inputs", "default_loss", "evaluate_loss", "fit"]
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
 
@@ -65,21 +67,22 @@ def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Ten
 
     Works for causal LMs (labels shifted by one) and seq2seq models (decoder inputs built from the
     labels). A model whose forward returns a scalar loss (any `nn.Module`) counts as one item.
+    `default_loss.count(model, batch)` counts the same items without running the model (`fit`
+    normalises the gradient by it before the backward pass).
     """
     labels = batch.get("labels")
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     config = _config_of(model)
     if labels is None or config is None:
         out = model(**batch)
         loss = out if torch.is_tensor(out) else out["loss"]
         return loss, torch.ones((), device=loss.device)
-    if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = _decoder_inputs(model, labels)
-        targets = labels
-    else:
-        # Shift the labels, not the logits: `logits[:, :-1]` cannot be flattened without a copy of the
-        # whole batch x seq x vocab tensor (and its gradient); the last position simply gets no target.
-        targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    kind = model_kind(config)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = decoder_inputs(model, labels)
+    # Shift the labels, not the logits: `logits[:, :-1]` cannot be flattened without a copy of the
+    # whole batch x seq x vocab tensor (and its gradient); the last position simply gets no target.
+    targets = shift_targets(labels, kind, keep_length=True)
     logits = model(**inputs).logits
     loss_sum = nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
@@ -87,19 +90,25 @@ def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Ten
     return loss_sum, (targets != -100).sum()
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    """The module inside DDP (which, unlike FSDP or a PeftModel, does not forward attributes)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def count_items(model: nn.Module, batch: dict) -> torch.Tensor | int:
+    """The items `default_loss` counts for `batch`: target tokens (1 for a model that returns its own loss)."""
+    labels = batch.get("labels")
+    config = _config_of(model)
+    if labels is None or config is None:
+        return 1
+    return count_targets(labels, model_kind(config))
+
+
+default_loss.count = count_items  # type: ignore[attr-defined]
 
 
 def _config_of(model: nn.Module) -> Any:
-    return getattr(_bare(model), "config", None)
+    return getattr(unwrap(model), "config", None)
 
 
-def _decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base = getattr(base, "module", base)  # DDP
-    return base.prepare_decoder_input_ids_from_labels(labels=labels)
+def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """A seq2seq model's decoder inputs: the labels shifted right (peft forwards the method to its base)."""
+    return unwrap(model).prepare_decoder_input_ids_from_labels(labels=labels)
 
 
 @torch.no_grad()
@@ -113,7 +122,7 @@ def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batche
     only, without the examples Accelerate repeats to even out the last batch.
     """
     model.eval()
-    net = _bare(model)
+    net = unwrap(model, keep_compiled=True)  # DDP's forward would wait for the other processes
     procs, rank = accelerator.num_processes, accelerator.process_index
     total = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
@@ -428,17 +437,6 @@ def _stash_pending(state: TrainState, accelerator: Any, loss_sum: torch.Tensor, 
     state.pending_tokens = int(accelerator.reduce(tokens, reduction="sum").item())
 
 
-def count_items(model: nn.Module, batch: dict) -> torch.Tensor | int:
-    """Target tokens `default_loss` will count for `batch` (1 for a model that returns its own loss)."""
-    labels = batch.get("labels")
-    config = _config_of(model)
-    if labels is None or config is None:
-        return 1
-    if getattr(config, "is_encoder_decoder", False):
-        return (labels != -100).sum()
-    return (labels[:, 1:] != -100).sum()  # causal LMs predict labels[1:]
-
-
 def _say(logger: Any, accelerator: Any, text: str) -> None:
     """A line for the user, through the logger (which keeps the progress bar intact) if there is one."""
     if logger is not None and hasattr(logger, "message"):
@@ -465,7 +463,7 @@ def _grad_norm(accelerator: Any, params: list[torch.Tensor], max_norm: float) ->
 def _module_grad_norms(model: nn.Module) -> dict[str, float]:
     """L2 norm of each LoRA factor's gradient, keyed 'grad_norm/<module>.lora_A'."""
     out = {}
-    for name, p in _bare(model).named_parameters():
+    for name, p in unwrap(model).named_parameters():
         if p.grad is not None and (".lora_A." in name or ".lora_B." in name):
             key = name.replace("base_model.model.", "").replace(".default.weight", "").replace(".weight", "")
             out[f"grad_norm/{key}"] = p.grad.detach().float().norm().item()

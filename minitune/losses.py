@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .loop import LossFn, _decoder_inputs, default_loss
+from .lm import model_kind, shift_targets, unwrap
+from .loop import LossFn, count_items, decoder_inputs, default_loss
 
 __all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "linear_cross_entropy", "live_logit_positions",
            "loss_fn_for"]
@@ -60,10 +61,10 @@ def loss_fn_for(name: str, chunk_size: int = 0) -> LossFn:
     """
     if name == "full":
         return default_loss
-    if name == "chunked":
-        return functools.partial(chunked_loss, chunk_size=chunk_size)
-    if name == "auto":
-        return functools.partial(chunked_loss, chunk_size=chunk_size, warn=False)
+    if name in ("chunked", "auto"):  # 'auto': no warning where it falls back to the full loss
+        fn = functools.partial(chunked_loss, chunk_size=chunk_size, **({"warn": False} if name == "auto" else {}))
+        fn.count = count_items  # what `fit` normalises the gradient by: the same target tokens
+        return fn
     raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
 
 
@@ -83,20 +84,10 @@ def _not_chunkable(inner: nn.Module) -> str:
 def live_logit_positions(model: nn.Module, name: str, chunk_size: int = 0) -> int | None:
     """How many positions' logits the loss `name` keeps alive at once on `model` (for
     `memory.estimate_peak`): None for the full loss (all of them), the chunk size for the chunked one."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if name == "full" or _not_chunkable(inner):
         return None
     return chunk_size or auto_chunk_size(getattr(inner.config, "vocab_size", 0) or 1)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / torch.compile wrappers (peft's wrapper forwards attributes itself)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or (
-            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -145,7 +136,7 @@ def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0,
         `default_loss`, with a warning once.
     """
     labels = batch.get("labels")
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = getattr(inner, "config", None)
     if labels is None or config is None:
         return default_loss(model, batch)
@@ -156,16 +147,14 @@ def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0,
     head = inner.get_output_embeddings()
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    seq2seq = getattr(config, "is_encoder_decoder", False)
-    if seq2seq:
-        inputs["decoder_input_ids"] = _decoder_inputs(inner, labels)
+    kind = model_kind(config)
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = decoder_inputs(inner, labels)
     with _HeadBypassed(head):
         out = model(**inputs, use_cache=False)
     hidden = out["logits"] if isinstance(out, dict) else out[0]
-    if seq2seq:
-        targets = labels
-    else:  # a causal LM predicts token t+1 from position t
-        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    targets = shift_targets(labels, kind)
+    hidden = hidden[:, : targets.size(1)]  # a causal LM's last position has no target
     loss_sum = linear_cross_entropy(hidden, head, targets, chunk_size=chunk_size)
     return loss_sum, (targets != -100).sum()
 
