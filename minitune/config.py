@@ -2,7 +2,7 @@
 
 A run is described by one :class:`Config` made of sections (model, quantization, lora, data,
 optimizer, training, logging). Every field has a default and a docstring-like ``help`` in its
-metadata. :func:`load_config` reads YAML, applies dotted overrides such as ``training.lr=1e-4``,
+metadata. :func:`load_config` reads YAML, applies dotted overrides such as ``optimizer.lr=1e-4``,
 and :func:`validate` collects *every* problem into one :class:`ConfigError`, before any weights load.
 """
 
@@ -349,7 +349,7 @@ def _build(data: dict[str, Any], problems: list[str]) -> Config:
 
 
 def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
-    """Turn ``["training.lr=1e-4", "lora.r=16"]`` into a nested dict; values are parsed as YAML.
+    """Turn ``["optimizer.lr=1e-4", "lora.r=16"]`` into a nested dict; values are parsed as YAML.
 
     Raises:
         ConfigError: an override is not of the form ``section.key=value``.
@@ -360,7 +360,7 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            problems.append(f"override '{item}' is not of the form section.key=value (e.g. training.lr=1e-4)")
+            problems.append(f"override '{item}' is not of the form section.key=value (e.g. optimizer.lr=1e-4)")
             continue
         try:
             value = yaml_load(raw) if raw.strip() else None

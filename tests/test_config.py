@@ -121,3 +121,10 @@ def test_string_keys_take_the_word_the_user_typed(tmp_path):
 def test_precision_defaults_are_auto():
     cfg = load_config({"model": {"preset": "tiny-llama"}, "data": {"path": "x.jsonl"}})
     assert (cfg.model.dtype, cfg.training.mixed_precision, cfg.quantization.compute_dtype) == ("auto",) * 3
+
+def test_malformed_override_hint_is_itself_a_valid_override():
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny_config(), ["lr"])
+    hint = str(e.value).split("(e.g. ")[1].split(")")[0]
+    assert hint == "optimizer.lr=1e-4"
+    assert load_config(tiny_config(), [hint]).optimizer.lr == pytest.approx(1e-4)
