@@ -35,6 +35,8 @@ from torch import nn
 from .checkpoint import MARKER, CheckpointError
 from .config import Config, QuantizationArgs, load_config
 from .data import DataError
+from .lm import model_kind
+from .model import resolve_kind
 from .run import RunError
 
 __all__ = [
@@ -127,10 +129,6 @@ def perplexity(model: nn.Module, loader: Any, *, max_batches: int = 0, on_batch:
 # generation
 
 
-def _is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -171,7 +169,7 @@ def generate(
     from .data import ensure_pad_token
 
     pad_id = ensure_pad_token(tokenizer)
-    seq2seq = _is_seq2seq(model)
+    seq2seq = model_kind(model) == "seq2seq"
     device = _device_of(model)
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
     if temperature > 0:
@@ -519,12 +517,10 @@ def _checkpoint_model_kind(path: Path, cfg: Config) -> str:
         if adapter.is_file():
             return "seq2seq" if json.loads(adapter.read_text()).get("task_type") == "SEQ_2_SEQ_LM" else "causal"
         if config.is_file():
-            return "seq2seq" if json.loads(config.read_text()).get("is_encoder_decoder") else "causal"
+            return model_kind(json.loads(config.read_text()))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint '{path}' has an unreadable config ({e}); it is corrupt") from None
-    from .run import _kind_of
-
-    return _kind_of(cfg)
+    return resolve_kind(cfg.model)
 
 
 def _load_tokenizer(path: Path, cfg: Config) -> Any:

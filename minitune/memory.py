@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .lm import model_kind
+
 __all__ = ["MemoryProfiler", "estimate_peak", "format_bytes", "tensor_breakdown"]
 
 MB = 2**20
@@ -396,7 +398,7 @@ def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int
     h = _cfg(config, "hidden_size", "d_model", "n_embd", default=0)
     layers = _cfg(config, "num_hidden_layers", "num_layers", "n_layer", default=0)
     decoder_layers = 0  # an encoder-decoder's decoder layers (with cross-attention)
-    if getattr(config, "is_encoder_decoder", False):
+    if model_kind(config) == "seq2seq":
         decoder_layers = _cfg(config, "num_decoder_layers", default=layers)
         layers += decoder_layers
     heads = _cfg(config, "num_attention_heads", "num_heads", "n_head", default=1)

@@ -11,13 +11,21 @@ import dataclasses
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
+from peft import LoraConfig, TaskType, get_peft_model
+from safetensors.torch import save_model
 from torch import nn
+from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
-from .config import LoraArgs, ModelArgs, QuantizationArgs
+from .config import Config, LoraArgs, ModelArgs, QuantizationArgs, lora_args
+from .device import resolve_precision
+from .lm import model_kind
+from .presets import PRESETS, preset_config
 
 __all__ = [
     "ModelError",
@@ -27,9 +35,11 @@ __all__ = [
     "linear_module_names",
     "load_model",
     "load_tokenizer",
+    "model_config",
     "model_kind",
     "prepare_for_training",
     "prepare_model",
+    "resolve_kind",
     "trainable_parameters",
 ]
 
@@ -68,11 +78,6 @@ def resolve_path(name: str) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def model_kind(config: Any) -> str:
-    """'seq2seq' for encoder-decoder configs, else 'causal'."""
-    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
-
-
 def _offline_hint(what: str, name: str, err: Exception) -> ModelError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if not os.path.exists(name) and "/" in name and offline:
@@ -93,8 +98,6 @@ def load_tokenizer(args: ModelArgs) -> Any:
     Raises:
         ModelError: nothing to load it from, or it cannot be loaded.
     """
-    from transformers import AutoTokenizer
-
     name = args.tokenizer or args.name_or_path
     if not name:
         raise ModelError("set model.tokenizer: a model built from a preset or config file has no tokenizer of its own")
@@ -110,8 +113,6 @@ def load_tokenizer(args: ModelArgs) -> Any:
 
 
 def _auto_class(kind: str) -> Any:
-    import transformers
-
     return transformers.AutoModelForSeq2SeqLM if kind == "seq2seq" else transformers.AutoModelForCausalLM
 
 
@@ -119,8 +120,6 @@ def quantization_config(q: QuantizationArgs) -> Any:
     """transformers.BitsAndBytesConfig for the quantization section (None when mode is 'none')."""
     if q.mode == "none":
         return None
-    from transformers import BitsAndBytesConfig
-
     skip = list(q.skip_modules) or None
     if q.mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -133,24 +132,47 @@ def quantization_config(q: QuantizationArgs) -> Any:
     )
 
 
-def _config_from_args(args: ModelArgs) -> Any:
-    from transformers import AutoConfig
+def model_config(args: ModelArgs) -> Any:
+    """The transformers config of the model section (a preset, `model.config_file`, or the model's
+    own config), without loading weights.
 
-    from .presets import preset_config
-
+    Raises:
+        ModelError: an unknown preset, or a config that cannot be read (offline, missing files).
+    """
     if args.preset:
         try:
             return preset_config(args.preset)
         except KeyError as e:
             raise ModelError(str(e.args[0])) from None
-    return AutoConfig.from_pretrained(args.config_file)
+    path = args.config_file or resolve_path(args.name_or_path)
+    extra = {"gguf_file": args.gguf_file} if args.gguf_file and not args.config_file else {}
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code, **extra)
+    except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is missing
+        raise _offline_hint("model", path, e) from None
+
+
+def resolve_kind(args: ModelArgs, config: Any = None) -> str:
+    """'causal' or 'seq2seq': `model.kind`, or (when 'auto') what the model's config says.
+
+    Args:
+        args: the model section.
+        config: its transformers config if already at hand (else read with `model_config`).
+
+    Returns:
+        'causal' or 'seq2seq'.
+
+    Raises:
+        ModelError: the config cannot be read.
+    """
+    if args.kind != "auto":
+        return args.kind
+    return model_kind(config if config is not None else model_config(args))
 
 
 def _untie_lm_head_if_configured(model: nn.Module, args: ModelArgs) -> None:
     """T5 v1.1 / flan-t5 have an lm_head separate from the shared embedding; transformers 5 ties it
     regardless of `tie_word_embeddings`, which would lose 16M parameters on flan-t5-small."""
-    from .presets import PRESETS
-
     if not args.preset or PRESETS[args.preset][1].get("tie_word_embeddings", True):
         return
     if model_kind(model.config) != "seq2seq":
@@ -170,9 +192,6 @@ def _without_auto(args: ModelArgs, quant: QuantizationArgs,
         return (dataclasses.replace(args, dtype="float32" if args.dtype == "auto" else args.dtype),
                 dataclasses.replace(quant, compute_dtype="float32" if quant.compute_dtype == "auto"
                                     else quant.compute_dtype))
-    from .config import Config
-    from .device import resolve_precision
-
     resolved, _ = resolve_precision(Config(model=args, quantization=quant), device)
     return resolved.model, resolved.quantization
 
@@ -181,8 +200,8 @@ def build_from_config(args: ModelArgs, *, seed: int = 0) -> nn.Module:
     """A randomly initialised model from a preset or config file (seeded); model.dtype 'auto' is
     float32 here (no device is named)."""
     args, _ = _without_auto(args, QuantizationArgs(), None)
-    config = _config_from_args(args)
-    kind = args.kind if args.kind != "auto" else model_kind(config)
+    config = model_config(args)
+    kind = resolve_kind(args, config)
     torch.manual_seed(seed)
     model = _auto_class(kind).from_config(config, dtype=DTYPES[args.dtype])
     _untie_lm_head_if_configured(model, args)
@@ -222,8 +241,6 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
         with tempfile.TemporaryDirectory(prefix="minitune-init-") as tmp:
             # Written by hand, not with save_pretrained: under torch.distributed transformers writes
             # only on rank 0, and every process needs its own copy to quantize.
-            from safetensors.torch import save_model
-
             model.config.save_pretrained(tmp)
             save_model(model, os.path.join(tmp, "model.safetensors"))
             del model, head
@@ -238,8 +255,7 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
 
 
 def _from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.device | None, kind: str | None = None):
-    from transformers import AutoConfig
-
+    kind = kind or resolve_kind(args)
     kwargs: dict[str, Any] = {"dtype": DTYPES[args.dtype], "trust_remote_code": args.trust_remote_code}
     if args.gguf_file:
         kwargs["gguf_file"] = args.gguf_file
@@ -249,12 +265,6 @@ def _from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.devic
         kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": device if device is not None else "cpu"}
     try:
-        if kind is None:
-            if args.kind != "auto":
-                kind = args.kind
-            else:
-                extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-                kind = model_kind(AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code, **extra))
         model = _auto_class(kind).from_pretrained(path, **kwargs)
     except Exception as e:
         raise _offline_hint("model", path, e) from None
@@ -403,8 +413,6 @@ def apply_lora(model: nn.Module, args: LoraArgs) -> nn.Module:
     Raises:
         ModelError: target modules that match nothing (the message lists the model's linear modules).
     """
-    from peft import LoraConfig, TaskType, get_peft_model
-
     targets: list[str] | str = list(args.target_modules) if args.target_modules else default_target_modules(model)
     if targets == ["all-linear"]:
         targets = "all-linear"  # peft's shorthand: every linear layer except the output head
@@ -445,6 +453,7 @@ def prepare_model(
     fp32_norms: str = "norms",
     gradient_checkpointing: bool = False,
     reentrant: bool = False,
+    on_phase: Callable[[str], Any] | None = None,
 ) -> tuple[nn.Module, PreparationReport]:
     """Prepare a loaded model for training and attach LoRA: usable with any loop, `Trainer` included.
 
@@ -455,6 +464,8 @@ def prepare_model(
         fp32_norms: 'norms' (default), 'all' or 'none'.
         gradient_checkpointing: enable activation checkpointing.
         reentrant: reentrant checkpointing (input gradients are enabled for it).
+        on_phase: called with 'prepare' after the preparation and 'lora' after LoRA is attached
+            (e.g. `MemoryProfiler.phase`, to see what each costs).
 
     Returns:
         (model, report): the (peft-wrapped) model and what was done, with `report.trainable_line`.
@@ -464,14 +475,16 @@ def prepare_model(
         ModelError: LoRA targets match nothing, or checkpointing is unsupported.
     """
     if isinstance(lora, dict):
-        from .config import lora_args
-
         lora = lora_args(lora)  # the config's own checks: unknown keys, r > 0, dropout in [0, 1)
     full = lora is None or not lora.enabled
     report = prepare_for_training(model, train_all=full, fp32_norms=fp32_norms,
                                   gradient_checkpointing=gradient_checkpointing, reentrant=reentrant)
+    if on_phase is not None:
+        on_phase("prepare")
     if not full:
         model = apply_lora(model, lora)
+        if on_phase is not None:
+            on_phase("lora")
         report.lora_targets = list(model.peft_config["default"].target_modules)
         report.trainable, report.total = trainable_parameters(model)
     return model, report

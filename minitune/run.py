@@ -123,7 +123,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     from .loop import TrainState, evaluate_loss, fit
     from .losses import live_logit_positions, loss_fn_for
     from .memory import MemoryProfiler, estimate_peak, format_bytes, tensor_breakdown
-    from .model import apply_lora, load_model, load_tokenizer, prepare_for_training, trainable_parameters
+    from .model import apply_lora, load_model, load_tokenizer, prepare_for_training, resolve_kind, trainable_parameters
     from .optim import build_optimizer, build_scheduler
     from .report import RunLogger, summary_table
 
@@ -155,7 +155,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         accelerator.print(f"warning: {note}")
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model)
-    kind = cfg.model.kind if cfg.model.kind != "auto" else _kind_of(cfg)
+    kind = resolve_kind(cfg.model)
     data = build_data(cfg.data, tokenizer, seq2seq=kind == "seq2seq")
 
     profiler = MemoryProfiler(accelerator.device, phases_every=cfg.logging.memory_phases_every or cfg.logging.log_every)
@@ -364,25 +364,6 @@ def _reset_single_process_state() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _kind_of(cfg: Config) -> str:
-    """'causal' or 'seq2seq' from the model's config, without loading weights."""
-    from .model import model_kind, resolve_path
-    from .presets import preset_config
-
-    if cfg.model.preset:
-        return model_kind(preset_config(cfg.model.preset))
-    from transformers import AutoConfig
-
-    path = cfg.model.config_file or resolve_path(cfg.model.name_or_path)
-    kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
-    try:
-        return model_kind(AutoConfig.from_pretrained(path, **kwargs))
-    except Exception as e:
-        from .model import _offline_hint
-
-        raise _offline_hint("model", path, e) from None
 
 
 # What a resumed run must share with the checkpoint's run to continue it exactly: section -> keys
