@@ -86,10 +86,10 @@ def _optimizer_args():
 def _run_minitune(model, batches: list[dict], grad_accum: int, loss: str = "full") -> dict:
     from accelerate import Accelerator
 
+    from minitune.build import _reset_single_process_state
     from minitune.loop import fit
     from minitune.losses import loss_fn_for
     from minitune.optim import build_optimizer, build_scheduler
-    from minitune.run import _reset_single_process_state
 
     _reset_single_process_state()
     accelerator = Accelerator(cpu=True)
@@ -115,7 +115,7 @@ def _run_trainer(model, batches: list[dict], grad_accum: int, tmp_path) -> dict:
     from torch.utils.data import DataLoader
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from minitune.run import _reset_single_process_state
+    from minitune.build import _reset_single_process_state
 
     _reset_single_process_state()
     micro: list[torch.Tensor] = []

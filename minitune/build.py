@@ -1,0 +1,483 @@
+"""Builders: each `setup_*` makes one part of a run from its config, and `setup` makes them all into
+one `Parts` (torchtune's `_setup_*` factories, litgpt's `main`). `train`, `evaluate_checkpoint` and
+bench/ build with these, so a run is put together one way.
+
+`setup` keeps the order in which everything that can be wrong with the input is found before any
+weights load: device and precision -> device checks -> resume checkpoint -> output folder ->
+tokenizer -> data -> model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+
+from . import device as dev
+from .checkpoint import (
+    CheckpointError,
+    clean_debris,
+    find_latest,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from .config import Config, ConfigError, yaml_load
+from .data import DataBundle, build_data, make_dataloader
+from .loop import LoopArgs, LossFn, TrainState
+from .losses import live_logit_positions, loss_fn_for
+from .memory import MemoryProfiler, estimate_peak, format_bytes
+from .model import PreparationReport, load_model, load_tokenizer, prepare_model, resolve_kind
+from .optim import build_optimizer, build_scheduler
+from .report import RunLogger
+
+__all__ = ["DeviceChoice", "Parts", "RunError", "loop_args", "setup", "setup_accelerator", "setup_data",
+           "setup_device", "setup_model", "train_loader", "with_split"]
+
+
+class RunError(RuntimeError):
+    """The run cannot start or continue; the message names the problem and the fix."""
+
+
+@dataclass
+class DeviceChoice:
+    """Where a run trains and in what precision (`setup_device`)."""
+
+    device: torch.device
+    precision: dev.Precision  # what 'auto' chose, and why
+    notes: list[str]  # warnings to show (e.g. a paged optimizer running unpaged)
+
+
+@dataclass
+class Parts:
+    """Everything `fit` and the end of a run need, built from one config by `setup`."""
+
+    cfg: Config  # the config the run trains with (precision resolved; saved in every checkpoint)
+    accelerator: Accelerator
+    precision: dev.Precision
+    model: nn.Module  # prepared (DDP-wrapped under several processes)
+    tokenizer: Any
+    data: DataBundle
+    train_loader: Any
+    eval_loader: Any  # None without validation data
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    profiler: MemoryProfiler
+    logger: RunLogger
+    loss_fn: LossFn
+    prep: PreparationReport
+    predicted: dict[str, Any]  # estimate_peak's prediction
+    total_steps: int
+    out: Path
+    resume_from: Path | None
+    state: TrainState
+
+    def save(self, state: TrainState) -> Path:
+        """Save `state` as out/checkpoint-NNNNNN (what `fit` calls every training.save_every steps)."""
+        path = self.out / f"checkpoint-{state.step:06d}"
+        save_checkpoint(path, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
+                        scheduler=self.scheduler, state=state, config=self.cfg, tokenizer=self.tokenizer,
+                        keep_last=self.cfg.training.keep_last)
+        self.logger.message(f"saved {path}")
+        return path
+
+
+def setup(cfg: Config) -> Parts:
+    """Build every part of a training run from `cfg`: device, accelerator, data, model, loaders,
+    optimizer, scheduler, resumed state, profiler and logger, in that order.
+
+    Args:
+        cfg: a validated Config.
+
+    Returns:
+        The Parts, ready for `fit`; when resuming, every RNG is restored last.
+
+    Raises:
+        ConfigError, RunError, CheckpointError, DataError, ModelError: bad input, before any weights
+            load where the input alone shows it.
+    """
+    cfg, where = setup_device(cfg)
+    resume_from, cfg = resolve_resume(cfg)
+    out = check_output_dir(cfg)
+    accelerator = setup_accelerator(cfg, where.device, project_dir=out)
+    for note in where.notes:
+        accelerator.print(f"warning: {note}")
+    t = cfg.training
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    data = setup_data(cfg, tokenizer)
+    profiler = MemoryProfiler(accelerator.device, phases_every=cfg.logging.memory_phases_every or cfg.logging.log_every)
+    if cfg.logging.memory:
+        profiler.start()
+    profiler.phase("start")
+    model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase)
+    if t.compile:
+        model = torch.compile(model)
+
+    set_seed(t.seed)  # data order and dropout do not depend on how much randomness loading used
+    loader = train_loader(cfg, data)
+    eval_loader = None
+    if data.validation is not None and len(data.validation):
+        eval_loader = make_dataloader(data.validation, data.collator, batch_size=t.batch_size, shuffle=False,
+                                      seed=t.seed, num_workers=cfg.data.num_workers)
+    optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    total_steps = _total_steps(cfg, len(loader))
+    scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
+
+    state = TrainState()
+    if resume_from is not None:
+        state = _resume(resume_from, cfg, accelerator, model, optimizer, scheduler)
+    _prepare_output_dir(out, cfg, resume_from is not None, accelerator)
+    if accelerator.is_main_process:
+        cfg.save(out / "config.yaml")
+    if cfg.logging.trackers:
+        accelerator.init_trackers("minitune", config=_flat(cfg.to_dict()))
+    predicted = estimate_peak(accelerator.unwrap_model(model),
+                              optimizer=dev.optimizer_name_for(cfg.optimizer.name, accelerator.device),
+                              batch_size=t.batch_size, seq_len=cfg.data.max_length,
+                              gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
+                              logits_positions=live_logit_positions(model, t.loss, t.loss_chunk_size))
+    logger = RunLogger(accelerator, out, total_steps, progress=cfg.logging.progress, initial_step=state.step,
+                       trackers=bool(cfg.logging.trackers), append=resume_from is not None,
+                       first_record={"precision": dataclasses.asdict(where.precision)})
+    parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
+                  logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, total_steps, out, resume_from,
+                  state)
+    _startup_lines(parts)
+    if resume_from is not None:
+        restore_rng(resume_from, accelerator=accelerator)  # last, so nothing above draws from it
+    return parts
+
+
+def setup_device(cfg: Config) -> tuple[Config, DeviceChoice]:
+    """The device the config runs on and the precision it trains in there, checked against what the
+    config asks for (before anything loads).
+
+    Returns:
+        (cfg with every 'auto' precision resolved for the device (`cfg` is not modified), DeviceChoice).
+
+    Raises:
+        ConfigError: the device does not exist, or cannot honour the config (dtype, bitsandbytes, ...).
+    """
+    try:
+        device = dev.resolve_device(cfg.training.device)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+    cfg, precision = dev.resolve_precision(cfg, device)  # 'auto' -> this device's choice; saved as resolved
+    problems, notes = dev.check(cfg, device)
+    if problems:
+        raise ConfigError(problems)
+    return cfg, DeviceChoice(device, precision, notes)
+
+
+def setup_accelerator(cfg: Config, device: torch.device, *, project_dir: Path | None = None) -> Accelerator:
+    """A fresh Accelerator for `device` and the config's precision, checked against the launch.
+
+    Raises:
+        RunError: a launch mode the config cannot run under (e.g. a quantized model under FSDP).
+    """
+    _reset_single_process_state()
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=cfg.training.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=cfg.logging.trackers or None,
+        project_dir=str(project_dir) if project_dir is not None else None,
+    )
+    problems = dev.check_processes(accelerator, quantized=cfg.quantization.mode != "none",
+                                   grad_accum=cfg.training.grad_accum)
+    if problems:
+        raise RunError("; ".join(problems))
+    return accelerator
+
+
+def setup_data(cfg: Config, tokenizer: Any) -> DataBundle:
+    """The tokenized train and validation data, for the model kind the config describes.
+
+    Raises:
+        DataError: unreadable data, missing columns, no usable example.
+        ModelError: the model's config (which says causal or seq2seq) cannot be read.
+    """
+    seq2seq = resolve_kind(cfg.model) == "seq2seq"
+    return build_data(cfg.data, tokenizer, seq2seq=seq2seq)
+
+
+def setup_model(cfg: Config, device: torch.device | None, *, on_phase: Any = None,
+                base: nn.Module | None = None) -> tuple[nn.Module, PreparationReport]:
+    """The model, loaded (quantized as asked) and prepared: frozen base, fp32 norms, gradient
+    checkpointing, LoRA (`prepare_model`).
+
+    Args:
+        cfg: the config (model, quantization, lora and training sections).
+        device: where quantized weights go (unquantized ones load on CPU; Accelerate moves them).
+        on_phase: called with 'load' (or 'load+quantize (...)'), 'prepare' and 'lora' after each.
+        base: an already loaded model to prepare instead of loading one.
+
+    Returns:
+        (model, report).
+
+    Raises:
+        ModelError: the model cannot be loaded, or LoRA targets match nothing.
+    """
+    t = cfg.training
+    if base is None:
+        base = load_model(cfg.model, cfg.quantization, device=device, seed=t.seed)
+        if on_phase is not None:
+            q = cfg.quantization.mode
+            on_phase("load" if q == "none" else f"load+quantize ({q})")
+    return prepare_model(base, cfg.lora, fp32_norms=t.fp32_norms, gradient_checkpointing=t.gradient_checkpointing,
+                         reentrant=t.checkpointing_reentrant, on_phase=on_phase)
+
+
+def train_loader(cfg: Config, data: DataBundle) -> Any:
+    """The training DataLoader: seeded order (per epoch), micro-batches of training.batch_size."""
+    t = cfg.training
+    return make_dataloader(data.train, data.collator, batch_size=t.batch_size, shuffle=True, seed=t.seed,
+                           group_by_length=cfg.data.group_by_length, num_workers=cfg.data.num_workers)
+
+
+def loop_args(cfg: Config, total_steps: int) -> LoopArgs:
+    """The loop settings a config gives (`fit`'s `args`)."""
+    t = cfg.training
+    return LoopArgs(max_steps=total_steps, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
+                    log_every=cfg.logging.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches,
+                    save_every=t.save_every, max_bad_steps=t.max_bad_steps,
+                    module_grad_norms=cfg.logging.module_grad_norms)
+
+
+def with_split(cfg: Config, batch_size: int, grad_accum: int) -> Config:
+    """A copy of `cfg` with another micro-batch / accumulation split (`cfg` is left as it is)."""
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=batch_size,
+                                                                 grad_accum=grad_accum))
+
+
+def _startup_lines(parts: Parts) -> None:
+    """What was built: trainable parameters, fp32 casting, data and steps, the predicted peak."""
+    cfg, prep, log = parts.cfg, parts.prep, parts.logger
+    t = cfg.training
+    log.message(f"precision: {parts.precision.describe()}")
+    log.message(prep.trainable_line)
+    if prep.fp32_cast_params:
+        log.message(f"fp32 casting ({t.fp32_norms}): {prep.fp32_cast_params:,d} parameters in "
+                    f"{len(prep.fp32_cast_modules)} modules, +{format_bytes(prep.fp32_cast_bytes)}")
+    n_val = len(parts.data.validation) if parts.data.validation is not None else 0
+    log.message(f"data: {len(parts.data.train):,d} train / {n_val:,d} validation examples; {parts.total_steps} "
+                f"optimizer steps of {t.batch_size}x{t.grad_accum}x{parts.accelerator.num_processes} examples; "
+                f"predicted peak {format_bytes(parts.predicted['total'])}")
+
+
+def _total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    if cfg.training.max_steps > 0:
+        return cfg.training.max_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.training.grad_accum)
+    return max(1, math.ceil(cfg.training.epochs * steps_per_epoch))
+
+
+def _reset_single_process_state() -> None:
+    """Accelerate keeps one global state per process; a second `train()` in the same Python process
+    (a notebook, a test, an embedding codebase) may ask for another precision. Outside a distributed
+    launch, start from a clean state."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder
+
+_RUN_FILES = ("config.yaml", "log.jsonl", "final")
+
+
+def check_output_dir(cfg: Config) -> Path:
+    """Refuse a folder that holds another run (unless overwrite or resume) or that cannot be written.
+
+    Creates nothing: a run that fails on bad input afterwards leaves no trace; `_prepare_output_dir`
+    creates the folder once every input check has passed.
+
+    Raises:
+        RunError: the folder is a file, holds another run, or is not writable.
+    """
+    out = Path(cfg.training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"training.output_dir '{out}' is a file, not a folder; choose another training.output_dir")
+    holds_run = out.is_dir() and (any((out / f).exists() for f in _RUN_FILES)
+                                  or any(p.name.startswith("checkpoint-") for p in out.iterdir()))
+    if holds_run and not cfg.training.overwrite and not cfg.training.resume:
+        raise RunError(f"output folder '{out}' already holds a run; pick another training.output_dir, "
+                       "resume it with training.resume=auto, or set training.overwrite=true")
+    # the folder, or the nearest existing folder above it, must take a new entry
+    probe_in = out
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    try:
+        if not probe_in.is_dir():
+            raise NotADirectoryError(20, f"'{probe_in}' is a file")
+        # one probe per process (ranks of a launch probe at once); removed at once
+        os.rmdir(tempfile.mkdtemp(prefix=f".write-test-{os.getpid()}-", dir=probe_in))
+    except OSError as e:
+        raise RunError(f"output folder '{out}' is not writable ({e.strerror or e}); choose another "
+                       "training.output_dir") from None
+    return out
+
+
+def _prepare_output_dir(out: Path, cfg: Config, resuming: bool, accelerator: Any) -> None:
+    """Create the output folder (every input check has passed by now); with training.overwrite and no
+    resume, remove the previous run's checkpoints, so that a later resume=auto cannot pick one of them."""
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.training.overwrite and not resuming:
+            for old in [out / "final", *out.glob("checkpoint-*")]:
+                if old.is_dir():
+                    shutil.rmtree(old)
+        clean_debris(out)  # .tmp-* folders of saves that were killed
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# resuming
+
+# What a resumed run must share with the checkpoint's run to continue it exactly: section -> keys
+# (None: every key), minus keys that change nothing about the numbers.
+_RESUME_KEYS: dict[str, tuple[str, ...] | None] = {
+    "model": None, "quantization": None, "lora": None, "data": None,
+    "optimizer": ("name",), "training": ("batch_size", "grad_accum", "seed"),
+}
+_RESUME_FREE = {"data.num_workers"}
+
+
+def resolve_resume(cfg: Config) -> tuple[Path | None, Config]:
+    """The checkpoint to resume from (None: start fresh), checked before anything loads, and the
+    config to resume with (`cfg`, or a copy with the micro-batch split training.auto_batch_size
+    settled on in the checkpoint's run).
+
+    Raises:
+        CheckpointError: the checkpoint is incomplete, unreadable, or from an incompatible config.
+    """
+    r = cfg.training.resume
+    if not r:
+        return None, cfg
+    if r == "auto":
+        path = find_latest(cfg.training.output_dir)
+        if path is None:
+            return None, cfg  # nothing saved yet: start fresh
+    else:
+        path = Path(r)
+        if not path.is_dir():
+            raise CheckpointError(f"training.resume='{r}' does not exist; give a checkpoint folder "
+                                  "(e.g. runs/x/checkpoint-000100) or training.resume=auto")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    counters = verify_checkpoint(path, processes)
+    saved = _saved_config(path)
+    cfg = _auto_batch_split(saved, cfg)
+    changes = _resume_changes(saved, cfg)
+    if counters.get("num_processes", 1) != processes:
+        changes.append(f"processes {counters.get('num_processes', 1)} -> {processes}")
+    if changes and not cfg.training.resume_force:
+        raise CheckpointError(f"cannot resume from '{path}' exactly: this run changes {'; '.join(changes)}; "
+                              "undo the change, start a new run in another training.output_dir, or set "
+                              "training.resume_force=true to resume anyway")
+    if changes:
+        print(f"warning: resuming from '{path}' with changes ({'; '.join(changes)}): "
+              "the run will not match an uninterrupted one", flush=True)
+    return path, cfg
+
+
+def _saved_config(path: Path) -> dict:
+    """The checkpoint's config.yaml as a dict ({} if it has none)."""
+    saved_file = path / "config.yaml"
+    if not saved_file.is_file():
+        return {}
+    try:
+        return yaml_load(saved_file.read_text()) or {}
+    except yaml.YAMLError:
+        raise CheckpointError(f"checkpoint '{path}' has an unreadable config.yaml; delete that folder and "
+                              "resume from an earlier one") from None
+
+
+def _auto_batch_split(saved: dict, cfg: Config) -> Config:
+    """With training.auto_batch_size, continue with the smaller micro-batch the checkpoint's run
+    settled on (same examples per step); else `cfg` as it is."""
+    old_t = saved.get("training") or {}
+    old_split = old_t.get("batch_size"), old_t.get("grad_accum")
+    t = cfg.training
+    if (t.auto_batch_size and None not in old_split and old_split != (t.batch_size, t.grad_accum)
+            and old_split[0] * old_split[1] == t.batch_size * t.grad_accum):
+        print(f"training.auto_batch_size: resuming with the checkpoint's batch_size={old_split[0]} "
+              f"grad_accum={old_split[1]}", flush=True)
+        return with_split(cfg, *old_split)
+    return cfg
+
+
+def _resume_changes(saved: dict, cfg: Config) -> list[str]:
+    """'section.key: old -> new' for each setting that differs from the checkpoint's config.yaml."""
+    if not saved:
+        return []
+    now = cfg.to_dict()
+    missing = object()
+    changes = []
+    for section, keys in _RESUME_KEYS.items():
+        old_section = saved.get(section) or {}
+        for key in keys or now[section]:
+            if f"{section}.{key}" in _RESUME_FREE:
+                continue
+            old, new = old_section.get(key, missing), now[section][key]
+            if old is not missing and old != new:
+                changes.append(f"{section}.{key} {old!r} -> {new!r}")
+    return changes
+
+
+def _resume(path: Path, cfg: Config, accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+    """Load weights, optimizer, scheduler and scaler states and the counters from `path`.
+
+    The RNG is restored separately, right before the loop (`checkpoint.restore_rng`), so that nothing
+    in between draws from the restored streams. Log records after the checkpoint's step (written by
+    the interrupted run after its last save) are dropped: the resumed run writes them again.
+    """
+    state = load_checkpoint(path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                            rng=False)
+    log = Path(cfg.training.output_dir) / "log.jsonl"
+    if accelerator.is_main_process and log.is_file():
+        _trim_log(log, state.step)
+    accelerator.print(f"resumed from {path} at step {state.step}")
+    return state
+
+
+def _trim_log(log: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (and drop a line cut short by a kill); atomic."""
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, log)
