@@ -30,14 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from rich.markup import escape
+from rich.table import Table
 from torch import nn
+from transformers import AutoTokenizer
 
-from .checkpoint import MARKER, CheckpointError
+from .build import RunError, setup_device
+from .checkpoint import MARKER, CheckpointError, load_weights
 from .config import Config, QuantizationArgs, load_config
-from .data import DataError
+from .data import Collator, DataError, ensure_pad_token, load_rows, make_dataloader, render, tokenize
 from .lm import model_kind
-from .model import resolve_kind
-from .run import RunError
+from .loop import default_loss
+from .model import load_model, load_tokenizer, resolve_kind
 
 __all__ = [
     "EvalError",
@@ -103,8 +108,6 @@ def perplexity(model: nn.Module, loader: Any, *, max_batches: int = 0, on_batch:
     Raises:
         DataError: the loader holds no target token.
     """
-    from .loop import default_loss
-
     device = _device_of(model)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
@@ -166,8 +169,6 @@ def generate(
     Returns:
         One decoded string per prompt (special tokens removed, surrounding space stripped).
     """
-    from .data import ensure_pad_token
-
     pad_id = ensure_pad_token(tokenizer)
     seq2seq = model_kind(model) == "seq2seq"
     device = _device_of(model)
@@ -525,11 +526,7 @@ def _checkpoint_model_kind(path: Path, cfg: Config) -> str:
 
 def _load_tokenizer(path: Path, cfg: Config) -> Any:
     """The tokenizer saved in the checkpoint, else the one the config names."""
-    from .model import load_tokenizer
-
     if (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
         except Exception:  # fall back to the config's tokenizer
@@ -539,26 +536,6 @@ def _load_tokenizer(path: Path, cfg: Config) -> Any:
                 tok.pad_token = tok.eos_token
             return tok
     return load_tokenizer(cfg.model)
-
-
-def _load_full_weights(path: Path, model: nn.Module) -> None:
-    """Load a full fine-tuning checkpoint's weights into `model` (a copy of the base)."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    try:
-        for f in sorted(path.glob("model*.safetensors")):
-            state.update(load_file(f))
-    except Exception as e:
-        raise CheckpointError(f"cannot read the weights in '{path}' ({type(e).__name__}: {e}); it is corrupt") from None
-    result = model.load_state_dict(state, strict=False)
-    # tied weights (lm_head = embeddings) are saved once; anything else missing is a mismatch
-    present = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
-    own = model.state_dict()
-    missing = [k for k in result.missing_keys if own[k].data_ptr() not in present]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint '{path}' does not fit the model its config.yaml describes (missing "
-                              f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}): was config.yaml edited?")
 
 
 @dataclass
@@ -637,10 +614,6 @@ def evaluate_checkpoint(
     Raises:
         CheckpointError, ConfigError, DataError, ModelError, EvalError: bad input, one line each.
     """
-    from . import device as dev
-    from .data import load_rows, make_dataloader, render, tokenize
-    from .model import load_model
-
     t0 = time.perf_counter()
     path = Path(path)
     extra = list(overrides)
@@ -651,88 +624,24 @@ def evaluate_checkpoint(
     cfg = load_checkpoint_config(path, extra)
     out = Path(out_dir) if out_dir else path
     sheet_path = out / "human_eval.csv"
-    if sheet and sheet_path.exists() and _has_scores(sheet_path):  # before any work
-        raise EvalError(f"'{sheet_path}' already holds scores; summarize it with `eval.py --scores {sheet_path}`, "
-                        "move it away, or write elsewhere with --out")
-    if merge_to is not None:
-        m = Path(merge_to)
-        if m.exists() and (not m.is_dir() or any(m.iterdir())):
-            raise EvalError(f"--merge-to '{m}' exists and is not an empty folder: choose a new folder")
-    method = _weights_kind(path)
-    if merge_to is not None and method != "lora":
-        raise EvalError("--merge-to needs a LoRA checkpoint: a full fine-tuning checkpoint already is a standalone model")
-    try:
-        device = dev.resolve_device(cfg.training.device)
-    except ValueError as e:
-        from .config import ConfigError
-
-        raise ConfigError([str(e)]) from None
-    problems, _ = dev.check(cfg, device)
-    if problems:
-        from .config import ConfigError
-
-        raise ConfigError(problems)
+    method = _check_request(path, sheet_path if sheet else None, merge_to)
+    cfg, where = setup_device(cfg)  # 'auto' precision resolved for this device, as training does
+    device = where.device
 
     # data first: bad data is found before any weights load
-    kind = _checkpoint_model_kind(path, cfg)
-    seq2seq = kind == "seq2seq"
-    _, rows = load_rows(cfg.data)
-    if rows is None or len(rows) == 0:
-        raise DataError(f"no held-out rows to evaluate on in '{cfg.data.path}' (data.validation_fraction="
-                        f"{cfg.data.validation_fraction}, data.validation_split={cfg.data.validation_split}): "
-                        "name a split with --split, or set data.validation_fraction=0.1")
-    if max_samples is not None:
-        rows = rows.select(range(min(max_samples, len(rows))))
-    tokenizer = _load_tokenizer(path, cfg)
-    try:
-        examples = tokenize(rows, cfg.data, tokenizer, seq2seq=seq2seq)
-    except DataError as e:
-        raise DataError(f"held-out split: {e}") from e
-    if len(examples) == 0:
-        raise DataError(f"the held-out split of '{cfg.data.path}' has no usable example (all empty or cut away)")
-    from .data import Collator
-
-    collator = Collator(tokenizer, seq2seq=seq2seq)
+    seq2seq = _checkpoint_model_kind(path, cfg) == "seq2seq"
+    rows, examples, tokenizer = _held_out(path, cfg, seq2seq, max_samples)
     bs = batch_size or cfg.training.batch_size
-    loader = make_dataloader(examples, collator, batch_size=bs, shuffle=False, seed=seed)
-
-    references: list[str] | None = None
+    loader = make_dataloader(examples, Collator(tokenizer, seq2seq=seq2seq), batch_size=bs, shuffle=False, seed=seed)
     if prompts_file:
-        prompts = _prompts_from_file(prompts_file)
+        prompts, references = _prompts_from_file(prompts_file), None
     else:
-        picked = sorted(random.Random(seed).sample(range(len(rows)), min(num_prompts, len(rows))))
-        prompts, references = [], []
-        for i in picked:
-            row = rows[i]
-            text = render(cfg.data.prompt, row, name="data.prompt")
-            if text.strip():
-                prompts.append(text)
-                references.append(render(cfg.data.response, row, name="data.response") if cfg.data.response else "")
+        prompts, references = _held_out_prompts(cfg, rows, num_prompts, seed)
 
-    # models: one load for LoRA (the base is the adapter disabled), two for full fine-tuning
     loaded = progress("load model", 1) if progress is not None else None
-    base_model = load_model(cfg.model, cfg.quantization, device=device, seed=cfg.training.seed)
-    quantized = cfg.quantization.mode != "none"
-    if method == "lora":
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(base_model, str(path))
-        except Exception as e:
-            raise CheckpointError(f"cannot attach the adapter in '{path}' to its base ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); was config.yaml edited?") from None
-        base = None
-    else:
-        model = copy.deepcopy(base_model)
-        _load_full_weights(path, model)
-        base = base_model
-    if not quantized:
-        model.to(device)
-        if base is not None:
-            base.to(device)
+    model, base = _load_models(path, cfg, method, device)
     if loaded is not None:
         loaded()
-
     comparison = compare(model, loader, tokenizer, prompts, base=base, references=references,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                          batch_size=bs, progress=progress)
@@ -742,12 +651,10 @@ def evaluate_checkpoint(
         s, k = write_sheet(comparison["generations"], sheet_path, seed=seed)
         files.update(sheet=str(s), key=str(k))
     if merge_to is not None:
-        if quantized:  # merge into an unquantized copy of the base: a quantized merge would be lossy
-            from peft import PeftModel
-
-            del model, base_model
-            plain = load_model(cfg.model, QuantizationArgs(), seed=cfg.training.seed)
-            model = PeftModel.from_pretrained(plain, str(path))
+        if cfg.quantization.mode != "none":  # merge into an unquantized copy of the base: a quantized merge is lossy
+            del model, base
+            model = PeftModel.from_pretrained(load_model(cfg.model, QuantizationArgs(), seed=cfg.training.seed),
+                                              str(path))
         files["merged"] = str(merge_adapter(model, merge_to, tokenizer=tokenizer))
 
     data_info = {
@@ -770,6 +677,84 @@ def evaluate_checkpoint(
     json_path.write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
     md_path.write_text(to_markdown(result))
     return result
+
+
+def _check_request(path: Path, sheet_path: Path | None, merge_to: str | Path | None) -> str | None:
+    """Refuse, before any work, a sheet that holds scores or a merge that cannot be done; returns
+    the checkpoint's method ('lora', 'full')."""
+    if sheet_path is not None and sheet_path.exists() and _has_scores(sheet_path):
+        raise EvalError(f"'{sheet_path}' already holds scores; summarize it with `eval.py --scores {sheet_path}`, "
+                        "move it away, or write elsewhere with --out")
+    if merge_to is not None:
+        m = Path(merge_to)
+        if m.exists() and (not m.is_dir() or any(m.iterdir())):
+            raise EvalError(f"--merge-to '{m}' exists and is not an empty folder: choose a new folder")
+    method = _weights_kind(path)
+    if merge_to is not None and method != "lora":
+        raise EvalError("--merge-to needs a LoRA checkpoint: a full fine-tuning checkpoint already is a standalone model")
+    return method
+
+
+def _held_out(path: Path, cfg: Config, seq2seq: bool, max_samples: int | None) -> tuple[Any, Any, Any]:
+    """(rows, tokenized examples, tokenizer) of the rows training held out, tokenized as in training.
+
+    Raises:
+        DataError: no held-out rows, or none usable.
+    """
+    _, rows = load_rows(cfg.data)
+    if rows is None or len(rows) == 0:
+        raise DataError(f"no held-out rows to evaluate on in '{cfg.data.path}' (data.validation_fraction="
+                        f"{cfg.data.validation_fraction}, data.validation_split={cfg.data.validation_split}): "
+                        "name a split with --split, or set data.validation_fraction=0.1")
+    if max_samples is not None:
+        rows = rows.select(range(min(max_samples, len(rows))))
+    tokenizer = _load_tokenizer(path, cfg)
+    try:
+        examples = tokenize(rows, cfg.data, tokenizer, seq2seq=seq2seq)
+    except DataError as e:
+        raise DataError(f"held-out split: {e}") from e
+    if len(examples) == 0:
+        raise DataError(f"the held-out split of '{cfg.data.path}' has no usable example (all empty or cut away)")
+    return rows, examples, tokenizer
+
+
+def _held_out_prompts(cfg: Config, rows: Any, num_prompts: int, seed: int) -> tuple[list[str], list[str]]:
+    """(prompts, references) of a seeded choice of `num_prompts` held-out rows (empty prompts skipped)."""
+    picked = sorted(random.Random(seed).sample(range(len(rows)), min(num_prompts, len(rows))))
+    prompts, references = [], []
+    for i in picked:
+        row = rows[i]
+        text = render(cfg.data.prompt, row, name="data.prompt")
+        if text.strip():
+            prompts.append(text)
+            references.append(render(cfg.data.response, row, name="data.response") if cfg.data.response else "")
+    return prompts, references
+
+
+def _load_models(path: Path, cfg: Config, method: str | None, device: torch.device) -> tuple[nn.Module, Any]:
+    """(fine-tuned model, base or None): one load for LoRA (the base is the adapter disabled), two
+    for full fine-tuning.
+
+    Raises:
+        CheckpointError: the adapter or weights do not fit the base the config describes.
+    """
+    base_model = load_model(cfg.model, cfg.quantization, device=device, seed=cfg.training.seed)
+    if method == "lora":
+        try:
+            model = PeftModel.from_pretrained(base_model, str(path))
+        except Exception as e:
+            raise CheckpointError(f"cannot attach the adapter in '{path}' to its base ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); was config.yaml edited?") from None
+        base = None
+    else:
+        model = copy.deepcopy(base_model)
+        load_weights(path, model)
+        base = base_model
+    if cfg.quantization.mode == "none":
+        model.to(device)
+        if base is not None:
+            base.to(device)
+    return model, base
 
 
 # ----------------------------------------------------------------------------------------------
@@ -822,8 +807,6 @@ def to_markdown(result: EvalResult) -> str:
 
 def render_result(result: EvalResult, console: Any) -> None:
     """Print the rich tables: perplexity side by side, then the generations."""
-    from rich.table import Table
-
     d = result.data
     table = Table(title=f"{result.checkpoint}: base vs fine-tuned on {d['path']} ({d['split']}, "
                         f"{d['examples']} examples)", title_justify="left")
@@ -851,15 +834,11 @@ def render_result(result: EvalResult, console: Any) -> None:
 
 
 def _escape(text: Any) -> str:
-    from rich.markup import escape
-
     return escape(str(text if text is not None else ""))
 
 
 def render_scores(summary: dict[str, Any], console: Any) -> None:
     """Print the score summary as a rich table."""
-    from rich.table import Table
-
     table = Table(title=f"human scores: {summary['sheet']} ({summary['rows']} rows)", title_justify="left")
     for col in ("model", "mean score (0-5)", "scored", "wins"):
         table.add_column(col, justify="left" if col == "model" else "right")
