@@ -3,10 +3,10 @@
     python bench/cell.py '<cell spec as JSON>' result.json
     python bench/cell.py --train '<minitune config as JSON>' result.json   (a short real training)
 
-A cell is built from minitune's own pieces, the way `minitune.run.train` builds a run:
-`Accelerator` -> `load_model` (a preset, random init; 8-bit / 4-bit through bitsandbytes) ->
-`prepare_model` (freeze, fp32 norms, gradient checkpointing, LoRA) -> `build_optimizer` ->
-`accelerator.prepare` -> `minitune.loop.fit` with `default_loss` (or the configured loss) and a
+A cell is a minitune `Config` built with the builders `minitune.run.train` uses (`minitune.build`):
+`setup_device` + `setup_accelerator` -> `load_model` (a preset, random init; 8-bit / 4-bit through
+bitsandbytes) -> `setup_model` (freeze, fp32 norms, gradient checkpointing, LoRA) ->
+`build_optimizer` -> `accelerator.prepare` -> `minitune.loop.fit` with the configured loss and a
 `MemoryProfiler` recording phases every step. The batches are random token ids (no tokenizer,
 no padding): `batch_size x seq_len` inputs, and for seq2seq models `seq_len` targets too.
 
@@ -25,6 +25,9 @@ per-step records, the phase snapshots of every step and the step times.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
+import importlib
 import json
 import math
 import statistics
@@ -32,6 +35,22 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+import torch
+import transformers
+from accelerate.utils.memory import should_reduce_batch_size
+
+from minitune.build import setup_accelerator, setup_device, setup_model
+from minitune.config import Config, LoraArgs, ModelArgs, OptimizerArgs, QuantizationArgs, TrainingArgs
+from minitune.device import optimizer_name_for
+from minitune.lm import model_kind
+from minitune.loop import LoopArgs, fit
+from minitune.losses import live_logit_positions, loss_fn_for
+from minitune.memory import MemoryProfiler, estimate_peak, tensor_breakdown
+from minitune.model import load_model
+from minitune.optim import build_optimizer
+from minitune.presets import preset_config
+from minitune.run import train
 
 MB = 2**20
 
@@ -61,18 +80,10 @@ DEFAULTS = {
 
 
 def _preimport(model_name: str) -> None:
-    """Import every library a cell touches before the profiler takes its baseline."""
-    import importlib
-
-    import accelerate  # noqa: F401
-    import peft  # noqa: F401
-    import transformers
-
-    from minitune import loop, model, optim  # noqa: F401
-    from minitune.presets import preset_config
-
+    """Import what a cell touches and the module imports do not (bitsandbytes, an optional
+    dependency; the model's modeling module) before the profiler takes its baseline."""
     with contextlib.suppress(ImportError):
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (optional: imported only where installed)
     model_type = preset_config(model_name).model_type
     importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     transformers.AutoModelForCausalLM  # noqa: B018  (resolve the lazy auto classes too)
@@ -80,8 +91,6 @@ def _preimport(model_name: str) -> None:
 
 
 def _random_batches(n: int, vocab: int, batch_size: int, seq_len: int, seq2seq: bool, device, seed: int) -> list:
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -96,9 +105,6 @@ def _trim_heap() -> None:
     """Give the heap's free pages back to the OS (glibc `malloc_trim`), so that memory freed while
     loading (a quantized random-init model passes through a temporary fp32 copy) does not stay in
     the RSS the training steps are measured by. No-op off glibc."""
-    import ctypes
-    import gc
-
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -123,8 +129,6 @@ def _copy_off_checkpoint_file(model) -> int:
     file-backed memory (for minitune's random-init path, a deleted temporary file). A random-init
     unquantized model never had such a mapping, so without this copy the quantized cells would
     carry hundreds of MiB of reclaimable page cache that the others do not."""
-    import torch
-
     n = 0
     with torch.no_grad():
         for module in model.modules():
@@ -139,19 +143,8 @@ def run_cell(spec: dict) -> dict:
     """Build and run one cell; returns the result dict (raises on errors other than out-of-memory)."""
     s = {**DEFAULTS, **spec}
     _preimport(s["model"])
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils.memory import should_reduce_batch_size
-
-    from minitune.config import LoraArgs, ModelArgs, QuantizationArgs
-    from minitune.device import optimizer_name_for
-    from minitune.loop import fit
-    from minitune.losses import live_logit_positions, loss_fn_for
-    from minitune.memory import MemoryProfiler, estimate_peak, tensor_breakdown
-    from minitune.model import load_model, model_kind, prepare_model
-
-    device = None if s["device"] == "auto" else s["device"]
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=s["mixed_precision"])
+    cfg, where = setup_device(cell_config(s))
+    accelerator = setup_accelerator(cfg, where.device)
     dev = accelerator.device
     result: dict = {"spec": s, "device": str(dev), "status": "ok"}
     if dev.type == "cuda":
@@ -163,9 +156,7 @@ def run_cell(spec: dict) -> dict:
     t0 = time.perf_counter()
     stage = "load"
     try:
-        model = load_model(ModelArgs(preset=s["model"], dtype=s["dtype"]),
-                           QuantizationArgs(mode=s["quant"], compute_dtype=s["compute_dtype"]), device=dev,
-                           seed=s["seed"])
+        model = load_model(cfg.model, cfg.quantization, device=dev, seed=s["seed"])
         if profiler is not None:
             profiler.phase("load")
         if s["quant"] != "none" and dev.type == "cpu":
@@ -175,13 +166,10 @@ def run_cell(spec: dict) -> dict:
             after = _rss_file_mb()
             if before is not None and after is not None:
                 result["file_backed_released_mb"] = before - after
-        seq2seq = model_kind(model.config) == "seq2seq"
-        lora = LoraArgs(enabled=s["lora"], r=s["lora_r"], alpha=s["lora_alpha"],
-                        target_modules=s["target_modules"])
+        seq2seq = model_kind(model) == "seq2seq"
         stage = "prepare"
-        model, report = prepare_model(model, lora, fp32_norms=s["fp32_norms"],
-                                      gradient_checkpointing=s["gradient_checkpointing"])
-        optimizer = build_optim(model, s["optimizer"], dev)
+        model, report = setup_model(cfg, dev, base=model)
+        optimizer = build_optimizer(model, cfg.optimizer, dev)
         model, optimizer = accelerator.prepare(model, optimizer)
         if profiler is not None:
             profiler.phase("prepare")
@@ -225,8 +213,8 @@ def run_cell(spec: dict) -> dict:
 
         stage = "train"
         t_fit = time.perf_counter()
-        fit(accelerator, model, optimizer, batches, max_steps=n, log_every=1, profiler=profiler, on_step=on_step,
-            loss_fn=loss_fn_for(s["loss"]))
+        fit(accelerator, model, optimizer, batches, LoopArgs(max_steps=n, log_every=1), profiler=profiler,
+            on_step=on_step, loss_fn=loss_fn_for(s["loss"]))
     except Exception as e:
         if not should_reduce_batch_size(e):
             raise
@@ -271,17 +259,21 @@ def run_cell(spec: dict) -> dict:
     return result
 
 
-def build_optim(model, name: str, device):
-    from minitune.config import OptimizerArgs
-    from minitune.optim import build_optimizer
-
-    return build_optimizer(model, OptimizerArgs(name=name, lr=2e-4), device)
+def cell_config(s: dict) -> Config:
+    """The minitune config of a cell spec (the data section is unused: batches are random ids)."""
+    return Config(
+        model=ModelArgs(preset=s["model"], dtype=s["dtype"]),
+        quantization=QuantizationArgs(mode=s["quant"], compute_dtype=s["compute_dtype"]),
+        lora=LoraArgs(enabled=s["lora"], r=s["lora_r"], alpha=s["lora_alpha"], target_modules=s["target_modules"]),
+        optimizer=OptimizerArgs(name=s["optimizer"], lr=2e-4),
+        training=TrainingArgs(device=s["device"], mixed_precision=s["mixed_precision"], seed=s["seed"],
+                              gradient_checkpointing=s["gradient_checkpointing"], fp32_norms=s["fp32_norms"],
+                              loss=s["loss"]),
+    )
 
 
 def run_train(config: dict) -> dict:
     """A short real training through `minitune.train`; returns the logged records."""
-    from minitune import train
-
     res = train(config)
     log = Path(res.output_dir) / "log.jsonl"
     return {"status": "ok", "records": [json.loads(line) for line in log.read_text().splitlines() if line.strip()],
