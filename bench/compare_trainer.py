@@ -36,7 +36,19 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from minitune.build import loop_args, setup_accelerator, setup_data, setup_model, train_loader
+from minitune.config import load_config
+from minitune.loop import fit
+from minitune.losses import loss_fn_for
+from minitune.model import load_model, load_tokenizer, resolve_kind
+from minitune.optim import build_optimizer, build_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")
@@ -147,8 +159,6 @@ def _no_dropout(model) -> None:
     """Dropout off (the rows' LoRA dropout is 0 too): the two sides start their DataLoaders at
     different points of the global RNG, so their dropout masks would differ, and their losses
     could not be compared step by step. Dropout costs the same on both sides."""
-    import torch
-
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -165,38 +175,22 @@ def _batch_tokens(batch: dict, seq2seq: bool) -> int:
 
 
 def run_one(spec: dict) -> dict:
-    """Build the job from `spec['config']`, train on `spec['side']`, return measurements."""
-    import torch
-    from accelerate.utils import set_seed
-
-    from minitune.config import load_config
-    from minitune.data import build_data, make_dataloader
-    from minitune.model import load_model, load_tokenizer, model_kind, prepare_model
-    from minitune.presets import preset_config
-
+    """Build the job from `spec['config']` (minitune's builders), train on `spec['side']`, return
+    measurements. Every library either side uses is imported at the top of this file, before the
+    RSS baseline: the deltas hold training only."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     cfg = load_config(spec["config"])
     t, side, warmup = cfg.training, spec["side"], spec["warmup"]
     cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-    seq2seq = model_kind(preset_config(cfg.model.preset)) == "seq2seq"
-    tokenizer = load_tokenizer(cfg.model)
-    data = build_data(cfg.data, tokenizer, seq2seq=seq2seq)
-    model = load_model(cfg.model, cfg.quantization, seed=t.seed)
-    _no_dropout(model)
-    model, _ = prepare_model(model, cfg.lora, fp32_norms=t.fp32_norms, gradient_checkpointing=t.gradient_checkpointing)
+    seq2seq = resolve_kind(cfg.model) == "seq2seq"
+    data = setup_data(cfg, load_tokenizer(cfg.model))
+    base = load_model(cfg.model, cfg.quantization, seed=t.seed)
+    _no_dropout(base)
+    model, _ = setup_model(cfg, None, base=base)
 
     def loader():
-        return make_dataloader(data.train, data.collator, batch_size=t.batch_size, shuffle=True, seed=t.seed,
-                               group_by_length=cfg.data.group_by_length)
-
-    # Everything either side will import, imported before the RSS baseline: deltas hold training only.
-    import accelerate  # noqa: F401
-    import transformers.trainer  # noqa: F401
-
-    import minitune.loop  # noqa: F401
-    import minitune.losses  # noqa: F401
-    import minitune.optim  # noqa: F401
+        return train_loader(cfg, data)
 
     n_batches = t.max_steps * t.grad_accum
     step_tokens = []
@@ -247,41 +241,30 @@ def run_one(spec: dict) -> dict:
     }
 
 
-def _train_minitune(cfg, model, train_loader, stamps, losses, cuda) -> None:
-    import torch
-    from accelerate import Accelerator
-
-    from minitune.loop import fit
-    from minitune.losses import loss_fn_for
-    from minitune.optim import build_optimizer, build_scheduler
-
+def _train_minitune(cfg, model, loader, stamps, losses, cuda) -> None:
     t = cfg.training
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=t.mixed_precision)
+    accelerator = setup_accelerator(cfg, torch.device("cuda" if cuda else "cpu"))
     if t.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = build_scheduler(optimizer, cfg.optimizer, t.max_steps)
 
     def on_step(state, metrics):
         stamps.append((time.perf_counter(), time.process_time()))  # fit logs every step: the device is done
         losses.append(metrics["loss"])
 
-    fit(accelerator, model, optimizer, train_loader, max_steps=t.max_steps, scheduler=scheduler,
-        grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, log_every=1, on_step=on_step,
-        loss_fn=loss_fn_for(t.loss, t.loss_chunk_size))
+    fit(accelerator, model, optimizer, loader, replace(loop_args(cfg, t.max_steps), log_every=1), scheduler=scheduler,
+        on_step=on_step, loss_fn=loss_fn_for(t.loss, t.loss_chunk_size))
 
 
-def _train_trainer(cfg, model, train_loader, data, stamps, losses, cuda) -> None:
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
+def _train_trainer(cfg, model, loader, data, stamps, losses, cuda) -> None:
     t, o = cfg.training, cfg.optimizer
     micro: list[torch.Tensor] = []
 
     class _SameBatches(Trainer):
         def get_train_dataloader(self):
-            return self.accelerator.prepare(train_loader)  # as Trainer does with its own loader
+            return self.accelerator.prepare(loader)  # as Trainer does with its own loader
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -460,9 +443,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"loss {r['losses'][-1]:.4f}", flush=True)
     elapsed = time.perf_counter() - t0
     table = summarise(results, rows, variants)
-
-    import torch
-
     device = "cuda: " + torch.cuda.get_device_name() if (args.device != "cpu" and torch.cuda.is_available()) else (
         f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
         f"{args.threads or torch.get_num_threads()}")
