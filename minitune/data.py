@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import DataArgs
+from .lm import shift_targets
 
 if TYPE_CHECKING:
     import datasets
@@ -277,8 +278,7 @@ def _features() -> datasets.Features:
 
 
 def _count_targets(labels: list[int], seq2seq: bool) -> int:
-    # a causal LM predicts labels[1:]: the first label is never a target
-    return sum(t != IGNORE_INDEX for t in (labels if seq2seq else labels[1:]))
+    return sum(t != IGNORE_INDEX for t in shift_targets(labels, "seq2seq" if seq2seq else "causal"))
 
 
 def tokenize(
@@ -388,7 +388,7 @@ def _causal_batch(batch: dict[str, list], args: DataArgs, tokenizer: Any, count:
         if prompt_ids is not None:
             n = _common_prefix(prompt_ids[i], ids)
             labels[:n] = [IGNORE_INDEX] * n
-            if all(t == IGNORE_INDEX for t in labels[1:]):
+            if all(t == IGNORE_INDEX for t in shift_targets(labels, "causal")):
                 count["no_target"] += 1  # the response was cut away: nothing to learn
                 continue
         out["input_ids"].append(ids)

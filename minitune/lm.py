@@ -36,24 +36,25 @@ def model_kind(config: Any) -> str:
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
-def shift_targets(labels: torch.Tensor, kind: str, *, keep_length: bool = False) -> torch.Tensor:
-    """The targets a model of `kind` predicts from `labels` (batch x seq, -100 = no target).
+def shift_targets(labels: Any, kind: str, *, keep_length: bool = False) -> Any:
+    """The targets a model of `kind` predicts from `labels` (-100 = no target): a batch x seq tensor,
+    or one example's labels (a 1-d tensor or a list).
 
     A causal LM predicts token t+1 at position t, so its targets are `labels[:, 1:]`; a seq2seq
     decoder predicts the labels themselves (its inputs are the labels shifted right).
 
     Args:
-        labels: the collator's labels.
+        labels: the collator's labels, or one example's.
         kind: 'causal' or 'seq2seq' (`model_kind`).
         keep_length: pad the causal targets with -100 back to the labels' length, so that they line
             up with logits of every position (the last position then has no target).
 
     Returns:
-        The target ids (a view of `labels` unless padded).
+        The target ids (a view or slice of `labels` unless padded).
     """
     if kind == "seq2seq":
         return labels
-    targets = labels[:, 1:]
+    targets = labels[..., 1:] if torch.is_tensor(labels) else labels[1:]
     return nn.functional.pad(targets, (0, 1), value=IGNORE) if keep_length else targets
 
 
