@@ -44,7 +44,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
+
+import torch
+
+from minitune.config import LoraArgs, ModelArgs
+from minitune.losses import live_logit_positions
+from minitune.memory import estimate_peak
+from minitune.model import apply_lora, build_from_config, prepare_model, trainable_parameters
+from minitune.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 CELL = REPO / "bench" / "cell.py"
@@ -283,11 +292,6 @@ def part_overhead(runner: Runner) -> dict:
 
 def part_rank(ranks=(4, 8, 16, 32), model: str = "flan-t5-small", targets=("q", "v")) -> list[dict]:
     """Trainable parameters of LoRA at each rank, on the meta device (no memory, no time)."""
-    import torch
-
-    from minitune.config import LoraArgs, ModelArgs
-    from minitune.model import apply_lora, build_from_config, trainable_parameters
-
     rows = []
     for r in ranks:
         with torch.device("meta"):
@@ -463,28 +467,17 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def device_info(device: str) -> tuple[str, str, str]:
     """(file-name slug, description, profiler kind) of the device the cells will use."""
     if device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise SystemExit("error: --grid gpu needs a CUDA GPU and none is visible; use --grid cpu")
         name = torch.cuda.get_device_name(0)
         slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         return slug, f"{name}, torch {torch.__version__}", "cuda"
-    from importlib.metadata import version
-
     return "cpu", (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {version('torch')}, "
                    f"bitsandbytes {version('bitsandbytes')}"), "cpu"
 
 
 def _predicted_unrun(model: str, b: int, s: int) -> dict:
     """estimate_peak of full fine-tuning and LoRA for a model that is not run (meta device)."""
-    import torch
-
-    from minitune.config import LoraArgs, ModelArgs
-    from minitune.losses import live_logit_positions
-    from minitune.memory import estimate_peak
-    from minitune.model import build_from_config, prepare_model
-
     out = {}
     for method, lora in (("full FT", None), ("LoRA", LoraArgs(r=8, alpha=16))):
         with torch.device("meta"):
@@ -517,8 +510,6 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(args.report.read_text())
         write_reports(data, args.report.with_suffix(""))
         return 0
-
-    from minitune.presets import PRESETS
 
     grid = dict(GRIDS[args.grid])
     for key in ("steps", "warmup", "timeout"):
@@ -583,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_reports(data: dict, stem: Path) -> None:
     """The plots, the CSV and the markdown of a run (`data` as saved in <stem>.json)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from plots import plot_all
+    from plots import plot_all  # bench/plots.py: importable once its folder is on the path (the line above)
 
     data["pngs"] = [Path(x).name for x in plot_all(data, stem)]
     write_csv(data["rows"], stem.with_suffix(".csv"))

@@ -27,7 +27,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file, save_model
+
+from .loop import TrainState
 
 __all__ = ["CheckpointError", "clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
            "load_weights", "restore_rng", "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint"]
@@ -101,13 +106,7 @@ def find_latest(output_dir: str | Path) -> Path | None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG's state on this process (python, numpy, torch, cuda, mps)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        pass
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
@@ -120,8 +119,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
-        import numpy as np
-
         np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -221,8 +218,6 @@ def save_checkpoint(
         if hasattr(unwrapped, "save_pretrained"):
             unwrapped.save_pretrained(tmp, safe_serialization=True, save_function=accelerator.save, **extra)
         else:  # a plain nn.Module (minitune.fit with your own model): its state dict, shared tensors once
-            from safetensors.torch import save_file, save_model
-
             if state_dict is not None:
                 save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors")
             else:
@@ -291,8 +286,6 @@ def verify_checkpoint(path: str | Path, num_processes: int = 1) -> dict[str, Any
     if not weights:
         raise CheckpointError(f"checkpoint '{path}' holds no weights (adapter_model.safetensors or "
                               "model.safetensors); delete that folder and resume from an earlier one")
-    from safetensors import safe_open
-
     for f in weights:
         try:
             with safe_open(f, framework="pt") as st:
@@ -349,13 +342,11 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     Raises:
         CheckpointError: unreadable weights, or weights of another model / adapter layout.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     adapter = path / "adapter_model.safetensors"
     try:
         if adapter.is_file():
-            from peft import set_peft_model_state_dict
+            from peft import set_peft_model_state_dict  # lazy: peft imports bitsandbytes; plain modules need neither
 
             result = set_peft_model_state_dict(model, load_file(adapter))
             missing = [k for k in result.missing_keys if "lora_" in k]
@@ -404,8 +395,6 @@ def load_checkpoint(path: str | Path, *, accelerator: Any, model: torch.nn.Modul
     Raises:
         CheckpointError: incomplete, corrupt or mismatched checkpoint (the message says what to do).
     """
-    from .loop import TrainState
-
     path = Path(path)
     # first make sure the folder is whole (per-process state files only when they will be read)
     counters = verify_checkpoint(path, accelerator.num_processes if optimizer is not None else 0)

@@ -1,15 +1,27 @@
 """Command-line entry points: parse argv, build a Config, run, and turn known errors into one line.
 
 Exit codes: 0 success, 2 bad input (config, data, model, checkpoint, output folder), 1 other errors.
+
+The modules that import torch, transformers and peft (run, evaluate and the error types of the
+others) are imported inside the functions that use them, on purpose: `--help` answers without
+loading them, and third-party logging is quieted before they load (bitsandbytes logs a note when
+peft imports it).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .config import describe
 
 __all__ = ["main_eval", "main_train", "user_errors"]
 
@@ -29,9 +41,6 @@ def _quiet_third_party() -> None:
     """Silence known-harmless noise of the pinned stack (CLI only; the library sets nothing globally):
     bitsandbytes' note that an optional CPU kernel package is missing, and a transformers
     deprecation warning that peft triggers on every gradient-checkpointing check."""
-    import logging
-    import warnings
-
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -62,8 +71,6 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
-    from .config import describe
-
     if args.help_config:
         print(describe())
         return 0
@@ -115,8 +122,6 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.num_prompts < 0:
         parser.error("--temperature must be >= 0, --top-p in (0, 1], --num-prompts >= 0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from rich.console import Console
-
     console = Console()
 
     def scores() -> None:
@@ -150,9 +155,6 @@ class _progress:
     def __enter__(self) -> Callable[[str, int], Callable[[], None]] | None:
         if not self.enabled:
             return None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         def add(label: str, total: int) -> Callable[[], None]:
             if self.bar is None:  # started with the first task: an early error leaves the terminal clean
                 self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -19,16 +19,15 @@ import string
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import datasets
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from .config import DataArgs
 from .lm import shift_targets
-
-if TYPE_CHECKING:
-    import datasets
 
 __all__ = [
     "Collator",
@@ -70,8 +69,6 @@ class DataError(ValueError):
 
 def _read_local(path: Path, split: str) -> datasets.DatasetDict:
     """A local file (one split, named `split`) or folder (splits from file names) as a DatasetDict."""
-    import datasets
-
     if path.is_file():
         if path.suffix.lower() not in BUILDERS:
             raise DataError(f"data file '{path}' has an unsupported extension '{path.suffix}': use one of {_SUFFIXES}")
@@ -97,8 +94,6 @@ def _read_local(path: Path, split: str) -> datasets.DatasetDict:
 
 
 def _read_hub(name: str) -> datasets.DatasetDict:
-    import datasets
-
     offline = datasets.config.HF_HUB_OFFLINE
     try:
         return datasets.load_dataset(name)
@@ -271,8 +266,6 @@ def _fingerprint(rows: datasets.Dataset, args: DataArgs, tokenizer: Any, seq2seq
 
 
 def _features() -> datasets.Features:
-    import datasets
-
     ids = datasets.List(datasets.Value("int32"))
     return datasets.Features({"input_ids": ids, "labels": ids, "length": datasets.Value("int32")})
 
@@ -462,9 +455,6 @@ def _pack(ds: datasets.Dataset, block: int) -> datasets.Dataset:
 
     Every token is kept: the remainder is a last, shorter block (the collator pads it).
     """
-    import datasets
-    import numpy as np
-
     stream = np.fromiter((t for ids in ds["input_ids"] for t in ids), dtype=np.int32)
     blocks = [stream[i: i + block].tolist() for i in range(0, len(stream), block)]
     return datasets.Dataset.from_dict(

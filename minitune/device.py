@@ -38,6 +38,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,6 @@ def _torch_at_least(major: int, minor: int) -> bool:
 
 def _bnb_version() -> str | None:
     """The installed bitsandbytes version, or None (read from metadata: importing it is slow)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("bitsandbytes")
     except PackageNotFoundError:

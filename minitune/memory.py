@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -55,9 +57,6 @@ def _rss_bytes() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):  # not Linux: ru_maxrss is the best available
-        import resource
-        import sys
-
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss if sys.platform == "darwin" else rss * 1024
 
@@ -221,7 +220,7 @@ class MemoryProfiler:
 
     def table(self) -> Any:
         """A rich Table: memory after each phase, then the breakdown by tensor role."""
-        from rich.table import Table
+        from rich.table import Table  # lazy: this module needs only torch unless a table is asked for
 
         title = f"memory on {self.device} ({self.summary()['peak_label']}: {format_bytes(self.peak_bytes())}"
         if self.baseline_bytes:

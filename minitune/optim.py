@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import get_scheduler
 
 from .config import OptimizerArgs
+from .device import capabilities, optimizer_name_for
 
 __all__ = ["build_optimizer", "build_scheduler", "parameter_groups", "warmup_steps"]
 
@@ -56,8 +58,6 @@ def build_optimizer(model: nn.Module, args: OptimizerArgs, device: torch.device 
     Raises:
         ValueError: no trainable parameters, or an unknown optimizer name.
     """
-    from .device import capabilities, optimizer_name_for
-
     groups = parameter_groups(model, args.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters: enable LoRA or set lora.enabled=false")
@@ -70,7 +70,7 @@ def build_optimizer(model: nn.Module, args: OptimizerArgs, device: torch.device 
         return torch.optim.SGD(groups, lr=args.lr)
     if name not in BNB_OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{name}'")
-    import bitsandbytes as bnb  # lazy: heavy, and only needed for these optimizers
+    import bitsandbytes as bnb  # lazy: an optional, heavy dependency, only needed for these optimizers
 
     cls = getattr(bnb.optim, BNB_OPTIMIZERS[name])
     if "lion" in name:
@@ -85,7 +85,5 @@ def warmup_steps(args: OptimizerArgs, total_steps: int) -> int:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimizerArgs, total_steps: int) -> Any:
     """`transformers.get_scheduler(args.scheduler)` with warmup, over `total_steps` optimizer steps."""
-    from transformers import get_scheduler
-
     return get_scheduler(args.scheduler, optimizer, num_warmup_steps=warmup_steps(args, total_steps),
                          num_training_steps=total_steps)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import transformers
+
 # name -> (transformers config class name, kwargs, exact parameter count of the real checkpoint or None)
 PRESETS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     # --- full size (parameter counts of the hub checkpoints) ---
@@ -78,8 +80,6 @@ def preset_config(name: str) -> Any:
     """
     if name not in PRESETS:
         raise KeyError(f"unknown model preset '{name}'; known presets: {', '.join(PRESETS)}")
-    import transformers
-
     cls_name, kwargs, _ = PRESETS[name]
     return getattr(transformers, cls_name)(**kwargs)
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from tqdm.auto import tqdm
 
 __all__ = ["RunLogger", "summary_table"]
 
@@ -41,12 +46,8 @@ class RunLogger:
             # a resumed run appends to its log; a fresh (or overwriting) run starts a new one
             self._file = open(Path(output_dir) / "log.jsonl", "a" if append else "w", buffering=1)  # noqa: SIM115
         if progress == "tqdm":
-            from tqdm.auto import tqdm
-
             self._bar = _TqdmBar(tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True))
         elif progress == "rich":
-            import sys
-
             # no terminal (a log file, CI): a plain line per logged step instead of a live bar
             self._bar = _RichBar(total_steps, initial_step) if sys.stdout.isatty() else _Lines(total_steps)
 
@@ -136,15 +137,6 @@ class _Lines:
 
 class _RichBar:
     def __init__(self, total: int, initial: int):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self.progress = Progress(
             TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"), transient=False,
@@ -164,8 +156,6 @@ class _RichBar:
 
 def summary_table(rows: list[tuple[str, str]], title: str = "minitune run") -> Any:
     """A two-column rich Table from (label, value) rows."""
-    from rich.table import Table
-
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
