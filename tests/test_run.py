@@ -1,0 +1,36 @@
+"""minitune.run: `train` end to end (build -> fit -> finish), with pinned losses for a 4-bit and a T5 run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minitune.run import TrainResult, train
+
+from .conftest import tiny_config
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+# torch 2.13.0 CPU, fixed seed and data, 4 steps of 2 x 4 examples, LoRA on every linear layer with
+# dropout. Recorded before the builders/loop redesign and unchanged by it (catches silent changes).
+PINNED = {
+    "4bit-llama": ("tiny-llama", {"quantization": {"mode": "4bit"}}, [10.8406, 10.8357, 10.839, 10.8282]),
+    "t5": ("tiny-t5", {}, [21.5357, 21.0243, 21.2809, 20.7674]),
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_pinned_losses(name, tmp_path):
+    preset, sections, pinned = PINNED[name]
+    cfg = tiny_config(preset, tmp_path / "run", training={"max_steps": 4, "grad_accum": 2},
+                      lora={"target_modules": ["all-linear"], "dropout": 0.1}, **sections)
+    result = train(cfg)
+    assert isinstance(result, TrainResult) and result.state.step == 4
+    assert _losses(tmp_path / "run") == pytest.approx(pinned, abs=1e-4)
+    assert result.metrics["loss"] == pytest.approx(pinned[-1], abs=1e-4)
+    assert (result.checkpoint / "adapter_config.json").is_file()
+
