@@ -1,0 +1,107 @@
+"""minitune.build: the setup_* builders that train, evaluate_checkpoint and bench/ share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from minitune.build import (
+    Parts,
+    check_output_dir,
+    loop_args,
+    resolve_resume,
+    setup,
+    setup_accelerator,
+    setup_data,
+    setup_device,
+    setup_model,
+    with_split,
+)
+from minitune.config import ConfigError, load_config
+from minitune.loop import LoopArgs
+from minitune.model import load_tokenizer
+
+from .conftest import tiny_config
+
+
+def test_setup_device_checks_the_config_against_the_device():
+    cfg = load_config(tiny_config(training={"device": "cpu"}, model={"dtype": "auto"}))
+    resolved, where = setup_device(cfg)
+    assert where.device == torch.device("cpu") and isinstance(where.notes, list)
+    assert cfg.model.dtype == "auto" and resolved.model.dtype == where.precision.dtype != "auto"
+    with pytest.raises(ConfigError, match="fp16"):
+        setup_device(load_config(tiny_config(training={"device": "cpu", "mixed_precision": "fp16"})))
+
+
+def test_loop_args_take_the_training_and_logging_sections():
+    cfg = load_config(tiny_config(training={"grad_accum": 3, "max_grad_norm": 0.5, "eval_every": 4, "save_every": 2,
+                                            "max_bad_steps": 7}, logging={"log_every": 5, "module_grad_norms": True}))
+    assert loop_args(cfg, 11) == LoopArgs(max_steps=11, grad_accum=3, max_grad_norm=0.5, log_every=5, eval_every=4,
+                                          eval_batches=0, save_every=2, max_bad_steps=7, module_grad_norms=True)
+
+
+def test_with_split_returns_a_new_config():
+    cfg = load_config(tiny_config(training={"batch_size": 8}))
+    smaller = with_split(cfg, 2, 4)
+    assert (smaller.training.batch_size, smaller.training.grad_accum) == (2, 4)
+    assert (cfg.training.batch_size, cfg.training.grad_accum) == (8, 1)
+    assert smaller.model == cfg.model and smaller.training.seed == cfg.training.seed
+
+
+def test_resume_with_auto_batch_size_takes_the_checkpoints_split_without_mutating(tmp_path):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoint-000001"
+    ckpt.mkdir(parents=True)
+    saved = load_config(tiny_config(output_dir=run, training={"batch_size": 2, "grad_accum": 4}))
+    saved.save(ckpt / "config.yaml")
+    (ckpt / "trainer_state.json").write_text('{"step": 1, "num_processes": 1}')
+    save_file({"w": torch.zeros(1)}, ckpt / "adapter_model.safetensors")  # only its header is read here
+    for stem in ("training_state_0.pt", "rng_state_0.pt"):
+        (ckpt / stem).write_bytes(b"")
+    (ckpt / "COMPLETE").write_text("")
+    cfg = load_config(tiny_config(output_dir=run, training={"batch_size": 8, "auto_batch_size": True,
+                                                            "resume": str(ckpt)}))
+    path, resumed = resolve_resume(cfg)
+    assert path == ckpt
+    assert (resumed.training.batch_size, resumed.training.grad_accum) == (2, 4)
+    assert (cfg.training.batch_size, cfg.training.grad_accum) == (8, 1)
+
+
+def test_check_output_dir_refuses_a_folder_with_a_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("")
+    from minitune.build import RunError
+
+    with pytest.raises(RunError, match="already holds a run"):
+        check_output_dir(load_config(tiny_config(output_dir=tmp_path / "run")))
+    assert check_output_dir(load_config(tiny_config(output_dir=tmp_path / "new"))) == tmp_path / "new"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-t5"])
+def test_setup_data_and_model_follow_the_model_kind(preset):
+    cfg = load_config(tiny_config(preset, lora={"target_modules": ["all-linear"]}))
+    data = setup_data(cfg, load_tokenizer(cfg.model))
+    assert data.collator.seq2seq == (preset == "tiny-t5") and len(data.train) > 0
+    phases: list[str] = []
+    model, report = setup_model(cfg, torch.device("cpu"), on_phase=phases.append)
+    assert phases == ["load", "prepare", "lora"]
+    assert report.lora_targets and 0 < report.trainable < report.total
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+def test_setup_builds_every_part(tmp_path):
+    cfg = load_config(tiny_config(output_dir=tmp_path / "run", training={"max_steps": 3}))
+    parts = setup(cfg)
+    try:
+        assert isinstance(parts, Parts) and parts.total_steps == 3 and parts.state.step == 0
+        assert parts.eval_loader is not None and parts.resume_from is None
+        assert (tmp_path / "run" / "config.yaml").is_file()
+        assert sorted(parts.prep.lora_targets) == ["q_proj", "v_proj"]  # tiny-llama's default targets
+        assert parts.predicted["total"] > 0
+        accelerator = setup_accelerator(cfg, torch.device("cpu"))
+        assert accelerator.device == torch.device("cpu")
+    finally:
+        parts.logger.close()
+        parts.profiler.stop()
