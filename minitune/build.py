@@ -438,7 +438,8 @@ def _resume_changes(saved: dict, cfg: Config) -> list[str]:
     """'section.key: old -> new' for each setting that differs from the checkpoint's config.yaml."""
     if not saved:
         return []
-    now = cfg.to_dict()
+    # this config as its config.yaml would read back (yaml_load keeps true/false as text): like with like
+    now = yaml_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     missing = object()
     changes = []
     for section, keys in _RESUME_KEYS.items():
