@@ -5,6 +5,7 @@ peft, bitsandbytes and datasets load only when a function that needs them is fir
 
     train(config, overrides, on_step=)  run a whole fine-tuning job from a Config, dict or YAML path
     fit(accelerator, model, ...)        the training loop, for your own model / data / optimizer
+    LoopArgs                            the loop's settings (max_steps, grad_accum, log_every, ...)
     TrainState                          the loop's counters (what `fit` returns and resumes from)
     RunLogger                           log.jsonl + progress bar (+ Accelerate trackers) for `fit`
     save_checkpoint, load_checkpoint    atomic checkpoints of any model, and exact resume
@@ -34,6 +35,7 @@ _EXPORTS = {
     "train": "run",
     "TrainResult": "run",
     "fit": "loop",
+    "LoopArgs": "loop",
     "TrainState": "loop",
     "RunLogger": "report",
     "save_checkpoint": "checkpoint",
@@ -51,6 +53,7 @@ _EXPORTS = {
 __all__ = [
     "Config",
     "ConfigError",
+    "LoopArgs",
     "LoraArgs",
     "MemoryProfiler",
     "PreparationReport",
@@ -88,7 +91,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import find_latest, load_checkpoint, save_checkpoint
     from .config import Config, ConfigError, LoraArgs, load_config
-    from .loop import TrainState, fit
+    from .loop import LoopArgs, TrainState, fit
     from .memory import MemoryProfiler, estimate_peak, tensor_breakdown
     from .model import PreparationReport, load_model, load_tokenizer, prepare_model
     from .report import RunLogger
