@@ -4,9 +4,19 @@ It never sees YAML or argv: the model, data, optimizer and every helper come in 
 other codebases can call it with their own pieces. Device and precision are Accelerate's business
 (`accelerator.prepare` wraps the forward in autocast, `accelerator.backward` scales fp16 losses).
 
-Loss normalisation: each micro-batch's loss is a *sum* over target tokens, divided by the number
-of target tokens in the whole accumulation window (across processes). So gradient accumulation and
-data parallelism give the same gradient as one big batch, whatever the padding.
+Loss normalisation: each micro-batch's loss is a *sum* over target tokens (the items the loss
+function counts), divided by the number of items in the whole accumulation window (across
+processes). So gradient accumulation and data parallelism give the same gradient as one big batch,
+whatever the padding.
+
+The normaliser must be known before the first backward of a window: each micro-batch's graph is
+freed by its own backward (keeping a window of graphs alive, to sum the losses and backpropagate
+once, would multiply the activation memory by `grad_accum`). So a loss function says what it will
+count with a `count(model, batch)` attribute, computed from the batch alone (for the built-in
+losses, the target tokens: `count_items`); the loop checks it against the count the call returns,
+at the step's one host-device sync, and refuses a mismatch. A loss function without `count` is
+backpropagated unnormalised and its gradients are divided by the returned counts after the window
+(the same in exact arithmetic, not bit for bit).
 """
 
 from __future__ import annotations
