@@ -97,8 +97,8 @@ class Parts:
 
 
 def setup(cfg: Config) -> Parts:
-    """Build every part of a training run from `cfg`: device, accelerator, data, model, loaders,
-    optimizer, scheduler, resumed state, profiler and logger, in that order.
+    """Build every part of a training run from `cfg`: device and precision, accelerator, data, model,
+    loaders, optimizer, scheduler, resumed state, profiler and logger, in that order.
 
     Args:
         cfg: a validated Config.
@@ -170,6 +170,9 @@ def setup_device(cfg: Config) -> tuple[Config, DeviceChoice]:
     """The device the config runs on and the precision it trains in there, checked against what the
     config asks for (before anything loads).
 
+    Args:
+        cfg: a validated Config (training.device, precision settings, quantization, optimizer).
+
     Returns:
         (cfg with every 'auto' precision resolved for the device (`cfg` is not modified), DeviceChoice).
 
@@ -189,6 +192,14 @@ def setup_device(cfg: Config) -> tuple[Config, DeviceChoice]:
 
 def setup_accelerator(cfg: Config, device: torch.device, *, project_dir: Path | None = None) -> Accelerator:
     """A fresh Accelerator for `device` and the config's precision, checked against the launch.
+
+    Args:
+        cfg: the config (precision resolved: `setup_device`).
+        device: where to train.
+        project_dir: the run folder (trackers write there).
+
+    Returns:
+        The Accelerator.
 
     Raises:
         RunError: a launch mode the config cannot run under (e.g. a quantized model under FSDP).
@@ -210,6 +221,13 @@ def setup_accelerator(cfg: Config, device: torch.device, *, project_dir: Path | 
 
 def setup_data(cfg: Config, tokenizer: Any) -> DataBundle:
     """The tokenized train and validation data, for the model kind the config describes.
+
+    Args:
+        cfg: the config (data and model sections).
+        tokenizer: the model's tokenizer.
+
+    Returns:
+        The DataBundle (train, validation, collator, stats).
 
     Raises:
         DataError: unreadable data, missing columns, no usable example.
@@ -247,14 +265,30 @@ def setup_model(cfg: Config, device: torch.device | None, *, on_phase: Any = Non
 
 
 def train_loader(cfg: Config, data: DataBundle) -> Any:
-    """The training DataLoader: seeded order (per epoch), micro-batches of training.batch_size."""
+    """The training DataLoader: seeded order (per epoch), micro-batches of training.batch_size.
+
+    Args:
+        cfg: the config (training.batch_size and seed, data.group_by_length and num_workers).
+        data: the tokenized data (`setup_data`).
+
+    Returns:
+        The DataLoader, not yet prepared by the Accelerator.
+    """
     t = cfg.training
     return make_dataloader(data.train, data.collator, batch_size=t.batch_size, shuffle=True, seed=t.seed,
                            group_by_length=cfg.data.group_by_length, num_workers=cfg.data.num_workers)
 
 
 def loop_args(cfg: Config, total_steps: int) -> LoopArgs:
-    """The loop settings a config gives (`fit`'s `args`)."""
+    """The loop settings a config gives (`fit`'s `args`).
+
+    Args:
+        cfg: the config (training and logging sections).
+        total_steps: optimizer steps to reach (training.max_steps, or what the epochs come to).
+
+    Returns:
+        The LoopArgs.
+    """
     t = cfg.training
     return LoopArgs(max_steps=total_steps, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
                     log_every=cfg.logging.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches,
@@ -263,7 +297,16 @@ def loop_args(cfg: Config, total_steps: int) -> LoopArgs:
 
 
 def with_split(cfg: Config, batch_size: int, grad_accum: int) -> Config:
-    """A copy of `cfg` with another micro-batch / accumulation split (`cfg` is left as it is)."""
+    """A copy of `cfg` with another micro-batch / accumulation split (`cfg` is left as it is).
+
+    Args:
+        cfg: the config.
+        batch_size: the new training.batch_size.
+        grad_accum: the new training.grad_accum.
+
+    Returns:
+        The new Config.
+    """
     return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=batch_size,
                                                                  grad_accum=grad_accum))
 
