@@ -10,7 +10,10 @@ machine hits both. Both sides get the very same pieces, built by minitune from o
 model (a preset, random init, seed 0), `prepare_model` + LoRA, the tokenized data and the
 DataLoader (same seeded order: the Trainer subclass below returns it from `get_train_dataloader`),
 the optimizer settings (torch AdamW, same decay groups, `optim="adamw_torch"` for the Trainer,
-whose default on torch >= 2.8 is the fused kernel), schedule, clipping and precision.
+whose default on torch >= 2.8 is the fused kernel), schedule and clipping. Precision: by default
+each side's own (`--precision defaults`: minitune's `auto`, which is bf16 weights on a CPU with
+AVX512-BF16 and bf16 on an Ampere+ GPU, against Trainer's fp32 without bf16/fp16 flags);
+`--precision no|bf16|fp16` gives both sides fp32 weights with that autocast (a like-for-like loop race).
 
 Measured per run, over the steps after `--warmup`: tokens/s (real tokens: attention-mask ones,
 plus target tokens for seq2seq; the same batches on both sides, so the ratio is a time ratio),
@@ -43,7 +46,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from minitune.build import loop_args, setup_accelerator, setup_data, setup_model, train_loader
+from minitune.build import loop_args, setup_accelerator, setup_data, setup_device, setup_model, train_loader
 from minitune.config import load_config
 from minitune.loop import fit
 from minitune.losses import loss_fn_for
@@ -114,7 +117,7 @@ def job_config(row: str, variant: str, args: argparse.Namespace) -> dict:
                  "validation_fraction": 0.0},
         "lora": {"dropout": 0.0},
         "optimizer": {"name": "adamw", "lr": 2e-4, "scheduler": "linear", "weight_decay": 0.0},
-        "training": {"max_steps": args.steps, "seed": 0, "mixed_precision": args.precision,
+        "training": {"max_steps": args.steps, "seed": 0,
                      "device": args.device, "loss_chunk_size": args.chunk_size, "output_dir": "runs/bench"},
         "logging": {"progress": "none", "memory": False},
     }
@@ -123,7 +126,18 @@ def job_config(row: str, variant: str, args: argparse.Namespace) -> dict:
         scale["training"]["batch_size"] = args.batch_size
     if args.max_length:
         scale["data"]["max_length"] = args.max_length
-    return _merge(base, ROWS[row], VARIANTS[variant][1], scale)
+    return _merge(base, ROWS[row], VARIANTS[variant][1], scale, precision_settings(VARIANTS[variant][0], args.precision))
+
+
+def precision_settings(side: str, precision: str) -> dict:
+    """'defaults': each side as a new user gets it: minitune's `auto` (bf16 weights on a CPU with
+    AVX512-BF16, bf16 on an Ampere+ GPU, ...) against Trainer's fp32 weights without bf16/fp16 flags.
+    'no' / 'bf16' / 'fp16': both sides fp32 weights with that autocast (the like-for-like loop race)."""
+    if precision == "defaults":
+        if side == "minitune":
+            return {"model": {"dtype": "auto"}, "training": {"mixed_precision": "auto"}}
+        return {"model": {"dtype": "float32"}, "training": {"mixed_precision": "no"}}
+    return {"model": {"dtype": "float32"}, "training": {"mixed_precision": precision}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ def run_one(spec: dict) -> dict:
     RSS baseline: the deltas hold training only."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    cfg = load_config(spec["config"])
+    cfg, _ = setup_device(load_config(spec["config"]))  # minitune's 'auto' resolved as train() resolves it
     t, side, warmup = cfg.training, spec["side"], spec["warmup"]
     cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     seq2seq = resolve_kind(cfg.model) == "seq2seq"
@@ -392,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=0, help="override every row's batch size")
     p.add_argument("--max-length", type=int, default=0, help="override every row's data.max_length")
     p.add_argument("--chunk-size", type=int, default=0, help="training.loss_chunk_size of chunked runs (0: auto)")
-    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="training.mixed_precision")
+    p.add_argument("--precision", default="defaults", choices=["defaults", "no", "bf16", "fp16"],
+                   help="'defaults': each side's own (minitune auto, Trainer fp32); else both sides fp32 weights "
+                        "with this training.mixed_precision")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default). One by "
                    "default: on a shared machine, OpenMP threads that wait for each other make wall times erratic")
@@ -448,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads or torch.get_num_threads()}")
     header = (f"`{command}`\n\n{device}; torch {torch.__version__}; {args.steps} steps per run, first {args.warmup} "
               f"untimed; {args.repeats} runs per line (median; min-max in brackets), alternating; precision "
-              f"{args.precision}; load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
+              f"{args.precision}{' (minitune auto, Trainer fp32)' if args.precision == 'defaults' else ''}; load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
               f"{elapsed / 60:.1f} min in all.")
     md = markdown(table, header)
     print("\n" + md)
