@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import json
 import os
 import platform
@@ -36,6 +37,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from minitune.config import _merge as merge_sections  # noqa: E402  (light: yaml only)
+
 RESULTS = REPO / "bench" / "results"
 GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")
 QUOTES = str(REPO / "data/english_quotes.jsonl")
@@ -50,11 +54,8 @@ PRECISIONS: dict[str, dict] = {
 
 
 def _merge(*dicts: dict) -> dict:
-    out: dict = {}
-    for d in dicts:
-        for section, values in d.items():
-            out.setdefault(section, {}).update(values)
-    return out
+    """Config dicts merged section by section, later ones winning (as `load_config` merges overrides)."""
+    return functools.reduce(merge_sections, dicts, {})
 
 
 def job_config(job: str, args: argparse.Namespace) -> dict:
