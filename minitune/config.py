@@ -364,7 +364,7 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, Any]:
             continue
         try:
             value = yaml_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer of more than 4300 digits
             value = raw
         nested.setdefault(parts[0], {})[parts[1]] = value
     if problems:
@@ -380,6 +380,35 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file; a folder, a missing file or bytes that are not UTF-8 are a ConfigError."""
+    if path.is_dir():
+        raise ConfigError([f"config file '{path}' is a folder, not a file: give a YAML file, "
+                           "e.g. configs/smollm2-quotes.yaml"])
+    if not path.is_file():
+        raise ConfigError([f"config file '{path}' does not exist"])
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"config file '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                           f"{e.start}): give a YAML text file, saved as UTF-8"]) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read config file '{path}': {e.strerror or e}"]) from None
+
+
+def _yaml_problem(path: Path, e: Exception) -> str:
+    """One line naming where and why `path` is not valid YAML."""
+    if not isinstance(e, yaml.YAMLError):
+        return f"'{path}' cannot be read as YAML: {e}"
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow (control characters, ...)
+        return (f"'{path}' is not valid YAML: character {chr(e.character)!r} at offset {e.position} is not "
+                "allowed in YAML; remove it")
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    why = " ".join(str(getattr(e, "problem", None) or e).split())
+    return f"'{path}' is not valid YAML{where}: {why}"
 
 
 def load_config(
@@ -406,14 +435,10 @@ def load_config(
         data = {}
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError([f"config file '{path}' does not exist"])
         try:
-            data = yaml_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError([f"'{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+            data = yaml_load(_read_config_text(path)) or {}
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of more than 4300 digits
+            raise ConfigError([_yaml_problem(path, e)]) from None
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     problems: list[str] = []
     cfg = _build(_merge(data, extra) if isinstance(data, dict) else data, problems)
