@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import describe
+from .config import ConfigError, describe, one_line
 
 __all__ = ["main_eval", "main_train", "user_errors"]
 
@@ -45,13 +46,21 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error reported like any other bad input: one `error:` line, exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def run_cli(fn: Callable[[], Any]) -> int:
     """Call `fn`; bad input becomes `error: <message>` on stderr and exit code 2."""
     _quiet_third_party()
     try:
         fn()
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        # a ConfigError lists its problems one per line (each made one line already); others are one line
+        print(f"error: {e if isinstance(e, ConfigError) else one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -61,7 +70,7 @@ def run_cli(fn: Callable[[], Any]) -> int:
 
 def main_train(argv: Sequence[str] | None = None) -> int:
     """`train.py --config FILE [section.key=value ...]`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="train.py",
         description="Fine-tune a language model with minitune (launch with `accelerate launch train.py ...`).",
         epilog="Overrides: section.key=value, e.g. training.max_steps=20 lora.r=16. "
@@ -91,7 +100,7 @@ def _positive_int(text: str) -> int:
 
 def main_eval(argv: Sequence[str] | None = None) -> int:
     """`eval.py -p CHECKPOINT [options] [section.key=value ...]`, or `eval.py --scores SHEET.csv`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eval.py",
         description="Compare a fine-tuned checkpoint with its base model on the held-out data: perplexity, "
                     "generations and a blind human-evaluation sheet. Or summarize a filled-in sheet (--scores).",

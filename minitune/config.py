@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,11 +37,18 @@ __all__ = [
 ]
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: line breaks (and the blanks around them) become one space, other
+    characters a terminal would not print as themselves (control characters, U+2028) are escaped."""
+    text = re.sub(r"[ \t]*[\r\n]+[ \t]*", " ", text)
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 class ConfigError(ValueError):
     """A configuration is invalid; ``problems`` lists every problem found, one line each."""
 
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
+        self.problems = [one_line(p) for p in problems]
         if len(self.problems) == 1:
             msg = f"invalid config: {self.problems[0]}"
         else:

@@ -64,3 +64,24 @@ def test_integer_of_5000_digits(capsys, tmp_path, config_file):
     # as an override, the text is kept as a string and the type check names the key
     line = error_line(capsys, cli.main_train, ["--config", config_file(), "training.max_steps=" + "1" * 5000])
     assert "training.max_steps: expected an integer, got '111" in line
+
+
+# ---- every message one printable line
+
+
+def test_control_characters_in_a_message_are_escaped(capsys, config_file):
+    line = error_line(capsys, cli.main_train, ["--config", config_file(model={"\x1e": 1})])
+    assert line == "error: invalid config: unknown key 'model.\\x1e'"  # '\x1e' would split the line for some readers
+
+
+@pytest.mark.parametrize("main, argv, text", [
+    (cli.main_train, [], "error: give --config FILE"),
+    (cli.main_train, ["--nope"], "error: unrecognized arguments: --nope (see train.py --help)"),
+    (cli.main_eval, ["-p", "x", "--max-samples", "abc"], "error: argument --max-samples: invalid"),
+])
+def test_usage_errors_are_one_error_line(capsys, main, argv, text):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(text) and len(err.splitlines()) == 1, err
