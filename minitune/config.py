@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -248,6 +249,13 @@ SCHEDULERS = (
     "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
 )
 
+# accelerate.utils.LoggerType's values, and transformers' attention implementations (its
+# AttentionInterface plus "eager"), copied so that validating imports nothing heavy; tests keep them in sync.
+TRACKERS = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention",
+             "paged|eager")
+SEED_MAX = 2**32 - 1  # numpy's limit (accelerate.set_seed seeds numpy too)
+
 
 # names other tools use for minitune's keys (peft's LoraConfig, Trainer's TrainingArguments)
 _ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
@@ -315,6 +323,9 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        if isinstance(value, int) and abs(value) > 2**1023 or not math.isfinite(value):
+            problems.append(f"{where}: expected a finite number, got {value!r}")
             return value
         return float(value)
     if tp is int:
@@ -516,6 +527,12 @@ def _check_values(c: Config) -> list[str]:
         p.append(f"model: set only one of {', '.join('model.' + s for s in sources)}")
     if m.gguf_file and not m.name_or_path:
         p.append("model.gguf_file needs model.name_or_path (the folder that holds it)")
+    if m.preset and isinstance(m.preset, str):
+        from .presets import PRESETS  # a table of plain dicts: imports nothing
+
+        choice("model.preset", m.preset, PRESETS)
+    if m.attn_implementation and isinstance(m.attn_implementation, str) and "/" not in m.attn_implementation:
+        choice("model.attn_implementation", m.attn_implementation, ATTENTION)  # 'org/repo': a hub kernel
     choice("model.kind", m.kind, ("auto", "causal", "seq2seq"))
     choice("model.dtype", m.dtype, ("auto", *DTYPES))
 
@@ -583,6 +600,8 @@ def _check_values(c: Config) -> list[str]:
         p.append(f"training.epochs={t.epochs} must be > 0 (or set training.max_steps)")
     if isinstance(t.max_grad_norm, float) and t.max_grad_norm < 0:
         p.append(f"training.max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if isinstance(t.seed, int) and not 0 <= t.seed <= SEED_MAX:
+        p.append(f"training.seed={t.seed} must be in [0, 2**32 - 1]")
     choice("training.mixed_precision", t.mixed_precision, ("auto", *MIXED_PRECISION))
     choice("training.fp32_norms", t.fp32_norms, ("norms", "all", "none"))
     choice("training.device", t.device, ("auto", "cpu", "cuda", "mps"))
@@ -598,6 +617,8 @@ def _check_values(c: Config) -> list[str]:
     if isinstance(lg.memory_phases_every, int) and lg.memory_phases_every < 0:
         p.append(f"logging.memory_phases_every={lg.memory_phases_every} must be >= 0")
     choice("logging.progress", lg.progress, ("rich", "tqdm", "none"))
+    for i, tracker in enumerate(lg.trackers if isinstance(lg.trackers, list) else []):
+        choice(f"logging.trackers[{i}]", tracker, TRACKERS)
     return p
 
 

@@ -85,3 +85,42 @@ def test_usage_errors_are_one_error_line(capsys, main, argv, text):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(text) and len(err.splitlines()) == 1, err
+
+
+# ---- names from registries, checked with the config (before anything loads), valid values listed
+
+
+@pytest.mark.parametrize("edits, text", [
+    ({"model": {"preset": "tiny-lama"}}, "model.preset='tiny-lama' is not one of flan-t5-small, "),
+    ({"model": {"attn_implementation": "flash"}}, "model.attn_implementation='flash' is not one of eager, sdpa, "),
+    ({"logging": {"trackers": ["tensorbord"]}}, "logging.trackers[0]='tensorbord' is not one of all, aim, "
+                                                "tensorboard"),
+    ({"logging": {"trackers": [""]}}, "logging.trackers[0]='' is not one of all,"),
+    ({"training": {"seed": 2**32}}, "training.seed=4294967296 must be in [0, 2**32 - 1]"),
+    ({"training": {"seed": -1}}, "training.seed=-1 must be in [0, 2**32 - 1]"),
+    ({"optimizer": {"lr": float("nan")}}, "optimizer.lr: expected a finite number, got nan"),
+    ({"training": {"max_grad_norm": float("inf")}}, "training.max_grad_norm: expected a finite number, got inf"),
+    ({"lora": {"alpha": 10**400}}, "lora.alpha: expected a finite number, got 1000"),
+])
+def test_registry_names_and_ranges_are_checked_up_front(capsys, config_file, edits, text):
+    line = error_line(capsys, cli.main_train, ["--config", config_file(**edits)])
+    assert line.startswith("error: invalid config: ") and text in line
+
+
+def test_preset_suggestion_and_hub_kernel(config_file):
+    from minitune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="did you mean 'tiny-llama'"):
+        load_config(config_file(model={"preset": "tiny-lama"}))
+    # an 'org/repo' attention implementation is a hub kernel: transformers resolves it
+    assert load_config(config_file(model={"attn_implementation": "kernels-community/flash-attn"}))
+
+
+def test_registries_match_the_libraries():
+    from accelerate.utils import LoggerType
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from minitune.config import ATTENTION, TRACKERS
+
+    assert set(TRACKERS) == set(LoggerType.list())
+    assert set(ATTENTION) == {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
