@@ -285,7 +285,8 @@ def tokenize(
     """Render the templates over `rows` and turn them into ``input_ids`` / ``labels`` / ``length``.
 
     Causal: the text is prompt + response (+ EOS with ``data.add_eos``), cut to ``data.max_length``
-    (a cut example loses its EOS: it did not end there); labels copy the ids, with the prompt's
+    (a cut example loses its EOS: it did not end there; plain text, without a response template, is
+    cut even when every document is longer: the warning counts the tokens cut and suggests packing); labels copy the ids, with the prompt's
     tokens set to -100 under ``data.mask_prompt``. The prompt's tokens are the longest common
     prefix of the prompt's and the full text's ids, so a token that a BPE tokenizer merges across
     the boundary (GPT-2 merges the space of "->: " into " love") stays a target. Examples whose
@@ -311,8 +312,9 @@ def tokenize(
         The tokenized dataset, with columns ``input_ids``, ``labels``, ``length``.
 
     Raises:
-        DataError: a template names a missing column, every example is empty, every example is
-            longer than ``data.max_length``, or no example keeps a target token.
+        DataError: a template names a missing column, every example is empty, every example with a
+            response (or every seq2seq example) is longer than ``data.max_length`` /
+            ``data.max_target_length``, or no example keeps a target token.
     """
     columns = rows.column_names
     for name, template in (("data.prompt", args.prompt), ("data.response", args.response)):
@@ -430,9 +432,11 @@ def _check_counts(count: dict[str, int], cut_lengths: dict[str, list[int]], args
     if kept == 0:
         raise DataError(f"every one of the {count['rows_in']} examples is empty: check that data.prompt "
                         f"('{args.prompt}') and data.response ('{args.response}') name columns with text")
+    # plain text (a causal LM, no response template): long documents are cut to data.max_length, never refused
+    plain_text = not seq2seq and not args.response
     for part, knob in (("source", "max_length"), ("target", "max_target_length")):
         cut = cut_lengths[part]
-        if len(cut) == kept:
+        if len(cut) == kept and not plain_text:
             median = int(statistics.median(cut))
             raise DataError(f"every example is longer than data.{knob}={getattr(args, knob)} tokens (shortest "
                             f"{min(cut)}, median {median}): raise data.{knob} (e.g. to {median})")
@@ -443,8 +447,11 @@ def _check_counts(count: dict[str, int], cut_lengths: dict[str, list[int]], args
         limits = f"data.max_length={args.max_length}"
         if seq2seq:
             limits += f" or data.max_target_length={args.max_target_length}"
-        logger.warning("%d of %d examples were longer than %s tokens and were truncated",
-                       count["truncated"], kept, limits)
+        lost = (sum(cut_lengths["source"]) - len(cut_lengths["source"]) * args.max_length
+                + sum(cut_lengths["target"]) - len(cut_lengths["target"]) * args.max_target_length)
+        hint = "; to train on whole documents, set data.packing=true" if plain_text else ""
+        logger.warning("%d of %d examples were longer than %s tokens and were truncated (%d tokens cut)%s",
+                       count["truncated"], kept, limits, lost, hint)
     if count["empty"] or count["no_target"]:
         logger.warning("dropped %d empty examples and %d whose response was cut away by data.max_length",
                        count["empty"], count["no_target"])

@@ -324,3 +324,23 @@ def test_group_by_length_cuts_padding_and_keeps_every_example(gpt2):
     assert sorted(uneven) == list(range(1003))
     lengths = [len(b) for b in torch.utils.data.BatchSampler(uneven, 8, drop_last=False)]
     assert lengths == [8] * 125 + [3]
+
+
+def test_plain_text_longer_than_max_length_is_truncated_with_a_count(tmp_path, gpt2, caplog):
+    docs = ["word " * n for n in (30, 50, 70)]
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(docs))
+    args = DataArgs(path=str(path), validation_fraction=0.0, max_length=8)  # prompt {text}, no response
+    rows, _ = load_rows(args)
+    stats: dict = {}
+    with caplog.at_level(logging.WARNING, logger="minitune.data"):
+        ds = tokenize(rows, args, gpt2, seq2seq=False, stats=stats)
+    full = [len(gpt2(d)["input_ids"]) + 1 for d in docs]  # + EOS
+    assert list(ds["length"]) == [8, 8, 8] and stats["truncated"] == 3
+    assert ds["input_ids"][0] == gpt2(docs[0])["input_ids"][:8]
+    assert (f"3 of 3 examples were longer than data.max_length=8 tokens and were truncated ({sum(full) - 24} tokens "
+            "cut); to train on whole documents, set data.packing=true") in caplog.text
+    # a response template keeps the refusal: a cut response would teach the model to stop mid-answer
+    with pytest.raises(DataError, match="every example is longer than data.max_length=8"):
+        tokenize(rows, DataArgs(path=str(path), response="{text}", validation_fraction=0.0, max_length=8), gpt2,
+                 seq2seq=False)
