@@ -457,8 +457,11 @@ def _saved_config(path: Path) -> dict:
     if not saved_file.is_file():
         return {}
     try:
-        return yaml_load(saved_file.read_text()) or {}
-    except yaml.YAMLError:
+        saved = yaml_load(saved_file.read_text()) or {}
+        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values() if v is not None):
+            raise ValueError("not a mapping of sections")
+        return saved
+    except (yaml.YAMLError, ValueError):  # ValueError: also bytes that are not UTF-8 text
         raise CheckpointError(f"checkpoint '{path}' has an unreadable config.yaml; delete that folder and "
                               "resume from an earlier one") from None
 
