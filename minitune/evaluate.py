@@ -355,7 +355,8 @@ def _read_csv(path: Path, columns: Sequence[str], what: str) -> list[dict[str, s
     if missing:
         raise DataError(f"{what} '{path}' lacks the column(s) {', '.join(missing)}; its columns are: "
                         f"{', '.join(header) or 'none'} (expected {', '.join(columns)})")
-    return rows
+    # a short row leaves its last columns None, a long one puts the extra cells under None: both read as empty
+    return [{k: v or "" for k, v in row.items() if k is not None} for row in rows]
 
 
 def _score(value: str, where: str) -> float | None:

@@ -140,3 +140,16 @@ def test_resume_from_a_checkpoint_whose_config_yaml_is_not_a_config(tmp_path, co
     with pytest.raises(CheckpointError, match="has an unreadable config.yaml; delete that folder"):
         _saved_config(ckpt)
 
+
+def test_sheet_and_key_with_short_and_long_rows(capsys, tmp_path):
+    sheet, key = tmp_path / "human_eval.csv", tmp_path / "human_eval_key.csv"
+    sheet.write_text("id,prompt,output_a,output_b,score_a,score_b\n1,p,x,y,4\n2,p,x,y,1,2,extra\n")
+    key.write_text("id,a,b,prompt_index\n1,base,tuned\n2,tuned,base,0\n\n3\n")
+    assert cli.main_eval(["--scores", str(sheet)]) == 0
+    out = capsys.readouterr().out
+    assert "base" in out and "tuned" in out
+    from minitune.evaluate import summarize_scores
+
+    summary = summarize_scores(sheet)
+    assert summary["models"]["base"] == {"mean": 3.0, "count": 2}  # 4 (row 1, A) and 2 (row 2, B)
+    assert summary["models"]["tuned"] == {"mean": 1.0, "count": 1}
