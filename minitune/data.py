@@ -12,7 +12,9 @@ target tokens are ``(labels != -100).sum()``. Batches hold exactly ``input_ids``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import statistics
 import string
@@ -90,7 +92,44 @@ def _read_local(path: Path, split: str) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(builder, **source, **kwargs)
     except Exception as e:  # datasets raises many types (StopIteration for an empty JSON file, ArrowInvalid, ...)
-        raise DataError(f"could not read '{path}' as {builder}: {type(e).__name__}: {e}; check the file's format") from e
+        for f in [path] if path.is_file() else files:
+            _check_text_file(f, builder)  # names the file and line when the text itself is the problem
+        while e.__cause__ is not None:  # DatasetGenerationError wraps what went wrong
+            e = e.__cause__
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if "corresponds to no data" in str(e):
+            why = "it holds no rows"
+        raise DataError(f"could not read '{path}' as {builder}: {why}; check the file's format") from e
+
+
+def _check_text_file(path: Path, builder: str) -> None:
+    """Raise a DataError naming the line of `path` that is not UTF-8 or not JSON (json builder); return
+    quietly when the text looks well formed (the problem is elsewhere)."""
+    if builder == "parquet":
+        return
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"data file '{path}', line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                        "save the file as UTF-8") from None
+    if builder != "json":
+        return
+    with contextlib.suppress(ValueError):
+        json.loads(text)
+        return  # one JSON document (a list of rows): well formed
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"data file '{path}', line {number}: not valid JSON ({e}); fix or remove that line "
+                            "(JSON lines: one object per line)") from None
+        if not isinstance(row, dict):
+            raise DataError(f"data file '{path}', line {number}: a JSON {type(row).__name__}, not an object "
+                            "(JSON lines: one {\"column\": value, ...} object per line)")
 
 
 def _read_hub(name: str) -> datasets.DatasetDict:

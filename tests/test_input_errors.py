@@ -153,3 +153,35 @@ def test_sheet_and_key_with_short_and_long_rows(capsys, tmp_path):
     summary = summarize_scores(sheet)
     assert summary["models"]["base"] == {"mean": 3.0, "count": 2}  # 4 (row 1, A) and 2 (row 2, B)
     assert summary["models"]["tuned"] == {"mean": 1.0, "count": 1}
+
+
+# ---- data files
+
+
+def _data_error(tmp_path, name: str, content: bytes) -> str:
+    from minitune.config import DataArgs
+    from minitune.data import DataError, load_rows
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_rows(DataArgs(path=str(path), validation_fraction=0.0))
+    return str(e.value)
+
+
+def test_malformed_jsonl_row_is_named_by_its_line(tmp_path):
+    msg = _data_error(tmp_path, "d.jsonl", b'{"text": "a"}\n\n{"text": "b"}\n{"text": "c",}\n{"text": "d"}\n')
+    assert "data file" in msg and "d.jsonl', line 4: not valid JSON (" in msg and "fix or remove that line" in msg
+    msg = _data_error(tmp_path, "e.jsonl", b'{"text": "a"}\n["text", "b"]\n')
+    assert "e.jsonl', line 2: a JSON list, not an object" in msg
+
+
+def test_data_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    msg = _data_error(tmp_path, "d.csv", "text\nfine\ncaf\u00e9\n".encode("latin-1"))
+    assert "d.csv', line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8" in msg
+
+
+def test_data_read_error_names_the_cause_not_the_wrapper(tmp_path):
+    msg = _data_error(tmp_path, "d.parquet", b"PAR1 not really parquet")
+    assert "could not read" in msg and "as parquet: ArrowInvalid: " in msg and "DatasetGenerationError" not in msg
+    assert "as json: it holds no rows" in _data_error(tmp_path, "d.jsonl", b"{}\n{}\n")
