@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,15 @@ def tiny(tmp_path):
         return tiny_config(preset, tmp_path / "run", **sections)
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per fuzz target that ran (tests/test_fuzz.py): examples tried and their outcomes."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz is None or not fuzz.COUNTS:
+        return
+    total = sum(sum(c.values()) for c in fuzz.COUNTS.values())
+    terminalreporter.write_sep("-", f"fuzz: {total} examples")
+    for target, counts in sorted(fuzz.COUNTS.items()):
+        outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        terminalreporter.write_line(f"fuzz {target}: {sum(counts.values())} examples ({outcomes})")
