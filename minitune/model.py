@@ -79,6 +79,11 @@ def resolve_path(name: str) -> str:
 
 
 def _offline_hint(what: str, name: str, err: Exception) -> ModelError:
+    """The error for a model or tokenizer that did not load: a path that does not exist, a hub id
+    that is not cached offline, or what the loader said."""
+    if not os.path.exists(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
+        return ModelError(f"{what} '{name}' does not exist (relative paths start from {os.getcwd()}): check the "
+                          "path, or give a hub id such as owner/name")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if not os.path.exists(name) and "/" in name and offline:
         return ModelError(f"{what} '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
@@ -144,11 +149,17 @@ def model_config(args: ModelArgs) -> Any:
             return preset_config(args.preset)
         except KeyError as e:
             raise ModelError(str(e.args[0])) from None
+    if args.config_file and not os.path.isfile(args.config_file):
+        where = "is a folder, not a file" if os.path.isdir(args.config_file) else "does not exist"
+        raise ModelError(f"model.config_file '{args.config_file}' {where}: give the path of a model's config.json")
     path = args.config_file or resolve_path(args.name_or_path)
     extra = {"gguf_file": args.gguf_file} if args.gguf_file and not args.config_file else {}
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code, **extra)
     except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is missing
+        if args.config_file:
+            raise ModelError(f"model.config_file '{path}' is not a model config transformers can read "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         raise _offline_hint("model", path, e) from None
 
 

@@ -185,3 +185,26 @@ def test_data_read_error_names_the_cause_not_the_wrapper(tmp_path):
     msg = _data_error(tmp_path, "d.parquet", b"PAR1 not really parquet")
     assert "could not read" in msg and "as parquet: ArrowInvalid: " in msg and "DatasetGenerationError" not in msg
     assert "as json: it holds no rows" in _data_error(tmp_path, "d.jsonl", b"{}\n{}\n")
+
+
+# ---- model paths
+
+
+@pytest.mark.parametrize("edits, text", [
+    ({"model": {"preset": None, "config_file": "no/such/config.json"}},
+     "model.config_file 'no/such/config.json' does not exist: give the path of a model's config.json"),
+    ({"model": {"preset": None, "config_file": "."}}, "model.config_file '.' is a folder, not a file"),
+    ({"model": {"tokenizer": "tests/no/such-tokenizer"}}, "tokenizer 'tests/no/such-tokenizer' does not exist"),
+    ({"model": {"preset": None, "name_or_path": "./no-such-model"}}, "model './no-such-model' does not exist"),
+    ({"model": {"preset": None, "name_or_path": "nobody/no-such-model"}},
+     "model 'nobody/no-such-model' is not in the local Hugging Face cache"),  # a hub id stays a hub id
+])
+def test_missing_local_paths_are_called_missing(capsys, config_file, edits, text):
+    assert text in error_line(capsys, cli.main_train, ["--config", config_file(**edits)])
+
+
+def test_config_file_that_is_not_a_model_config(capsys, tmp_path, config_file):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "no-such-architecture"}')
+    line = error_line(capsys, cli.main_train, ["--config", config_file(model={"preset": None, "config_file": str(bad)})])
+    assert f"model.config_file '{bad}' is not a model config transformers can read" in line
