@@ -516,11 +516,15 @@ def _checkpoint_model_kind(path: Path, cfg: Config) -> str:
     adapter = path / "adapter_config.json"
     config = path / "config.json"
     try:
-        if adapter.is_file():
-            return "seq2seq" if json.loads(adapter.read_text()).get("task_type") == "SEQ_2_SEQ_LM" else "causal"
-        if config.is_file():
-            return model_kind(json.loads(config.read_text()))
-    except (OSError, json.JSONDecodeError) as e:
+        for file in (adapter, config):
+            if file.is_file():
+                saved = json.loads(file.read_text(encoding="utf-8"))
+                if not isinstance(saved, dict):
+                    raise ValueError(f"{file.name} holds a JSON {type(saved).__name__}, not an object")
+                if file is adapter:
+                    return "seq2seq" if saved.get("task_type") == "SEQ_2_SEQ_LM" else "causal"
+                return model_kind(saved)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8, not an object
         raise CheckpointError(f"checkpoint '{path}' has an unreadable config ({e}); it is corrupt") from None
     return resolve_kind(cfg.model)
 

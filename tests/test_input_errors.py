@@ -208,3 +208,16 @@ def test_config_file_that_is_not_a_model_config(capsys, tmp_path, config_file):
     bad.write_text('{"model_type": "no-such-architecture"}')
     line = error_line(capsys, cli.main_train, ["--config", config_file(model={"preset": None, "config_file": str(bad)})])
     assert f"model.config_file '{bad}' is not a model config transformers can read" in line
+
+
+@pytest.mark.parametrize("content", [b'{"task_type": "CAUSAL_LM"\x82}', b"[1, 2]", b"\xff\xfe{}"])
+def test_checkpoint_kind_from_a_corrupt_adapter_config(tmp_path, config_file, content):
+    from minitune.checkpoint import CheckpointError
+    from minitune.config import load_config
+    from minitune.evaluate import _checkpoint_model_kind
+
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match="has an unreadable config .*; it is corrupt"):
+        _checkpoint_model_kind(tmp_path, load_config(config_file()))
+    (tmp_path / "adapter_config.json").write_text('{"task_type": "SEQ_2_SEQ_LM"}')
+    assert _checkpoint_model_kind(tmp_path, load_config(config_file())) == "seq2seq"
