@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import typing
@@ -22,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import ConfigError, describe, one_line
+from .config import SEED_MAX, ConfigError, describe, one_line
 
 __all__ = ["main_eval", "main_train", "user_errors"]
 
@@ -128,8 +129,10 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.scores is None and not args.path:
         parser.error("give -p CHECKPOINT (e.g. runs/smollm2-quotes/final), or --scores SHEET.csv")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.num_prompts < 0:
-        parser.error("--temperature must be >= 0, --top-p in (0, 1], --num-prompts >= 0")
+    if not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1 or args.num_prompts < 0:
+        parser.error("--temperature must be a finite number >= 0, --top-p in (0, 1], --num-prompts >= 0")
+    if not 0 <= args.seed <= SEED_MAX:
+        parser.error(f"--seed {args.seed} must be in [0, 2**32 - 1]")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     console = Console()
 
