@@ -331,6 +331,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{where}: expected an integer, got {value!r}")
+        elif abs(value) >= 2**63:  # torch and numpy take 64-bit integers: larger ones overflow deep inside them
+            problems.append(f"{where}: {value} does not fit in 64 bits")
         return value
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

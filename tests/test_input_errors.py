@@ -106,6 +106,7 @@ def test_usage_errors_are_one_error_line(capsys, main, argv, text):
     ({"optimizer": {"lr": float("nan")}}, "optimizer.lr: expected a finite number, got nan"),
     ({"training": {"max_grad_norm": float("inf")}}, "training.max_grad_norm: expected a finite number, got inf"),
     ({"lora": {"alpha": 10**400}}, "lora.alpha: expected a finite number, got 1000"),
+    ({"training": {"max_steps": 2**64}}, "training.max_steps: 18446744073709551616 does not fit in 64 bits"),
 ])
 def test_registry_names_and_ranges_are_checked_up_front(capsys, config_file, edits, text):
     line = error_line(capsys, cli.main_train, ["--config", config_file(**edits)])
