@@ -242,11 +242,11 @@ _SECTION_TYPES = {
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "lion8bit", "paged_lion8bit", "sgd")
 DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-# transformers.SchedulerType's values, copied so that validating a config imports nothing heavy
-# (transformers.trainer_utils pulls in peft and bitsandbytes); a test keeps the two in sync.
+# transformers.SchedulerType's values that need no argument beyond warmup and total steps, copied so
+# that validating a config imports nothing heavy (transformers.trainer_utils pulls in peft and
+# bitsandbytes); a test keeps the two in sync. Left out: those that need min_lr, decay steps, a metric.
 SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )
 
 # accelerate.utils.LoggerType's values, and transformers' attention implementations (its
@@ -570,6 +570,8 @@ def _check_values(c: Config) -> list[str]:
             p.append(f"data.{name}={v} must be > 0")
     if d.max_samples is not None and isinstance(d.max_samples, int) and d.max_samples <= 0:
         p.append(f"data.max_samples={d.max_samples} must be > 0 (or unset)")
+    if isinstance(d.num_workers, int) and d.num_workers < 0:
+        p.append(f"data.num_workers={d.num_workers} must be >= 0 (0: load in the main process)")
     if d.packing and d.mask_prompt:
         p.append("data.packing and data.mask_prompt cannot be combined: packing ignores example boundaries")
 
@@ -583,6 +585,8 @@ def _check_values(c: Config) -> list[str]:
         p.append(f"optimizer.betas={o.betas} must be two numbers in [0, 1)")
     if isinstance(o.warmup_ratio, float) and not 0 <= o.warmup_ratio < 1:
         p.append(f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+    if isinstance(o.eps, float) and o.eps < 0:
+        p.append(f"optimizer.eps={o.eps} must be >= 0")
     if isinstance(o.warmup_steps, int) and o.warmup_steps < 0:
         p.append(f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
     choice("optimizer.scheduler", o.scheduler, SCHEDULERS)

@@ -73,7 +73,8 @@ def test_schedulers_match_transformers():
     known = {s.value for s in SchedulerType}
     assert set(SCHEDULERS) <= known
     # the ones left out need extra arguments get_scheduler cannot take from our config
-    assert known - set(SCHEDULERS) <= {"reduce_lr_on_plateau", "greedy"}
+    assert known - set(SCHEDULERS) <= {"reduce_lr_on_plateau", "greedy", "cosine_with_min_lr",
+                                       "cosine_warmup_with_min_lr", "warmup_stable_decay"}
 
 
 def test_validate_python_config_and_roundtrip(tmp_path):

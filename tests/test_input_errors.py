@@ -107,6 +107,11 @@ def test_usage_errors_are_one_error_line(capsys, main, argv, text):
     ({"training": {"max_grad_norm": float("inf")}}, "training.max_grad_norm: expected a finite number, got inf"),
     ({"lora": {"alpha": 10**400}}, "lora.alpha: expected a finite number, got 1000"),
     ({"training": {"max_steps": 2**64}}, "training.max_steps: 18446744073709551616 does not fit in 64 bits"),
+    # these three passed the config and failed in the loop's first moments, after the weights loaded
+    ({"optimizer": {"scheduler": "warmup_stable_decay"}}, "optimizer.scheduler='warmup_stable_decay' is not one of "
+                                                          "linear, cosine, "),
+    ({"data": {"num_workers": -1}}, "data.num_workers=-1 must be >= 0"),
+    ({"optimizer": {"eps": -1}}, "optimizer.eps=-1.0 must be >= 0"),
 ])
 def test_registry_names_and_ranges_are_checked_up_front(capsys, config_file, edits, text):
     line = error_line(capsys, cli.main_train, ["--config", config_file(**edits)])
