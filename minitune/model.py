@@ -214,7 +214,11 @@ def build_from_config(args: ModelArgs, *, seed: int = 0) -> nn.Module:
     config = model_config(args)
     kind = resolve_kind(args, config)
     torch.manual_seed(seed)
-    model = _auto_class(kind).from_config(config, dtype=DTYPES[args.dtype])
+    try:
+        model = _auto_class(kind).from_config(config, dtype=DTYPES[args.dtype])
+    except ValueError as e:  # "Unrecognized configuration class": model.kind names the other kind
+        raise ModelError(f"model.kind={kind} does not fit a {type(config).__name__} model ({str(e).splitlines()[0]}); "
+                         "set model.kind=auto") from None
     _untie_lm_head_if_configured(model, args)
     return model
 
@@ -422,8 +426,14 @@ def apply_lora(model: nn.Module, args: LoraArgs) -> nn.Module:
     """Wrap `model` in a peft LoRA model.
 
     Raises:
-        ModelError: target modules that match nothing (the message lists the model's linear modules).
+        ModelError: target modules that match nothing (the message lists the model's linear modules), or
+            a rank larger than every linear layer.
     """
+    widest = max((max(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)), default=0)
+    if widest and args.r > widest:  # peft would try to allocate r x width matrices (overflowing for huge r)
+        raise ModelError(f"lora.r={args.r} is larger than any linear layer of this model (the widest has {widest} "
+                         f"features): choose lora.r <= {widest} (8 to 64 is usual)")
+
     targets: list[str] | str = list(args.target_modules) if args.target_modules else default_target_modules(model)
     if targets == ["all-linear"]:
         targets = "all-linear"  # peft's shorthand: every linear layer except the output head

@@ -232,3 +232,12 @@ def test_checkpoint_kind_from_a_corrupt_adapter_config(tmp_path, config_file, co
         _checkpoint_model_kind(tmp_path, load_config(config_file()))
     (tmp_path / "adapter_config.json").write_text('{"task_type": "SEQ_2_SEQ_LM"}')
     assert _checkpoint_model_kind(tmp_path, load_config(config_file())) == "seq2seq"
+
+
+@pytest.mark.parametrize("edits, text", [
+    ({"model": {"kind": "seq2seq"}}, "model.kind=seq2seq does not fit a LlamaConfig model (Unrecognized configuration "
+                                     "class"),
+    ({"lora": {"r": 2**40}}, "lora.r=1099511627776 is larger than any linear layer of this model (the widest has "),
+])
+def test_model_settings_that_failed_when_the_model_was_built(capsys, config_file, edits, text):
+    assert text in error_line(capsys, cli.main_train, ["--config", config_file(**edits)])
