@@ -47,10 +47,10 @@ from minitune.config import _SECTION_TYPES  # noqa: E402
 from .conftest import GPT2, QUOTES, tiny_config  # noqa: E402
 
 # examples per target: default run / slow mode
-DEFAULT = {"config_yaml": 40, "config_text": 40, "overrides": 40, "data": 25, "checkpoint": 12, "sheet": 40,
-           "eval_args": 10}
-SLOW = {"config_yaml": 2500, "config_text": 1500, "overrides": 2500, "data": 1500, "checkpoint": 400, "sheet": 1500,
-        "eval_args": 300}
+DEFAULT = {"config_yaml": 40, "config_text": 40, "overrides": 40, "full_run": 4, "data": 25, "checkpoint": 12,
+           "sheet": 40, "eval_args": 10}
+SLOW = {"config_yaml": 2500, "config_text": 1500, "overrides": 2500, "full_run": 250, "data": 1500, "checkpoint": 400,
+        "sheet": 1500, "eval_args": 300}
 SCALE = float(os.environ.get("MINITUNE_FUZZ_SCALE", "1"))
 
 # target -> outcome -> examples run (printed by conftest.py at the end of the session)
@@ -310,6 +310,42 @@ def test_fuzz_overrides(mode, fake_run, workdir):
     def example(overrides, with_config):
         argv = (["--config", str(cfg_file)] if with_config else []) + ["--", *overrides]
         check("overrides", run(cli.main_train, argv, stop="MemoryProfiler"), fake_run, before)
+
+    example()
+
+
+# keys a whole run may take any value of its type for (not: run length, model size, output folder, workers)
+FULL_RUN_KEYS = [k for k in DOTTED if k not in {
+    "model.name_or_path", "model.gguf_file", "model.tokenizer", "model.preset", "model.config_file",
+    "model.trust_remote_code", "data.path", "data.max_samples", "data.num_workers", "training.output_dir",
+    "training.max_steps", "training.epochs", "training.compile", "training.resume", "training.overwrite"}]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fuzz_full_runs(mode, fake_run, workdir):
+    """Whole tiny runs (1-2 steps, past the weights) with typed random values: what the config accepts trains
+    (exit 0); what fails later is one error line with exit 2, and the run folder it was to replace is intact."""
+    counter = iter(range(10**9))
+    typed = st.sampled_from(FULL_RUN_KEYS).flatmap(lambda k: st.tuples(st.just(k), plausible(*k.split("."))))
+
+    @_settings("full_run", mode)
+    @given(edits=st.lists(typed, min_size=1, max_size=3))
+    def example(edits):
+        out = workdir / f"full-{next(counter)}"
+        shutil.copytree(fake_run, out)
+        try:
+            doc = tiny_config("tiny-llama", out, data={"max_samples": 8},
+                              training={"max_steps": 2, "overwrite": True, "eval_batches": 1})
+            for key, value in edits:
+                section, name = key.split(".")
+                doc.setdefault(section, {})[name] = value
+            cfg_file = workdir / "full.yaml"
+            cfg_file.write_text(yaml.safe_dump(doc))
+            before = snapshot(out)
+            o = run(cli.main_train, ["--config", str(cfg_file)], stop="no such function")
+            check("full_run", o, out if o.rc == 2 else None, before)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
     example()
 
