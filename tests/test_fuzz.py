@@ -324,7 +324,8 @@ FULL_RUN_KEYS = [k for k in DOTTED if k not in {
 @pytest.mark.parametrize("mode", MODES)
 def test_fuzz_full_runs(mode, fake_run, workdir):
     """Whole tiny runs (1-2 steps, past the weights) with typed random values: what the config accepts trains
-    (exit 0); what fails later is one error line with exit 2, and the run folder it was to replace is intact."""
+    (exit 0) or stops itself with one error line (exit 2, a run that diverged); what fails before training is
+    one error line with exit 2, and the run folder it was to replace is intact."""
     counter = iter(range(10**9))
     typed = st.sampled_from(FULL_RUN_KEYS).flatmap(lambda k: st.tuples(st.just(k), plausible(*k.split("."))))
 
@@ -343,7 +344,10 @@ def test_fuzz_full_runs(mode, fake_run, workdir):
             cfg_file.write_text(yaml.safe_dump(doc))
             before = snapshot(out)
             o = run(cli.main_train, ["--config", str(cfg_file)], stop="no such function")
-            check("full_run", o, out if o.rc == 2 else None, before)
+            # a run that trained and then stopped itself (e.g. optimizer.lr=1e308: every step non-finite) has
+            # replaced the old run, as training.overwrite=true asks; any other exit 2 must leave it intact
+            stopped = "error: stopped: " in o.err
+            check("full_run", o, out if o.rc == 2 and not stopped else None, before)
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -528,6 +532,8 @@ def _damage(path: Path, op: str, rnd: random.Random, blob: bytes) -> None:
     elif op == "foreign":
         name = rnd.choice(["model.safetensors", "README.md", "checkpoint-999999", "COMPLETE", ".hidden",
                            "adapter_model.bin", "training_state_1.pt", "pytorch_model.bin", "config.json"])
+        if (path / name).is_dir():  # an earlier "folder" damage
+            shutil.rmtree(path / name)
         (path / name).write_bytes(blob)
     elif op == "state":
         (path / "trainer_state.json").write_text(json.dumps(rnd.choice([[], {}, {"step": "x"}, {"step": -1},
@@ -542,7 +548,8 @@ def _damage(path: Path, op: str, rnd: random.Random, blob: bytes) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_fuzz_checkpoints(mode, real_run, workdir):
     """Damaged checkpoint folders (missing, truncated, corrupt or foreign files) given to `training.resume`
-    and to `eval.py -p`; a run folder whose newest checkpoint is damaged, resumed with `resume=auto`."""
+    and to `eval.py -p`; a run folder whose newest checkpoint is damaged, resumed with `resume=auto` (up to
+    where the weights load, or through the whole resume and one more step)."""
     cfg_file = workdir / "resume.yaml"
     counter = iter(range(10**9))
 
@@ -550,7 +557,8 @@ def test_fuzz_checkpoints(mode, real_run, workdir):
     @given(ops=st.lists(st.sampled_from(["delete", "truncate", "flip", "replace", "folder", "foreign", "state",
                                          "config", "empty"]), min_size=1, max_size=3),
            seed=st.integers(0, 2**16), blob=st.binary(max_size=64),
-           which=st.sampled_from(["final", "checkpoint-000002"]), entry=st.sampled_from(["resume", "auto", "eval"]))
+           which=st.sampled_from(["final", "checkpoint-000002"]),
+           entry=st.sampled_from(["resume", "auto", "eval", "auto-full"]))
     def example(ops, seed, blob, which, entry):
         run_dir = workdir / f"ckpt-{next(counter)}"
         shutil.copytree(real_run, run_dir)
@@ -565,9 +573,11 @@ def test_fuzz_checkpoints(mode, real_run, workdir):
             else:
                 cfg_file.write_text(yaml.safe_dump(tiny_config("tiny-llama", run_dir, data={"max_samples": 8},
                                                                training={"max_steps": 3})))
-                resume = "auto" if entry == "auto" else str(run_dir / which)
-                o = run(cli.main_train, ["--config", str(cfg_file), f"training.resume={resume}"], stop="MemoryProfiler")
-            check("checkpoint", o, run_dir, before)
+                resume = str(run_dir / which) if entry == "resume" else "auto"
+                # auto-full: past the weights, into load_checkpoint and one more step
+                stop = "no such function" if entry == "auto-full" else "MemoryProfiler"
+                o = run(cli.main_train, ["--config", str(cfg_file), f"training.resume={resume}"], stop=stop)
+            check("checkpoint", o, run_dir if o.rc == 2 or entry != "auto-full" else None, before)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
 
