@@ -219,8 +219,9 @@ def choose_precision(caps: Capabilities, *, full_finetune: bool = False) -> Prec
     elif kind in ("cuda", "mps") and caps.fp16_autocast:
         half, autocast, why = "float16", "fp16", f"{where} has no bf16: fp16 with a GradScaler"
     elif kind == "cpu" and caps.fast_bf16:
-        # measured on this project's CPU runs (bench/results/precision-*.md): bf16 weights alone beat
-        # bf16 autocast over them, which recasts every activation
+        # bf16 weights: 3.2x fp32's tokens/s on bloom-560m LoRA 8x256 (bench/results/precision-cpu-*).
+        # bf16 autocast over fp32 weights was slower than fp32 on the default job; over bf16 weights it
+        # measured faster still once, on a busy machine: to be confirmed quietly before auto takes it.
         half, autocast, why = "bfloat16", "no", "this CPU has AVX512-BF16/AMX: bf16 weights, no autocast"
     else:
         return Precision("float32", "no", "float32", f"{where} has no fast 16-bit matmuls")
