@@ -290,12 +290,16 @@ def key_path_for(sheet: str | Path) -> Path:
 
 
 def _has_scores(sheet: Path) -> bool:
+    """True if the sheet holds a score. A sheet that cannot be read (re-saved in another encoding,
+    broken CSV, no permission) may hold scores too: it is refused rather than overwritten."""
     try:
         with open(sheet, newline="", encoding="utf-8") as f:
             return any((row.get("score_a") or "").strip() or (row.get("score_b") or "").strip()
                        for row in csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return False
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise EvalError(f"'{sheet}' exists but cannot be read as a UTF-8 CSV ({type(e).__name__}: {e}); it may "
+                        "hold scores, so it is left alone: move it away (with its key), or write elsewhere "
+                        "with --out") from None
 
 
 def write_sheet(generations: Sequence[dict[str, Any]], path: str | Path, *, key_path: str | Path | None = None,
@@ -317,7 +321,7 @@ def write_sheet(generations: Sequence[dict[str, Any]], path: str | Path, *, key_
         (sheet path, key path).
 
     Raises:
-        EvalError: `path` already holds scores (it is never overwritten then).
+        EvalError: `path` already holds scores, or exists and cannot be read (it is never overwritten then).
     """
     path = Path(path)
     key_path = Path(key_path) if key_path else key_path_for(path)

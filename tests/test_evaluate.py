@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from minitune.config import DataArgs, ModelArgs, QuantizationArgs
 from minitune.data import Collator, DataError, load_rows, make_dataloader, tokenize
 from minitune.evaluate import (
+    EvalError,
     compare,
     evaluate_checkpoint,
     generate,
@@ -292,6 +293,35 @@ def test_sheet_and_scores_round_trip(tmp_path):
     result = _eval_cli("--scores", str(sheet), "--key", str(key))
     assert result.returncode == 0, result.stderr
     assert "4.00" in result.stdout and "1.50" in result.stdout
+
+
+def test_a_sheet_that_cannot_be_read_is_never_overwritten(tmp_path):
+    """A scored sheet re-saved by a spreadsheet in UTF-16, or broken, may hold hours of scoring:
+    neither the sheet nor its key is touched."""
+    sheet, key = write_sheet(_generations(4), tmp_path / "sheet.csv")
+    _fill(sheet, lambda out: "4")
+    sheet.write_bytes(sheet.read_text(encoding="utf-8").encode("utf-16"))
+    before = sheet.read_bytes(), key.read_bytes()
+    with pytest.raises(EvalError, match="cannot be read as a UTF-8 CSV"):
+        write_sheet(_generations(4), sheet)
+    assert (sheet.read_bytes(), key.read_bytes()) == before
+    # valid UTF-8 that the csv module refuses (a cell over its field size limit)
+    sheet.write_text("id,prompt,output_a,output_b,score_a,score_b\n1," + "x" * 200_000 + ",a,b,4,5\n")
+    before = sheet.read_bytes(), key.read_bytes()
+    with pytest.raises(EvalError, match="cannot be read.*field larger than field limit"):
+        write_sheet(_generations(4), sheet)
+    assert (sheet.read_bytes(), key.read_bytes()) == before
+
+
+def test_cli_refuses_an_unreadable_sheet_before_any_work(lora_run, tmp_path):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "human_eval.csv").write_bytes("id,score_a\n1,5\n".encode("utf-16"))
+    (out / "human_eval_key.csv").write_text("id,a,b,prompt_index\n1,base,tuned,0\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = _eval_cli("-p", str(lora_run.checkpoint), "--out", str(out), "--max-samples", "4")
+    _error(result, "cannot be read as a UTF-8 CSV")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written: no eval.json either
 
 
 def test_bad_scores_are_one_line_errors(tmp_path):
