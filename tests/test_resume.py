@@ -75,24 +75,52 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
+def count_optimizer_steps(monkeypatch, cls=torch.optim.AdamW) -> list[int]:
+    """Count the optimizer steps taken from now on (one list entry per `step()` call)."""
+    calls: list[int] = []
+    original = cls.step
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "step", step)
+    return calls
+
+
+def train_resumed(cfg: dict, monkeypatch, cls=torch.optim.AdamW):
+    """train(cfg), returning (result, optimizer steps it took, steps its on_step saw)."""
+    calls, seen = count_optimizer_steps(monkeypatch, cls), []
+    result = train(cfg, on_step=lambda state, metrics: seen.append(state.step))
+    monkeypatch.undo()
+    return result, len(calls), seen
+
+
 @pytest.mark.parametrize("step", [1, 3, 4])  # 3: on the epoch boundary; 1 and 3: between two logs
-def test_resume_is_bitwise_exact(reference, tmp_path, step):
+def test_resume_is_bitwise_exact(reference, tmp_path, step, monkeypatch, capsys):
     out = resume_copy(reference, f"checkpoint-{step:06d}", tmp_path / "run")
-    result = train(exact_config(out, training={"resume": "auto"}))
+    result, optimizer_steps, seen = train_resumed(exact_config(out, training={"resume": "auto"}), monkeypatch)
     assert result.state.step == STEPS
+    # it started at step `step` and trained only the remaining steps (a run that ignored the
+    # checkpoint and started over would end with the same weights here, but not pass this)
+    assert f"at step {step}" in capsys.readouterr().out
+    assert optimizer_steps == STEPS - step
+    assert seen == [s for s in (2, 4, 5) if s > step]  # its logged steps: only those after the checkpoint
     assert_bitwise(weights(reference / "final"), weights(out / "final"))
     assert log_records(out) == log_records(reference)  # losses, grad norms, lr, token counts
     for k in range(step + 1, STEPS + 1):  # the checkpoints written after resuming match too
         assert_bitwise(weights(reference / f"checkpoint-{k:06d}"), weights(out / f"checkpoint-{k:06d}"))
 
 
-def test_final_is_a_resume_point(tmp_path):
+def test_final_is_a_resume_point(tmp_path, monkeypatch):
     """Train 3 steps, then resume from `final` for 2 more: the same as 5 steps at once (constant lr)."""
     constant = {"optimizer": {"scheduler": "constant", "warmup_steps": 0}, "training": {"save_every": 0}}
     short = tmp_path / "short"
     train(exact_config(short, **{**constant, "training": {"save_every": 0, "max_steps": 3}}))
     assert find_latest(short) == short / "final"
-    train(exact_config(short, **{**constant, "training": {"save_every": 0, "resume": "auto"}}))
+    _, optimizer_steps, seen = train_resumed(
+        exact_config(short, **{**constant, "training": {"save_every": 0, "resume": "auto"}}), monkeypatch)
+    assert optimizer_steps == 2 and seen == [4, 5]  # on from step 3, not over from 0
     full = tmp_path / "full"
     train(exact_config(full, **constant))
     assert_bitwise(weights(full / "final"), weights(short / "final"))
@@ -107,14 +135,18 @@ def test_evaluating_does_not_change_training(tmp_path):
     assert_bitwise(weights(plain / "final"), weights(evaluated / "final"))
 
 
-def test_resume_8bit_optimizer_and_full_finetuning(tmp_path):
+def test_resume_8bit_optimizer_and_full_finetuning(tmp_path, monkeypatch):
     """bitsandbytes 8-bit optimizer state (quantized moments, absmax) and full weights resume exactly."""
     over = {"lora": {"enabled": False}, "optimizer": {"name": "adamw8bit"},
             "training": {"max_steps": 3, "keep_last": 0}}
     ref = tmp_path / "ref"
     train(exact_config(ref, **over))
     out = resume_copy(ref, "checkpoint-000001", tmp_path / "run")
-    train(exact_config(out, **{**over, "training": {**over["training"], "resume": "auto"}}))
+    import bitsandbytes as bnb
+
+    _, optimizer_steps, seen = train_resumed(
+        exact_config(out, **{**over, "training": {**over["training"], "resume": "auto"}}), monkeypatch, bnb.optim.AdamW8bit)
+    assert optimizer_steps == 2 and seen == [2, 3]  # steps 2 and 3 only
     assert_bitwise(weights(ref / "final"), weights(out / "final"))
     assert log_records(out) == log_records(ref)
 
