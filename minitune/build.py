@@ -154,8 +154,8 @@ def setup(cfg: Config) -> Parts:
                               batch_size=t.batch_size, seq_len=cfg.data.max_length,
                               gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
                               logits_positions=live_logit_positions(model, t.loss, t.loss_chunk_size))
-    logger = RunLogger(accelerator, out, total_steps, progress=cfg.logging.progress, initial_step=state.step,
-                       trackers=bool(cfg.logging.trackers), append=resume_from is not None,
+    logger = RunLogger(accelerator, out if cfg.logging.jsonl else None, total_steps, progress=cfg.logging.progress,
+                       initial_step=state.step, trackers=bool(cfg.logging.trackers), append=resume_from is not None,
                        first_record={"precision": dataclasses.asdict(where.precision)})
     parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
                   logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, total_steps, out, resume_from,
