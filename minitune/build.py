@@ -76,7 +76,7 @@ class Parts:
     eval_loader: Any  # None without validation data
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    profiler: MemoryProfiler
+    profiler: MemoryProfiler | None  # None with logging.memory=false
     logger: RunLogger
     loss_fn: LossFn
     prep: PreparationReport
@@ -120,11 +120,12 @@ def setup(cfg: Config) -> Parts:
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model)
     data = setup_data(cfg, tokenizer)
-    profiler = MemoryProfiler(accelerator.device, phases_every=cfg.logging.memory_phases_every or cfg.logging.log_every)
+    profiler = None  # logging.memory=false: no sampler, no records, no measured peak (the prediction stays)
     if cfg.logging.memory:
-        profiler.start()
-    profiler.phase("start")
-    model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase)
+        profiler = MemoryProfiler(accelerator.device,
+                                  phases_every=cfg.logging.memory_phases_every or cfg.logging.log_every).start()
+        profiler.phase("start")
+    model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
     if t.compile:
         model = torch.compile(model)
 

@@ -203,7 +203,8 @@ class LoggingArgs:
     progress: str = _f("rich", "'rich', 'tqdm' or 'none'.")
     jsonl: bool = _f(True, "Write per-step records to <output_dir>/log.jsonl.")
     trackers: list[str] = _f([], "Accelerate trackers, e.g. [tensorboard].")
-    memory: bool = _f(True, "Record memory at every logged step (cheap).")
+    memory: bool = _f(True, "Record memory at every logged step, by phase, and the measured peak (cheap); "
+                            "false: none of it, no memory.json (the predicted peak is still shown).")
     memory_phases_every: int = _f(0, "Record forward/backward/optimizer memory phases every N steps (0: at log steps).")
     module_grad_norms: bool = _f(False, "Log per-module lora_A / lora_B gradient norms.")
 

@@ -103,7 +103,7 @@ def _finish(parts: Parts, state: TrainState, elapsed: float) -> TrainResult:
     """
     cfg, accelerator, profiler, out = parts.cfg, parts.accelerator, parts.profiler, parts.out
     if state.stop_reason == "nonfinite":
-        profiler.stop()
+        _phase(profiler, None)
         raise RunError(f"stopped: {cfg.training.max_bad_steps} consecutive steps with a non-finite loss or gradient "
                        f"after step {state.step} ({state.skipped_steps} skipped in all); last good checkpoint: "
                        f"{find_latest(out) or 'none'}; lower optimizer.lr (or use bf16/fp32 instead of fp16) and "
@@ -116,18 +116,31 @@ def _finish(parts: Parts, state: TrainState, elapsed: float) -> TrainResult:
                                                  max_batches=cfg.training.eval_batches, loss_fn=parts.loss_fn)
         final = save_checkpoint(out / "final", accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,
                                 scheduler=parts.scheduler, state=state, config=cfg, tokenizer=parts.tokenizer)
-    profiler.stop()
-    profiler.breakdown = tensor_breakdown(accelerator.unwrap_model(parts.model), parts.optimizer,
-                                          profiler.peak_bytes(above_baseline=True), assume_grads=True)
-    memory = profiler.summary()
-    memory["predicted"] = parts.predicted
+    memory: dict[str, Any] = {"predicted": parts.predicted}
+    if profiler is not None:
+        profiler.stop()
+        profiler.breakdown = tensor_breakdown(accelerator.unwrap_model(parts.model), parts.optimizer,
+                                              profiler.peak_bytes(above_baseline=True), assume_grads=True)
+        memory = {**profiler.summary(), **memory}
     if accelerator.is_main_process:
-        (out / "memory.json").write_text(json.dumps(memory, indent=1, default=str))
+        if profiler is not None:
+            (out / "memory.json").write_text(json.dumps(memory, indent=1, default=str))
         console = Console()
         console.print(summary_table(_summary_rows(parts, state, metrics, elapsed, final)))
-        console.print(profiler.table())
+        if profiler is not None:
+            console.print(profiler.table())
     accelerator.end_training()
     return TrainResult(out, final, state, metrics, memory, parts.prep.trainable_line, parts.precision)
+
+
+def _phase(profiler: Any, name: str | None) -> None:
+    """Snapshot memory under `name` (None: stop the profiler); nothing with logging.memory=false."""
+    if profiler is None:
+        return
+    if name:
+        profiler.phase(name)
+    else:
+        profiler.stop()
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -157,8 +170,8 @@ def _out_of_memory(err: BaseException, parts: Parts) -> RunError:
     The profiler's table (memory by phase up to this point) is printed above it."""
     cfg, state, profiler, device = parts.cfg, parts.state, parts.profiler, parts.accelerator.device
     t = cfg.training
-    profiler.stop()
-    if parts.accelerator.is_main_process:
+    _phase(profiler, None)
+    if parts.accelerator.is_main_process and profiler is not None:
         with contextlib.suppress(Exception):  # the error line below matters more than the table
             Console(stderr=True).print(profiler.table())
     now = ""
@@ -167,7 +180,7 @@ def _out_of_memory(err: BaseException, parts: Parts) -> RunError:
         now = (f"{format_bytes(torch.cuda.memory_allocated(device))} allocated, "
                f"{format_bytes(torch.cuda.memory_reserved(device))} reserved, {format_bytes(free)} free of "
                f"{format_bytes(total)} on {device}; ")
-    peak = profiler.peak_bytes()
+    peak = profiler.peak_bytes() if profiler is not None else 0
     if peak:
         now += f"peak so far {format_bytes(peak)}; "
     knobs = []
@@ -193,8 +206,12 @@ def _summary_rows(parts: Parts, state: TrainState, metrics: dict, elapsed: float
                   final: Path | None) -> list[tuple[str, str]]:
     profiler, predicted, prep, accelerator = parts.profiler, parts.predicted, parts.prep, parts.accelerator
     # on CPU the measured peak is RSS above what the process held before loading (Python, libraries)
-    peak = profiler.peak_bytes(above_baseline=True)
-    label = "measured" + (" above the process baseline" if profiler.baseline_bytes else "")
+    peak = profiler.peak_bytes(above_baseline=True) if profiler is not None else 0
+    label = "measured" + (" above the process baseline" if profiler is not None and profiler.baseline_bytes else "")
+    measured = (f"{format_bytes(peak)} {label}, {format_bytes(predicted['total'])} predicted"
+                + (f" (measured/predicted {peak / predicted['total']:.2f})" if predicted.get("total") else ""))
+    if profiler is None:
+        measured = f"not measured (logging.memory=false), {format_bytes(predicted['total'])} predicted"
     rows = [
         ("steps", f"{state.step} ({state.micro_step} micro-batches, {state.skipped_steps} skipped"
                   + (f", {state.scaler_skips} of them fp16 overflows)" if state.scaler_skips else ")")
@@ -203,8 +220,7 @@ def _summary_rows(parts: Parts, state: TrainState, metrics: dict, elapsed: float
         ("eval loss", f"{metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "-"),
         ("time", f"{elapsed:.1f} s"),
         ("tokens/s", f"{state.tokens / elapsed:,.0f}" if elapsed > 0 else "-"),
-        ("peak memory", f"{format_bytes(peak)} {label}, {format_bytes(predicted['total'])} predicted"
-                        + (f" (measured/predicted {peak / predicted['total']:.2f})" if predicted.get("total") else "")),
+        ("peak memory", measured),
         ("trainable", prep.trainable_line),
         ("device", f"{accelerator.device} x{accelerator.num_processes}"),
         ("precision", parts.precision.describe()),
