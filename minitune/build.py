@@ -517,14 +517,27 @@ def _resume(path: Path, cfg: Config, accelerator: Any, model: Any, optimizer: An
 
 
 def _trim_log(log: Path, step: int) -> None:
-    """Keep the records of steps <= `step` (and drop a line cut short by a kill); atomic."""
+    """Keep the records of steps <= `step` (and drop a last line cut short by a kill); atomic.
+
+    Raises:
+        RunError: a line other than the last is not a JSON record (the log was edited or damaged);
+            nothing is changed.
+    """
     kept = []
-    for line in log.read_text().splitlines():
+    lines = log.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
+            if number == len(lines):  # a write cut short by a kill: only ever the last line
+                continue
+            raise RunError(f"'{log}' line {number} is not a JSON record ({line[:40]!r}); fix or delete that line "
+                           "(or the whole file) and resume again") from None
+        if not isinstance(record, dict):
+            raise RunError(f"'{log}' line {number} is not a JSON object; fix or delete that line and resume again")
+        if record.get("step", 0) <= step:
             kept.append(line)
     tmp = log.with_name(log.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
