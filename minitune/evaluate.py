@@ -534,16 +534,22 @@ def _checkpoint_model_kind(path: Path, cfg: Config) -> str:
 
 
 def _load_tokenizer(path: Path, cfg: Config) -> Any:
-    """The tokenizer saved in the checkpoint, else the one the config names."""
+    """The tokenizer saved in the checkpoint (the one training used), else the one the config names.
+
+    Raises:
+        CheckpointError: the checkpoint holds a tokenizer that does not load. Not replaced quietly by
+            the config's: another tokenizer would give other token ids, hence other numbers.
+    """
     if (path / "tokenizer_config.json").is_file():
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
-        except Exception:  # fall back to the config's tokenizer
-            tok = None
-        if tok is not None:
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-            return tok
+        except Exception as e:
+            raise CheckpointError(f"the tokenizer saved in '{path}' does not load ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); restore its tokenizer files, or "
+                                  "delete them (tokenizer*.json) to use the config's model.tokenizer") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
     return load_tokenizer(cfg.model)
 
 
