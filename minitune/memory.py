@@ -26,6 +26,7 @@ import os
 import resource
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,34 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+_RSS_FALLBACK_WARNED = False
+
+
 def _rss_bytes() -> int:
-    """Resident set size of this process, read from /proc (cheap: one small file read)."""
+    """Resident set size of this process now: /proc on Linux (one small file read), else psutil.
+
+    Without either, the kernel's `ru_maxrss` (the peak so far, which only grows) is returned, with
+    one warning: per-step peaks and the phases then show the highest value reached, not the current.
+    """
+    global _RSS_FALLBACK_WARNED
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux: ru_maxrss is the best available
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil  # optional: only off Linux, where /proc is missing
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        pass
+    if not _RSS_FALLBACK_WARNED:
+        _RSS_FALLBACK_WARNED = True
+        warnings.warn("CPU memory: no /proc and no psutil, so the current RSS is unknown; using ru_maxrss, which "
+                      "only grows: per-step peaks and phases show the highest RSS so far (pip install psutil)",
+                      stacklevel=2)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 # One small reader per device type: (current bytes for phases, per-step record builder)
