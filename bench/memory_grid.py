@@ -398,13 +398,14 @@ def markdown(data: dict) -> str:
     if data.get("knobs"):
         lines += ["", f"## One knob at a time ({data['knobs'][0]['model']}, batch {data['knobs'][0]['batch_size']} x "
                   f"seq {data['knobs'][0]['seq_len']})", "",
-                  "| knob | setting | status | peak MiB | optim MiB | fp32 cast MiB | s/step | note |", "|" + "---|" * 8]
+                  "| knob | setting | status | peak MiB | predicted MiB | ratio | optim MiB | fp32 cast MiB | s/step | note |",
+                  "|" + "---|" * 10]
         for r in data["knobs"]:
             note = ""
             if r.get("optimizer_used") and r["optimizer_used"] != r.get("optimizer_requested"):
                 note = f"runs {r['optimizer_used']} (paging needs CUDA)"
             lines.append(f"| {r['knob']} | {r['method']} | {r['status']} | {_f(r.get('peak_train_mb'))} | "
-                         f"{_f(r.get('optimizer_mb'))} | {_f(r.get('fp32_cast_mb'))} | {_f(r.get('step_s'), '.3f')} | "
+                         f"{_f(r.get('predicted_mb'))} | {_f(r.get('ratio'), '.2f')} | {_f(r.get('optimizer_mb'))} | {_f(r.get('fp32_cast_mb'))} | {_f(r.get('step_s'), '.3f')} | "
                          f"{note} |")
     o = data.get("overhead")
     if o:
