@@ -383,8 +383,8 @@ def markdown(table: list[dict], header: str) -> str:
         diff = "-" if x["max_loss_diff"] is None else f"{x['max_loss_diff']:.1e}"
         lines.append(
             f"| {x['row']} | {x['variant']} | {x['tokens_per_s']:,.0f} ({x['tokens_per_s_min']:,.0f}-"
-            f"{x['tokens_per_s_max']:,.0f}) | {x['tokens_per_cpu_s']:,.0f} | {peak:,.0f} MB | "
-            f"{x['train_rss_delta_mb']:,.0f} MB | {x['vs'] or '-'} | {_fmt_ratio(x['speed_ratio'])} | "
+            f"{x['tokens_per_s_max']:,.0f}) | {x['tokens_per_cpu_s']:,.0f} | {peak:,.0f} MiB | "
+            f"{x['train_rss_delta_mb']:,.0f} MiB | {x['vs'] or '-'} | {_fmt_ratio(x['speed_ratio'])} | "
             f"{_fmt_ratio(x['cpu_speed_ratio'])} | {_fmt_ratio(x['peak_ratio'])} | {_fmt_ratio(x['delta_ratio'])} | "
             f"{diff} |")
     lines += ["", "Ratios are run / reference (the Trainer run of the same setting): speed above 1 and memory "
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
                 print(f"[{time.perf_counter() - t0:6.0f} s] {row:14s} {variant:34s} {r['tokens_per_s']:8.0f} tok/s "
                       f"{r['tokens_per_cpu_s']:8.0f} tok/CPU-s  "
-                      f"peak RSS {r['peak_rss_mb']:6.0f} MB  train Δ {r['train_rss_delta_mb']:6.0f} MB  "
+                      f"peak RSS {r['peak_rss_mb']:6.0f} MiB  train Δ {r['train_rss_delta_mb']:6.0f} MiB  "
                       f"loss {r['losses'][-1]:.4f}", flush=True)
     elapsed = time.perf_counter() - t0
     table = summarise(results, rows, variants)

@@ -102,7 +102,7 @@ def _postfix(m: dict[str, Any]) -> str:
         parts.append(f"{m['tokens_per_s']:.0f} tok/s")
     mem = next((m[k] for k in ("mem/peak_allocated_mb", "mem/peak_rss_mb", "mem/max_sampled_mb") if k in m), None)
     if mem is not None:
-        parts.append(f"peak {mem:.0f} MB")
+        parts.append(f"peak {mem:.0f} MiB")
     return " | ".join(p for p in parts if p)
 
 
