@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train eval test test-slow test-all lint bench bench-memory bench-precision bench-trainer gpu-check clean
+.PHONY: setup train eval test test-slow test-all lint bench-memory bench-precision gpu-check clean
 
 setup: $(VENV)/.installed
 
