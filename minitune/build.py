@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import accelerate.tracking
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed
 from torch import nn
 
 from . import device as dev
@@ -111,6 +112,9 @@ def setup(cfg: Config) -> Parts:
             load where the input alone shows it.
     """
     cfg, where = setup_device(cfg)
+    problems = _tracker_problems(cfg.logging.trackers)
+    if problems:
+        raise ConfigError(problems)
     resume_from, cfg = resolve_resume(cfg)
     out = check_output_dir(cfg)
     accelerator = setup_accelerator(cfg, where.device, project_dir=out)
@@ -189,6 +193,20 @@ def setup_device(cfg: Config) -> tuple[Config, DeviceChoice]:
     if problems:
         raise ConfigError(problems)
     return cfg, DeviceChoice(device, precision, notes)
+
+
+def _tracker_problems(names: list[str]) -> list[str]:
+    """logging.trackers that Accelerate does not know, or whose package is not installed (Accelerate
+    itself drops those without a word, and the run would log nowhere)."""
+    known, available = LoggerType.list(), {str(t) for t in accelerate.tracking.get_available_trackers()}
+    problems = []
+    for name in names:
+        if str(name) not in known:
+            problems.append(f"logging.trackers: unknown tracker '{name}'; choose from {', '.join(known)}")
+        elif name != "all" and str(name) not in available:
+            problems.append(f"logging.trackers: '{name}' is not installed (pip install {name}), or remove it "
+                            "from logging.trackers")
+    return problems
 
 
 def setup_accelerator(cfg: Config, device: torch.device, *, project_dir: Path | None = None) -> Accelerator:
