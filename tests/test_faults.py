@@ -293,14 +293,16 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint(tmp_path, uninterru
     resume_and_compare(out, uninterrupted)
 
 
-def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path, uninterrupted):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C
+def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path, uninterrupted, sig):
     out = tmp_path / "run"
     proc = start(tmp_path, out, PAUSE_AFTER_LOG=0.5)
     wait_for(proc, lambda: lines(out / "log.jsonl") >= 2, tmp_path)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=60) == 0
     text = (tmp_path / "proc.log").read_text()
-    assert "SIGTERM: saving a checkpoint at the end of this step" in text and "Traceback" not in text
+    assert f"{sig.name}: saving a checkpoint at the end of this step" in text and "Traceback" not in text
+    assert "KeyboardInterrupt" not in text
     assert "stopped by signal" in text and not (out / "final").exists()
     last = find_latest(out)
     assert last.name == f"checkpoint-{lines(out / 'log.jsonl'):06d}"  # saved at the step it was on
