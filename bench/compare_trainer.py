@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from minitune.build import loop_args, setup_accelerator, setup_data, setup_device, setup_model, train_loader
+from minitune.config import _merge as merge_sections
 from minitune.config import load_config
 from minitune.loop import fit
 from minitune.losses import loss_fn_for
@@ -103,11 +105,8 @@ LEVER_VARIANTS = {
 
 
 def _merge(*dicts: dict) -> dict:
-    out: dict = {}
-    for d in dicts:
-        for section, values in d.items():
-            out.setdefault(section, {}).update(values)
-    return out
+    """Config dicts merged section by section, later ones winning (as `load_config` merges overrides)."""
+    return functools.reduce(merge_sections, dicts, {})
 
 
 def job_config(row: str, variant: str, args: argparse.Namespace) -> dict:
