@@ -71,7 +71,7 @@ MODES = ["default", pytest.param("slow", marks=pytest.mark.slow)]
 
 
 class Reached(Exception):
-    """The input passed every check up to the stage where the fuzz stops (weights would load next)."""
+    """The input passed every check up to the stage where the fuzz stops (`setup_model`: weights would load next)."""
 
 
 def _reached(*args, **kwargs):
@@ -240,7 +240,7 @@ def test_fuzz_config_documents(mode, fake_run, workdir):
     @given(doc=config_docs(fake_run), unicode=st.booleans())
     def example(doc, unicode):
         cfg_file.write_text(yaml.safe_dump(doc, allow_unicode=unicode), encoding="utf-8")
-        check("config_yaml", run(cli.main_train, ["--config", str(cfg_file)], stop="MemoryProfiler"), fake_run, before)
+        check("config_yaml", run(cli.main_train, ["--config", str(cfg_file)], stop="setup_model"), fake_run, before)
 
     example()
 
@@ -275,7 +275,7 @@ def test_fuzz_config_bytes(mode, fake_run, workdir):
         else:
             cfg_file.unlink(missing_ok=True)
             cfg_file.mkdir()
-        check("config_text", run(cli.main_train, ["--config", str(cfg_file)], stop="MemoryProfiler"), fake_run, before)
+        check("config_text", run(cli.main_train, ["--config", str(cfg_file)], stop="setup_model"), fake_run, before)
 
     example()
 
@@ -309,7 +309,7 @@ def test_fuzz_overrides(mode, fake_run, workdir):
     @given(overrides=st.lists(items, max_size=4), with_config=st.integers(0, 9))
     def example(overrides, with_config):
         argv = (["--config", str(cfg_file)] if with_config else []) + ["--", *overrides]
-        check("overrides", run(cli.main_train, argv, stop="MemoryProfiler"), fake_run, before)
+        check("overrides", run(cli.main_train, argv, stop="setup_model"), fake_run, before)
 
     example()
 
