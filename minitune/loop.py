@@ -36,7 +36,8 @@ from torch import nn
 
 from .lm import count_targets, model_kind, shift_targets, unwrap
 
-__all__ = ["LoopArgs", "TrainState", "count_items", "decoder_inputs", "default_loss", "evaluate_loss", "fit"]
+__all__ = ["LoopArgs", "TrainState", "count_items", "decoder_inputs", "default_loss", "evaluate_during_run",
+           "evaluate_loss", "fit"]
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,6 +62,10 @@ class TrainState:
     pending_loss_sum: float = 0.0
     pending_loss_items: float = 0.0
     pending_tokens: int = 0
+    # Wall time (whole run, resumed sessions included): in training steps (the loop less its
+    # evaluations and checkpoint saves; see `_Clock`), and in evaluations (the final one included).
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The counters as a JSON-able dict (what checkpoints store in trainer_state.json)."""
@@ -150,6 +155,16 @@ def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batche
     total, count = accelerator.reduce(torch.stack([total, count]), reduction="sum")
     model.train()
     return (total / count.clamp(min=1)).item()  # host-device sync, once per evaluation
+
+
+def evaluate_during_run(accelerator: Any, model: nn.Module, loader: Any, state: TrainState, *,
+                        max_batches: int = 0, loss_fn: LossFn = default_loss) -> float:
+    """`evaluate_loss`, its wall time added to `state.eval_seconds` (evaluation is never training time)."""
+    started = time.perf_counter()
+    try:
+        return evaluate_loss(accelerator, model, loader, max_batches=max_batches, loss_fn=loss_fn)
+    finally:
+        state.eval_seconds += time.perf_counter() - started
 
 
 @contextlib.contextmanager
@@ -302,7 +317,8 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     tally = _Tally(accelerator, state)
-    save_now = _Saver(save, state, tally)
+    clock = _Clock(state)
+    save_now = _Saver(save, state, tally, clock)
     with _StopFlag() as stop:
         for window in _windows(train_loader, accelerator, state, args.grad_accum):
             if state.step >= args.max_steps:
@@ -331,11 +347,12 @@ def fit(
             state.step += 1
             tally.steps += 1
 
-            metrics = _log_metrics(accelerator, state, tally, grad_norm, optimizer, train_loader, profiler,
+            metrics = _log_metrics(accelerator, state, tally, clock, grad_norm, optimizer, train_loader, profiler,
                                    extra) if log_now else {}
             if eval_loader is not None and args.eval_every and state.step % args.eval_every == 0:
-                metrics["eval_loss"] = evaluate_loss(accelerator, model, eval_loader, max_batches=args.eval_batches,
-                                                     loss_fn=loss_fn)
+                with clock.aside():
+                    metrics["eval_loss"] = evaluate_during_run(accelerator, model, eval_loader, state,
+                                                               max_batches=args.eval_batches, loss_fn=loss_fn)
                 state.eval_losses.append((state.step, metrics["eval_loss"]))
             if metrics and _report(state, metrics, logger, on_step):
                 state.stop_reason = "callback"
@@ -347,6 +364,7 @@ def fit(
                 state.stop_reason = "max_steps"
             if state.stop_reason:
                 break
+    clock.lap()
     tally.stash(state)  # the sums not yet logged, for the final checkpoint
     return state
 
@@ -484,7 +502,7 @@ class _Tally:
         self.loss = torch.tensor(state.pending_loss_sum if main else 0.0, device=device)
         self.items = torch.tensor(state.pending_loss_items if main else 0.0, device=device)
         self.tokens = torch.tensor(state.pending_tokens if main else 0, dtype=torch.long, device=device)
-        self.started, self.steps, self.tokens_at_start = time.perf_counter(), 0, state.tokens
+        self.steps, self.tokens_at_start, self.seconds_at_start = 0, state.tokens, state.train_seconds
 
     def count_tokens(self, batch: dict) -> None:
         if "attention_mask" in batch:
@@ -496,7 +514,7 @@ class _Tally:
 
     def reset(self, state: TrainState) -> None:
         self.loss.zero_(), self.items.zero_(), self.tokens.zero_()
-        self.started, self.steps, self.tokens_at_start = time.perf_counter(), 0, state.tokens
+        self.steps, self.tokens_at_start, self.seconds_at_start = 0, state.tokens, state.train_seconds
 
     def stash(self, state: TrainState) -> None:
         """Copy the sums not yet logged into `state` (a host-device sync; only when saving), summed
@@ -506,29 +524,57 @@ class _Tally:
         state.pending_tokens = int(self.accelerator.reduce(self.tokens, reduction="sum").item())
 
 
+class _Clock:
+    """Training time, decided here only: the loop's wall time less its evaluations and checkpoint
+    saves (`aside`), summed in `state.train_seconds`. The logged `step_time_s` and `tokens_per_s`,
+    and the run's summary, divide by it."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.state = state
+        self.mark = time.perf_counter()
+
+    def lap(self) -> None:
+        """Add the time since the last mark to `state.train_seconds`."""
+        now = time.perf_counter()
+        self.state.train_seconds += now - self.mark
+        self.mark = now
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Time that is not training (an evaluation, a save): not added to `state.train_seconds`."""
+        self.lap()
+        try:
+            yield
+        finally:
+            self.mark = time.perf_counter()
+
+
 class _Saver:
     """`save(state)` with the pending sums stashed, at most once per micro-step (a signal right
-    after a save does not save twice)."""
+    after a save does not save twice); saving is not training time."""
 
-    def __init__(self, save: Callable[[TrainState], Any] | None, state: TrainState, tally: _Tally) -> None:
-        self.save, self.state, self.tally = save, state, tally
+    def __init__(self, save: Callable[[TrainState], Any] | None, state: TrainState, tally: _Tally,
+                 clock: _Clock) -> None:
+        self.save, self.state, self.tally, self.clock = save, state, tally, clock
         self.saved_at = -1
 
     def __call__(self) -> None:
         if self.save is None or self.saved_at == self.state.micro_step:
             return
-        self.tally.stash(self.state)
-        self.save(self.state)
+        with self.clock.aside():  # first: the checkpoint holds the training time up to here
+            self.tally.stash(self.state)
+            self.save(self.state)
         self.saved_at = self.state.micro_step
 
 
-def _log_metrics(accelerator: Any, state: TrainState, tally: _Tally, grad_norm: torch.Tensor,
+def _log_metrics(accelerator: Any, state: TrainState, tally: _Tally, clock: _Clock, grad_norm: torch.Tensor,
                  optimizer: torch.optim.Optimizer, train_loader: Any, profiler: Any, extra: dict) -> dict[str, Any]:
     """The metrics of a logged step; resets the sums. Host-device sync: the only regular one besides
-    the finiteness check."""
+    the finiteness check. Times are training time since the last log (no evaluation, no saving)."""
     totals = accelerator.reduce(torch.stack([tally.loss, tally.items]), reduction="sum")
     state.tokens += int(accelerator.reduce(tally.tokens, reduction="sum").item())
-    elapsed = time.perf_counter() - tally.started
+    clock.lap()  # after the sync: the device has finished the steps being timed
+    elapsed = state.train_seconds - tally.seconds_at_start
     scaler = getattr(accelerator, "scaler", None)
     metrics = {
         "step": state.step,

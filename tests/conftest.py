@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,20 @@ def tiny_config(preset: str = "tiny-llama", output_dir: str | Path = "runs/test"
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+class VirtualClock:
+    """A stand-in for the `time` module of minitune.loop: the real clock plus virtual seconds, which
+    `sleep` adds at once (a test can make an evaluation or a save "take" 100 s in no time)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        self.offset += seconds
 
 
 @pytest.fixture

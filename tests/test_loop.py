@@ -7,8 +7,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from minitune import loop
 from minitune.build import _reset_single_process_state
 from minitune.loop import LoopArgs, TrainState, count_items, default_loss, evaluate_loss, fit
+
+from .conftest import VirtualClock
 
 
 class TwoLayer(nn.Module):
@@ -159,6 +162,33 @@ def test_save_every_hands_the_state_to_save():
     state, _, _ = _run(_batches(6), LoopArgs(max_steps=6, save_every=2),
                        save=lambda st: saved.append((st.step, st.micro_step)))
     assert saved == [(2, 2), (4, 4), (6, 6)] and state.step == 6
+
+
+def test_step_times_and_tokens_per_s_leave_out_evaluations_and_saves(monkeypatch):
+    """An evaluation and a save after every step (100 s and 1000 s, virtual) are not training time:
+    the logged step time and tokens/s, and state.train_seconds, exclude them; state.eval_seconds
+    holds the evaluations."""
+    clock = VirtualClock()
+    monkeypatch.setattr(loop, "time", clock)
+    evaluate = loop.evaluate_loss
+
+    def slow_evaluation(*args, **kwargs):
+        clock.sleep(100)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_loss", slow_evaluation)
+
+    def loss_fn(model, batch):  # the batches carry an attention mask, so the loop counts tokens
+        return squared_error(model, {k: v for k, v in batch.items() if k != "attention_mask"})
+
+    batches = [{**b, "attention_mask": torch.ones(4, 8, dtype=torch.long)} for b in _batches(3)]
+    state, records, _ = _run(batches, LoopArgs(max_steps=3, eval_every=1, save_every=1), loss_fn=loss_fn,
+                             eval_loader=batches[:1], save=lambda st: clock.sleep(1000))
+    assert len(records) == 3 and all("eval_loss" in r for r in records)
+    assert all(r["step_time_s"] < 50 for r in records)  # before: 1100 s for steps 2 and 3
+    assert all(r["tokens_per_s"] == pytest.approx(32 / r["step_time_s"]) for r in records)  # 4 x 8 tokens a step
+    assert state.train_seconds == pytest.approx(sum(r["step_time_s"] for r in records), abs=0.05)  # + the loop's exit
+    assert 300 <= state.eval_seconds < 350
 
 
 def test_evaluate_loss_is_the_mean_over_items_and_leaves_train_mode():
