@@ -17,7 +17,7 @@ from rich.console import Console
 from .build import Parts, RunError, loop_args, setup, train_loader, with_split
 from .checkpoint import find_latest, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config
-from .loop import TrainState, evaluate_loss, fit
+from .loop import TrainState, evaluate_during_run, fit
 from .memory import format_bytes, tensor_breakdown
 from .report import summary_table
 
@@ -35,6 +35,10 @@ class TrainResult:
     memory: dict[str, Any] = field(default_factory=dict)  # the profiler's summary
     trainable_line: str = ""
     precision: Any = None  # the device.Precision the run trained in (what 'auto' chose, and why)
+    # Whole run, resumed sessions included (TrainState.train_seconds / eval_seconds):
+    train_seconds: float = 0.0  # in training steps: no evaluation, no checkpoint saving
+    eval_seconds: float = 0.0  # in evaluations, the final one included
+    tokens_per_s: float | None = None  # training tokens / train_seconds (None: the batches counted no tokens)
 
 
 def train(config: Config | dict | str | Path, overrides: list[str] | dict | tuple = (), *,
@@ -56,12 +60,12 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     """
     cfg = load_config(config, overrides)  # first: a bad config fails before anything is built
     parts = setup(cfg)
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     try:
         state = _fit(parts, on_step)
     finally:
         parts.logger.close()
-    return _finish(parts, state, time.perf_counter() - t0)
+    return _finish(parts, state, started)
 
 
 def _fit(parts: Parts, on_step: Callable[[Any, dict], Any] | None) -> TrainState:
@@ -95,8 +99,9 @@ def _fit(parts: Parts, on_step: Callable[[Any, dict], Any] | None) -> TrainState
             set_rng_state(rng_at_start)
 
 
-def _finish(parts: Parts, state: TrainState, elapsed: float) -> TrainResult:
-    """After the loop: the final evaluation and checkpoint, memory.json and the closing tables.
+def _finish(parts: Parts, state: TrainState, started: float) -> TrainResult:
+    """After the loop (which began at `started`, a perf_counter time): the final evaluation and
+    checkpoint, memory.json and the closing tables.
 
     Raises:
         RunError: the run stopped on non-finite losses or gradients.
@@ -112,8 +117,8 @@ def _finish(parts: Parts, state: TrainState, elapsed: float) -> TrainResult:
     final = None
     if state.stop_reason != "signal":
         if parts.eval_loader is not None:
-            metrics["eval_loss"] = evaluate_loss(accelerator, parts.model, parts.eval_loader,
-                                                 max_batches=cfg.training.eval_batches, loss_fn=parts.loss_fn)
+            metrics["eval_loss"] = evaluate_during_run(accelerator, parts.model, parts.eval_loader, state,
+                                                       max_batches=cfg.training.eval_batches, loss_fn=parts.loss_fn)
         final = save_checkpoint(out / "final", accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,
                                 scheduler=parts.scheduler, state=state, config=cfg, tokenizer=parts.tokenizer)
     memory: dict[str, Any] = {"predicted": parts.predicted}
@@ -122,15 +127,18 @@ def _finish(parts: Parts, state: TrainState, elapsed: float) -> TrainResult:
         profiler.breakdown = tensor_breakdown(accelerator.unwrap_model(parts.model), parts.optimizer,
                                               profiler.peak_bytes(above_baseline=True), assume_grads=True)
         memory = {**profiler.summary(), **memory}
+    result = TrainResult(out, final, state, metrics, memory, parts.prep.trainable_line, parts.precision,
+                         train_seconds=state.train_seconds, eval_seconds=state.eval_seconds,
+                         tokens_per_s=state.tokens / state.train_seconds if state.tokens and state.train_seconds else None)
     if accelerator.is_main_process:
         if profiler is not None:
             (out / "memory.json").write_text(json.dumps(memory, indent=1, default=str))
         console = Console()
-        console.print(summary_table(_summary_rows(parts, state, metrics, elapsed, final)))
+        console.print(summary_table(_summary_rows(parts, result, time.perf_counter() - started)))
         if profiler is not None:
             console.print(profiler.table())
     accelerator.end_training()
-    return TrainResult(out, final, state, metrics, memory, parts.prep.trainable_line, parts.precision)
+    return result
 
 
 def _phase(profiler: Any, name: str | None) -> None:
@@ -202,9 +210,11 @@ def _out_of_memory(err: BaseException, parts: Parts) -> RunError:
                     f"{cfg.data.max_length} tokens): {now}try {', '.join(knobs) or 'a smaller model'}")
 
 
-def _summary_rows(parts: Parts, state: TrainState, metrics: dict, elapsed: float,
-                  final: Path | None) -> list[tuple[str, str]]:
+def _summary_rows(parts: Parts, result: TrainResult, elapsed: float) -> list[tuple[str, str]]:
+    """The closing table's rows; `elapsed`: this session's wall time from the loop's start to the final checkpoint."""
     profiler, predicted, prep, accelerator = parts.profiler, parts.predicted, parts.prep, parts.accelerator
+    state, metrics, final = result.state, result.metrics, result.checkpoint
+    spent = f"training {result.train_seconds:.1f} s, evaluation {result.eval_seconds:.1f} s"
     # on CPU the measured peak is RSS above what the process held before loading (Python, libraries)
     peak = profiler.peak_bytes(above_baseline=True) if profiler is not None else 0
     label = "measured" + (" above the process baseline" if profiler is not None and profiler.baseline_bytes else "")
@@ -218,8 +228,9 @@ def _summary_rows(parts: Parts, state: TrainState, metrics: dict, elapsed: float
                   + (f", stopped by {state.stop_reason}" if state.stop_reason not in ("", "max_steps") else "")),
         ("final loss", f"{metrics['loss']:.4f}" if "loss" in metrics else "-"),
         ("eval loss", f"{metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "-"),
-        ("time", f"{elapsed:.1f} s"),
-        ("tokens/s", f"{state.tokens / elapsed:,.0f}" if elapsed > 0 else "-"),
+        ("time", f"{elapsed:.1f} s this session (whole run: {spent})" if parts.resume_from
+                 else f"{elapsed:.1f} s ({spent})"),
+        ("tokens/s", f"{result.tokens_per_s:,.0f} (training time only)" if result.tokens_per_s else "-"),
         ("peak memory", measured),
         ("trainable", prep.trainable_line),
         ("device", f"{accelerator.device} x{accelerator.num_processes}"),

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from minitune import loop
 from minitune.run import TrainResult, train
 
-from .conftest import tiny_config
+from .conftest import VirtualClock, tiny_config
 
 
 def _losses(run_dir) -> list[float]:
@@ -34,3 +35,25 @@ def test_pinned_losses(name, tmp_path):
     assert result.metrics["loss"] == pytest.approx(pinned[-1], abs=1e-4)
     assert (result.checkpoint / "adapter_config.json").is_file()
 
+
+
+def test_tokens_per_s_is_over_training_time_and_evaluation_time_is_reported(tmp_path, monkeypatch, capsys):
+    """Each evaluation "takes" 100 s (virtual): the summary's and the result's tokens/s leave it out
+    (before, the summary divided by a time that included it), and the evaluation time is reported."""
+    clock = VirtualClock()
+    monkeypatch.setattr(loop, "time", clock)
+    evaluate = loop.evaluate_loss
+
+    def slow_evaluation(*args, **kwargs):
+        clock.sleep(100)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_loss", slow_evaluation)
+    result = train(tiny_config("tiny-llama", tmp_path / "run",
+                               training={"max_steps": 4, "eval_every": 2, "eval_batches": 1}))
+    assert 300 <= result.eval_seconds < 350  # at steps 2 and 4, and the final one
+    assert 0 < result.train_seconds < 100
+    assert result.tokens_per_s == pytest.approx(result.state.tokens / result.train_seconds)
+    summary = capsys.readouterr().out
+    assert f"evaluation {result.eval_seconds:.1f} s" in summary
+    assert f"{result.tokens_per_s:,.0f} (training time only)" in summary
