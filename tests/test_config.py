@@ -1,3 +1,4 @@
+import configparser
 import subprocess
 import sys
 
@@ -90,6 +91,19 @@ def test_validate_python_config_and_roundtrip(tmp_path):
 def test_shipped_configs_load():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_package_data_ships_every_file_of_the_shipped_folders():
+    """setup.cfg's package_data patterns (globbed from the package folder, as setuptools does) cover
+    every file in minitune/configs: a config added there is in the wheel, too."""
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    patterns = setup["options.package_data"]["minitune"].split()
+    package = REPO / "minitune"
+    shipped = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
+    files = {p for p in (package / "configs").rglob("*") if p.is_file()}
+    assert files and files <= shipped, sorted(str(p.relative_to(package)) for p in files - shipped)
+    assert (REPO / "configs").resolve() == package / "configs"  # the repo's configs/ is the same folder
 
 
 def test_import_is_light():
