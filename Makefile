@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg
 
 train: setup
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train.py --config configs/smollm2-quotes.yaml training.overwrite=true $(ARGS)
+		train.py --config smollm2-quotes training.overwrite=true $(ARGS)
 
 eval: setup
 	$(BIN)/python eval.py -p runs/smollm2-quotes/final $(ARGS)

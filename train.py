@@ -1,4 +1,4 @@
-"""Fine-tune with minitune: `accelerate launch train.py --config configs/smollm2-quotes.yaml [key=value ...]`."""
+"""Fine-tune with minitune: `accelerate launch train.py --config smollm2-quotes [key=value ...]` (see --list-configs)."""
 
 import sys
 

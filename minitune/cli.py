@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import SEED_MAX, ConfigError, describe, one_line
+from .config import SEED_MAX, ConfigError, describe, describe_configs, one_line
 
 __all__ = ["main_eval", "main_train", "user_errors"]
 
@@ -70,22 +70,28 @@ def run_cli(fn: Callable[[], Any]) -> int:
 
 
 def main_train(argv: Sequence[str] | None = None) -> int:
-    """`train.py --config FILE [section.key=value ...]`."""
+    """`train.py --config NAME|FILE [section.key=value ...]`, or `train.py --list-configs`."""
     parser = _Parser(
         prog="train.py",
         description="Fine-tune a language model with minitune (launch with `accelerate launch train.py ...`).",
         epilog="Overrides: section.key=value, e.g. training.max_steps=20 lora.r=16. "
                "List every key with --help-config.",
     )
-    parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
+    parser.add_argument("--config", "-c", metavar="NAME|FILE",
+                        help="a shipped config by name (e.g. smollm2-quotes; see --list-configs) or a YAML file")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
+    if args.list_configs:
+        print(describe_configs())
+        return 0
     if args.help_config:
         print(describe())
         return 0
     if not args.config and not args.overrides:
-        parser.error("give --config FILE (e.g. configs/smollm2-quotes.yaml) and/or section.key=value overrides")
+        parser.error("give --config NAME or FILE (e.g. smollm2-quotes; see --list-configs) and/or section.key=value "
+                     "overrides")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .run import train
 

@@ -2,8 +2,9 @@
 
 A run is described by one :class:`Config` made of sections (model, quantization, lora, data,
 optimizer, training, logging). Every field has a default and a docstring-like ``help`` in its
-metadata. :func:`load_config` reads YAML, applies dotted overrides such as ``optimizer.lr=1e-4``,
-and :func:`validate` collects *every* problem into one :class:`ConfigError`, before any weights load.
+metadata. :func:`load_config` reads YAML (a file, or a config shipped with minitune by name: see
+:func:`config_path`), applies dotted overrides such as ``optimizer.lr=1e-4``, and :func:`validate`
+collects *every* problem into one :class:`ConfigError`, before any weights load.
 """
 
 from __future__ import annotations
@@ -31,11 +32,18 @@ __all__ = [
     "OptimizerArgs",
     "QuantizationArgs",
     "TrainingArgs",
+    "config_path",
+    "describe_configs",
     "load_config",
     "lora_args",
     "parse_overrides",
+    "shipped_configs",
     "validate",
 ]
+
+# The configs shipped with minitune: package data, so an installed wheel has them (the repo's
+# top-level configs/ is a link to this folder).
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def one_line(text: str) -> str:
@@ -404,11 +412,49 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped with minitune, by name (the file name without .yaml), sorted by name."""
+    return {p.stem: p for p in sorted(CONFIGS.glob("*.yaml"))}
+
+
+def config_path(config: str | Path) -> Path:
+    """The config file that `config` names: a path that exists, else the shipped config of that
+    name, given with or without .yaml (`bloom` and `bloom.yaml` are configs/bloom.yaml).
+
+    Raises:
+        ConfigError: neither; the message lists the shipped configs.
+    """
+    path = Path(config).expanduser()
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    name = path.name.removesuffix(".yaml").removesuffix(".yml") if len(path.parts) == 1 else ""
+    if name in shipped:
+        return shipped[name]
+    why = f", and no config shipped with minitune is named '{name}'{_suggest(name, shipped)}" if name else ""
+    raise ConfigError([f"config file '{config}' does not exist{why}; shipped configs (give the name): "
+                       f"{', '.join(shipped)} (--list-configs says what each one trains)"])
+
+
+def describe_configs() -> str:
+    """One line per shipped config: its name and the first line of its header comment (for
+    `train.py --list-configs`), then the folder that holds them."""
+    shipped = shipped_configs()
+    width = max(map(len, shipped), default=0)
+    lines = []
+    for name, path in shipped.items():
+        first = path.read_text(encoding="utf-8").partition("\n")[0]
+        lines.append(f"{name:<{width}}  {first.removeprefix('#').strip() if first.startswith('#') else ''}")
+    lines.append(f"(files in {CONFIGS}: copy one to change it; accelerate launch configs in "
+                 f"{CONFIGS / 'accelerate'})")
+    return "\n".join(lines)
+
+
 def _read_config_text(path: Path) -> str:
     """The text of a config file; a folder, a missing file or bytes that are not UTF-8 are a ConfigError."""
     if path.is_dir():
-        raise ConfigError([f"config file '{path}' is a folder, not a file: give a YAML file, "
-                           "e.g. configs/smollm2-quotes.yaml"])
+        raise ConfigError([f"config file '{path}' is a folder, not a file: give a YAML file, or the name of a "
+                           "shipped config, e.g. smollm2-quotes"])
     if not path.is_file():
         raise ConfigError([f"config file '{path}' does not exist"])
     try:
@@ -440,14 +486,16 @@ def load_config(
     """Build a validated :class:`Config`.
 
     Args:
-        source: a YAML path, a nested dict, a Config, or None for all defaults.
+        source: a YAML path or the name of a shipped config (see `config_path`), a nested dict, a
+            Config, or None for all defaults.
         overrides: dotted ``section.key=value`` strings, or a nested dict, applied on top.
 
     Returns:
         The validated config.
 
     Raises:
-        ConfigError: listing every problem (bad YAML, unknown keys, wrong types, bad values).
+        ConfigError: listing every problem (no such file or shipped config, bad YAML, unknown keys,
+            wrong types, bad values).
     """
     if isinstance(source, Config):
         data = source.to_dict()
@@ -456,7 +504,7 @@ def load_config(
     elif source is None:
         data = {}
     else:
-        path = Path(source)
+        path = config_path(source)
         try:
             data = yaml_load(_read_config_text(path)) or {}
         except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of more than 4300 digits

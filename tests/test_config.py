@@ -1,11 +1,21 @@
 import configparser
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from minitune.config import SCHEDULERS, Config, ConfigError, load_config, parse_overrides, validate
+from minitune.config import (
+    SCHEDULERS,
+    Config,
+    ConfigError,
+    config_path,
+    load_config,
+    parse_overrides,
+    shipped_configs,
+    validate,
+)
 
 from .conftest import REPO, tiny_config
 
@@ -91,6 +101,31 @@ def test_validate_python_config_and_roundtrip(tmp_path):
 def test_shipped_configs_load():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_a_config_name_is_a_shipped_config_and_a_file_that_exists_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    shipped = shipped_configs()
+    assert list(shipped) == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    assert config_path("bloom") == config_path("bloom.yaml") == shipped["bloom"] == REPO / "minitune/configs/bloom.yaml"
+    assert load_config("tiny-llama") == load_config(shipped["tiny-llama"])
+    (tmp_path / "bloom.yaml").write_text("model:\n  preset: tiny-llama\n  tokenizer: t\ndata:\n  path: d.jsonl\n")
+    assert config_path("bloom.yaml") == Path("bloom.yaml")  # the file here, not the shipped one
+    assert load_config("bloom.yaml").model.preset == "tiny-llama"
+    assert config_path("bloom") == shipped["bloom"]  # no file is called just 'bloom'
+
+
+@pytest.mark.parametrize("config, why", [
+    ("bloomz", "no config shipped with minitune is named 'bloomz' (did you mean 'bloom'?)"),
+    ("bloomz.yaml", "no config shipped with minitune is named 'bloomz' (did you mean 'bloom'?)"),
+    ("elsewhere/bloom.yaml", "config file 'elsewhere/bloom.yaml' does not exist; shipped configs"),  # a path, not a name
+])
+def test_an_unknown_config_is_one_problem_listing_the_shipped_configs(config, why):
+    with pytest.raises(ConfigError) as e:
+        load_config(config)
+    (problem,) = e.value.problems
+    assert why in problem
+    assert f"shipped configs (give the name): {', '.join(shipped_configs())} " in problem
 
 
 def test_package_data_ships_every_file_of_the_shipped_folders():

@@ -75,7 +75,7 @@ def test_control_characters_in_a_message_are_escaped(capsys, config_file):
 
 
 @pytest.mark.parametrize("main, argv, text", [
-    (cli.main_train, [], "error: give --config FILE"),
+    (cli.main_train, [], "error: give --config NAME or FILE"),
     (cli.main_train, ["--nope"], "error: unrecognized arguments: --nope (see train.py --help)"),
     (cli.main_eval, ["-p", "x", "--max-samples", "abc"], "error: argument --max-samples: invalid"),
     # found past the weights before: generate() failed on them

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from minitune.config import shipped_configs
 from minitune.run import train
 
 from .conftest import REPO, tiny_config
@@ -224,13 +225,32 @@ def _cli(*args, cwd=REPO):
 
 def test_cli_end_to_end(tmp_path):
     out = tmp_path / "cli"
-    proc = _cli("--config", "configs/tiny-llama.yaml", f"training.output_dir={out}", "training.max_steps=3",
-                "logging.progress=tqdm")
+    proc = _cli("--config", "tiny-llama", f"training.output_dir={out}", "training.max_steps=3",
+                "logging.progress=tqdm")  # a shipped config, by name
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trainable params:" in proc.stdout and "peak memory" in proc.stdout
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
     assert (out / "final" / "adapter_model.safetensors").exists() and (out / "config.yaml").exists()
     assert (out / "memory.json").exists()
+
+
+def test_cli_lists_the_shipped_configs():
+    proc = _cli("--list-configs")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for name, path in shipped_configs().items():  # name, then the first line of the header comment
+        first = path.read_text().splitlines()[0].removeprefix("#").strip()
+        assert any(line.startswith(f"{name} ") and line.endswith(f" {first}") for line in lines), name
+    assert f"files in {REPO / 'minitune/configs'}" in proc.stdout
+
+
+def test_cli_unknown_config_is_one_error_line_and_exit_2(tmp_path):
+    proc = _cli("--config", "bloomz", f"training.output_dir={tmp_path}/x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "did you mean 'bloom'?" in line
+    assert all(name in line for name in shipped_configs())
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_config_errors_exit_2_before_loading(tmp_path):
