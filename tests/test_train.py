@@ -219,14 +219,15 @@ def test_full_finetuning_checkpoint_is_a_transformers_model(tmp_path):
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, cwd=cwd,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 def test_cli_end_to_end(tmp_path):
     out = tmp_path / "cli"
+    # a shipped config by name, from outside the repo: its data and tokenizer are found in the package
     proc = _cli("--config", "tiny-llama", f"training.output_dir={out}", "training.max_steps=3",
-                "logging.progress=tqdm")  # a shipped config, by name
+                "logging.progress=tqdm", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trainable params:" in proc.stdout and "peak memory" in proc.stdout
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
