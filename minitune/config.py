@@ -131,7 +131,15 @@ class DataArgs:
     prompt: str = _f("{text}", "Template of the prompt (causal) / source (seq2seq) over the columns, e.g. '{quote} ->: '.")
     response: str = _f("", "Template of the response (causal) / target (seq2seq), e.g. '{tags}'.")
     mask_prompt: bool = _f(False, "Causal LM: exclude prompt tokens from the loss.")
-    add_eos: bool = _f(True, "Append the EOS token to each causal example.")
+    chat_template: bool = _f(False, "Causal LM: render each row with the tokenizer's chat template: its `messages` "
+                             "column (role/content turns, as in TRL's conversational datasets), else data.prompt as "
+                             "the user turn and data.response as the assistant turn. Generation uses the same rendering.")
+    system_prompt: str = _f("", "With data.chat_template and prompt/response rows: a system turn before the user turn "
+                            "('': the template's own default, if any).")
+    assistant_only_loss: bool = _f(True, "With data.chat_template: the loss is on assistant turns only (false: on "
+                                   "every token of the conversation).")
+    add_eos: bool = _f(True, "Append the EOS token to each causal example (with data.chat_template the template "
+                       "ends each turn itself).")
     max_length: int = _f(256, "Maximum tokens per example (source length for seq2seq).")
     max_target_length: int = _f(128, "Seq2seq: maximum target tokens.")
     packing: bool = _f(False, "Causal LM: concatenate examples into full `max_length` blocks.")
@@ -575,6 +583,12 @@ def _check_values(c: Config) -> list[str]:
         p.append(f"data.num_workers={d.num_workers} must be >= 0 (0: load in the main process)")
     if d.packing and d.mask_prompt:
         p.append("data.packing and data.mask_prompt cannot be combined: packing ignores example boundaries")
+    if d.packing and d.chat_template and d.assistant_only_loss:
+        p.append("data.packing and data.chat_template (with data.assistant_only_loss) cannot be combined: packing "
+                 "ignores turn boundaries; set data.packing=false, or data.assistant_only_loss=false")
+    if d.chat_template and m.kind == "seq2seq":
+        p.append("data.chat_template is for causal LMs (chat templates render one token stream): set "
+                 "data.chat_template=false and use data.prompt / data.response for a seq2seq model")
 
     o = c.optimizer
     choice("optimizer.name", o.name, OPTIMIZERS)
