@@ -8,7 +8,7 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from minitune.config import ConfigError, DataArgs, load_config
+from minitune.config import ConfigError, DataArgs, GenerationArgs, ModelArgs, QuantizationArgs, load_config
 from minitune.data import (
     IGNORE_INDEX,
     DataError,
@@ -17,6 +17,9 @@ from minitune.data import (
     tokenize,
     user_prompt,
 )
+from minitune.evaluate import _cut_at, generate
+from minitune.model import load_model
+from minitune.run import train
 
 from .conftest import GPT2, REPO, tiny_config
 
@@ -154,3 +157,62 @@ def test_stop_tokens_include_the_end_of_turn(smol):
     eot = tok.convert_tokens_to_ids("<|eot|>")
     assert stop_token_ids(tok, chat=True) == [tok.eos_token_id, eot]
     assert stop_token_ids(tok, chat=False) == [tok.eos_token_id]
+
+
+def test_cut_at_the_first_stop_string():
+    assert _cut_at("a, b\n\nc", ["\n\n", ","]) == "a"
+    assert _cut_at("abc", ["x"]) == "abc"
+    assert _cut_at("abc", []) == "abc"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return load_model(ModelArgs(preset="tiny-llama"), QuantizationArgs(), seed=0)
+
+
+def test_generate_passes_the_decoding_controls(smol, tiny_model, monkeypatch):
+    seen = {}
+    original = tiny_model.generate
+
+    def spy(**kwargs):
+        out = original(**kwargs)
+        seen.update(kwargs, out=out)
+        return out
+
+    monkeypatch.setattr(tiny_model, "generate", spy)
+    gen = GenerationArgs(max_new_tokens=24, repetition_penalty=1.3, no_repeat_ngram_size=2, stop=["zz"])
+    prompt = generation_prompt(ROW, DataArgs(path="x", chat_template=True, prompt="{quote}", response="{tags}"), smol)[0]
+    generate(tiny_model, smol, [prompt], gen, chat=True)
+    assert seen["repetition_penalty"] == 1.3 and seen["no_repeat_ngram_size"] == 2
+    assert seen["eos_token_id"] == [smol.eos_token_id] and seen["stopping_criteria"][0].stop == ["zz"]
+    # the chat prompt was encoded as written: no second set of special tokens
+    assert seen["input_ids"][0].tolist() == smol(prompt, add_special_tokens=False)["input_ids"]
+    new = seen["out"][0, seen["input_ids"].shape[1]:].tolist()
+    bigrams = list(zip(new, new[1:], strict=False))
+    assert len(bigrams) == len(set(bigrams))  # no_repeat_ngram_size=2 held
+
+
+def test_generate_cuts_before_a_stop_string(tiny_model):
+    """The generation stops at, and is cut before, a stop string in the new text only: the prompt ends in
+    "is" and the model writes "Has", so "sH" would match across the prompt's end (as transformers' own
+    stop_strings do) and stop after one token."""
+    tok = AutoTokenizer.from_pretrained(GPT2)
+    free = generate(tiny_model, tok, ["Love is"], GenerationArgs(max_new_tokens=12, no_repeat_ngram_size=0))[0]
+    assert len(free) > 4
+    stop = free[2:4]
+    cut = generate(tiny_model, tok, ["Love is"], GenerationArgs(max_new_tokens=12, no_repeat_ngram_size=0, stop=[stop]))
+    assert cut[0] == free[: free.find(stop)].strip()
+
+
+def test_a_chat_run_trains_and_evaluates_with_the_same_rendering(tmp_path):
+    from minitune.evaluate import evaluate_checkpoint
+
+    cfg = tiny_config("tiny-llama", tmp_path / "run", model={"tokenizer": SMOL},
+                      data={"chat_template": True, "prompt": "Tags for: {quote}", "system_prompt": "Tag it.",
+                            "max_length": 64, "validation_fraction": 0.012})
+    result = train(cfg)
+    ev = evaluate_checkpoint(result.checkpoint, ["generation.max_new_tokens=4"], out_dir=tmp_path / "ev", num_prompts=2)
+    # the held-out loss eval measures is the one training measured: the same rendering and mask
+    assert ev.perplexity["tuned"]["nll"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
+    assert all(g["prompt"].startswith("Tags for: ") for g in ev.generations)  # the user turn, as a person reads it
+    assert ev.generation["chat_template"] is True
