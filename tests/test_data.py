@@ -205,6 +205,17 @@ def test_fix_text_repairs_every_string_of_train_and_validation_rows_when_asked(t
     assert "data.fix_text: repaired 5 of 12 text values in the train and validation rows" in caplog.text
 
 
+def test_shipped_quotes_are_repaired(caplog):
+    """data/english_quotes.jsonl was repaired with data/fix_text.py (see data/SOURCES.md)."""
+    text = QUOTES.read_text(encoding="utf-8")
+    # traces of UTF-8 read as Windows-1252 ('â€™', 'Ã©', 'Â ', Arabic as 'Ø£Ù…') and of lost bytes
+    for trace in ("\u00e2\u20ac", "\u00c3", "\u00c2", "\u00d8", "\u00d9", "\ufffd"):
+        assert trace not in text, ascii(trace)
+    with caplog.at_level(logging.INFO, logger="minitune.data"):
+        load_rows(quotes(fix_text=True, max_samples=None))
+    assert "data.fix_text: repaired 0 of 13024 text values" in caplog.text  # nothing left for ftfy
+
+
 # ------------------------------------------------------------------------------------ tokenize + collate
 
 
