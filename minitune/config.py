@@ -147,6 +147,9 @@ class DataArgs:
     packing: bool = _f(False, "Causal LM: concatenate examples into full `max_length` blocks.")
     group_by_length: bool = _f(False, "Batch examples of similar length together to cut padding.")
     max_samples: int | None = _f(None, "Use at most this many training examples (after the split).")
+    fix_text: bool = _f(False, "Repair mojibake ('Donâ€™t' -> 'Don’t') in every text value of the train and "
+                        "validation rows with ftfy's encoding fixes (minitune.data.repair_text; other text is "
+                        "left as it is) and log how many values changed. Off: the rows are used as read.")
     num_workers: int = _f(0, "DataLoader worker processes.")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import ftfy
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -47,6 +48,7 @@ __all__ = [
     "load_rows",
     "make_dataloader",
     "render",
+    "repair_text",
     "stop_token_ids",
     "tokenize",
     "user_prompt",
@@ -152,6 +154,60 @@ def _read_hub(name: str) -> datasets.DatasetDict:
                         "check the id, or give a local file as data.path") from e
 
 
+# ftfy's encoding fixes only (and its repair of UTF-16 surrogate pairs, never valid text): its other fixes
+# change text that is right ('“' -> '"', 'ﬁ' -> 'fi', full-width letters, HTML entities, line breaks,
+# Unicode normalization), which a training set may mean to keep.
+_FTFY = ftfy.TextFixerConfig(unescape_html=False, remove_terminal_escapes=False, fix_latin_ligatures=False,
+                             fix_character_width=False, uncurl_quotes=False, fix_line_breaks=False,
+                             remove_control_chars=False, normalization=None, explain=False)
+
+
+def repair_text(text: str) -> str:
+    """`text` with its mojibake repaired ('Donâ€™t' -> 'Don’t', 'BrontÃ«' -> 'Brontë').
+
+    Text that was encoded as UTF-8 and decoded as Windows-1252 or Latin-1 is decoded again by ftfy
+    (``ftfy.fix_text`` with only its encoding fixes, see `_FTFY`); text that is right, curly quotes,
+    accents and other scripts included, is left as it is. Mojibake that lost a byte (Windows-1252
+    has no character for 0x81, 0x8D, 0x8F, 0x90 and 0x9D, so 'â€�' may have been '”' or a zero-width
+    joiner) is left, or becomes '�' where the rest of the text decodes: ftfy does not guess.
+
+    Args:
+        text: any text.
+
+    Returns:
+        The repaired text (equal to `text` when nothing needed repair).
+    """
+    return ftfy.fix_text(text, _FTFY)
+
+
+def _repair_value(value: Any, count: dict[str, int]) -> Any:
+    """`value` with every string in it repaired, also inside lists and structs (a `messages` column's
+    turns); counts the strings seen and changed."""
+    if isinstance(value, str):
+        fixed = repair_text(value)
+        count["values"] += 1
+        count["changed"] += fixed != value
+        return fixed
+    if isinstance(value, list):
+        return [_repair_value(v, count) for v in value]
+    if isinstance(value, dict):
+        return {k: _repair_value(v, count) for k, v in value.items()}
+    return value
+
+
+def _repair_batch(batch: dict[str, list], count: dict[str, int]) -> dict[str, list]:
+    return {column: [_repair_value(v, count) for v in values] for column, values in batch.items()}
+
+
+def _repair_rows(rows: datasets.Dataset, count: dict[str, int]) -> datasets.Dataset:
+    """`rows` with :func:`repair_text` applied to every string, also inside list and struct columns."""
+    key = f"{rows._fingerprint} repair_text ftfy {ftfy.__version__}"
+    # keep_in_memory and no cache: the function always runs, so the count is right
+    return rows.map(_repair_batch, fn_kwargs={"count": count}, batched=True, features=rows.features,
+                    keep_in_memory=True, load_from_cache_file=False,
+                    new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16], desc="fix_text")
+
+
 def _looks_local(path: str) -> bool:
     """Whether a missing `path` was meant as a file (and is not a hub id such as 'owner/name')."""
     return (Path(path).suffix.lower() in BUILDERS or path.startswith(("/", ".", "~"))
@@ -165,7 +221,9 @@ def load_rows(args: DataArgs) -> tuple[datasets.Dataset, datasets.Dataset | None
     (train.jsonl, validation.jsonl, ...); anything else is loaded from the hub. Without
     `args.validation_split`, `args.validation_fraction` of the train split is held out with a
     fixed seed, so that training and a later evaluation agree on which rows were held out.
-    `args.max_samples` then caps the training rows.
+    `args.max_samples` then caps the training rows. With `args.fix_text`, every string of the rows
+    (also inside list and struct columns) goes through :func:`repair_text` and the number changed is
+    logged.
 
     Args:
         args: the data section of the config.
@@ -215,6 +273,14 @@ def load_rows(args: DataArgs) -> tuple[datasets.Dataset, datasets.Dataset | None
     if validation is not None and len(validation) == 0:
         logger.warning("validation split of '%s' is empty: no validation", args.path)
         validation = None
+    if args.fix_text:
+        count = {"values": 0, "changed": 0}
+        train = _repair_rows(train, count)
+        validation = None if validation is None else _repair_rows(validation, count)
+        # a warning when it changed the data (what the run trains on differs from the file), so that it shows
+        logger.log(logging.WARNING if count["changed"] else logging.INFO,
+                   "data.fix_text: repaired %d of %d text values in the train and validation rows",
+                   count["changed"], count["values"])
     return train, validation
 
 

@@ -447,6 +447,7 @@ data_settings = st.fixed_dictionaries({
     "validation_split": st.sampled_from([None, None, "validation", "test", "nope"]),
     "split": st.sampled_from(["train", "train", "train", "validation", "nope"]),
     "max_samples": st.sampled_from([None, None, 1, 3]),
+    "fix_text": st.booleans(),
 })
 
 
