@@ -53,6 +53,7 @@ from .data import (
 )
 from .lm import model_kind
 from .loop import default_loss
+from .metrics import detect_kind, task_scores
 from .model import load_model, load_tokenizer, resolve_kind
 
 __all__ = [
@@ -284,7 +285,9 @@ def compare(
 
     Returns:
         ``{"perplexity": {"base": {...}, "tuned": {...}}, "generations": [{"id", "prompt",
-        "reference", "base", "tuned"}, ...]}``; perplexity entries as :func:`perplexity` returns.
+        "reference", "base", "tuned"}, ...], "task": {"base": {...}, "tuned": {...}}}``; perplexity
+        entries as :func:`perplexity` returns; "task" (with references) as
+        :func:`minitune.metrics.task_scores` returns, the kind of task detected once for both.
 
     Raises:
         TypeError: no `base` and `model` is not a peft model.
@@ -314,6 +317,9 @@ def compare(
             "id": i, "prompt": shown[i] if shown else prompt, "reference": references[i] if references else None,
             "base": outputs["base"][i], "tuned": outputs["tuned"][i],
         })
+    if prompts and references and any(r.strip() for r in references):
+        kind = detect_kind(references)  # one kind for both sides
+        result["task"] = {name: task_scores(outputs[name], references, kind) for name in MODELS}
     return result
 
 
@@ -604,6 +610,7 @@ class EvalResult:
     device: str
     seconds: float
     files: dict[str, str] = field(default_factory=dict)
+    task: dict[str, dict[str, Any]] = field(default_factory=dict)  # base / tuned task metrics, with references
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -723,7 +730,7 @@ def evaluate_checkpoint(
                   **dataclasses.asdict(cfg.generation), "seed": seed, "chat_template": cfg.data.chat_template,
                   "decoding": "sampling" if cfg.generation.temperature > 0 else "greedy"}
     result = EvalResult(str(path), method or "", data_info, comparison["perplexity"], comparison["generations"],
-                        generation, str(device), time.perf_counter() - t0, files)
+                        generation, str(device), time.perf_counter() - t0, files, comparison.get("task", {}))
     json_path, md_path = out / "eval.json", out / "eval.md"
     result.files.update(json=str(json_path), markdown=str(md_path))
     json_path.write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
@@ -815,15 +822,28 @@ def _load_models(path: Path, cfg: Config, method: str | None, device: torch.devi
 # reports
 
 
-def perplexity_rows(ppl: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
-    """(metric, base, fine-tuned, change) rows for the terminal and markdown tables."""
+# task metrics shown in the tables (all of them are in eval.json)
+_TASK_ROWS = {"tag_f1": "tag F1 (macro)", "tag_precision": "tag precision", "tag_recall": "tag recall",
+              "exact_match": "exact match", "rouge_l": "ROUGE-L F"}
+
+
+def metric_rows(ppl: dict[str, dict[str, Any]],
+                    task: dict[str, dict[str, Any]] | None = None) -> list[tuple[str, str, str, str]]:
+    """(metric, base, fine-tuned, change) rows for the terminal and markdown tables: perplexity, then
+    the task metrics of the generations (with references)."""
     b, t = ppl["base"], ppl["tuned"]
     change = (t["perplexity"] / b["perplexity"] - 1) * 100
-    return [
+    rows = [
         ("perplexity", f"{b['perplexity']:.3f}", f"{t['perplexity']:.3f}", f"{change:+.1f}%"),
         ("mean NLL (nats/token)", f"{b['nll']:.4f}", f"{t['nll']:.4f}", f"{t['nll'] - b['nll']:+.4f}"),
         ("target tokens", f"{b['tokens']:,d}", f"{t['tokens']:,d}", ""),
     ]
+    if task:
+        tb, tt = task["base"], task["tuned"]
+        n = tt["examples"]
+        rows += [(f"{label} ({n} generations)", f"{tb[key]:.3f}", f"{tt[key]:.3f}", f"{tt[key] - tb[key]:+.3f}")
+                 for key, label in _TASK_ROWS.items() if key in tt]
+    return rows
 
 
 def _md_cell(text: Any) -> str:
@@ -840,7 +860,7 @@ def to_markdown(result: EvalResult) -> str:
         "",
         "| metric | base | fine-tuned | change |",
         "|---|---|---|---|",
-        *[f"| {' | '.join(r)} |" for r in perplexity_rows(result.perplexity)],
+        *[f"| {' | '.join(r)} |" for r in metric_rows(result.perplexity, result.task)],
         "",
     ]
     g = result.generation
@@ -876,7 +896,7 @@ def render_result(result: EvalResult, console: Any) -> None:
                         f"{d['examples']} examples)", title_justify="left")
     for col in ("metric", "base", "fine-tuned", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for row in perplexity_rows(result.perplexity):
+    for row in metric_rows(result.perplexity, result.task):
         table.add_row(*row)
     console.print(table)
     if result.generations:

@@ -18,6 +18,7 @@ from minitune.data import (
     user_prompt,
 )
 from minitune.evaluate import _cut_at, generate
+from minitune.metrics import task_scores
 from minitune.model import load_model
 from minitune.run import train
 
@@ -216,3 +217,8 @@ def test_a_chat_run_trains_and_evaluates_with_the_same_rendering(tmp_path):
     assert ev.perplexity["tuned"]["nll"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
     assert all(g["prompt"].startswith("Tags for: ") for g in ev.generations)  # the user turn, as a person reads it
     assert ev.generation["chat_template"] is True
+    # task metrics of both sides' generations against the references: tags, scored as metrics.py scores them
+    refs = [g["reference"] for g in ev.generations]
+    for side in ("base", "tuned"):
+        assert ev.task[side] == task_scores([g[side] for g in ev.generations], refs, "tags")
+    assert "tag F1 (macro) (2 generations)" in (tmp_path / "ev" / "eval.md").read_text()
