@@ -11,8 +11,8 @@ peft imports it).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
 import os
 import sys
 import typing
@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import SEED_MAX, ConfigError, describe, describe_configs, one_line
+from .config import SEED_MAX, ConfigError, describe, describe_configs, generation_args, one_line
 
 __all__ = ["main_eval", "main_train", "user_errors"]
 
@@ -105,6 +105,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# eval.py's decoding flags: each is the override generation.<key>=<value> of the checkpoint's config
+_DECODING = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "stop")
+
+
 def main_eval(argv: Sequence[str] | None = None) -> int:
     """`eval.py -p CHECKPOINT [options] [section.key=value ...]`, or `eval.py --scores SHEET.csv`."""
     parser = _Parser(
@@ -120,9 +124,15 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=_positive_int, help="examples per batch (default: training.batch_size)")
     parser.add_argument("--num-prompts", type=int, default=8, help="held-out rows to generate from (default 8; 0: none)")
     parser.add_argument("--prompts", help="generate from this file instead: one prompt per line")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=48, help="new tokens per generation (default 48)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    decoding = parser.add_argument_group(
+        "decoding", "default: the checkpoint config's generation section (see --help-config of train.py); "
+                    "each flag is the override generation.<key>=<value>")
+    decoding.add_argument("--max-new-tokens", type=int, help="new tokens per generation (default 48)")
+    decoding.add_argument("--temperature", type=float, help="0 (default): greedy; > 0: sampling")
+    decoding.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --temperature)")
+    decoding.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeated tokens (default 1: off)")
+    decoding.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size (default 3)")
+    decoding.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice, sampling and sheet order")
     parser.add_argument("--out", help="folder for eval.json, eval.md and the sheet (default: the checkpoint folder)")
     parser.add_argument("--no-sheet", action="store_true", help="do not write the human-evaluation sheet")
@@ -135,8 +145,13 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.scores is None and not args.path:
         parser.error("give -p CHECKPOINT (e.g. runs/smollm2-quotes/final), or --scores SHEET.csv")
-    if not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1 or args.num_prompts < 0:
-        parser.error("--temperature must be a finite number >= 0, --top-p in (0, 1], --num-prompts >= 0")
+    if args.num_prompts < 0:
+        parser.error("--num-prompts must be >= 0")
+    decoding_flags = {key: getattr(args, key) for key in _DECODING if getattr(args, key) is not None}
+    try:
+        generation_args(decoding_flags)  # the config's own checks, before any work
+    except ConfigError as e:
+        parser.error("; ".join(e.problems))
     if not 0 <= args.seed <= SEED_MAX:
         parser.error(f"--seed {args.seed} must be in [0, 2**32 - 1]")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -151,11 +166,12 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
         from .evaluate import evaluate_checkpoint, render_result
 
         overrides = list(args.overrides) + ([f"training.device={args.device}"] if args.device else [])
+        overrides += [f"generation.{key}={json.dumps(value)}" for key, value in decoding_flags.items()]
         with _progress(not args.no_progress) as progress:
             result = evaluate_checkpoint(
                 args.path, overrides, data_path=args.data, split=args.split, max_samples=args.max_samples,
                 batch_size=args.batch_size, num_prompts=args.num_prompts, prompts_file=args.prompts,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                seed=args.seed,
                 out_dir=args.out, sheet=not args.no_sheet, merge_to=args.merge_to, progress=progress,
             )
         render_result(result, console)

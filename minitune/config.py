@@ -1,10 +1,10 @@
 """Typed run configuration: dataclass sections, YAML loading, `key=value` overrides, validation.
 
 A run is described by one :class:`Config` made of sections (model, quantization, lora, data,
-optimizer, training, logging). Every field has a default and a docstring-like ``help`` in its
-metadata. :func:`load_config` reads YAML (a file, or a config shipped with minitune by name: see
-:func:`config_path`), applies dotted overrides such as ``optimizer.lr=1e-4``, and :func:`validate`
-collects *every* problem into one :class:`ConfigError`, before any weights load.
+optimizer, training, logging, generation). Every field has a default and a docstring-like ``help``
+in its metadata. :func:`load_config` reads YAML (a file, or a config shipped with minitune by name:
+see :func:`config_path`), applies dotted overrides such as ``optimizer.lr=1e-4``, and
+:func:`validate` collects *every* problem into one :class:`ConfigError`, before any weights load.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataArgs",
+    "GenerationArgs",
     "LoggingArgs",
     "LoraArgs",
     "ModelArgs",
@@ -35,6 +36,7 @@ __all__ = [
     "TrainingArgs",
     "config_path",
     "describe_configs",
+    "generation_args",
     "load_config",
     "lora_args",
     "parse_overrides",
@@ -144,12 +146,23 @@ class DataArgs:
     prompt: str = _f("{text}", "Template of the prompt (causal) / source (seq2seq) over the columns, e.g. '{quote} ->: '.")
     response: str = _f("", "Template of the response (causal) / target (seq2seq), e.g. '{tags}'.")
     mask_prompt: bool = _f(False, "Causal LM: exclude prompt tokens from the loss.")
-    add_eos: bool = _f(True, "Append the EOS token to each causal example.")
+    chat_template: bool = _f(False, "Causal LM: render each row with the tokenizer's chat template: its `messages` "
+                             "column (role/content turns, as in TRL's conversational datasets), else data.prompt as "
+                             "the user turn and data.response as the assistant turn. Generation uses the same rendering.")
+    system_prompt: str = _f("", "With data.chat_template and prompt/response rows: a system turn before the user turn "
+                            "('': the template's own default, if any).")
+    assistant_only_loss: bool = _f(True, "With data.chat_template: the loss is on assistant turns only (false: on "
+                                   "every token of the conversation).")
+    add_eos: bool = _f(True, "Append the EOS token to each causal example (with data.chat_template the template "
+                       "ends each turn itself).")
     max_length: int = _f(256, "Maximum tokens per example (source length for seq2seq).")
     max_target_length: int = _f(128, "Seq2seq: maximum target tokens.")
     packing: bool = _f(False, "Causal LM: concatenate examples into full `max_length` blocks.")
     group_by_length: bool = _f(False, "Batch examples of similar length together to cut padding.")
     max_samples: int | None = _f(None, "Use at most this many training examples (after the split).")
+    fix_text: bool = _f(False, "Repair mojibake ('Donâ€™t' -> 'Don’t') in every text value of the train and "
+                        "validation rows with ftfy's encoding fixes (minitune.data.repair_text; other text is "
+                        "left as it is) and log how many values changed. Off: the rows are used as read.")
     num_workers: int = _f(0, "DataLoader worker processes.")
 
 
@@ -223,6 +236,21 @@ class LoggingArgs:
 
 
 @dataclass
+class GenerationArgs:
+    """How eval.py (and minitune.evaluate.generate) decodes; eval.py's flags override these."""
+
+    max_new_tokens: int = _f(48, "At most this many new tokens per prompt (a generation stops earlier at EOS, the "
+                             "end of an assistant turn, or a stop string).")
+    temperature: float = _f(0.0, "0: greedy decoding; > 0: sampling at this temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (with temperature > 0).")
+    repetition_penalty: float = _f(1.0, "Divide the scores of tokens already in the prompt or output by this "
+                                   "(> 1 discourages repeats; 1: off).")
+    no_repeat_ngram_size: int = _f(3, "Never repeat an n-gram of this many tokens within the output (0: off); "
+                                   "3 stops greedy decoding from looping ('life, life, life, ...').")
+    stop: list[str] = _f([], "Stop strings: the output ends before the first one (e.g. ['\\n\\n']).")
+
+
+@dataclass
 class Config:
     """A whole run. Build with :func:`load_config`, or directly and then :func:`validate`."""
 
@@ -233,6 +261,7 @@ class Config:
     optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
     training: TrainingArgs = field(default_factory=TrainingArgs)
     logging: LoggingArgs = field(default_factory=LoggingArgs)
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain nested dicts (what is saved with every run and checkpoint)."""
@@ -251,6 +280,7 @@ _SECTION_TYPES = {
     "optimizer": OptimizerArgs,
     "training": TrainingArgs,
     "logging": LoggingArgs,
+    "generation": GenerationArgs,
 }
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "lion8bit", "paged_lion8bit", "sgd")
@@ -561,6 +591,20 @@ def lora_args(values: dict[str, Any]) -> LoraArgs:
     return cfg.lora
 
 
+def generation_args(values: dict[str, Any]) -> GenerationArgs:
+    """A checked :class:`GenerationArgs` from a dict of its fields (eval.py's decoding flags).
+
+    Raises:
+        ConfigError: unknown keys, wrong types, out-of-range values.
+    """
+    problems: list[str] = []
+    cfg = _build({"generation": values}, problems)
+    problems += _check_generation(cfg.generation)
+    if problems:
+        raise ConfigError(problems)
+    return cfg.generation
+
+
 def validate(cfg: Config) -> Config:
     """Check a Config built in Python (types and values). Returns it; raises ConfigError."""
     problems: list[str] = []
@@ -652,6 +696,12 @@ def _check_values(c: Config) -> list[str]:
         p.append(f"data.num_workers={d.num_workers} must be >= 0 (0: load in the main process)")
     if d.packing and d.mask_prompt:
         p.append("data.packing and data.mask_prompt cannot be combined: packing ignores example boundaries")
+    if d.packing and d.chat_template and d.assistant_only_loss:
+        p.append("data.packing and data.chat_template (with data.assistant_only_loss) cannot be combined: packing "
+                 "ignores turn boundaries; set data.packing=false, or data.assistant_only_loss=false")
+    if d.chat_template and m.kind == "seq2seq":
+        p.append("data.chat_template is for causal LMs (chat templates render one token stream): set "
+                 "data.chat_template=false and use data.prompt / data.response for a seq2seq model")
 
     o = c.optimizer
     choice("optimizer.name", o.name, OPTIMIZERS)
@@ -703,6 +753,25 @@ def _check_values(c: Config) -> list[str]:
     choice("logging.progress", lg.progress, ("rich", "tqdm", "none"))
     for i, tracker in enumerate(lg.trackers if isinstance(lg.trackers, list) else []):
         choice(f"logging.trackers[{i}]", tracker, TRACKERS)
+    p += _check_generation(c.generation)
+    return p
+
+
+def _check_generation(g: GenerationArgs) -> list[str]:
+    """Value ranges of the generation section (also used by eval.py's flags)."""
+    p: list[str] = []
+    if isinstance(g.max_new_tokens, int) and g.max_new_tokens <= 0:
+        p.append(f"generation.max_new_tokens={g.max_new_tokens} must be a positive integer")
+    if isinstance(g.temperature, float) and g.temperature < 0:
+        p.append(f"generation.temperature={g.temperature} must be >= 0 (0: greedy)")
+    if isinstance(g.top_p, float) and not 0 < g.top_p <= 1:
+        p.append(f"generation.top_p={g.top_p} must be in (0, 1]")
+    if isinstance(g.repetition_penalty, float) and g.repetition_penalty <= 0:
+        p.append(f"generation.repetition_penalty={g.repetition_penalty} must be > 0 (1: off)")
+    if isinstance(g.no_repeat_ngram_size, int) and g.no_repeat_ngram_size < 0:
+        p.append(f"generation.no_repeat_ngram_size={g.no_repeat_ngram_size} must be >= 0 (0: off)")
+    if isinstance(g.stop, list) and any(isinstance(x, str) and not x for x in g.stop):
+        p.append("generation.stop holds an empty string: list non-empty stop strings, or leave it empty")
     return p
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import ftfy
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -37,13 +38,20 @@ __all__ = [
     "DataError",
     "LengthGroupedSampler",
     "SeededRandomSampler",
+    "apply_chat",
     "build_data",
+    "check_chat_template",
+    "conversation",
     "ensure_pad_token",
     "estimate_padding",
+    "generation_prompt",
     "load_rows",
     "make_dataloader",
     "render",
+    "repair_text",
+    "stop_token_ids",
     "tokenize",
+    "user_prompt",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,6 +154,60 @@ def _read_hub(name: str) -> datasets.DatasetDict:
                         "check the id, or give a local file as data.path") from e
 
 
+# ftfy's encoding fixes only (and its repair of UTF-16 surrogate pairs, never valid text): its other fixes
+# change text that is right ('“' -> '"', 'ﬁ' -> 'fi', full-width letters, HTML entities, line breaks,
+# Unicode normalization), which a training set may mean to keep.
+_FTFY = ftfy.TextFixerConfig(unescape_html=False, remove_terminal_escapes=False, fix_latin_ligatures=False,
+                             fix_character_width=False, uncurl_quotes=False, fix_line_breaks=False,
+                             remove_control_chars=False, normalization=None, explain=False)
+
+
+def repair_text(text: str) -> str:
+    """`text` with its mojibake repaired ('Donâ€™t' -> 'Don’t', 'BrontÃ«' -> 'Brontë').
+
+    Text that was encoded as UTF-8 and decoded as Windows-1252 or Latin-1 is decoded again by ftfy
+    (``ftfy.fix_text`` with only its encoding fixes, see `_FTFY`); text that is right, curly quotes,
+    accents and other scripts included, is left as it is. Mojibake that lost a byte (Windows-1252
+    has no character for 0x81, 0x8D, 0x8F, 0x90 and 0x9D, so 'â€�' may have been '”' or a zero-width
+    joiner) is left, or becomes '�' where the rest of the text decodes: ftfy does not guess.
+
+    Args:
+        text: any text.
+
+    Returns:
+        The repaired text (equal to `text` when nothing needed repair).
+    """
+    return ftfy.fix_text(text, _FTFY)
+
+
+def _repair_value(value: Any, count: dict[str, int]) -> Any:
+    """`value` with every string in it repaired, also inside lists and structs (a `messages` column's
+    turns); counts the strings seen and changed."""
+    if isinstance(value, str):
+        fixed = repair_text(value)
+        count["values"] += 1
+        count["changed"] += fixed != value
+        return fixed
+    if isinstance(value, list):
+        return [_repair_value(v, count) for v in value]
+    if isinstance(value, dict):
+        return {k: _repair_value(v, count) for k, v in value.items()}
+    return value
+
+
+def _repair_batch(batch: dict[str, list], count: dict[str, int]) -> dict[str, list]:
+    return {column: [_repair_value(v, count) for v in values] for column, values in batch.items()}
+
+
+def _repair_rows(rows: datasets.Dataset, count: dict[str, int]) -> datasets.Dataset:
+    """`rows` with :func:`repair_text` applied to every string, also inside list and struct columns."""
+    key = f"{rows._fingerprint} repair_text ftfy {ftfy.__version__}"
+    # keep_in_memory and no cache: the function always runs, so the count is right
+    return rows.map(_repair_batch, fn_kwargs={"count": count}, batched=True, features=rows.features,
+                    keep_in_memory=True, load_from_cache_file=False,
+                    new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16], desc="fix_text")
+
+
 def _looks_local(path: str) -> bool:
     """Whether a missing `path` was meant as a file (and is not a hub id such as 'owner/name')."""
     return (Path(path).suffix.lower() in BUILDERS or path.startswith(("/", ".", "~"))
@@ -159,7 +221,9 @@ def load_rows(args: DataArgs) -> tuple[datasets.Dataset, datasets.Dataset | None
     (train.jsonl, validation.jsonl, ...); anything else is loaded from the hub. Without
     `args.validation_split`, `args.validation_fraction` of the train split is held out with a
     fixed seed, so that training and a later evaluation agree on which rows were held out.
-    `args.max_samples` then caps the training rows.
+    `args.max_samples` then caps the training rows. With `args.fix_text`, every string of the rows
+    (also inside list and struct columns) goes through :func:`repair_text` and the number changed is
+    logged.
 
     Args:
         args: the data section of the config.
@@ -211,6 +275,14 @@ def load_rows(args: DataArgs) -> tuple[datasets.Dataset, datasets.Dataset | None
     if validation is not None and len(validation) == 0:
         logger.warning("validation split of '%s' is empty: no validation", args.path)
         validation = None
+    if args.fix_text:
+        count = {"values": 0, "changed": 0}
+        train = _repair_rows(train, count)
+        validation = None if validation is None else _repair_rows(validation, count)
+        # a warning when it changed the data (what the run trains on differs from the file), so that it shows
+        logger.log(logging.WARNING if count["changed"] else logging.INFO,
+                   "data.fix_text: repaired %d of %d text values in the train and validation rows",
+                   count["changed"], count["values"])
     return train, validation
 
 
@@ -265,6 +337,130 @@ def render(template: str, row: dict[str, Any], *, name: str = "template") -> str
         raise _missing_column(name, e.args[0], list(row)) from None
     except (ValueError, IndexError, AttributeError, TypeError) as e:
         raise DataError(f"{name} '{template}' cannot be rendered ({e}): name columns as {{column}}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# chat templates
+
+MESSAGES = "messages"  # the column of conversational rows (TRL's name): [{"role": ..., "content": ...}, ...]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_chat_template(tokenizer: Any) -> None:
+    """Raise a DataError when `tokenizer` has no chat template (data.chat_template=true needs one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"data.chat_template=true, but the tokenizer '{name}' has no chat template: use a tokenizer "
+                        "that has one (an -Instruct / -chat model's), or set data.chat_template=false and write the "
+                        "format with data.prompt / data.response")
+
+
+def _checked_messages(value: Any) -> list[dict[str, str]]:
+    """A `messages` cell as a list of {"role", "content"} turns with text content."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"column '{MESSAGES}' must hold a non-empty list of {{\"role\": ..., \"content\": ...}} "
+                        f"turns, got {str(value)[:80]!r}")
+    turns = []
+    for turn in value:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise DataError(f"column '{MESSAGES}': each turn needs a role ({', '.join(ROLES)}) and a text content, "
+                            f"got {str(turn)[:80]!r}")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    return turns
+
+
+def conversation(row: dict[str, Any], args: DataArgs) -> list[dict[str, str]]:
+    """The row as chat turns: its `messages` column if it has one, else data.system_prompt (if set) as
+    the system turn, data.prompt as the user turn and data.response (if set) as the assistant turn.
+
+    Raises:
+        DataError: a malformed `messages` cell, or a template over a missing column.
+    """
+    if MESSAGES in row:
+        return _checked_messages(row[MESSAGES])
+    turns = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    turns.append({"role": "user", "content": render(args.prompt, row, name="data.prompt")})
+    if args.response:
+        turns.append({"role": "assistant", "content": render(args.response, row, name="data.response")})
+    return turns
+
+
+def apply_chat(tokenizer: Any, turns: list[dict[str, str]], *, generation_prompt: bool = False) -> str:
+    """The text of `turns` as the tokenizer's chat template writes it (special tokens included:
+    encode it with ``add_special_tokens=False``).
+
+    Raises:
+        DataError: the template refuses the turns (e.g. roles that do not alternate).
+    """
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja2's TemplateError, or the template's own raise_exception(...)
+        roles = " -> ".join(t["role"] for t in turns) or "no turns"
+        raise DataError(f"the tokenizer's chat template cannot render a conversation ({roles}): "
+                        f"{type(e).__name__}: {e}; check the order of the roles in the data") from None
+
+
+def _chat_example(tokenizer: Any, turns: list[dict[str, str]], assistant_only: bool) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one conversation; with `assistant_only`, labels are -100 outside the
+    assistant turns. An assistant turn's tokens are those between the conversation rendered up to
+    the turn with the generation prompt and rendered through the turn (its end-of-turn token
+    included), each matched against the whole conversation's ids as a common prefix."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    full = ids(apply_chat(tokenizer, turns))
+    if not assistant_only:
+        return full, list(full)
+    labels = [IGNORE_INDEX] * len(full)
+    for i, turn in enumerate(turns):
+        if turn["role"] == "assistant":
+            start = _common_prefix(ids(apply_chat(tokenizer, turns[:i], generation_prompt=True)), full)
+            end = _common_prefix(ids(apply_chat(tokenizer, turns[: i + 1])), full)
+            labels[start:end] = full[start:end]
+    return full, labels
+
+
+def generation_prompt(row: dict[str, Any], args: DataArgs, tokenizer: Any) -> tuple[str, str, str]:
+    """What a model is asked to continue for one row, rendered as training renders it.
+
+    Returns:
+        (text to encode, the prompt as a person reads it, the reference response or ""). With
+        data.chat_template: the turns before the last assistant turn, with the template's
+        generation prompt (encode it with ``add_special_tokens=False``); shown is the last user turn.
+    """
+    if not args.chat_template:
+        prompt = render(args.prompt, row, name="data.prompt")
+        return prompt, prompt, render(args.response, row, name="data.response") if args.response else ""
+    turns = conversation(row, args)
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
+    context = turns[:last]
+    shown = next((t["content"] for t in reversed(context) if t["role"] == "user"), "")
+    reference = turns[last]["content"] if last < len(turns) else ""
+    return apply_chat(tokenizer, context, generation_prompt=True), shown, reference
+
+
+def user_prompt(text: str, args: DataArgs, tokenizer: Any) -> str:
+    """A free-text prompt (eval.py --prompts) as training renders a user turn: with data.chat_template,
+    data.system_prompt (if set) and `text` as the user turn, with the generation prompt; else `text`."""
+    if not args.chat_template:
+        return text
+    turns = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    return apply_chat(tokenizer, [*turns, {"role": "user", "content": text}], generation_prompt=True)
+
+
+def stop_token_ids(tokenizer: Any, chat: bool) -> list[int]:
+    """Token ids that end a generation: EOS, and for `chat` prompts the special token that ends an
+    assistant turn (found by rendering one; SmolLM2's <|im_end|> is its EOS, Llama 3's <|eot_id|> is not)."""
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if chat:
+        marker = "\u2063minitune\u2063"
+        text = apply_chat(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}])
+        after = text.split(marker, 1)[-1].lstrip()
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        first = tokenizer(after, add_special_tokens=False, verbose=False)["input_ids"][:1]
+        if first and first[0] in special and first[0] not in stop:
+            stop.append(first[0])
+    return stop
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,12 +554,18 @@ def tokenize(
             ``data.max_target_length``, or no example keeps a target token.
     """
     columns = rows.column_names
+    chat_rows = args.chat_template and MESSAGES in columns  # the templates are not used
     for name, template in (("data.prompt", args.prompt), ("data.response", args.response)):
-        for column in _template_columns(template, name):
+        for column in [] if chat_rows else _template_columns(template, name):
             if column not in columns:
                 raise _missing_column(name, column, columns)
     if seq2seq and args.packing:
         raise DataError("data.packing is for causal LMs: set data.packing=false for a seq2seq model")
+    if seq2seq and args.chat_template:
+        raise DataError("data.chat_template is for causal LMs: set data.chat_template=false for a seq2seq model "
+                        "and write the format with data.prompt / data.response")
+    if args.chat_template:
+        check_chat_template(tokenizer)
     if args.packing and tokenizer.eos_token_id is None:
         raise DataError("data.packing needs an EOS token between examples, and the tokenizer has none")
     count = {"rows_in": len(rows), "rows": 0, "empty": 0, "no_target": 0, "truncated": 0,
@@ -396,6 +598,8 @@ def tokenize(
 def _causal_batch(batch: dict[str, list], args: DataArgs, tokenizer: Any, count: dict[str, int],
                   cut_lengths: dict[str, list[int]]) -> dict[str, list]:
     """Causal examples for one batch of rows (see :func:`tokenize`); updates the counts."""
+    if args.chat_template:
+        return _chat_batch(batch, args, tokenizer, count, cut_lengths)
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     prompts, fulls = [], []
     for row in _rows_of(batch):
@@ -427,6 +631,29 @@ def _causal_batch(batch: dict[str, list], args: DataArgs, tokenizer: Any, count:
             if all(t == IGNORE_INDEX for t in shift_targets(labels, "causal")):
                 count["no_target"] += 1  # the response was cut away: nothing to learn
                 continue
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+    return out
+
+
+def _chat_batch(batch: dict[str, list], args: DataArgs, tokenizer: Any, count: dict[str, int],
+                cut_lengths: dict[str, list[int]]) -> dict[str, list]:
+    """Causal examples rendered with the chat template (see :func:`tokenize`); updates the counts."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+    for row in _rows_of(batch):
+        turns = conversation(row, args)
+        if not any(t["content"].strip() for t in turns):
+            count["empty"] += 1
+            continue
+        ids, labels = _chat_example(tokenizer, turns, args.assistant_only_loss)
+        if not args.packing and len(ids) > args.max_length:
+            count["truncated"] += 1
+            cut_lengths["source"].append(len(ids))
+            ids, labels = ids[: args.max_length], labels[: args.max_length]
+        if all(t == IGNORE_INDEX for t in shift_targets(labels, "causal")):
+            count["no_target"] += 1  # no assistant turn, or it was cut away: nothing to learn
+            continue
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))

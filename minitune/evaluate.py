@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -34,14 +35,25 @@ from peft import PeftModel
 from rich.markup import escape
 from rich.table import Table
 from torch import nn
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from .build import RunError, setup_device
 from .checkpoint import MARKER, CheckpointError, load_weights
-from .config import Config, QuantizationArgs, load_config
-from .data import Collator, DataError, ensure_pad_token, load_rows, make_dataloader, render, tokenize
+from .config import Config, GenerationArgs, QuantizationArgs, load_config
+from .data import (
+    Collator,
+    DataError,
+    ensure_pad_token,
+    generation_prompt,
+    load_rows,
+    make_dataloader,
+    stop_token_ids,
+    tokenize,
+    user_prompt,
+)
 from .lm import model_kind
 from .loop import default_loss
+from .metrics import detect_kind, task_scores
 from .model import load_model, load_tokenizer, resolve_kind
 
 __all__ = [
@@ -137,48 +149,53 @@ def generate(
     model: nn.Module,
     tokenizer: Any,
     prompts: Sequence[str],
+    gen: GenerationArgs | None = None,
     *,
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    chat: bool = False,
     seed: int = 0,
     batch_size: int = 8,
     max_length: int | None = None,
     on_batch: OnBatch = None,
 ) -> list[str]:
-    """Continuations of `prompts`, batched; greedy unless `temperature` > 0.
+    """Continuations of `prompts`, batched; greedy unless ``gen.temperature`` > 0.
 
     Causal prompts are left-padded (so every continuation starts right after its prompt) and
     only the new tokens are decoded; seq2seq prompts go to the encoder and the decoder's output
-    is decoded. Prompts are encoded as in training (the tokenizer's special tokens included).
-    The global torch RNG is seeded with `seed` first, so sampled outputs are reproducible and the
-    base and fine-tuned models see the same random stream.
+    is decoded. Prompts are encoded as in training: with the tokenizer's special tokens, or, for
+    `chat` prompts (rendered by the chat template, :func:`minitune.data.generation_prompt`), as
+    written. A generation stops at EOS, at the end of an assistant turn (`chat`), or before the
+    first of ``gen.stop``. The global torch RNG is seeded with `seed` first, so sampled outputs are
+    reproducible and the base and fine-tuned models see the same random stream.
 
     Args:
         model: a transformers (or peft) model.
         tokenizer: its tokenizer (a pad token is set to EOS if it has none).
         prompts: the texts to continue.
-        max_new_tokens: at most this many new tokens per prompt (generation stops at EOS).
-        temperature: 0 for greedy decoding, else the sampling temperature.
-        top_p: nucleus sampling threshold (with temperature > 0).
+        gen: decoding settings (None: the defaults of :class:`minitune.config.GenerationArgs`).
+        chat: the prompts were rendered with the tokenizer's chat template.
         seed: seed of the sampling.
         batch_size: prompts per `generate` call.
         max_length: cut prompts to this many tokens (None: no cut).
         on_batch: called after each batch.
 
     Returns:
-        One decoded string per prompt (special tokens removed, surrounding space stripped).
+        One decoded string per prompt (special tokens removed, cut before a stop string, surrounding
+        space stripped).
     """
+    gen = gen or GenerationArgs()
     pad_id = ensure_pad_token(tokenizer)
     seq2seq = model_kind(model) == "seq2seq"
     device = _device_of(model)
-    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
-    if temperature > 0:
-        options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    options: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "pad_token_id": pad_id,
+                               "repetition_penalty": gen.repetition_penalty,
+                               "no_repeat_ngram_size": gen.no_repeat_ngram_size}
+    if gen.temperature > 0:
+        options.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=0)
     else:  # override sampling defaults a model's generation_config may carry (SmolLM2's does)
         options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if tokenizer.eos_token_id is not None:
-        options["eos_token_id"] = tokenizer.eos_token_id
+    stop_ids = stop_token_ids(tokenizer, chat)
+    if stop_ids:
+        options["eos_token_id"] = stop_ids
     torch.manual_seed(seed)  # seeds every device's generator
     outputs: list[str] = []
     old_side = tokenizer.padding_side
@@ -188,16 +205,35 @@ def generate(
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start: start + batch_size])
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=max_length is not None,
-                                max_length=max_length)
+                                max_length=max_length, add_special_tokens=not chat)
                 enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-                out = model.generate(**enc, **options)
+                stop = _StopStrings(tokenizer, gen.stop, 0 if seq2seq else enc["input_ids"].shape[1])
+                out = model.generate(**enc, **options, stopping_criteria=StoppingCriteriaList([stop] if gen.stop else []))
                 new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
-                outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+                outputs += [_cut_at(t, gen.stop).strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
                 if on_batch is not None:
                     on_batch()
     finally:
         tokenizer.padding_side = old_side
     return outputs
+
+
+class _StopStrings(StoppingCriteria):
+    """Stop each sequence once its new text holds a stop string. (transformers' own `stop_strings`
+    also match a string that starts in the prompt: a prompt ending in "\\n" stops at once on "\\n\\n".)"""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, list(stop), prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+def _cut_at(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first stop string (generate() stops after one, and keeps it)."""
+    cut = min((i for i in (text.find(x) for x in stop) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,9 +260,9 @@ def compare(
     *,
     base: nn.Module | None = None,
     references: Sequence[str] | None = None,
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    shown: Sequence[str] | None = None,
+    gen: GenerationArgs | None = None,
+    chat: bool = False,
     seed: int = 0,
     batch_size: int = 8,
     max_batches: int = 0,
@@ -242,20 +278,23 @@ def compare(
         prompts: prompts to generate from (may be empty).
         base: the base model, for full fine-tuning (None: `model` with its adapter disabled).
         references: the expected output of each prompt (shown beside the generations).
-        max_new_tokens, temperature, top_p, seed, batch_size: see :func:`generate`.
+        shown: each prompt as a person reads it (default: the prompt; a chat prompt's user turn).
+        gen, chat, seed, batch_size: see :func:`generate`.
         max_batches: limit the perplexity to this many batches (0: all).
         progress: ``progress(label, total)`` returns the callback for one task's batches.
 
     Returns:
         ``{"perplexity": {"base": {...}, "tuned": {...}}, "generations": [{"id", "prompt",
-        "reference", "base", "tuned"}, ...]}``; perplexity entries as :func:`perplexity` returns.
+        "reference", "base", "tuned"}, ...], "task": {"base": {...}, "tuned": {...}}}``; perplexity
+        entries as :func:`perplexity` returns; "task" (with references) as
+        :func:`minitune.metrics.task_scores` returns, the kind of task detected once for both.
 
     Raises:
         TypeError: no `base` and `model` is not a peft model.
     """
     n_batches = min(len(loader), max_batches) if max_batches else len(loader)
     n_gen = math.ceil(len(prompts) / batch_size)
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+    options = dict(gen=gen, chat=chat, seed=seed, batch_size=batch_size)
 
     def task(label: str, total: int) -> OnBatch:
         return progress(label, total) if progress is not None else None
@@ -266,16 +305,21 @@ def compare(
         result["perplexity"]["base"] = perplexity(base_model, loader, max_batches=max_batches,
                                                   on_batch=task("perplexity (base)", n_batches))
         if prompts:
-            outputs["base"] = generate(base_model, tokenizer, prompts, on_batch=task("generate (base)", n_gen), **gen)
+            outputs["base"] = generate(base_model, tokenizer, prompts, on_batch=task("generate (base)", n_gen),
+                                       **options)
     result["perplexity"]["tuned"] = perplexity(model, loader, max_batches=max_batches,
                                                on_batch=task("perplexity (fine-tuned)", n_batches))
     if prompts:
-        outputs["tuned"] = generate(model, tokenizer, prompts, on_batch=task("generate (fine-tuned)", n_gen), **gen)
+        outputs["tuned"] = generate(model, tokenizer, prompts, on_batch=task("generate (fine-tuned)", n_gen),
+                                    **options)
     for i, prompt in enumerate(prompts):
         result["generations"].append({
-            "id": i, "prompt": prompt, "reference": references[i] if references else None,
+            "id": i, "prompt": shown[i] if shown else prompt, "reference": references[i] if references else None,
             "base": outputs["base"][i], "tuned": outputs["tuned"][i],
         })
+    if prompts and references and any(r.strip() for r in references):
+        kind = detect_kind(references)  # one kind for both sides
+        result["task"] = {name: task_scores(outputs[name], references, kind) for name in MODELS}
     return result
 
 
@@ -566,6 +610,7 @@ class EvalResult:
     device: str
     seconds: float
     files: dict[str, str] = field(default_factory=dict)
+    task: dict[str, dict[str, Any]] = field(default_factory=dict)  # base / tuned task metrics, with references
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -593,9 +638,6 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     num_prompts: int = 8,
     prompts_file: str | Path | None = None,
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
     seed: int = 0,
     out_dir: str | Path | None = None,
     sheet: bool = True,
@@ -616,8 +658,10 @@ def evaluate_checkpoint(
         max_samples: use the first N held-out rows.
         batch_size: examples per batch (default: training.batch_size).
         num_prompts: how many held-out rows (seeded choice) to generate from.
-        prompts_file: generate from these prompts instead (one per line).
-        max_new_tokens, temperature, top_p, seed: see :func:`generate`.
+        prompts_file: generate from these prompts instead (one per line; a user turn with
+            data.chat_template).
+        seed: seed of the prompt choice, the sampling and the sheet's order. Decoding settings are
+            the config's ``generation`` section (override them as ``generation.key=value``).
         out_dir: where eval.json, eval.md and the sheet go (default: the checkpoint folder).
         sheet: write the human-evaluation sheet and its key.
         merge_to: also write the merged model (LoRA checkpoints) to this folder.
@@ -649,16 +693,17 @@ def evaluate_checkpoint(
     bs = batch_size or cfg.training.batch_size
     loader = make_dataloader(examples, Collator(tokenizer, seq2seq=seq2seq), batch_size=bs, shuffle=False, seed=seed)
     if prompts_file:
-        prompts, references = _prompts_from_file(prompts_file), None
+        shown, references = _prompts_from_file(prompts_file), None
+        prompts = [user_prompt(text, cfg.data, tokenizer) for text in shown]
     else:
-        prompts, references = _held_out_prompts(cfg, rows, num_prompts, seed)
+        prompts, shown, references = _held_out_prompts(cfg, rows, tokenizer, num_prompts, seed)
 
     loaded = progress("load model", 1) if progress is not None else None
     model, base = _load_models(path, cfg, method, device)
     if loaded is not None:
         loaded()
     comparison = compare(model, loader, tokenizer, prompts, base=base, references=references,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                         shown=shown, gen=cfg.generation, chat=cfg.data.chat_template, seed=seed,
                          batch_size=bs, progress=progress)
     files: dict[str, str] = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -682,11 +727,10 @@ def evaluate_checkpoint(
         "response": cfg.data.response,
     }
     generation = {"prompts": "file " + str(prompts_file) if prompts_file else f"{len(prompts)} held-out rows",
-                  "max_new_tokens": max_new_tokens, "temperature": temperature,
-                  "top_p": top_p if temperature > 0 else None, "seed": seed,
-                  "decoding": "sampling" if temperature > 0 else "greedy"}
+                  **dataclasses.asdict(cfg.generation), "seed": seed, "chat_template": cfg.data.chat_template,
+                  "decoding": "sampling" if cfg.generation.temperature > 0 else "greedy"}
     result = EvalResult(str(path), method or "", data_info, comparison["perplexity"], comparison["generations"],
-                        generation, str(device), time.perf_counter() - t0, files)
+                        generation, str(device), time.perf_counter() - t0, files, comparison.get("task", {}))
     json_path, md_path = out / "eval.json", out / "eval.md"
     result.files.update(json=str(json_path), markdown=str(md_path))
     json_path.write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
@@ -733,17 +777,19 @@ def _held_out(path: Path, cfg: Config, seq2seq: bool, max_samples: int | None) -
     return rows, examples, tokenizer
 
 
-def _held_out_prompts(cfg: Config, rows: Any, num_prompts: int, seed: int) -> tuple[list[str], list[str]]:
-    """(prompts, references) of a seeded choice of `num_prompts` held-out rows (empty prompts skipped)."""
+def _held_out_prompts(cfg: Config, rows: Any, tokenizer: Any, num_prompts: int,
+                      seed: int) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, as shown, references) of a seeded choice of `num_prompts` held-out rows, rendered as
+    training renders them (:func:`minitune.data.generation_prompt`); rows with an empty prompt are skipped."""
     picked = sorted(random.Random(seed).sample(range(len(rows)), min(num_prompts, len(rows))))
-    prompts, references = [], []
+    prompts, shown, references = [], [], []
     for i in picked:
-        row = rows[i]
-        text = render(cfg.data.prompt, row, name="data.prompt")
-        if text.strip():
+        text, readable, reference = generation_prompt(rows[i], cfg.data, tokenizer)
+        if readable.strip():
             prompts.append(text)
-            references.append(render(cfg.data.response, row, name="data.response") if cfg.data.response else "")
-    return prompts, references
+            shown.append(readable)
+            references.append(reference)
+    return prompts, shown, references
 
 
 def _load_models(path: Path, cfg: Config, method: str | None, device: torch.device) -> tuple[nn.Module, Any]:
@@ -776,15 +822,28 @@ def _load_models(path: Path, cfg: Config, method: str | None, device: torch.devi
 # reports
 
 
-def perplexity_rows(ppl: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
-    """(metric, base, fine-tuned, change) rows for the terminal and markdown tables."""
+# task metrics shown in the tables (all of them are in eval.json)
+_TASK_ROWS = {"tag_f1": "tag F1 (macro)", "tag_precision": "tag precision", "tag_recall": "tag recall",
+              "exact_match": "exact match", "rouge_l": "ROUGE-L F"}
+
+
+def metric_rows(ppl: dict[str, dict[str, Any]],
+                    task: dict[str, dict[str, Any]] | None = None) -> list[tuple[str, str, str, str]]:
+    """(metric, base, fine-tuned, change) rows for the terminal and markdown tables: perplexity, then
+    the task metrics of the generations (with references)."""
     b, t = ppl["base"], ppl["tuned"]
     change = (t["perplexity"] / b["perplexity"] - 1) * 100
-    return [
+    rows = [
         ("perplexity", f"{b['perplexity']:.3f}", f"{t['perplexity']:.3f}", f"{change:+.1f}%"),
         ("mean NLL (nats/token)", f"{b['nll']:.4f}", f"{t['nll']:.4f}", f"{t['nll'] - b['nll']:+.4f}"),
         ("target tokens", f"{b['tokens']:,d}", f"{t['tokens']:,d}", ""),
     ]
+    if task:
+        tb, tt = task["base"], task["tuned"]
+        n = tt["examples"]
+        rows += [(f"{label} ({n} generations)", f"{tb[key]:.3f}", f"{tt[key]:.3f}", f"{tt[key] - tb[key]:+.3f}")
+                 for key, label in _TASK_ROWS.items() if key in tt]
+    return rows
 
 
 def _md_cell(text: Any) -> str:
@@ -801,15 +860,12 @@ def to_markdown(result: EvalResult) -> str:
         "",
         "| metric | base | fine-tuned | change |",
         "|---|---|---|---|",
-        *[f"| {' | '.join(r)} |" for r in perplexity_rows(result.perplexity)],
+        *[f"| {' | '.join(r)} |" for r in metric_rows(result.perplexity, result.task)],
         "",
     ]
     g = result.generation
     if result.generations:
-        settings = f"{g['decoding']}, max_new_tokens={g['max_new_tokens']}, seed={g['seed']}"
-        if g["decoding"] == "sampling":
-            settings += f", temperature={g['temperature']}, top_p={g['top_p']}"
-        lines += [f"## Generations ({settings})", ""]
+        lines += [f"## Generations ({_settings(g)})", ""]
         for gen in result.generations:
             lines += [f"### {gen['id']}", "", "| | |", "|---|---|", f"| prompt | {_md_cell(gen['prompt'])} |"]
             if gen.get("reference"):
@@ -820,6 +876,19 @@ def to_markdown(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def _settings(g: dict[str, Any]) -> str:
+    """The decoding settings of a result in one line (eval.md and the terminal)."""
+    text = f"{g['decoding']}, max_new_tokens={g['max_new_tokens']}"
+    if g["decoding"] == "sampling":
+        text += f", temperature={g['temperature']}, top_p={g['top_p']}"
+    for key, off in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
+        if g.get(key, off) != off:
+            text += f", {key}={g[key]}"
+    if g.get("stop"):
+        text += f", stop={g['stop']}"
+    return text + f", seed={g['seed']}"
+
+
 def render_result(result: EvalResult, console: Any) -> None:
     """Print the rich tables: perplexity side by side, then the generations."""
     d = result.data
@@ -827,12 +896,12 @@ def render_result(result: EvalResult, console: Any) -> None:
                         f"{d['examples']} examples)", title_justify="left")
     for col in ("metric", "base", "fine-tuned", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for row in perplexity_rows(result.perplexity):
+    for row in metric_rows(result.perplexity, result.task):
         table.add_row(*row)
     console.print(table)
     if result.generations:
         g = result.generation
-        gens = Table(title=f"generations ({g['decoding']}, max_new_tokens={g['max_new_tokens']}, seed={g['seed']})",
+        gens = Table(title=f"generations ({_settings(g)})",
                      title_justify="left", show_header=False, show_lines=True)
         gens.add_column("what", style="bold")
         gens.add_column("text", overflow="fold")

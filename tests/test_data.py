@@ -25,6 +25,7 @@ from minitune.data import (  # noqa: E402
     load_rows,
     make_dataloader,
     render,
+    repair_text,
     tokenize,
 )
 
@@ -158,6 +159,61 @@ def test_validation_hold_out_is_fixed_and_disjoint(tmp_path):
     assert len(train2) == 30 and set(train2["id"]) <= set(train["id"])
     _, none = load_rows(DataArgs(path=str(path), validation_fraction=0.0))
     assert none is None
+
+
+# mojibake: UTF-8 text read as Windows-1252, written with escapes so that this file shows which is which
+DONT = "Don\u00e2\u20ac\u2122t walk in front of me\u00e2\u20ac\u00a6"  # Don’t walk in front of me…
+BRONTE = "Emily Bront\u00c3\u00ab"  # Emily Brontë
+CLICHES = "clich\u00c3\u00a9s"  # clichés
+
+
+def test_repair_text_repairs_mojibake_and_leaves_right_text_alone():
+    assert repair_text(DONT) == "Don\u2019t walk in front of me\u2026"
+    assert repair_text(BRONTE) == "Emily Bront\u00eb" and repair_text(CLICHES) == "clich\u00e9s"
+    assert repair_text("\u00d8\u00ad\u00d8\u00a8") == "\u062d\u0628"  # Arabic 'love', a tag of the shipped data
+    right = ["\u201cBe yourself.\u201d \u2014 na\u00efve caf\u00e9, d\u00e9j\u00e0 vu\u2026", "Gabriel Garc\u00eda M\u00e1rquez",
+             "Stra\u00dfe", "\u062d\u0628", "\u65e5\u672c\u8a9e", "S\u00e3o Paulo", "N\u00c3O", "\ufb01ne", "\uff21\uff22", "a &amp; b",
+             "one\r\ntwo", "e\u0301"]  # curly quotes, accents, other scripts; ftfy's other fixes stay off
+    assert [repair_text(t) for t in right] == right
+
+
+def test_fix_text_repairs_every_string_of_train_and_validation_rows_when_asked(tmp_path, caplog):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [
+        {"quote": DONT, "author": BRONTE, "tags": [CLICHES, "books"], "year": 1847, "turns": [{"who": "x"}]},
+        {"quote": "\u201cBe yourself.\u201d", "author": "Oscar Wilde", "tags": ["honesty"], "year": 1890,
+         "turns": [{"who": "user"}, {"who": BRONTE}]},  # a list of structs, as a chat `messages` column
+    ])
+    write_jsonl(folder / "validation.jsonl", [{"quote": "caf\u00c3\u00a9", "author": "x", "tags": [], "year": 1,
+                                               "turns": []}])
+    args = DataArgs(path=str(folder), validation_split="validation")
+    with caplog.at_level(logging.INFO, logger="minitune.data"):
+        train, validation = load_rows(args)
+    assert train[0] == {"quote": DONT, "author": BRONTE, "tags": [CLICHES, "books"], "year": 1847,
+                        "turns": [{"who": "x"}]}  # as read
+    assert "fix_text" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="minitune.data"):
+        fixed, fixed_validation = load_rows(DataArgs(path=str(folder), validation_split="validation", fix_text=True))
+    assert fixed[0] == {"quote": "Don\u2019t walk in front of me\u2026", "author": "Emily Bront\u00eb",
+                        "tags": ["clich\u00e9s", "books"], "year": 1847, "turns": [{"who": "x"}]}
+    assert fixed[1] == {**train[1], "turns": [{"who": "user"}, {"who": "Emily Bront\u00eb"}]}
+    assert fixed_validation[0]["quote"] == "caf\u00e9"
+    assert fixed.features == train.features and fixed_validation.features == validation.features
+    # strings seen: 5 + 5 in train (quote, author, each tag, each turn's `who`), 2 in validation;
+    # changed: row 1's quote, author and a tag, row 2's second turn, the validation quote
+    assert "data.fix_text: repaired 5 of 12 text values in the train and validation rows" in caplog.text
+
+
+def test_shipped_quotes_are_repaired(caplog):
+    """data/english_quotes.jsonl was repaired with data/fix_text.py (see data/SOURCES.md)."""
+    text = QUOTES.read_text(encoding="utf-8")
+    # traces of UTF-8 read as Windows-1252 ('â€™', 'Ã©', 'Â ', Arabic as 'Ø£Ù…') and of lost bytes
+    for trace in ("\u00e2\u20ac", "\u00c3", "\u00c2", "\u00d8", "\u00d9", "\ufffd"):
+        assert trace not in text, ascii(trace)
+    with caplog.at_level(logging.INFO, logger="minitune.data"):
+        load_rows(quotes(fix_text=True, max_samples=None))
+    assert "data.fix_text: repaired 0 of 13024 text values" in caplog.text  # nothing left for ftfy
 
 
 # ------------------------------------------------------------------------------------ tokenize + collate

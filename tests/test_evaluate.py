@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minitune.config import DataArgs, ModelArgs, QuantizationArgs
+from minitune.config import DataArgs, GenerationArgs, ModelArgs, QuantizationArgs
 from minitune.data import Collator, DataError, load_rows, make_dataloader, tokenize
 from minitune.evaluate import (
     EvalError,
@@ -97,13 +97,13 @@ def test_generate_is_batched_greedy_and_seeded():
     tok = load_tokenizer(ModelArgs(tokenizer=GPT2))
     model = load_model(ModelArgs(preset="tiny-llama"), seed=1)
     prompts = ["Love is", "A much longer prompt about the meaning of life ->: ", "x"]
-    batched = generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
-    alone = [generate(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
+    batched = generate(model, tok, prompts, GenerationArgs(max_new_tokens=6), batch_size=3)
+    alone = [generate(model, tok, [p], GenerationArgs(max_new_tokens=6))[0] for p in prompts]
     assert batched == alone  # left padding: a prompt's continuation does not depend on its batch
     assert tok.padding_side == "right"  # restored
-    s1 = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5)
-    s2 = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5)
-    s3 = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=6)
+    s1 = generate(model, tok, prompts, GenerationArgs(max_new_tokens=6, temperature=1.0, top_p=0.9), seed=5)
+    s2 = generate(model, tok, prompts, GenerationArgs(max_new_tokens=6, temperature=1.0, top_p=0.9), seed=5)
+    s3 = generate(model, tok, prompts, GenerationArgs(max_new_tokens=6, temperature=1.0, top_p=0.9), seed=6)
     assert s1 == s2 and s1 != s3
 
 
@@ -124,7 +124,8 @@ def lora_run(tmp_path_factory):
 
 
 def _check_checkpoint(result, tmp_path, preset: str, quantization: dict | None = None, **kwargs):
-    ev = evaluate_checkpoint(result.checkpoint, out_dir=tmp_path / "eval", num_prompts=3, max_new_tokens=5, **kwargs)
+    ev = evaluate_checkpoint(result.checkpoint, ["generation.max_new_tokens=5"], out_dir=tmp_path / "eval", num_prompts=3,
+                             **kwargs)
     tuned, base = ev.perplexity["tuned"], ev.perplexity["base"]
     assert tuned["nll"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
     assert tuned["perplexity"] < base["perplexity"]

@@ -251,6 +251,6 @@ def test_default_gguf_job_short(tmp_path):
                 "training.max_steps=2", "training.eval_every=0", "logging.progress=none", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [r["loss"] for r in _log(out)]
-    # real pretrained weights: far below ln(49152) = 10.8 of an untrained model (README: 5.11 at step 1)
+    # real pretrained weights: far below ln(49152) = 10.8 of an untrained model
     assert len(losses) == 2 and all(2 < x < 7 for x in losses), losses
     assert (out / "final" / "adapter_model.safetensors").is_file()

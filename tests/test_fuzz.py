@@ -447,6 +447,7 @@ data_settings = st.fixed_dictionaries({
     "validation_split": st.sampled_from([None, None, "validation", "test", "nope"]),
     "split": st.sampled_from(["train", "train", "train", "validation", "nope"]),
     "max_samples": st.sampled_from([None, None, 1, 3]),
+    "fix_text": st.booleans(),
 })
 
 
@@ -635,7 +636,8 @@ def test_fuzz_sheets(mode, workdir):
 
 
 EVAL_FLAGS = ["--data", "--split", "--max-samples", "--batch-size", "--num-prompts", "--prompts", "--max-new-tokens",
-              "--temperature", "--top-p", "--seed", "--out", "--merge-to", "--device", "--key"]
+              "--temperature", "--top-p", "--repetition-penalty", "--no-repeat-ngram-size", "--stop", "--seed", "--out",
+              "--merge-to", "--device", "--key"]
 flag_values = st.one_of(st.sampled_from(["0", "1", "-1", "2", "0.5", "1e309", "nan", "inf", "-inf", str(2**64),
                                          "abc", "", "train", "validation", "cpu", "cuda", "mps", "auto", "/",
                                          "prompts.txt", "out", "merged", "nope.jsonl", QUOTES]), st.text(max_size=8))

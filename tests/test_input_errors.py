@@ -79,8 +79,10 @@ def test_control_characters_in_a_message_are_escaped(capsys, config_file):
     (cli.main_train, ["--nope"], "error: unrecognized arguments: --nope (see train.py --help)"),
     (cli.main_eval, ["-p", "x", "--max-samples", "abc"], "error: argument --max-samples: invalid"),
     # found past the weights before: generate() failed on them
-    (cli.main_eval, ["-p", "x", "--temperature", "nan"], "error: --temperature must be a finite number >= 0"),
-    (cli.main_eval, ["-p", "x", "--temperature", "inf"], "error: --temperature must be a finite number >= 0"),
+    (cli.main_eval, ["-p", "x", "--temperature", "nan"], "error: generation.temperature: expected a finite number"),
+    (cli.main_eval, ["-p", "x", "--temperature", "inf"], "error: generation.temperature: expected a finite number"),
+    (cli.main_eval, ["-p", "x", "--top-p", "0"], "error: generation.top_p=0.0 must be in (0, 1]"),
+    (cli.main_eval, ["-p", "x", "--no-repeat-ngram-size=-1"], "error: generation.no_repeat_ngram_size=-1 must be >= 0"),
     (cli.main_eval, ["-p", "x", "--seed", str(2**64)], "error: --seed 18446744073709551616 must be in [0, 2**32 - 1]"),
     (cli.main_eval, ["-p", "x", "--seed=-1"], "error: --seed -1 must be in [0, 2**32 - 1]"),
 ])

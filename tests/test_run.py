@@ -17,10 +17,11 @@ def _losses(run_dir) -> list[float]:
 
 
 # torch 2.13.0 CPU, fixed seed and data, 4 steps of 2 x 4 examples, LoRA on every linear layer with
-# dropout. Recorded before the builders/loop redesign and unchanged by it (catches silent changes).
+# dropout. Recorded before the builders/loop redesign and unchanged by it (catches silent changes);
+# re-recorded when the quotes data was repaired (data/SOURCES.md): 6 of the run's 64 rows changed.
 PINNED = {
-    "4bit-llama": ("tiny-llama", {"quantization": {"mode": "4bit"}}, [10.8406, 10.8357, 10.839, 10.8282]),
-    "t5": ("tiny-t5", {}, [21.5357, 21.0243, 21.2809, 20.7674]),
+    "4bit-llama": ("tiny-llama", {"quantization": {"mode": "4bit"}}, [10.8406, 10.8352, 10.839, 10.8269]),
+    "t5": ("tiny-t5", {}, [21.5357, 21.0393, 21.2754, 20.7769]),
 }
 
 
