@@ -129,45 +129,50 @@ def setup(cfg: Config) -> Parts:
         profiler = MemoryProfiler(accelerator.device,
                                   phases_every=cfg.logging.memory_phases_every or cfg.logging.log_every).start()
         profiler.phase("start")
-    model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
-    if t.compile:
-        model = torch.compile(model)
+    try:  # a failure from here on (bad weights, a checkpoint that does not fit) stops the sampler thread
+        model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
+        if t.compile:
+            model = torch.compile(model)
 
-    set_seed(t.seed)  # data order and dropout do not depend on how much randomness loading used
-    loader = train_loader(cfg, data)
-    eval_loader = None
-    if data.validation is not None and len(data.validation):
-        eval_loader = make_dataloader(data.validation, data.collator, batch_size=t.batch_size, shuffle=False,
-                                      seed=t.seed, num_workers=cfg.data.num_workers)
-    optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    total_steps = _total_steps(cfg, len(loader))
-    scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
+        set_seed(t.seed)  # data order and dropout do not depend on how much randomness loading used
+        loader = train_loader(cfg, data)
+        eval_loader = None
+        if data.validation is not None and len(data.validation):
+            eval_loader = make_dataloader(data.validation, data.collator, batch_size=t.batch_size, shuffle=False,
+                                          seed=t.seed, num_workers=cfg.data.num_workers)
+        optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        if eval_loader is not None:
+            eval_loader = accelerator.prepare(eval_loader)
+        total_steps = _total_steps(cfg, len(loader))
+        scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
 
-    state = TrainState()
-    if resume_from is not None:
-        state = _resume(resume_from, cfg, accelerator, model, optimizer, scheduler)
-    _prepare_output_dir(out, cfg, resume_from is not None, accelerator)
-    if accelerator.is_main_process:
-        cfg.save(out / "config.yaml")
-    if cfg.logging.trackers:
-        accelerator.init_trackers("minitune", config=_flat(cfg.to_dict()))
-    predicted = estimate_peak(accelerator.unwrap_model(model),
-                              optimizer=dev.optimizer_name_for(cfg.optimizer.name, accelerator.device),
-                              batch_size=t.batch_size, seq_len=cfg.data.max_length,
-                              gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
-                              logits_positions=live_logit_positions(model, t.loss, t.loss_chunk_size))
-    logger = RunLogger(accelerator, out if cfg.logging.jsonl else None, total_steps, progress=cfg.logging.progress,
-                       initial_step=state.step, trackers=bool(cfg.logging.trackers), append=resume_from is not None,
-                       first_record={"precision": dataclasses.asdict(where.precision)})
-    parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
-                  logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, total_steps, out, resume_from,
-                  state)
-    _startup_lines(parts)
-    if resume_from is not None:
-        restore_rng(resume_from, accelerator=accelerator)  # last, so nothing above draws from it
+        state = TrainState()
+        if resume_from is not None:
+            state = _resume(resume_from, cfg, accelerator, model, optimizer, scheduler)
+        _prepare_output_dir(out, cfg, resume_from is not None, accelerator)
+        if accelerator.is_main_process:
+            cfg.save(out / "config.yaml")
+        if cfg.logging.trackers:
+            accelerator.init_trackers("minitune", config=_flat(cfg.to_dict()))
+        predicted = estimate_peak(accelerator.unwrap_model(model),
+                                  optimizer=dev.optimizer_name_for(cfg.optimizer.name, accelerator.device),
+                                  batch_size=t.batch_size, seq_len=cfg.data.max_length,
+                                  gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
+                                  logits_positions=live_logit_positions(model, t.loss, t.loss_chunk_size))
+        logger = RunLogger(accelerator, out if cfg.logging.jsonl else None, total_steps, progress=cfg.logging.progress,
+                           initial_step=state.step, trackers=bool(cfg.logging.trackers), append=resume_from is not None,
+                           first_record={"precision": dataclasses.asdict(where.precision)})
+        parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
+                      logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, total_steps, out, resume_from,
+                      state)
+        _startup_lines(parts)
+        if resume_from is not None:
+            restore_rng(resume_from, accelerator=accelerator)  # last, so nothing above draws from it
+    except BaseException:
+        if profiler is not None:
+            profiler.stop()
+        raise
     return parts
 
 

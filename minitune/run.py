@@ -63,6 +63,9 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     started = time.perf_counter()
     try:
         state = _fit(parts, on_step)
+    except BaseException:
+        _phase(parts.profiler, None)  # stops the sampler thread
+        raise
     finally:
         parts.logger.close()
     return _finish(parts, state, started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -58,3 +59,23 @@ def test_tokens_per_s_is_over_training_time_and_evaluation_time_is_reported(tmp_
     summary = capsys.readouterr().out
     assert f"evaluation {result.eval_seconds:.1f} s" in summary
     assert f"{result.tokens_per_s:,.0f} (training time only)" in summary
+
+
+def _samplers() -> int:
+    return sum(t.name == "minitune-memory" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("where", ["setup", "fit"])
+def test_a_failed_run_stops_its_memory_sampler(tmp_path, monkeypatch, where):
+    """A run that fails after the memory sampler started (weights that do not load, an error mid-run)
+    leaves no sampler thread behind: a program that calls train() again (or a fuzz loop) would pile them up."""
+    from minitune import build, run
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(build if where == "setup" else run, "setup_model" if where == "setup" else "fit", boom)
+    before = _samplers()
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 1}))
+    assert _samplers() == before
