@@ -119,7 +119,10 @@ def _finish(parts: Parts, state: TrainState, started: float) -> TrainResult:
     metrics: dict[str, Any] = dict(state.last)
     final = None
     if state.stop_reason != "signal":
-        if parts.eval_loader is not None:
+        done = dict(state.eval_losses).get(state.step)  # the loop evaluated these very weights at its last step
+        if done is not None:
+            metrics["eval_loss"] = done
+        elif parts.eval_loader is not None:
             metrics["eval_loss"] = evaluate_during_run(accelerator, parts.model, parts.eval_loader, state,
                                                        max_batches=cfg.training.eval_batches, loss_fn=parts.loss_fn)
         final = save_checkpoint(out / "final", accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,

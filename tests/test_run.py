@@ -79,3 +79,16 @@ def test_a_failed_run_stops_its_memory_sampler(tmp_path, monkeypatch, where):
     with pytest.raises(RuntimeError, match="boom"):
         train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 1}))
     assert _samplers() == before
+
+
+@pytest.mark.parametrize("eval_every, evaluations", [(2, 2), (3, 2), (0, 1)])
+def test_the_final_evaluation_is_not_repeated(tmp_path, monkeypatch, eval_every, evaluations):
+    """4 steps: evaluating every 2 steps evaluates at steps 2 and 4, and the final eval loss is step 4's
+    (the same weights: no third pass); every 3 steps evaluates at step 3, then once more at the end."""
+    calls = []
+    original = loop.evaluate_loss
+    monkeypatch.setattr(loop, "evaluate_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    result = train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 4, "eval_every": eval_every}))
+    assert len(calls) == evaluations
+    if eval_every == 2:
+        assert result.metrics["eval_loss"] == result.state.eval_losses[-1][1]
