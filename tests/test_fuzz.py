@@ -47,9 +47,10 @@ from minitune.config import _SECTION_TYPES  # noqa: E402
 from .conftest import GPT2, QUOTES, tiny_config  # noqa: E402
 
 # examples per target: default run / slow mode
-DEFAULT = {"config_yaml": 40, "config_text": 40, "overrides": 40, "full_run": 4, "data": 25, "checkpoint": 12,
+DEFAULT = {"config_yaml": 40, "config_text": 40, "overrides": 40, "full_run": 4, "data": 25, "chat": 25, "checkpoint": 12,
            "sheet": 40, "eval_args": 10}
-SLOW = {"config_yaml": 2500, "config_text": 1500, "overrides": 2500, "full_run": 250, "data": 1500, "checkpoint": 400,
+SLOW = {"config_yaml": 2500, "config_text": 1500, "overrides": 2500, "full_run": 250, "data": 1500, "chat": 1000,
+        "checkpoint": 400,
         "sheet": 1500, "eval_args": 300}
 SCALE = float(os.environ.get("MINITUNE_FUZZ_SCALE", "1"))
 
@@ -492,6 +493,52 @@ def test_fuzz_data_files(mode, workdir, tokenizers):
             check("data", run(lambda argv: cli.run_cli(load), []), folder, snapshot(folder))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    example()
+
+
+roles = st.sampled_from(["system", "user", "assistant", "tool", "narrator", "", "USER"]) | st.text(max_size=6)
+turns = st.one_of(
+    st.fixed_dictionaries({"role": roles, "content": st.text(max_size=60) | st.sampled_from(["", " ", "<|im_end|>"])}),
+    st.dictionaries(st.sampled_from(["role", "content", "name"]), json_values, max_size=3),
+    json_scalars,
+)
+chat_rows = st.lists(st.one_of(
+    st.fixed_dictionaries({"messages": st.lists(turns, max_size=5) | json_values}),
+    st.fixed_dictionaries({"quote": st.text(max_size=80), "tags": st.lists(st.text(max_size=10), max_size=3)}),
+), min_size=1, max_size=6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fuzz_chat_rows(mode, workdir):
+    """Chat-format data (data.chat_template=true) with the SmolLM2 tokenizer: `messages` cells of any
+    shape (roles the template refuses, non-text content, no assistant turn, not a list) and
+    prompt/response rows, with any system prompt, loss mask and length."""
+    from minitune.config import ModelArgs, load_config
+    from minitune.data import build_data
+    from minitune.model import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelArgs(tokenizer=str(Path(QUOTES).parent / "tokenizers/smollm2-135m-instruct")))
+    counter = iter(range(10**9))
+
+    @_settings("chat", mode)
+    @given(rows=chat_rows, system=st.text(max_size=20), assistant_only=st.booleans(),
+           max_length=st.integers(1, 96), response=st.sampled_from(["", "{tags}"]))
+    def example(rows, system, assistant_only, max_length, response):
+        path = workdir / f"chat-{next(counter)}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        overrides = {"data": {"path": str(path), "chat_template": True, "system_prompt": system, "prompt": "{quote}",
+                              "response": response, "assistant_only_loss": assistant_only,
+                              "max_length": max_length, "validation_fraction": 0.0}}
+
+        def load():
+            cfg = load_config(base_config(workdir / "unused"), overrides)
+            build_data(cfg.data, tokenizer, seq2seq=False, batch_size=2)
+
+        try:
+            check("chat", run(lambda argv: cli.run_cli(load), []))
+        finally:
+            path.unlink()
 
     example()
 
