@@ -709,6 +709,10 @@ def _check_counts(count: dict[str, int], cut_lengths: dict[str, list[int]], args
             raise DataError(f"every example is longer than data.{knob}={getattr(args, knob)} tokens (shortest "
                             f"{min(cut)}, median {median}): raise data.{knob} (e.g. to {median})")
     if kept_rows == 0:
+        if args.chat_template:
+            raise DataError(f"no example keeps an assistant token within data.max_length={args.max_length} (the "
+                            "loss is on assistant turns only): raise data.max_length, give rows an assistant turn, "
+                            "or set data.assistant_only_loss=false")
         raise DataError(f"no example keeps a response token within data.max_length={args.max_length} "
                         "(data.mask_prompt hides the prompt): raise data.max_length or shorten the prompt")
     if count["truncated"]:

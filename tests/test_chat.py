@@ -222,3 +222,11 @@ def test_a_chat_run_trains_and_evaluates_with_the_same_rendering(tmp_path):
     for side in ("base", "tuned"):
         assert ev.task[side] == task_scores([g[side] for g in ev.generations], refs, "tags")
     assert "tag F1 (macro) (2 generations)" in (tmp_path / "ev" / "eval.md").read_text()
+
+
+def test_no_assistant_turn_anywhere_names_the_chat_fix(smol):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}]}]
+    with pytest.raises(DataError, match="no example keeps an assistant token .* data.assistant_only_loss=false"):
+        _one(smol, rows)
+    ids, labels = _one(smol, rows, assistant_only_loss=False)  # the whole conversation is the target
+    assert labels == ids
