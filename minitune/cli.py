@@ -11,6 +11,7 @@ peft imports it).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -63,10 +64,25 @@ def run_cli(fn: Callable[[], Any]) -> int:
         # a ConfigError lists its problems one per line (each made one line already); others are one line
         print(f"error: {e if isinstance(e, ConfigError) else one_line(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path given as input that the operating system refuses
+        if e.errno not in _PATH_ERRORS or e.filename is None:
+            raise
+        print(f"error: {_path_problem(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+_PATH_ERRORS = {errno.ENAMETOOLONG: "is too long for this file system: give a shorter path",
+                errno.EACCES: "is not accessible (permission denied): choose a path you can read and write"}
+
+
+def _path_problem(e: OSError) -> str:
+    name = str(e.filename)
+    shown = one_line(name if len(name) <= 80 else f"{name[:60]}...{name[-12:]}")
+    return f"the path '{shown}' ({len(name):,d} characters) {_PATH_ERRORS[e.errno]}"
 
 
 def main_train(argv: Sequence[str] | None = None) -> int:

@@ -243,3 +243,22 @@ def test_checkpoint_kind_from_a_corrupt_adapter_config(tmp_path, config_file, co
 ])
 def test_model_settings_that_failed_when_the_model_was_built(capsys, config_file, edits, text):
     assert text in error_line(capsys, cli.main_train, ["--config", config_file(**edits)])
+
+
+LONG = "1" * 5000  # longer than any file system's name limit: os.stat raises ENAMETOOLONG
+
+
+@pytest.mark.parametrize("main, argv", [
+    (cli.main_train, ["--config", LONG]),
+    (cli.main_train, ["CONFIG", f"data.path={LONG}"]),
+    (cli.main_train, ["CONFIG", f"data.path=a/{LONG}/b.jsonl"]),
+    (cli.main_train, ["CONFIG", f"training.output_dir={LONG}"]),
+    (cli.main_train, ["CONFIG", f"training.resume={LONG}"]),
+    (cli.main_eval, ["-p", LONG]),
+])
+def test_a_path_too_long_for_the_file_system(capsys, config_file, main, argv):
+    """Found by the slow fuzz (data.path=1...1): os.stat's OSError escaped as a traceback."""
+    argv = ["--config", config_file(), *argv[1:]] if argv[0] == "CONFIG" else argv
+    line = error_line(capsys, main, argv)
+    assert "characters) is too long for this file system: give a shorter path" in line
+    assert len(line) < 200  # the path is shortened in the message
