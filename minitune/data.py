@@ -196,7 +196,7 @@ def _repair_value(value: Any, count: dict[str, int]) -> Any:
 
 
 def _repair_batch(batch: dict[str, list], count: dict[str, int]) -> dict[str, list]:
-    return {column: [_repair_value(v, count) for v in values] for column, values in batch.items()}
+    return {column: [_repair_value(v, count) for v in values] for column, values in _columns(batch).items()}
 
 
 def _repair_rows(rows: datasets.Dataset, count: dict[str, int]) -> datasets.Dataset:
@@ -467,10 +467,23 @@ def stop_token_ids(tokenizer: Any, chat: bool) -> list[int]:
 # tokenization
 
 
+def _columns(batch: dict[str, list]) -> dict[str, list]:
+    """A batch of rows (datasets' lazy batch) as Python lists, one per column.
+
+    Raises:
+        DataError: pyarrow cannot turn a value into Python (a nested object with duplicate keys).
+    """
+    try:
+        return {c: batch[c] for c in batch}  # datasets converts a column when it is read
+    except ValueError as e:
+        raise DataError(f"the data holds values that cannot be read as Python objects ({e}); check the file's "
+                        "nested values (e.g. objects whose keys differ only by invisible characters)") from None
+
+
 def _rows_of(batch: dict[str, list]) -> list[dict[str, Any]]:
-    columns = list(batch)
-    n = len(batch[columns[0]]) if columns else 0
-    return [{c: batch[c][i] for c in columns} for i in range(n)]
+    columns = _columns(batch)
+    n = len(next(iter(columns.values()))) if columns else 0
+    return [{c: values[i] for c, values in columns.items()} for i in range(n)]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

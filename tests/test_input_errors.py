@@ -262,3 +262,15 @@ def test_a_path_too_long_for_the_file_system(capsys, config_file, main, argv):
     line = error_line(capsys, main, argv)
     assert "characters) is too long for this file system: give a shorter path" in line
     assert len(line) < 200  # the path is shortened in the message
+
+
+@pytest.mark.parametrize("fix_text", [False, True])
+def test_nested_keys_pyarrow_cannot_convert(capsys, config_file, tmp_path, fix_text):
+    """Found by the slow fuzz: keys "" and "\\u0000" in one object are duplicate field names to pyarrow,
+    which raised ValueError (a traceback) when the rows were read, with and without data.fix_text."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": {"": null, "\\u0000": null}}\n')
+    line = error_line(capsys, cli.main_train, ["--config", config_file(), f"data.path={path}", "data.prompt='{text}'",
+                                               "data.response=''", "data.validation_fraction=0",
+                                               f"data.fix_text={str(fix_text).lower()}"])
+    assert "cannot be read as Python objects" in line and "duplicate field names" in line
