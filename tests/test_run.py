@@ -53,7 +53,7 @@ def test_tokens_per_s_is_over_training_time_and_evaluation_time_is_reported(tmp_
     monkeypatch.setattr(loop, "evaluate_loss", slow_evaluation)
     result = train(tiny_config("tiny-llama", tmp_path / "run",
                                training={"max_steps": 4, "eval_every": 2, "eval_batches": 1}))
-    assert 300 <= result.eval_seconds < 350  # at steps 2 and 4, and the final one
+    assert 200 <= result.eval_seconds < 250  # at steps 2 and 4 (step 4's is the final one: same weights)
     assert 0 < result.train_seconds < 100
     assert result.tokens_per_s == pytest.approx(result.state.tokens / result.train_seconds)
     summary = capsys.readouterr().out
