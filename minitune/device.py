@@ -221,7 +221,8 @@ def choose_precision(caps: Capabilities, *, full_finetune: bool = False) -> Prec
     elif kind == "cpu" and caps.fast_bf16:
         # bf16 weights: 3.2x fp32's tokens/s on bloom-560m LoRA 8x256 (bench/results/precision-cpu-*).
         # bf16 autocast over fp32 weights was slower than fp32 on the default job; over bf16 weights it
-        # measured faster still once, on a busy machine: to be confirmed quietly before auto takes it.
+        # measured faster once on bloom (busy machine), and within the run-to-run spread on the default
+        # job (quiet: 311 vs 292 tok/s, precision-cpu-2026-12-01-default-chat): not clearly worth it yet.
         half, autocast, why = "bfloat16", "no", "this CPU has AVX512-BF16/AMX: bf16 weights, no autocast"
     else:
         return Precision("float32", "no", "float32", f"{where} has no fast 16-bit matmuls")
