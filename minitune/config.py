@@ -577,18 +577,23 @@ def load_config(
     return cfg
 
 
+def _checked_section(name: str, values: dict[str, Any], check: Any) -> Any:
+    """One section built from a dict of its fields and checked by `check`; raises ConfigError."""
+    problems: list[str] = []
+    section = getattr(_build({name: values}, problems), name)
+    problems += check(section)
+    if problems:
+        raise ConfigError(problems)
+    return section
+
+
 def lora_args(values: dict[str, Any]) -> LoraArgs:
     """A checked :class:`LoraArgs` from a dict of its fields (for `prepare_model` outside a config).
 
     Raises:
         ConfigError: unknown keys (with a suggestion), wrong types, out-of-range values.
     """
-    problems: list[str] = []
-    cfg = _build({"lora": values}, problems)
-    problems += _check_lora(cfg.lora)
-    if problems:
-        raise ConfigError(problems)
-    return cfg.lora
+    return _checked_section("lora", values, _check_lora)
 
 
 def generation_args(values: dict[str, Any]) -> GenerationArgs:
@@ -597,12 +602,7 @@ def generation_args(values: dict[str, Any]) -> GenerationArgs:
     Raises:
         ConfigError: unknown keys, wrong types, out-of-range values.
     """
-    problems: list[str] = []
-    cfg = _build({"generation": values}, problems)
-    problems += _check_generation(cfg.generation)
-    if problems:
-        raise ConfigError(problems)
-    return cfg.generation
+    return _checked_section("generation", values, _check_generation)
 
 
 def validate(cfg: Config) -> Config:
