@@ -207,8 +207,8 @@ def generate(
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=max_length is not None,
                                 max_length=max_length, add_special_tokens=not chat)
                 enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-                stop = _StopStrings(tokenizer, gen.stop, 0 if seq2seq else enc["input_ids"].shape[1])
-                out = model.generate(**enc, **options, stopping_criteria=StoppingCriteriaList([stop] if gen.stop else []))
+                stop = [_StopStrings(tokenizer, gen.stop, 0 if seq2seq else enc["input_ids"].shape[1])] if gen.stop else []
+                out = model.generate(**enc, **options, stopping_criteria=StoppingCriteriaList(stop))
                 new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
                 outputs += [_cut_at(t, gen.stop).strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
                 if on_batch is not None:
