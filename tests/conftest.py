@@ -54,6 +54,22 @@ class VirtualClock:
         self.offset += seconds
 
 
+def slow_evaluations(monkeypatch, seconds: float) -> VirtualClock:
+    """Make every evaluation of minitune.loop "take" `seconds` (virtual); returns the clock."""
+    from minitune import loop
+
+    clock = VirtualClock()
+    monkeypatch.setattr(loop, "time", clock)
+    evaluate = loop.evaluate_loss
+
+    def slow_evaluation(*args, **kwargs):
+        clock.sleep(seconds)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_loss", slow_evaluation)
+    return clock
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """Factory: tiny(preset, **sections) -> config dict writing into a temporary folder."""

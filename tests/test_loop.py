@@ -7,11 +7,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from minitune import loop
 from minitune.build import _reset_single_process_state
 from minitune.loop import LoopArgs, TrainState, count_items, default_loss, evaluate_loss, fit
 
-from .conftest import VirtualClock
+from .conftest import slow_evaluations
 
 
 class TwoLayer(nn.Module):
@@ -168,15 +167,7 @@ def test_step_times_and_tokens_per_s_leave_out_evaluations_and_saves(monkeypatch
     """An evaluation and a save after every step (100 s and 1000 s, virtual) are not training time:
     the logged step time and tokens/s, and state.train_seconds, exclude them; state.eval_seconds
     holds the evaluations."""
-    clock = VirtualClock()
-    monkeypatch.setattr(loop, "time", clock)
-    evaluate = loop.evaluate_loss
-
-    def slow_evaluation(*args, **kwargs):
-        clock.sleep(100)
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "evaluate_loss", slow_evaluation)
+    clock = slow_evaluations(monkeypatch, 100)
 
     def loss_fn(model, batch):  # the batches carry an attention mask, so the loop counts tokens
         return squared_error(model, {k: v for k, v in batch.items() if k != "attention_mask"})

@@ -10,7 +10,7 @@ import pytest
 from minitune import loop
 from minitune.run import TrainResult, train
 
-from .conftest import VirtualClock, tiny_config
+from .conftest import slow_evaluations, tiny_config
 
 
 def _losses(run_dir) -> list[float]:
@@ -42,15 +42,7 @@ def test_pinned_losses(name, tmp_path):
 def test_tokens_per_s_is_over_training_time_and_evaluation_time_is_reported(tmp_path, monkeypatch, capsys):
     """Each evaluation "takes" 100 s (virtual): the summary's and the result's tokens/s leave it out
     (before, the summary divided by a time that included it), and the evaluation time is reported."""
-    clock = VirtualClock()
-    monkeypatch.setattr(loop, "time", clock)
-    evaluate = loop.evaluate_loss
-
-    def slow_evaluation(*args, **kwargs):
-        clock.sleep(100)
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "evaluate_loss", slow_evaluation)
+    slow_evaluations(monkeypatch, 100)
     result = train(tiny_config("tiny-llama", tmp_path / "run",
                                training={"max_steps": 4, "eval_every": 2, "eval_batches": 1}))
     assert 200 <= result.eval_seconds < 250  # at steps 2 and 4 (step 4's is the final one: same weights)
