@@ -243,12 +243,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             with torch.autocast(h.device.type, enabled=False):
                 logits = nn.functional.linear(hc, w, b)
             lf = logits.float()
-            lse = torch.logsumexp(lf, dim=-1)
-            loss += (lse - lf.gather(1, tc.unsqueeze(1)).squeeze(1)).sum()
+            # log-sum-exp in place (torch.logsumexp would allocate a second chunk-sized temporary):
+            # lf becomes exp(logits - max), then softmax, the gradient of the logits (it may be
+            # `logits` itself, which is no longer needed)
+            target = lf.gather(1, tc.unsqueeze(1)).squeeze(1)
+            top = lf.amax(dim=-1, keepdim=True)
+            total = lf.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            loss += (total.log() + top - target.unsqueeze(1)).sum()
             if not (want_h or want_w or want_b):
                 continue
-            # d loss / d logits = softmax(logits) - one_hot(t), built in place in the fp32 logits
-            g = lf.sub_(lse.unsqueeze(1)).exp_()  # lf is no longer needed (it may be `logits` itself)
+            # d loss / d logits = softmax(logits) - one_hot(t)
+            g = lf.div_(total)
             g[torch.arange(g.size(0), device=g.device), tc] -= 1
             gc = g.to(dtype)  # the matmuls run in the dtype the forward matmul ran in
             del logits, lf
