@@ -61,6 +61,7 @@ class Capabilities:
     fused_adamw: bool
     bnb_note: str = ""  # why bitsandbytes cannot run here (empty when it can)
     fast_bf16: bool = False  # bf16 matmuls run faster than fp32 (tensor cores, AVX512-BF16 / AMX)
+    label: str = ""  # how reasons name the device (a planned device that is not this machine's)
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
@@ -213,7 +214,7 @@ def choose_precision(caps: Capabilities, *, full_finetune: bool = False) -> Prec
         The Precision, with the reason for it.
     """
     kind = caps.device.type
-    where = _describe(caps.device)
+    where = caps.label or _describe(caps.device)
     if kind in ("cuda", "mps") and caps.bf16:
         half, autocast, why = "bfloat16", "bf16", f"{where} has bf16"
     elif kind in ("cuda", "mps") and caps.fp16_autocast:
@@ -236,7 +237,7 @@ def choose_precision(caps: Capabilities, *, full_finetune: bool = False) -> Prec
 _HALF = {"bf16": "bfloat16", "fp16": "float16"}  # autocast mode -> its dtype
 
 
-def resolve_precision(cfg: Any, device: torch.device | str) -> tuple[Any, Precision]:
+def resolve_precision(cfg: Any, device: torch.device | str, caps: Capabilities | None = None) -> tuple[Any, Precision]:
     """`cfg` with every 'auto' precision field replaced by `choose_precision`'s value for `device`.
 
     Settings the user gave explicitly are kept; the 4-bit compute dtype follows the 16-bit dtype the
@@ -245,11 +246,12 @@ def resolve_precision(cfg: Any, device: torch.device | str) -> tuple[Any, Precis
     Args:
         cfg: a minitune Config (not modified).
         device: the device the run will use.
+        caps: its capabilities, when it is not this machine's (`minitune.plan` plans for a T4 here).
 
     Returns:
         (resolved copy of cfg, the Precision that was applied, with its reason).
     """
-    auto = choose_precision(capabilities(device), full_finetune=not cfg.lora.enabled)
+    auto = choose_precision(caps or capabilities(device), full_finetune=not cfg.lora.enabled)
     m, t, q = cfg.model, cfg.training, cfg.quantization
     # an 'auto' field never brings a second 16-bit format next to one the user set (config.py
     # refuses bf16 and fp16 together: CPU autocast cannot even promote between them)
