@@ -72,6 +72,20 @@ PRESETS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     ), None),
 }
 
+# hub ids whose shapes a preset reproduces: `minitune plan` uses them when the model is not cached
+HUB_PRESETS = {
+    "google/flan-t5-small": "flan-t5-small", "bigscience/t0_3b": "t0-3b", "facebook/opt-125m": "opt-125m",
+    "bigscience/bloomz-560m": "bloom-560m", "bigscience/bloom-560m": "bloom-560m",
+    "eleutherai/gpt-neo-1.3b": "gpt-neo-1.3b", "eleutherai/gpt-neo-125m": "gpt-neo-125m",
+    "huggingfacetb/smollm2-135m": "smollm2-135m", "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
+}
+
+
+def hub_preset(name_or_path: str) -> str | None:
+    """The preset with the shapes of hub model `name_or_path` (case-insensitive), or None."""
+    return HUB_PRESETS.get(name_or_path.strip().lower())
+
+
 def preset_config(name: str) -> Any:
     """The transformers config object of a preset.
 
