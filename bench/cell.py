@@ -45,10 +45,11 @@ from minitune.config import Config, LoraArgs, ModelArgs, OptimizerArgs, Quantiza
 from minitune.device import optimizer_name_for
 from minitune.lm import model_kind
 from minitune.loop import LoopArgs, fit
-from minitune.losses import live_logit_positions, loss_fn_for
-from minitune.memory import MemoryProfiler, estimate_peak, tensor_breakdown
+from minitune.losses import loss_fn_for
+from minitune.memory import AllocatorTrace, MemoryProfiler, tensor_breakdown
 from minitune.model import load_model
 from minitune.optim import build_optimizer
+from minitune.plan import simulate
 from minitune.presets import preset_config
 from minitune.run import train
 
@@ -150,6 +151,8 @@ def run_cell(spec: dict) -> dict:
     if dev.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(dev)
     profiler = MemoryProfiler(dev, phases_every=1) if s["profile"] else None
+    # CPU: the allocator's own account, from before the model loads (see AllocatorTrace)
+    trace = AllocatorTrace().__enter__() if s["profile"] and dev.type == "cpu" else None
     if profiler is not None:
         profiler.start()
         profiler.phase("start")
@@ -178,11 +181,10 @@ def run_cell(spec: dict) -> dict:
         opt_name = optimizer_name_for(s["optimizer"], dev)
         result.update(trainable_params=report.trainable, total_params=report.total, optimizer_used=opt_name,
                       fp32_cast_mb=report.fp32_cast_bytes / MB, seq2seq=seq2seq)
-        predicted = estimate_peak(bare, optimizer=opt_name, batch_size=s["batch_size"], seq_len=s["seq_len"],
-                                  gradient_checkpointing=s["gradient_checkpointing"],
-                                  mixed_precision=s["mixed_precision"],
-                                  logits_positions=live_logit_positions(bare, s["loss"]))
+        prediction = simulate(bare, cfg, seq_len=s["seq_len"], target_len=s["seq_len"], device_type=dev.type)
+        predicted = {**prediction.breakdown, "total": prediction.total}
         result["predicted"] = predicted
+        result["predicted_phases"] = prediction.phases
         n = s["warmup"] + s["steps"]
         batches = _random_batches(n, bare.config.vocab_size, s["batch_size"], s["seq_len"], seq2seq, dev, s["seed"])
         _trim_heap()
@@ -213,9 +215,14 @@ def run_cell(spec: dict) -> dict:
 
         stage = "train"
         t_fit = time.perf_counter()
-        fit(accelerator, model, optimizer, batches, LoopArgs(max_steps=n, log_every=1), profiler=profiler,
-            on_step=on_step, loss_fn=loss_fn_for(s["loss"]))
+        with trace.window("train") if trace is not None else contextlib.nullcontext():
+            fit(accelerator, model, optimizer, batches, LoopArgs(max_steps=n, log_every=1), profiler=profiler,
+                on_step=on_step, loss_fn=loss_fn_for(s["loss"]))
+        if trace is not None:
+            trace.__exit__(None, None, None)
     except Exception as e:
+        if trace is not None:
+            trace.__exit__(None, None, None)
         if not should_reduce_batch_size(e):
             raise
         result["status"] = "OOM"
@@ -244,14 +251,21 @@ def run_cell(spec: dict) -> dict:
             result["sampler_cost_pct"] = 100 * (time.perf_counter() - t) / 1000 / profiler.sample_interval_s
         baseline = profiler.baseline_bytes
         key = {"cuda": "mem/peak_allocated_mb", "mps": "mem/max_sampled_mb"}.get(profiler.kind, "mem/peak_rss_mb")
-        train_peak = max(r[key] for r in profiler.records if r["step"] >= 1) * MB - baseline
-        train_peak = max(0, int(train_peak))
+        sampled_peak = max(0, int(max(r[key] for r in profiler.records if r["step"] >= 1) * MB - baseline))
+        if trace is not None:  # CPU: the allocator's account; RSS kept alongside
+            train_peak, all_peak = trace.peak("train"), trace.peak()
+            result.update(rss_peak_train_mb=sampled_peak / MB,
+                          rss_peak_all_mb=profiler.peak_bytes(above_baseline=True) / MB)
+            kind = "CPU allocator (torch profiler memory events), held since before loading"
+        else:
+            train_peak, all_peak = sampled_peak, profiler.peak_bytes(above_baseline=True)
+            kind = profiler.summary()["peak_label"] + (" above baseline" if baseline else "")
         breakdown = tensor_breakdown(bare, optimizer, train_peak, assume_grads=True)
         result.update(
-            peak_kind=profiler.summary()["peak_label"] + (" above baseline" if baseline else ""),
+            peak_kind=kind,
             baseline_mb=baseline / MB,
             peak_train_mb=train_peak / MB,
-            peak_all_mb=profiler.peak_bytes(above_baseline=True) / MB,
+            peak_all_mb=all_peak / MB,
             breakdown_mb={k: v / MB for k, v in breakdown.items()},
             records=profiler.records,
             ratio=train_peak / predicted["total"] if predicted["total"] else math.nan,
@@ -267,6 +281,7 @@ def cell_config(s: dict) -> Config:
         lora=LoraArgs(enabled=s["lora"], r=s["lora_r"], alpha=s["lora_alpha"], target_modules=s["target_modules"]),
         optimizer=OptimizerArgs(name=s["optimizer"], lr=2e-4),
         training=TrainingArgs(device=s["device"], mixed_precision=s["mixed_precision"], seed=s["seed"],
+                              batch_size=s["batch_size"], grad_accum=1,
                               gradient_checkpointing=s["gradient_checkpointing"], fp32_norms=s["fp32_norms"],
                               loss=s["loss"]),
     )

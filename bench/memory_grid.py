@@ -50,9 +50,7 @@ from pathlib import Path
 import torch
 
 from minitune.config import LoraArgs, ModelArgs
-from minitune.losses import live_logit_positions
-from minitune.memory import estimate_peak
-from minitune.model import apply_lora, build_from_config, prepare_model, trainable_parameters
+from minitune.model import apply_lora, build_from_config, trainable_parameters
 from minitune.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -355,36 +353,54 @@ def _f(v, fmt: str = ".1f") -> str:
     return "" if v is None or v == "" else format(v, fmt) if isinstance(v, (int, float)) else str(v)
 
 
+def _error(r: dict) -> str:
+    if not r.get("predicted_mb") or not r.get("peak_train_mb"):
+        return ""
+    return f"{100 * (r['predicted_mb'] - r['peak_train_mb']) / r['peak_train_mb']:+.1f}%"
+
+
+def worst_case(data: dict) -> str:
+    """One line: the prediction's largest error over every measured cell (grid and knob rows)."""
+    rows = [r for r in data["rows"] + data.get("knobs", []) if r.get("predicted_mb") and r.get("peak_train_mb")]
+    if not rows:
+        return "Prediction error: no measured cell."
+    worst = max(rows, key=lambda r: abs(r["predicted_mb"] - r["peak_train_mb"]) / r["peak_train_mb"])
+    ratios = [r["peak_train_mb"] / r["predicted_mb"] for r in rows]
+    return (f"**Prediction error over {len(rows)} measured cells (grid and knobs): measured/predicted "
+            f"{min(ratios):.3f} to {max(ratios):.3f}; worst {_error(worst)} "
+            f"({worst['model']} / {worst.get('knob', '') + ' ' if worst.get('knob') else ''}{worst['method']}).**")
+
+
 def markdown(data: dict) -> str:
     lab = data["peak_label"]
     lines = [f"# Memory benchmark: {data['device']}, {data['date']}", "",
              f"Command: `{data['command']}`  ", f"Machine: {data['machine']}  ",
-             f"Peak = **{lab}**; "
-             + ("the baseline is the process RSS after importing torch, transformers, peft and bitsandbytes, "
-                "before the model loads (MemoryProfiler.peak_bytes(above_baseline=True)), taken over the "
-                "training steps (warm-up included; the load is not: a random-init quantized model passes "
-                "through a temporary fp32 copy). Each cell runs with MALLOC_MMAP_THRESHOLD_=131072 so that "
-                "RSS follows live memory, and quantized cells copy the unquantized tensors that the loader leaves "
-                "mapped from the temporary checkpoint file into ordinary memory, releasing that file's pages from "
-                "the RSS (column file_backed_released_mb of the CSV; see bench/README.md)." if data["kind"] == "cpu" and data["malloc"] == "fixed"
-                else "taken over the training steps (warm-up included)."),
+             f"Peak = **{lab}**, over the training steps (warm-up included; loading is recorded apart, "
+             "`peak_all_mb` in the CSV). "
+             + ("On CPU: the bytes PyTorch's CPU allocator holds, from the torch profiler's allocation and release "
+                "events (`minitune.memory.AllocatorTrace`), counted from before the model loads; RSS is in the CSV "
+                "(`rss_peak_train_mb`). Quantized cells copy the unquantized tensors the loader leaves mapped from "
+                "the temporary checkpoint file into allocator memory, as a model loaded from a real file would hold "
+                "them once touched (see bench/README.md)." if data["kind"] == "cpu" else ""),
              f"Each cell: its own process, random token batches, {data['warmup']} warm-up step(s) then "
              f"{data['steps']} timed; step time and tokens/s are means over the timed steps (tokens: inputs, "
              "plus targets for seq2seq); " + ("training.loss=auto, the default: the chunked cross-entropy for every "
              "model here" if data.get("loss", "full") == "auto" else f"training.loss={data.get('loss', 'full')}")
-             + ". Predicted = `estimate_peak`; ratio = measured / predicted. "
+             + ". Predicted = `minitune.plan.simulate` (the same model, optimizer and loss on fake tensors); "
+             "ratio = measured / predicted; error = (predicted - measured) / measured. "
              "Breakdown (`tensor_breakdown` at the peak): frozen weights | trainable weights + gradients | "
              "optimizer state | activations and temporaries (= peak minus the tensors).", ""]
     head = ("| model | method | batch x seq | status | trainable | trainable % | peak MiB | predicted MiB | ratio "
-            "| weights | train+grads | optim | activ. | s/step | tokens/s |")
-    sep = "|" + "---|" * 15
+            "| error | weights | train+grads | optim | activ. | s/step | tokens/s |")
+    sep = "|" + "---|" * 16
     lines += ["## Grid", "", head, sep]
     for r in (r for r in data["rows"] if r["group"] == "grid"):
         lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']}x{r['seq_len']} | {r['status']} | "
                      f"{_f(r.get('trainable_params'), ',d')} | {_f(r.get('trainable_pct'), '.2f')} | "
-                     f"{_f(r.get('peak_train_mb'))} | {_f(r.get('predicted_mb'))} | {_f(r.get('ratio'), '.2f')} | "
-                     f"{_f(r.get('weights_mb'))} | {_f(r.get('trainable_grads_mb'))} | {_f(r.get('optimizer_mb'))} | "
+                     f"{_f(r.get('peak_train_mb'))} | {_f(r.get('predicted_mb'))} | {_f(r.get('ratio'), '.3f')} | "
+                     f"{_error(r)} | {_f(r.get('weights_mb'))} | {_f(r.get('trainable_grads_mb'))} | {_f(r.get('optimizer_mb'))} | "
                      f"{_f(r.get('activations_mb'))} | {_f(r.get('step_s'), '.3f')} | {_f(r.get('tokens_per_s'), '.0f')} |")
+    lines += ["", worst_case(data)]
     notes = [r for r in data["rows"] if r.get("note")]
     for r in notes:
         lines.append(f"\n- {r['model']} / {r['method']}: {r['note']}")
@@ -398,14 +414,14 @@ def markdown(data: dict) -> str:
     if data.get("knobs"):
         lines += ["", f"## One knob at a time ({data['knobs'][0]['model']}, batch {data['knobs'][0]['batch_size']} x "
                   f"seq {data['knobs'][0]['seq_len']})", "",
-                  "| knob | setting | status | peak MiB | predicted MiB | ratio | optim MiB | fp32 cast MiB | s/step | note |",
-                  "|" + "---|" * 10]
+                  "| knob | setting | status | peak MiB | predicted MiB | ratio | error | optim MiB | fp32 cast MiB | s/step | note |",
+                  "|" + "---|" * 11]
         for r in data["knobs"]:
             note = ""
             if r.get("optimizer_used") and r["optimizer_used"] != r.get("optimizer_requested"):
                 note = f"runs {r['optimizer_used']} (paging needs CUDA)"
             lines.append(f"| {r['knob']} | {r['method']} | {r['status']} | {_f(r.get('peak_train_mb'))} | "
-                         f"{_f(r.get('predicted_mb'))} | {_f(r.get('ratio'), '.2f')} | {_f(r.get('optimizer_mb'))} | {_f(r.get('fp32_cast_mb'))} | {_f(r.get('step_s'), '.3f')} | "
+                         f"{_f(r.get('predicted_mb'))} | {_f(r.get('ratio'), '.3f')} | {_error(r)} | {_f(r.get('optimizer_mb'))} | {_f(r.get('fp32_cast_mb'))} | {_f(r.get('step_s'), '.3f')} | "
                          f"{note} |")
     o = data.get("overhead")
     if o:
@@ -478,12 +494,16 @@ def device_info(device: str) -> tuple[str, str, str]:
 
 
 def _predicted_unrun(model: str, b: int, s: int) -> dict:
-    """estimate_peak of full fine-tuning and LoRA for a model that is not run (meta device)."""
+    """Predicted peak (`minitune.plan.simulate`) of full fine-tuning and LoRA for a model that is not run."""
+    sys.path.insert(0, str(CELL.parent))
+    from cell import DEFAULTS, cell_config  # the cells' own settings
+
+    from minitune.plan import predict
+
     out = {}
-    for method, lora in (("full FT", None), ("LoRA", LoraArgs(r=8, alpha=16))):
-        with torch.device("meta"):
-            net, _ = prepare_model(build_from_config(ModelArgs(preset=model)), lora)
-        out[method] = estimate_peak(net, batch_size=b, seq_len=s, logits_positions=live_logit_positions(net, "auto"))["total"]
+    for method, lora in (("full FT", False), ("LoRA", True)):
+        cfg = cell_config({**DEFAULTS, "model": model, "lora": lora, "batch_size": b, "seq_len": s})
+        out[method] = predict(cfg, "cpu", seq_len=s).total
     return out
 
 
@@ -531,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/memory_grid.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                   else sys.argv[1:]))
     runner = Runner(grid, args)
-    peak_label = {"cpu": "peak RSS above baseline", "cuda": "peak allocated"}[kind]
+    peak_label = {"cpu": "peak held by the CPU allocator", "cuda": "peak allocated (max_memory_allocated)"}[kind]
     data: dict = {"device": slug, "machine": machine, "kind": kind, "date": date, "command": command.strip(),
                   "malloc": args.malloc, "loss": args.loss, "peak_label": peak_label, "warmup": grid["warmup"], "steps": grid["steps"],
                   "rows": [], "knobs": []}
