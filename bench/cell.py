@@ -49,7 +49,7 @@ from minitune.losses import loss_fn_for
 from minitune.memory import AllocatorTrace, MemoryProfiler, tensor_breakdown
 from minitune.model import load_model
 from minitune.optim import build_optimizer
-from minitune.plan import simulate
+from minitune.planner import simulate
 from minitune.presets import preset_config
 from minitune.run import train
 

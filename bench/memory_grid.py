@@ -386,7 +386,7 @@ def markdown(data: dict) -> str:
              f"{data['steps']} timed; step time and tokens/s are means over the timed steps (tokens: inputs, "
              "plus targets for seq2seq); " + ("training.loss=auto, the default: the chunked cross-entropy for every "
              "model here" if data.get("loss", "full") == "auto" else f"training.loss={data.get('loss', 'full')}")
-             + ". Predicted = `minitune.plan.simulate` (the same model, optimizer and loss on fake tensors); "
+             + ". Predicted = `minitune.planner.simulate` (the same model, optimizer and loss on fake tensors); "
              "ratio = measured / predicted; error = (predicted - measured) / measured. "
              "Breakdown (`tensor_breakdown` at the peak): frozen weights | trainable weights + gradients | "
              "optimizer state | activations and temporaries (= peak minus the tensors).", ""]
@@ -494,11 +494,11 @@ def device_info(device: str) -> tuple[str, str, str]:
 
 
 def _predicted_unrun(model: str, b: int, s: int) -> dict:
-    """Predicted peak (`minitune.plan.simulate`) of full fine-tuning and LoRA for a model that is not run."""
+    """Predicted peak (`minitune.planner.simulate`) of full fine-tuning and LoRA for a model that is not run."""
     sys.path.insert(0, str(CELL.parent))
     from cell import DEFAULTS, cell_config  # the cells' own settings
 
-    from minitune.plan import predict
+    from minitune.planner import predict
 
     out = {}
     for method, lora in (("full FT", False), ("LoRA", True)):

@@ -246,7 +246,7 @@ def resolve_precision(cfg: Any, device: torch.device | str, caps: Capabilities |
     Args:
         cfg: a minitune Config (not modified).
         device: the device the run will use.
-        caps: its capabilities, when it is not this machine's (`minitune.plan` plans for a T4 here).
+        caps: its capabilities, when it is not this machine's (`minitune.planner` plans for a T4 here).
 
     Returns:
         (resolved copy of cfg, the Precision that was applied, with its reason).

@@ -49,12 +49,13 @@ from .lm import model_kind
 from .losses import auto_chunk_size, loss_fn_for
 from .memory import format_bytes
 
-__all__ = ["DEVICES", "Plan", "Prediction", "Target", "format_plan", "plan", "predict", "simulate", "target"]
+__all__ = ["DEVICES", "MicroBatch", "Plan", "Prediction", "Target", "format_plan", "plan", "predict", "simulate",
+           "target", "worst_case_steps"]
 
 GiB = 2**30
 MiB = 2**20
 
-ROLES = ("adapters", "gradients", "optimizer_state", "activations", "logits/loss", "temporaries")
+ROLES = ("adapters", "trainable weights", "gradients", "optimizer_state", "activations", "logits/loss", "temporaries")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ DEVICES = (*_CUDA, *_APPLE, "cpu", "mps")
 def _cuda_caps(name: str, bf16: bool) -> Capabilities:
     return Capabilities(torch.device("cuda"), bf16=bf16, fp16_autocast=True, bnb_layers=True, bnb_optimizers=True,
                         paged_optimizers=True, fused_adamw=True, fast_bf16=bf16,
-                        label=f"a {name} ({'bf16' if bf16 else 'no bf16'})")
+                        label=f"a {name}")
 
 
 def _apple_caps(name: str) -> Capabilities:
@@ -130,8 +131,8 @@ def target(name: str, budget: int | None = None) -> Target:
                    f"unified memory: Metal's recommended working set, about {share:.0%} of {_APPLE[key]} GB")
     elif key == "mps":
         if not torch.backends.mps.is_available():
-            raise ConfigError("--device mps: this machine has no MPS device; name an Apple model instead "
-                              f"({', '.join(_APPLE)}) or give --budget")
+            raise ConfigError(["--device mps: this machine has no MPS device; name an Apple model instead "
+                               f"({', '.join(_APPLE)}) or give --budget"])
         total = int(torch.mps.recommended_max_memory())
         t = Target("mps", "mps", total, total, capabilities("mps"),
                    "this Mac: torch.mps.recommended_max_memory()")
@@ -139,7 +140,7 @@ def target(name: str, budget: int | None = None) -> Target:
         total, available = _cpu_memory()
         t = Target("cpu", "cpu", total, available, capabilities("cpu"), "this machine: RAM available now")
     else:
-        raise ConfigError(f"unknown device '{name}': choose one of {', '.join(DEVICES)}, or give --budget (e.g. 12GiB)")
+        raise ConfigError([f"unknown device '{name}': choose one of {', '.join(DEVICES)}, or give --budget (e.g. 12GiB)"])
     if budget is not None:
         t = dataclasses.replace(t, budget=budget, note=f"--budget {format_bytes(budget)}")
     return t
@@ -159,7 +160,7 @@ def parse_size(text: str) -> int:
     m = _SIZE.match(str(text))
     unit = (m.group(2) or "").lower() if m else None
     if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ConfigError(f"--budget '{text}' is not a memory size: write it like 12GiB, 16GB or 800MiB")
+        raise ConfigError([f"--budget '{text}' is not a memory size: write it like 12GiB, 16GB or 800MiB"])
     return int(float(m.group(1)) * _UNITS[unit])
 
 
@@ -172,13 +173,14 @@ class _Ledger(TorchDispatchMode):
 
     Storages are keyed weakly: a storage leaves the count when torch frees it. `granule` rounds each
     allocation up (512 bytes: the CUDA caching allocator's smallest block). Two operations have
-    data-dependent results and are answered without data: `nonzero` (every position is a target)
-    and reading a scalar (`.item()`: True for booleans, so masks are taken as all ones, 1 otherwise).
+    data-dependent results and are answered without data: `nonzero` (the micro-batch's number of
+    target positions, given in `targets`; every position when unknown) and reading a scalar (`.item()`: True for booleans, so masks are taken as all ones, 1 otherwise).
     """
 
     def __init__(self, granule: int = 1, *, fake: bool = True) -> None:
         super().__init__()
         self.granule, self.fake = granule, fake
+        self.targets: int | None = None  # positions with a target in the current micro-batch (None: all)
         self.role = "activations"
         self.phase = "setup"
         self.live = 0
@@ -224,8 +226,10 @@ class _Ledger(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if self.fake and func is torch.ops.aten.nonzero.default:
-            x = args[0]
-            out = torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
+            x = args[0]  # the loss's selection of target positions: this micro-batch's count, once
+            n = x.numel() if self.targets is None else min(x.numel(), self.targets)
+            self.targets = None
+            out = torch.empty((n, x.dim()), dtype=torch.long, device=x.device)
         elif self.fake and func is torch.ops.aten._local_scalar_dense.default:
             return True if args[0].dtype == torch.bool else 1
         else:
@@ -424,6 +428,40 @@ def _accelerate_forward(model: nn.Module, mixed_precision: str, device_type: str
 # the simulation
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """The shape of one micro-batch, as the collator makes it."""
+
+    batch_size: int
+    seq_len: int  # input tokens (padded)
+    target_len: int | None = None  # seq2seq: target tokens (padded)
+    targets: int | None = None  # positions that carry a target (None: every one)
+
+    @classmethod
+    def of(cls, batch: dict, kind: str) -> MicroBatch:
+        """The shape of a real collated batch (`kind`: 'causal' or 'seq2seq')."""
+        from .lm import shift_targets
+
+        ids, labels = batch["input_ids"], batch.get("labels")
+        targets = int((shift_targets(labels, kind) != -100).sum()) if labels is not None else None
+        return cls(int(ids.shape[0]), int(ids.shape[1]),
+                   int(labels.shape[1]) if kind == "seq2seq" and labels is not None else None, targets)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * (self.seq_len + (self.target_len or 0))
+
+
+def worst_case_steps(cfg: Config, seq_len: int | None = None, target_len: int | None = None,
+                     seq2seq: bool = False) -> list[list[MicroBatch]]:
+    """Two optimizer steps of micro-batches padded to `seq_len` (default data.max_length), every
+    position a target: the most a batch of this config can need. With accumulation, two
+    micro-batches per step: the second runs with the first one's gradients alive."""
+    mb = MicroBatch(cfg.training.batch_size, seq_len or cfg.data.max_length,
+                    (target_len or cfg.data.max_target_length) if seq2seq else None)
+    return [[mb] * max(1, min(cfg.training.grad_accum, 2)) for _ in range(2)]
+
+
 @dataclass
 class Prediction:
     """Predicted peak of a training run's tensors (bytes)."""
@@ -432,52 +470,53 @@ class Prediction:
     peak_phase: str  # 'forward', 'backward' or 'optimizer'
     breakdown: dict[str, int]  # at the peak: weights/<dtype>, adapters, gradients, optimizer_state, activations, ...
     phases: dict[str, int]  # the highest value reached in each phase
-    shape: dict[str, Any]  # what was simulated: batch, tokens, targets, precision, optimizer
+    shape: dict[str, Any]  # what was simulated: the largest micro-batch, accumulation, precision, optimizer
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def simulate(model: nn.Module, cfg: Config, *, seq_len: int | None = None, target_len: int | None = None,
-             device_type: str = "cpu") -> Prediction:
-    """Run two optimizer steps of `cfg`'s training on a fake copy of `model` and return the peak.
+def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | None = None,
+             seq_len: int | None = None, target_len: int | None = None, device_type: str = "cpu") -> Prediction:
+    """Run optimizer steps of `cfg`'s training on a fake copy of `model` and return the peak.
 
     Args:
         model: the prepared model (quantized, LoRA-wrapped or not): real weights or the meta device.
-        cfg: a resolved config (no 'auto' precision): batch size, accumulation, mixed precision,
-            loss, optimizer, gradient clipping.
-        seq_len: tokens per example (default: data.max_length; every example padded to it).
-        target_len: seq2seq target tokens (default: data.max_target_length).
+        cfg: a resolved config (no 'auto' precision): accumulation, mixed precision, loss,
+            optimizer, gradient clipping, and the batch size when `steps` is not given.
+        steps: the micro-batches of each optimizer step (default: `worst_case_steps`).
+        seq_len: for the default steps: tokens per example (default: data.max_length).
+        target_len: for the default steps: seq2seq target tokens (default: data.max_target_length).
         device_type: the device the run uses ('cuda' rounds allocations to 512 bytes and uses
             torch's for-each optimizer kernels).
 
     Returns:
-        The Prediction. Every position is taken to be a target (the logits of every position are
-        computed): the most a batch of this shape can need.
+        The Prediction.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     t = cfg.training
-    seq_len = seq_len or cfg.data.max_length
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = _fake_copy(model, mode).train()  # as the loop trains: dropout on
     inner = fake.get_base_model() if hasattr(fake, "get_base_model") else fake
     config = inner.config
     seq2seq = model_kind(config) == "seq2seq"
-    target_len = target_len or (cfg.data.max_target_length if seq2seq else seq_len)
+    steps = steps or worst_case_steps(cfg, seq_len, target_len, seq2seq)
     loss_fn = loss_fn_for(t.loss, t.loss_chunk_size)
-    micro = max(1, min(t.grad_accum, 2))  # the second micro-batch runs with the first one's gradients alive
     ledger = _Ledger(granule=512 if device_type == "cuda" else 1)
     params = [p for p in fake.parameters() if p.requires_grad]
     with mode:
         optimizer = _optimizer(fake, cfg, device_type)
         _accelerate_forward(fake, t.mixed_precision, "cpu")
         seen: set[int] = set()
+        quant = {id(m.quant_state) for m in fake.modules() if isinstance(m, _QuantizedLinear)}
+        trainable = "adapters" if hasattr(fake, "peft_config") else "trainable weights"
         for p in itertools.chain(fake.parameters(), fake.buffers()):
             if id(p) not in seen:
                 seen.add(id(p))
-                ledger.count(p, "adapters" if getattr(p, "requires_grad", False) else f"weights/{p.dtype}".replace(
-                    "torch.", ""))
+                role = ("weights/quantization state" if id(p) in quant else trainable if p.requires_grad
+                        else "weights/" + str(p.dtype).removeprefix("torch."))
+                ledger.count(p, role)
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: ledger.relabel(p.grad, "gradients"))
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
@@ -488,17 +527,17 @@ def simulate(model: nn.Module, cfg: Config, *, seq_len: int | None = None, targe
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16 if t.mixed_precision == "bf16" else torch.float16)
                     if t.mixed_precision in ("bf16", "fp16") else contextlib.nullcontext())
         with ledger:
-            for _step in range(2):
-                for _ in range(micro):
-                    ids = torch.randint(0, vocab, (t.batch_size, seq_len))
-                    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                             "labels": torch.randint(0, vocab, (t.batch_size, target_len)) if seq2seq else ids.clone()}
-                    ledger.phase, ledger.role = "forward", "activations"
+            for step in steps:
+                for mb in step:
+                    ids = torch.randint(0, vocab, (mb.batch_size, mb.seq_len))
+                    labels = torch.randint(0, vocab, (mb.batch_size, mb.target_len or mb.seq_len))
+                    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+                    ledger.phase, ledger.role, ledger.targets = "forward", "activations", mb.targets
                     with autocast:
                         loss, _ = loss_fn(fake, batch)
                     ledger.phase, ledger.role = "backward", "temporaries"
                     loss.backward()
-                    del loss, batch, ids
+                    del loss, batch, ids, labels
                 ledger.phase = "optimizer"
                 # the loop always computes the norm (to log it); it clips only when max_grad_norm > 0
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf,
@@ -512,9 +551,11 @@ def simulate(model: nn.Module, cfg: Config, *, seq_len: int | None = None, targe
         for h in hooks:
             h.remove()
     breakdown = {k: v for k, v in ledger.peak_roles.items() if v or not k.startswith("weights/")}
-    shape = {"batch_size": t.batch_size, "seq_len": seq_len, "target_len": target_len if seq2seq else None,
-             "grad_accum": t.grad_accum, "targets": "every position", "mixed_precision": t.mixed_precision,
-             "optimizer": type(optimizer).__name__ if not isinstance(optimizer, _Bnb8bitState) else cfg.optimizer.name}
+    largest = max((mb for step in steps for mb in step), key=lambda mb: (mb.tokens, mb.targets or 0))
+    shape = {"batch_size": largest.batch_size, "seq_len": largest.seq_len, "target_len": largest.target_len,
+             "targets": largest.targets if largest.targets is not None else "every position",
+             "grad_accum": t.grad_accum, "mixed_precision": t.mixed_precision,
+             "optimizer": cfg.optimizer.name if isinstance(optimizer, _Bnb8bitState) else type(optimizer).__name__}
     return Prediction(ledger.peak, ledger.peak_phase, _ordered(breakdown),
                       {k: v for k, v in ledger.phase_peaks.items() if k != "setup"}, shape)
 
@@ -590,10 +631,10 @@ def _candidates(cfg: Config, caps: Capabilities, vocab: int) -> list[tuple[str, 
             what = f"micro-batch {b} x accumulation {over['training.grad_accum']} (same tokens per step)"
         elif key == "chunk" and t.loss in ("auto", "chunked"):
             current = min(t.loss_chunk_size or auto_chunk_size(vocab), t.batch_size * cfg.data.max_length)
-            if current <= 256:
+            if current <= 64:
                 continue
-            over = {"training.loss_chunk_size": max(256, current // 4)}
-            what = f"loss chunks of {max(256, current // 4)} positions"
+            over = {"training.loss_chunk_size": max(64, current // 4)}
+            what = f"loss chunks of {max(64, current // 4)} positions"
         elif key == "optimizer8" and "8bit" not in cfg.optimizer.name and caps.bnb_optimizers:
             over, what = {"optimizer.name": "adamw8bit"}, "8-bit AdamW (bitsandbytes)"
         elif key == "checkpointing" and not t.gradient_checkpointing:
@@ -682,23 +723,41 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         peak = simulate(m, changed, device_type=tg.kind).total
         tried.append(Suggestion(what, over, peak, peak <= tg.budget, cost, changes))
     fitting = sorted((s for s in tried if s.fits), key=lambda s: (s.changes_result, s.speed))
-    if not fitting:  # no single change is enough: apply the ones that lower the peak, cheapest first, until it fits
-        combined: dict[str, Any] = {}
-        useful = sorted((s for s in tried if s.peak < prediction.total), key=lambda s: (s.changes_result, s.speed))
-        speed, changes, whats = 1.0, False, []
-        for s in useful:
-            combined.update(s.overrides)
-            speed, changes = speed * s.speed, changes or s.changes_result
-            whats.append(s.what)
-            changed = _with(resolved, combined)
-            peak = simulate(meta_model(changed)[0], changed, device_type=tg.kind).total
-            if peak <= tg.budget:
-                fitting = [Suggestion(" + ".join(whats), dict(combined), peak, True, round(speed, 2), changes)]
-                break
+    if not fitting:
+        combo = _combination(resolved, tg, [s for s in tried if s.peak < prediction.total])
+        if combo is not None:
+            fitting = [combo]
         else:
             result.notes.append("no combination of the changes below fits: choose a smaller model or a larger device")
     result.suggestions = fitting + sorted((s for s in tried if not s.fits), key=lambda s: s.peak)
     return result
+
+
+def _combination(cfg: Config, tg: Target, useful: list[Suggestion]) -> Suggestion | None:
+    """No single change fits: add the changes that lower the peak, cheapest first, until it fits;
+    then drop, most expensive first, every one it still fits without."""
+
+    def peak_of(chosen: list[Suggestion]) -> int:
+        changed = _with(cfg, {k: v for s in chosen for k, v in s.overrides.items()})
+        return simulate(meta_model(changed)[0], changed, device_type=tg.kind).total
+
+    chosen: list[Suggestion] = []
+    peak = None
+    for s in sorted(useful, key=lambda s: (s.changes_result, s.speed)):
+        chosen.append(s)
+        peak = peak_of(chosen)
+        if peak <= tg.budget:
+            break
+    else:
+        return None
+    for s in sorted(chosen[:-1], key=lambda s: (not s.changes_result, -s.speed)):
+        rest = [c for c in chosen if c is not s]
+        without = peak_of(rest)
+        if without <= tg.budget:
+            chosen, peak = rest, without
+    speed = math.prod(s.speed for s in chosen)
+    return Suggestion(" + ".join(s.what for s in chosen), {k: v for s in chosen for k, v in s.overrides.items()},
+                      peak, True, round(speed, 2), any(s.changes_result for s in chosen))
 
 
 def format_plan(p: Plan, command: str = "") -> str:
@@ -709,7 +768,8 @@ def format_plan(p: Plan, command: str = "") -> str:
     s = pred.shape
     lines.append(f"shape: micro-batch {s['batch_size']} x {s['seq_len']} tokens"
                  + (f" -> {s['target_len']} target tokens" if s.get("target_len") else "")
-                 + f", accumulation {s['grad_accum']}, every position a target; optimizer {s['optimizer']}")
+                 + f", accumulation {s['grad_accum']}, every position a target (the most a batch can need); "
+                 f"optimizer {s['optimizer']}")
     lines.append("")
     lines.append(f"predicted peak  {format_bytes(pred.total):>11}   (in the {pred.peak_phase} pass)")
     for role, value in pred.breakdown.items():
