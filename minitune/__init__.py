@@ -13,7 +13,8 @@ peft, bitsandbytes and datasets load only when a function that needs them is fir
     prepare_model(model, lora)          freeze, fp32 norms, checkpointing and LoRA, for any loop
     load_model, load_tokenizer          models and tokenizers as a config's model section names them
     MemoryProfiler                      per-step memory records for any PyTorch loop
-    tensor_breakdown, estimate_peak     where the memory goes, measured from tensors and predicted
+    tensor_breakdown, AllocatorTrace    where the memory goes: tensors by role, the CPU allocator exactly
+    plan, simulate                      will it fit? the peak of a config or a model, predicted on fake tensors
     load_config, Config, LoraArgs       typed configuration
 
 See README.md, "Using minitune from Python", and examples/.
@@ -46,7 +47,9 @@ _EXPORTS = {
     "load_model": "model",
     "load_tokenizer": "model",
     "MemoryProfiler": "memory",
-    "estimate_peak": "memory",
+    "AllocatorTrace": "memory",
+    "plan": "planner",
+    "simulate": "planner",
     "tensor_breakdown": "memory",
 }
 
@@ -61,7 +64,9 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "__version__",
-    "estimate_peak",
+    "AllocatorTrace",
+    "plan",
+    "simulate",
     "find_latest",
     "fit",
     "load_checkpoint",
@@ -92,7 +97,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import find_latest, load_checkpoint, save_checkpoint
     from .config import Config, ConfigError, LoraArgs, load_config
     from .loop import LoopArgs, TrainState, fit
-    from .memory import MemoryProfiler, estimate_peak, tensor_breakdown
+    from .memory import AllocatorTrace, MemoryProfiler, tensor_breakdown
     from .model import PreparationReport, load_model, load_tokenizer, prepare_model
+    from .planner import plan, simulate
     from .report import RunLogger
     from .run import TrainResult, train

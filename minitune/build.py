@@ -10,11 +10,13 @@ tokenizer -> data -> model.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,13 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, yaml_load
 from .data import DataBundle, build_data, make_dataloader
+from .lm import model_kind
 from .loop import LoopArgs, LossFn, TrainState
-from .losses import live_logit_positions, loss_fn_for
-from .memory import MemoryProfiler, estimate_peak, format_bytes
+from .losses import loss_fn_for
+from .memory import MB, MemoryProfiler, format_bytes
 from .model import PreparationReport, load_model, load_tokenizer, prepare_model, resolve_kind
 from .optim import build_optimizer, build_scheduler
+from .planner import MicroBatch, Prediction, simulate
 from .report import RunLogger
 
 __all__ = ["DeviceChoice", "Parts", "RunError", "loop_args", "setup", "setup_accelerator", "setup_data",
@@ -81,7 +85,8 @@ class Parts:
     logger: RunLogger
     loss_fn: LossFn
     prep: PreparationReport
-    predicted: dict[str, Any]  # estimate_peak's prediction
+    predicted: Prediction | None  # the predicted peak of the first steps (None: the planner could not simulate this model)
+    predicted_most: Prediction | None  # ... of the longest example, every position a target
     total_steps: int
     out: Path
     resume_from: Path | None
@@ -126,11 +131,12 @@ def setup(cfg: Config) -> Parts:
     data = setup_data(cfg, tokenizer)
     profiler = None  # logging.memory=false: no sampler, no records, no measured peak (the prediction stays)
     if cfg.logging.memory:
-        profiler = MemoryProfiler(accelerator.device,
+        profiler = MemoryProfiler(accelerator.device, window_steps=TRACE_STEPS,
                                   phases_every=cfg.logging.memory_phases_every or cfg.logging.log_every).start()
         profiler.phase("start")
     try:  # a failure from here on (bad weights, a checkpoint that does not fit) stops the sampler thread
         model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
+        predicted, predicted_most = predict_run(cfg, model, data, accelerator.device)
         if t.compile:
             model = torch.compile(model)
 
@@ -141,6 +147,8 @@ def setup(cfg: Config) -> Parts:
             eval_loader = make_dataloader(data.validation, data.collator, batch_size=t.batch_size, shuffle=False,
                                           seed=t.seed, num_workers=cfg.data.num_workers)
         optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
+        if profiler is not None:  # the window the prediction is compared with: the first TRACE_STEPS steps
+            optimizer.register_step_post_hook(lambda *_: profiler.optimizer_stepped())
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         if eval_loader is not None:
             eval_loader = accelerator.prepare(eval_loader)
@@ -155,18 +163,16 @@ def setup(cfg: Config) -> Parts:
             cfg.save(out / "config.yaml")
         if cfg.logging.trackers:
             accelerator.init_trackers("minitune", config=_flat(cfg.to_dict()))
-        predicted = estimate_peak(accelerator.unwrap_model(model),
-                                  optimizer=dev.optimizer_name_for(cfg.optimizer.name, accelerator.device),
-                                  batch_size=t.batch_size, seq_len=cfg.data.max_length,
-                                  gradient_checkpointing=t.gradient_checkpointing, mixed_precision=t.mixed_precision,
-                                  logits_positions=live_logit_positions(model, t.loss, t.loss_chunk_size))
         logger = RunLogger(accelerator, out if cfg.logging.jsonl else None, total_steps, progress=cfg.logging.progress,
                            initial_step=state.step, trackers=bool(cfg.logging.trackers), append=resume_from is not None,
                            first_record={"precision": dataclasses.asdict(where.precision)})
         parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
-                      logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, total_steps, out, resume_from,
+                      logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, predicted_most, total_steps, out,
+                      resume_from,
                       state)
         _startup_lines(parts)
+        if profiler is not None:
+            profiler.training_starts()  # what loading held is recorded apart from the training peak
         if resume_from is not None:
             restore_rng(resume_from, accelerator=accelerator)  # last, so nothing above draws from it
     except BaseException:
@@ -174,6 +180,53 @@ def setup(cfg: Config) -> Parts:
             profiler.stop()
         raise
     return parts
+
+
+# The measured training peak that the prediction is compared with covers this many optimizer
+# steps; on CPU the allocator is traced over loading and these steps (exact bytes; the profiler
+# behind the trace costs a few % of those steps' time)
+TRACE_STEPS = 2
+
+
+def predict_run(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> tuple[Any, Any]:
+    """The run's predicted training peaks (`minitune.planner.simulate` on a fake copy of `model`):
+    for the micro-batches of its first TRACE_STEPS steps (what the CPU allocator trace measures:
+    the summary compares the two), and for micro-batches padded to the longest training example
+    with every position a target (the most any step of this data can need).
+
+    Returns:
+        (first steps, most), each None, with a warning, when the model cannot be simulated (a
+        custom architecture whose code reads tensor values): the run goes on without a prediction.
+    """
+    kind = model_kind(model)
+    try:
+        first = simulate(model, cfg, steps=_first_steps(cfg, data, kind), device_type=device.type)
+        target_len = None
+        if kind == "seq2seq" and "labels" in data.train.column_names:
+            target_len = max((len(x) for x in data.train["labels"]), default=0) or None
+        longest = min(int(data.stats.get("longest") or cfg.data.max_length), cfg.data.max_length)
+        most = simulate(model, cfg, seq_len=longest, target_len=target_len, device_type=device.type)
+    except Exception as e:  # the planner must never stop a run: say why there is no prediction
+        warnings.warn(f"no memory prediction for this model ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''})", stacklevel=2)
+        return None, None
+    return first, most
+
+
+def _first_steps(cfg: Config, data: DataBundle, kind: str) -> list[list[MicroBatch]]:
+    """The micro-batches of the run's first TRACE_STEPS optimizer steps, from a fresh loader with the
+    run's seeded order (no workers; the run's own loader is untouched). Per step the first
+    micro-batch (it creates the gradients) and, with accumulation, the largest of the others."""
+    one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0))
+    batches = iter(train_loader(one, data))
+    steps = []
+    for _ in range(TRACE_STEPS):
+        window = [MicroBatch.of(b, kind) for b in itertools.islice(batches, cfg.training.grad_accum)]
+        if not window:
+            break
+        rest = window[1:]
+        steps.append(window[:1] + ([max(rest, key=lambda mb: (mb.tokens, mb.targets or 0))] if rest else []))
+    return steps
 
 
 def setup_device(cfg: Config) -> tuple[Config, DeviceChoice]:
@@ -346,8 +399,12 @@ def _startup_lines(parts: Parts) -> None:
                     f"{len(prep.fp32_cast_modules)} modules, +{format_bytes(prep.fp32_cast_bytes)}")
     n_val = len(parts.data.validation) if parts.data.validation is not None else 0
     log.message(f"data: {len(parts.data.train):,d} train / {n_val:,d} validation examples; {parts.total_steps} "
-                f"optimizer steps of {t.batch_size}x{t.grad_accum}x{parts.accelerator.num_processes} examples; "
-                f"predicted peak {format_bytes(parts.predicted['total'])}")
+                f"optimizer steps of {t.batch_size}x{t.grad_accum}x{parts.accelerator.num_processes} examples")
+    p = parts.predicted_most
+    if p is not None:
+        log.message(f"predicted peak {format_bytes(p.total)} at most (micro-batches of {p.shape['batch_size']} x "
+                    f"{p.shape['seq_len']} tokens, the longest example, every position a target): "
+                    + ", ".join(f"{k} {format_bytes(v)}" for k, v in p.breakdown.items() if v >= MB))
 
 
 def _total_steps(cfg: Config, batches_per_epoch: int) -> int:

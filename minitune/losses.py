@@ -30,8 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .lm import model_kind, shift_targets, unwrap
 from .loop import LossFn, count_items, decoder_inputs, default_loss
 
-__all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "linear_cross_entropy", "live_logit_positions",
-           "loss_fn_for"]
+__all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "linear_cross_entropy", "loss_fn_for"]
 
 LOSSES = ("auto", "full", "chunked")
 
@@ -79,15 +78,6 @@ def _not_chunkable(inner: nn.Module) -> str:
     if inner.get_output_embeddings() is None:
         return f"{type(inner).__name__} has no output embeddings"
     return ""
-
-
-def live_logit_positions(model: nn.Module, name: str, chunk_size: int = 0) -> int | None:
-    """How many positions' logits the loss `name` keeps alive at once on `model` (for
-    `memory.estimate_peak`): None for the full loss (all of them), the chunk size for the chunked one."""
-    inner = unwrap(model)
-    if name == "full" or _not_chunkable(inner):
-        return None
-    return chunk_size or auto_chunk_size(getattr(inner.config, "vocab_size", 0) or 1)
 
 
 def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

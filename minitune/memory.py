@@ -35,9 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lm import model_kind
-
-__all__ = ["AllocatorTrace", "MemoryProfiler", "estimate_peak", "format_bytes", "tensor_breakdown"]
+__all__ = ["AllocatorTrace", "MemoryProfiler", "format_bytes", "tensor_breakdown"]
 
 MB = 2**20
 
@@ -109,8 +107,20 @@ class MemoryProfiler:
         phases_every: record in-step phases (forward/backward/optimizer) every N steps; 0 = never.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", *, sample_interval_s: float = 0.01, phases_every: int = 0):
+    def __init__(self, device: torch.device | str = "cpu", *, sample_interval_s: float = 0.01, phases_every: int = 0,
+                 window_steps: int = 0):
         self.device = torch.device(device)
+        # the training peak is measured over optimizer steps 1..window_steps (0: over every step);
+        # on CPU an AllocatorTrace runs from start() to the end of that window, so that the peak is
+        # the allocator's exact account rather than sampled RSS
+        self.window_steps = window_steps
+        self.window_peak: int | None = None
+        self._steps_seen = 0
+        self._trace: AllocatorTrace | None = None
+        self._trace_window: Any = None
+        self.trace_peaks: dict[str, int] = {}  # 'load' (start to training) and 'train' (the traced steps)
+        self._train_records_from = 0  # records before this index cover loading, not training
+        self._load_window: Any = None
         self.kind = self.device.type if self.device.type in ("cuda", "mps") else "cpu"
         self.sample_interval_s = sample_interval_s
         self.phases_every = phases_every
@@ -128,6 +138,10 @@ class MemoryProfiler:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> MemoryProfiler:
         """Start the sampler thread (CPU and MPS; CUDA has a hardware-backed peak counter)."""
+        if self.window_steps and self.kind == "cpu" and self._trace is None:
+            self._trace = AllocatorTrace().__enter__()
+            self._load_window = self._trace.window("load")
+            self._load_window.__enter__()
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self._thread is None:
@@ -139,8 +153,65 @@ class MemoryProfiler:
             self._thread.start()
         return self
 
+    def training_starts(self) -> None:
+        """Mark the end of loading: the peak so far is the load's, later ones are the training's."""
+        self.step(0)
+        self._train_records_from = len(self.records)
+        if self._trace is not None and self._trace_window is None:
+            self._load_window.__exit__(None, None, None)
+            self._trace_window = self._trace.window("train")
+            self._trace_window.__enter__()
+
+    def _end_trace(self) -> None:
+        if self._trace is None:
+            return
+        open_window = self._trace_window if self._trace_window is not None else self._load_window
+        if open_window is not None:
+            open_window.__exit__(None, None, None)
+        self._trace.__exit__(None, None, None)
+        if self._trace_window is not None:
+            self.trace_peaks = {"load": self._trace.peak("load"), "train": self._trace.peak("train")}
+        self._trace = self._trace_window = self._load_window = None
+
+    def optimizer_stepped(self) -> None:
+        """Count an optimizer step (a `register_step_post_hook` on the optimizer calls it); the
+        measurement window closes after step `window_steps`."""
+        self._steps_seen += 1
+        if self._steps_seen == self.window_steps:
+            self._close_window()
+
+    def _close_window(self) -> None:
+        key = {"cuda": "mem/peak_allocated_mb", "mps": "mem/max_sampled_mb"}.get(self.kind)
+        if key is None:  # CPU: the allocator trace
+            self._end_trace()
+            self.window_peak = self.trace_peaks.get("train")
+            return
+        recorded = [int(r[key] * MB) for r in self.records[self._train_records_from:] if key in r]
+        if self.kind == "cuda":
+            now = torch.cuda.max_memory_allocated(self.device)
+        else:
+            with self._lock:
+                now = max(self._max_sampled, self._current())
+        self.window_peak = max([now, *recorded])
+
+    def training_peak(self) -> tuple[int, str]:
+        """(bytes, what they are) of the training steps: over steps 1..window_steps when that window
+        closed (the CPU allocator's account on CPU), else over every recorded step (RSS above the
+        baseline on CPU)."""
+        label = {"cuda": "peak allocated", "mps": "max sampled current allocation",
+                 "cpu": "held by the CPU allocator"}[self.kind]
+        if self.window_peak is not None:
+            return self.window_peak, f"{label}, steps 1-{self.window_steps}"
+        key = {"cuda": "mem/peak_allocated_mb", "mps": "mem/max_sampled_mb"}.get(self.kind, "mem/peak_rss_mb")
+        steps = [r[key] for r in self.records[self._train_records_from:] if key in r]
+        peak = int(max(steps) * MB) if steps else self.peak_bytes()
+        if self.kind == "cpu":
+            return max(0, peak - self.baseline_bytes), "RSS above the process baseline, every step"
+        return peak, f"{label}, every step"
+
     def stop(self) -> None:
-        """Stop the sampler thread."""
+        """Stop the sampler thread (and an allocator trace still running)."""
+        self._end_trace()
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=1.0)
@@ -234,6 +305,7 @@ class MemoryProfiler:
             "step_means": means,
             "phases": self.phases,
             "breakdown": self.breakdown,
+            "trace_peaks_mb": {k: v / MB for k, v in self.trace_peaks.items()},
             "records": self.records,
         }
 
@@ -282,10 +354,14 @@ class AllocatorTrace:
     def __init__(self) -> None:
         self._prof: Any = None
         self._windows: dict[str, list[tuple[int, int]]] = {}
-        self._events: list[tuple[int, int]] = []  # (time ns, +/- bytes)
+        self._events: list[tuple[int, int]] = []  # (time ns, +/- bytes) of blocks allocated in the trace
 
     def __enter__(self) -> AllocatorTrace:
         from torch.profiler import ProfilerActivity, profile
+
+        # kineto (behind the profiler) logs a line at every start and stop unless told otherwise;
+        # it reads this when the first profile starts (a value set by the user is kept)
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self._prof.__enter__()
@@ -297,14 +373,27 @@ class AllocatorTrace:
 
     def __exit__(self, *exc: Any) -> None:
         self._prof.__exit__(*exc)
-        cpu = torch.autograd.DeviceType.CPU
-        for e in self._prof.profiler.kineto_results.events():
-            name = e.name()
-            if name == "[memory]" and e.device_type() == cpu:
-                self._events.append((e.start_ns(), e.nbytes()))
-            elif name.startswith("minitune/"):
-                self._windows.setdefault(name.removeprefix("minitune/"), []).append((e.start_ns(), e.end_ns()))
-        self._events.sort()
+        events, live = [], {}
+        stack = list(self._prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            fields = node.extra_fields
+            if type(fields).__name__ == "_ExtraFields_Allocation":
+                if str(fields.device) == "cpu":
+                    events.append((node.start_time_ns, fields.ptr, fields.alloc_size))
+            elif node.name.startswith("minitune/"):
+                self._windows.setdefault(node.name.removeprefix("minitune/"), []).append(
+                    (node.start_time_ns, node.end_time_ns))
+        # Only blocks allocated while the trace ran count. c10 keeps the sizes of blocks allocated
+        # under earlier traces, so it can report the release of a block allocated before this one
+        # started: that release is not part of this trace's account.
+        for t, ptr, size in sorted(events):
+            if size > 0:
+                live[ptr] = size
+                self._events.append((t, size))
+            elif ptr in live:
+                self._events.append((t, -live.pop(ptr)))
         self._prof = None
 
     def peak(self, window: str | None = None) -> int:
@@ -398,107 +487,3 @@ def tensor_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None =
     if peak_bytes is not None:
         out["activations_and_temporaries"] = max(0, int(peak_bytes) - total)
     return out
-
-
-# bytes of optimizer state per trainable parameter (tensors >= 4096 elements; bitsandbytes keeps
-# 32-bit state for smaller ones)
-_STATE_BYTES = {"adamw": 8, "adamw32bit": 8, "paged_adamw32bit": 8, "adamw8bit": 2, "paged_adamw8bit": 2,
-                "lion8bit": 1, "paged_lion8bit": 1, "sgd": 0}
-_SMALL_STATE_BYTES = {"adamw8bit": 8, "paged_adamw8bit": 8, "lion8bit": 4, "paged_lion8bit": 4}
-
-
-def _cfg(config: Any, *names: str, default: int = 0) -> int:
-    for n in names:
-        v = getattr(config, n, None)
-        if v:
-            return int(v)
-    return default
-
-
-def estimate_peak(model: nn.Module, *, optimizer: str = "adamw", batch_size: int, seq_len: int,
-                  gradient_checkpointing: bool = False, mixed_precision: str = "no",
-                  trainable_dtype_bytes: int | None = None, logits_positions: int | None = None) -> dict[str, int]:
-    """Predicted peak training memory, from the model's tensors and config shape (no data touched:
-    the model may live on the meta device).
-
-    Activations per transformer layer and token, in fp32 bytes (halved under bf16/fp16 autocast, or
-    when most of the weights are 16-bit):
-    9*h (saved inputs of the attention linears, q/k/v, norms, residuals) + 2*ffn (the MLP's up
-    projection before and after the activation), i.e. the 17*h of Korthikanti et al. (2022) for
-    ffn = 4h, + 2*heads*seq (attention scores and probabilities, when the kernel materializes them).
-    A gated MLP (SwiGLU, T5's gated-gelu: a `gate_proj` / `wi_0` module) keeps 4*ffn: gate and up
-    projections, the activation's output and the product. Each decoder layer of an encoder-decoder
-    adds cross-attention: 4*h + 2*heads*seq. With checkpointing only each layer's input (h) is
-    kept, plus one layer's full activations during its recompute. Logits (fp32) and their gradient
-    add 2 * positions * vocab * 4 bytes, where positions is every token for the full loss and one
-    chunk for the chunked loss.
-
-    Args:
-        model: the prepared model (quantized, LoRA-wrapped or not; may live on the meta device).
-        optimizer: 'adamw' (two fp32 moments), 'adamw8bit' / 'paged_adamw8bit' (two 8-bit moments),
-            'lion8bit' (one), 'sgd' (none): any name from `optimizer.name`.
-        batch_size: micro-batch size.
-        seq_len: tokens per example (source tokens for seq2seq; targets are counted as many).
-        gradient_checkpointing: keep only each layer's input, recomputing in backward.
-        mixed_precision: 'no', 'bf16' or 'fp16' (autocast halves activations).
-        trainable_dtype_bytes: bytes per trainable element for gradients (default: the weights' own).
-        logits_positions: positions whose logits exist at once (None: batch_size x seq_len; the
-            chunked loss: its chunk, see `minitune.losses.live_logit_positions`).
-
-    Returns:
-        weights, trainable_weights, gradients, optimizer_state, activations, total (bytes).
-
-    Raises:
-        Nothing: an unknown optimizer name is counted as two fp32 moments (AdamW).
-    """
-    weights = trainable = trainable_params = 0
-    small_trainable = 0
-    half_elements = full_elements = 0  # floating weights in 16 and 32 bits
-    seen: set[tuple[int, int]] = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = _storage_key(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        weights += _nbytes(t)
-        if t.is_floating_point():
-            if t.element_size() == 2:
-                half_elements += t.numel()
-            else:
-                full_elements += t.numel()
-        if isinstance(t, nn.Parameter) and t.requires_grad:
-            trainable += _nbytes(t)
-            if t.numel() < 4096:
-                small_trainable += t.numel()
-            else:
-                trainable_params += t.numel()
-    grads = trainable if trainable_dtype_bytes is None else (trainable_params + small_trainable) * trainable_dtype_bytes
-    per_param = _STATE_BYTES.get(optimizer, 8)
-    state = trainable_params * per_param + small_trainable * _SMALL_STATE_BYTES.get(optimizer, per_param)
-
-    config = getattr(model, "config", None)
-    h = _cfg(config, "hidden_size", "d_model", "n_embd", default=0)
-    layers = _cfg(config, "num_hidden_layers", "num_layers", "n_layer", default=0)
-    decoder_layers = 0  # an encoder-decoder's decoder layers (with cross-attention)
-    if model_kind(config) == "seq2seq":
-        decoder_layers = _cfg(config, "num_decoder_layers", default=layers)
-        layers += decoder_layers
-    heads = _cfg(config, "num_attention_heads", "num_heads", "n_head", default=1)
-    ffn = _cfg(config, "intermediate_size", "ffn_dim", "d_ff", "n_inner", default=4 * h)
-    vocab = _cfg(config, "vocab_size", default=0)
-    tokens = batch_size * seq_len
-    # 16-bit activations under autocast, or when most weights are 16-bit (model.dtype=bfloat16/float16)
-    act_bytes = 2 if mixed_precision in ("bf16", "fp16") or half_elements > full_elements else 4
-    gated = any(name.rsplit(".", 1)[-1] in ("gate_proj", "wi_0", "w1") for name, _ in model.named_modules())
-    scores = batch_size * heads * seq_len * seq_len * 2 * act_bytes  # attention scores and probabilities
-    per_layer = tokens * (9 * h + (4 if gated else 2) * ffn) * act_bytes + scores
-    cross = tokens * 4 * h * act_bytes + scores  # an encoder-decoder's decoder layers: cross-attention
-    if gradient_checkpointing:
-        activations = layers * tokens * h * act_bytes + per_layer + (cross if decoder_layers else 0)
-    else:
-        activations = layers * per_layer + decoder_layers * cross
-    positions = tokens if logits_positions is None else min(tokens, logits_positions)
-    activations += 2 * positions * vocab * 4  # fp32 logits and their gradient
-    total = weights + grads + state + activations
-    return {"weights": weights, "trainable_weights": trainable, "gradients": grads, "optimizer_state": state,
-            "activations": activations, "total": total}

@@ -18,7 +18,7 @@ from .build import Parts, RunError, loop_args, setup, train_loader, with_split
 from .checkpoint import find_latest, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config
 from .loop import TrainState, evaluate_during_run, fit
-from .memory import format_bytes, tensor_breakdown
+from .memory import MB, format_bytes, tensor_breakdown
 from .report import summary_table
 
 __all__ = ["RunError", "TrainResult", "train"]
@@ -127,12 +127,14 @@ def _finish(parts: Parts, state: TrainState, started: float) -> TrainResult:
                                                        max_batches=cfg.training.eval_batches, loss_fn=parts.loss_fn)
         final = save_checkpoint(out / "final", accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,
                                 scheduler=parts.scheduler, state=state, config=cfg, tokenizer=parts.tokenizer)
-    memory: dict[str, Any] = {"predicted": parts.predicted}
+    memory: dict[str, Any] = {"predicted": parts.predicted.to_dict() if parts.predicted else None,
+                              "predicted_most": parts.predicted_most.to_dict() if parts.predicted_most else None}
     if profiler is not None:
         profiler.stop()
-        profiler.breakdown = tensor_breakdown(accelerator.unwrap_model(parts.model), parts.optimizer,
-                                              profiler.peak_bytes(above_baseline=True), assume_grads=True)
-        memory = {**profiler.summary(), **memory}
+        peak, what = profiler.training_peak()
+        profiler.breakdown = tensor_breakdown(accelerator.unwrap_model(parts.model), parts.optimizer, peak,
+                                              assume_grads=True)
+        memory = {**profiler.summary(), "training_peak_mb": peak / MB, "training_peak_kind": what, **memory}
     result = TrainResult(out, final, state, metrics, memory, parts.prep.trainable_line, parts.precision,
                          train_seconds=state.train_seconds, eval_seconds=state.eval_seconds,
                          tokens_per_s=state.tokens / state.train_seconds if state.tokens and state.train_seconds else None)
@@ -216,18 +218,53 @@ def _out_of_memory(err: BaseException, parts: Parts) -> RunError:
                     f"{cfg.data.max_length} tokens): {now}try {', '.join(knobs) or 'a smaller model'}")
 
 
+def _memory_rows(profiler: Any, predicted: Any) -> list[tuple[str, str]]:
+    """The summary's memory rows: the training peak measured and predicted; the load's peak (CPU);
+    and, when they differ by more than 5%, the component of the prediction that was off."""
+    guess = f"{format_bytes(predicted.total)} predicted" if predicted is not None else "no prediction"
+    if profiler is None:
+        return [("peak memory", f"not measured (logging.memory=false), {guess}")]
+    peak, what = profiler.training_peak()
+    text = f"{format_bytes(peak)} measured ({what}), {guess} for the same steps"
+    error = (predicted.total - peak) / peak if predicted is not None and peak else None
+    if error is not None:
+        text += f" ({error:+.1%})"
+    rows = [("peak memory", text)]
+    if profiler.trace_peaks.get("load"):
+        rows.append(("loading", f"{format_bytes(profiler.trace_peaks['load'])} peak while loading the model "
+                                "(not part of the training peak)"))
+    if error is not None and abs(error) > 0.05 and profiler.breakdown:
+        rows.append(("memory off by", off_component(predicted, profiler.breakdown, peak)))
+    return rows
+
+
+def off_component(predicted: Any, measured: dict[str, int], peak: int) -> str:
+    """Which part of the prediction was off: the tensors that can be counted after the run (weights,
+    trainable weights, gradients, optimizer state, from `tensor_breakdown`) against their predicted
+    sizes; when they agree, the rest (activations, logits and temporaries)."""
+    p = predicted.breakdown
+    pairs = {
+        "weights": (sum(v for k, v in p.items() if k.startswith("weights/")),
+                    sum(v for k, v in measured.items() if k.startswith("frozen_weights/"))),
+        "trainable weights": (p.get("adapters", 0) + p.get("trainable weights", 0), measured.get("trainable_weights", 0)),
+        "gradients": (p.get("gradients", 0), measured.get("gradients", 0)),
+        "optimizer state": (p.get("optimizer_state", 0), measured.get("optimizer_state", 0)),
+    }
+    name, (guess, real) = max(pairs.items(), key=lambda kv: abs(kv[1][0] - kv[1][1]))
+    if abs(guess - real) > 0.05 * peak:
+        return f"{name}: {format_bytes(guess)} predicted, {format_bytes(real)} measured"
+    rest = sum(v for k, v in p.items() if k in ("activations", "logits/loss", "temporaries"))
+    held = max(0, peak - measured.get("total_tensors", 0))
+    return (f"activations, logits and temporaries: {format_bytes(rest)} predicted, about {format_bytes(held)} "
+            "measured (the peak less the weights, gradients and optimizer state)")
+
+
 def _summary_rows(parts: Parts, result: TrainResult, elapsed: float) -> list[tuple[str, str]]:
     """The closing table's rows; `elapsed`: this session's wall time from the loop's start to the final checkpoint."""
     profiler, predicted, prep, accelerator = parts.profiler, parts.predicted, parts.prep, parts.accelerator
     state, metrics, final = result.state, result.metrics, result.checkpoint
     spent = f"training {result.train_seconds:.1f} s, evaluation {result.eval_seconds:.1f} s"
-    # on CPU the measured peak is RSS above what the process held before loading (Python, libraries)
-    peak = profiler.peak_bytes(above_baseline=True) if profiler is not None else 0
-    label = "measured" + (" above the process baseline" if profiler is not None and profiler.baseline_bytes else "")
-    measured = (f"{format_bytes(peak)} {label}, {format_bytes(predicted['total'])} predicted"
-                + (f" (measured/predicted {peak / predicted['total']:.2f})" if predicted.get("total") else ""))
-    if profiler is None:
-        measured = f"not measured (logging.memory=false), {format_bytes(predicted['total'])} predicted"
+    memory_rows = _memory_rows(profiler, predicted)
     rows = [
         ("steps", f"{state.step} ({state.micro_step} micro-batches, {state.skipped_steps} skipped"
                   + (f", {state.scaler_skips} of them fp16 overflows)" if state.scaler_skips else ")")
@@ -237,7 +274,7 @@ def _summary_rows(parts: Parts, result: TrainResult, elapsed: float) -> list[tup
         ("time", f"{elapsed:.1f} s this session (whole run: {spent})" if parts.resume_from
                  else f"{elapsed:.1f} s ({spent})"),
         ("tokens/s", f"{result.tokens_per_s:,.0f} (training time only)" if result.tokens_per_s else "-"),
-        ("peak memory", measured),
+        *memory_rows,
         ("trainable", prep.trainable_line),
         ("device", f"{accelerator.device} x{accelerator.num_processes}"),
         ("precision", parts.precision.describe()),

@@ -99,7 +99,7 @@ def test_setup_builds_every_part(tmp_path):
         assert parts.eval_loader is not None and parts.resume_from is None
         assert (tmp_path / "run" / "config.yaml").is_file()
         assert sorted(parts.prep.lora_targets) == ["q_proj", "v_proj"]  # tiny-llama's default targets
-        assert parts.predicted["total"] > 0
+        assert parts.predicted.total > parts.predicted.breakdown["weights/float32"] > 0
         accelerator = setup_accelerator(cfg, torch.device("cpu"))
         assert accelerator.device == torch.device("cpu")
     finally:

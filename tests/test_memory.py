@@ -4,7 +4,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from minitune.memory import MB, MemoryProfiler, estimate_peak, format_bytes, tensor_breakdown
+from minitune.memory import MB, AllocatorTrace, MemoryProfiler, format_bytes, tensor_breakdown
 
 
 def _tiny():
@@ -129,42 +129,41 @@ def test_phases_summary_save_and_table(tmp_path):
     assert "after load" in text and "after lora" in text and "trainable_weights" in text
 
 
-def test_estimate_peak_on_meta_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    adam = estimate_peak(model, optimizer="adamw", batch_size=4, seq_len=128)
-    adam8 = estimate_peak(model, optimizer="adamw8bit", batch_size=4, seq_len=128)
-    ckpt = estimate_peak(model, optimizer="adamw", batch_size=4, seq_len=128, gradient_checkpointing=True)
-    n = sum(p.numel() for p in model.parameters())
-    assert adam["trainable_weights"] == n * 4
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    assert adam["weights"] == n * 4 + buffers
-    assert adam["optimizer_state"] == 8 * n and adam8["optimizer_state"] < adam["optimizer_state"] / 3
-    assert ckpt["activations"] < adam["activations"]
-    assert adam["activations"] >= 2 * 4 * 128 * 1000 * 4  # at least the fp32 logits and their gradient
-    assert adam["total"] == sum(adam[k] for k in ("weights", "gradients", "optimizer_state", "activations"))
-
-
 def test_format_bytes():
     assert format_bytes(512) == "512 B"
     assert format_bytes(3 * MB) == "3.0 MiB"
     assert format_bytes(3 * 2**30) == "3.00 GiB"
 
 
-def test_estimate_counts_16_bit_activations_for_16_bit_weights():
-    from minitune.config import ModelArgs
-    from minitune.memory import estimate_peak
-    from minitune.model import build_from_config
+def test_allocator_trace_counts_exact_bytes_and_windows():
+    keep = torch.empty(0)
+    with AllocatorTrace() as trace:
+        with trace.window("a"):
+            keep = torch.empty(3 * MB, dtype=torch.uint8)  # held after the window
+            tmp = torch.empty(5 * MB, dtype=torch.uint8)
+            del tmp  # a peak of 8 MiB that lasts a moment
+        with trace.window("b"):
+            other = torch.empty(MB, dtype=torch.uint8)
+            del other
+    assert trace.peak("a") == 8 * MB  # exact: no page rounding, no sampling
+    assert trace.peak("b") == 4 * MB  # the 3 MiB held when the window opened, plus 1 MiB
+    assert trace.peak() == 8 * MB and trace.peak("never") == 0
+    del keep
 
-    shape = {"batch_size": 2, "seq_len": 32}
-    fp32 = estimate_peak(build_from_config(ModelArgs(preset="tiny-llama", dtype="float32")), **shape)
-    bf16 = estimate_peak(build_from_config(ModelArgs(preset="tiny-llama", dtype="bfloat16")), **shape)
-    autocast = estimate_peak(build_from_config(ModelArgs(preset="tiny-llama", dtype="float32")),
-                             mixed_precision="bf16", **shape)
-    logits = 2 * 2 * 32 * 50257 * 4  # fp32 logits and their gradient, the same in every case
-    assert abs(bf16["weights"] * 2 - fp32["weights"]) < 100  # fp32 buffers (rotary frequencies) aside
-    assert bf16["activations"] - logits == (fp32["activations"] - logits) // 2 == autocast["activations"] - logits
+
+def test_profiler_training_peak_on_cpu_is_the_allocator_trace():
+    prof = MemoryProfiler("cpu", window_steps=2).start()
+    weights = torch.empty(4 * MB, dtype=torch.uint8)  # "loading"
+    prof.training_starts()
+    for step in (1, 2, 3):
+        act = torch.empty((step + 1) * MB, dtype=torch.uint8)
+        del act
+        prof.optimizer_stepped()
+        if step % 2 == 0:
+            prof.step(step)  # records at log steps only: the window does not depend on them
+    prof.stop()
+    peak, what = prof.training_peak()
+    assert peak == 4 * MB + 3 * MB  # step 2's 3 MiB on top of the weights; step 3 is not traced
+    assert what == "held by the CPU allocator, steps 1-2"
+    assert prof.trace_peaks["load"] == 4 * MB
+    del weights
