@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import SEED_MAX, ConfigError, describe, describe_configs, generation_args, one_line
 
-__all__ = ["main_eval", "main_train", "user_errors"]
+__all__ = ["main", "main_eval", "main_plan", "main_train", "user_errors"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -42,10 +42,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def _quiet_third_party() -> None:
     """Silence known-harmless noise of the pinned stack (CLI only; the library sets nothing globally):
-    bitsandbytes' note that an optional CPU kernel package is missing, and a transformers
-    deprecation warning that peft triggers on every gradient-checkpointing check."""
+    bitsandbytes' note that an optional CPU kernel package is missing, and transformers'
+    deprecation warnings for the gradient-checkpointing calls that peft and minitune make."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,8 +98,15 @@ def main_train(argv: Sequence[str] | None = None) -> int:
                         help="a shipped config by name (e.g. smollm2-quotes; see --list-configs) or a YAML file")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    parser.add_argument("--plan", action="store_true",
+                        help="do not train: predict the peak memory and whether it fits (see `minitune plan --help`)")
+    _plan_arguments(parser, with_config=False)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
+    if args.plan:
+        return _run_plan(parser, args)
+    if args.device or args.budget or args.json:
+        parser.error("--device, --budget and --json go with --plan")
     if args.list_configs:
         print(describe_configs())
         return 0
@@ -112,6 +120,64 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     from .run import train
 
     return run_cli(lambda: train(args.config, args.overrides))
+
+
+def _plan_arguments(parser: argparse.ArgumentParser, *, with_config: bool = True) -> None:
+    if with_config:
+        parser.add_argument("--config", "-c", metavar="NAME|FILE",
+                            help="a shipped config by name (see minitune-train --list-configs) or a YAML file")
+    parser.add_argument("--device", "-d", metavar="NAME",
+                        help="plan for this device: T4, V100, A10G, L4, A100-40, A100-80, H100, RTX4090, M4-16, "
+                             "M4-24, mps (this Mac) or cpu (this machine; the default)")
+    parser.add_argument("--budget", "-b", metavar="SIZE", help="memory the run may use, e.g. 12GiB (instead of the "
+                                                                   "device's own budget)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def main_plan(argv: Sequence[str] | None = None) -> int:
+    """`minitune plan --config NAME|FILE [--device T4 | --budget 12GiB] [--json] [section.key=value ...]`."""
+    parser = _Parser(
+        prog="minitune plan",
+        description="Will it fit? Predict a run's peak memory, by phase and by tensor role, without loading "
+                    "weights, and list the cheapest changes that make it fit.",
+        epilog="Overrides: section.key=value, as for train.py. Predictions are the bytes tensors hold "
+               "(torch.cuda.max_memory_allocated on CUDA); see README.md, 'Will it fit?'.",
+    )
+    _plan_arguments(parser)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    return _run_plan(parser, args)
+
+
+def _run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if not args.config and not args.overrides:
+        parser.error("give --config NAME or FILE (see minitune-train --list-configs) and/or section.key=value overrides")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a plan never downloads: uncached hub models use their preset
+
+    def plan_it() -> None:
+        from .config import load_config
+        from .planner import format_plan, parse_size, plan
+
+        budget = parse_size(args.budget) if args.budget else None
+        cfg = load_config(args.config, args.overrides)
+        result = plan(cfg, args.device or "cpu", budget=budget)
+        print(json.dumps(result.to_dict(), indent=1) if args.json else format_plan(result))
+
+    return run_cli(plan_it)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`minitune plan ...` (the subcommands: plan; training and evaluation are minitune-train and minitune-eval)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: minitune plan --config NAME|FILE [--device T4 | --budget 12GiB] [--json] [key=value ...]\n"
+              "       (train with minitune-train or train.py, evaluate with minitune-eval or eval.py)")
+        return 0 if argv else 2
+    if argv[0] != "plan":
+        print(f"error: unknown command '{one_line(argv[0])}': the command is `minitune plan` (see minitune --help)",
+              file=sys.stderr)
+        return 2
+    return main_plan(argv[1:])
 
 
 def _positive_int(text: str) -> int:
