@@ -492,6 +492,10 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
 
     Returns:
         The Prediction.
+
+    Raises:
+        Whatever the model's own code raises on fake tensors (a custom architecture that reads tensor
+        values); `build.predict_run` turns that into a warning and a run without a prediction.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -703,6 +707,11 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
 
     Returns:
         The Plan: prediction, whether it fits, and the changes that make it fit, cheapest first.
+
+    Raises:
+        ConfigError: an unknown device name.
+        ModelError: the model's config cannot be read (and no preset has its shapes), or LoRA
+            targets that match nothing.
     """
     tg = device if isinstance(device, Target) else target(device, budget)
     if budget is not None and isinstance(device, Target):
