@@ -41,7 +41,7 @@ import transformers
 from accelerate.utils.memory import should_reduce_batch_size
 
 from minitune.build import setup_accelerator, setup_device, setup_model
-from minitune.config import Config, LoraArgs, ModelArgs, OptimizerArgs, QuantizationArgs, TrainingArgs
+from minitune.config import Config, DataArgs, LoraArgs, ModelArgs, OptimizerArgs, QuantizationArgs, TrainingArgs
 from minitune.device import optimizer_name_for
 from minitune.lm import model_kind
 from minitune.loop import LoopArgs, fit
@@ -75,6 +75,8 @@ DEFAULTS = {
     "fp32_norms": "norms",
     "optimizer": "adamw",
     "loss": "auto",  # minitune's default: the chunked loss for these architectures
+    "loss_chunk_size": 0,  # 0: automatic
+    "grad_accum": 1,  # micro-batches per optimizer step
     "profile": True,  # False: no MemoryProfiler at all (for the overhead measurement)
     "seed": 0,
 }
@@ -186,7 +188,8 @@ def run_cell(spec: dict) -> dict:
         result["predicted"] = predicted
         result["predicted_phases"] = prediction.phases
         n = s["warmup"] + s["steps"]
-        batches = _random_batches(n, bare.config.vocab_size, s["batch_size"], s["seq_len"], seq2seq, dev, s["seed"])
+        batches = _random_batches(n * s["grad_accum"], bare.config.vocab_size, s["batch_size"], s["seq_len"], seq2seq,
+                                  dev, s["seed"])
         _trim_heap()
         spent = [0.0]  # seconds inside the profiler's calls during training (for the overhead)
         if profiler is not None:
@@ -216,8 +219,8 @@ def run_cell(spec: dict) -> dict:
         stage = "train"
         t_fit = time.perf_counter()
         with trace.window("train") if trace is not None else contextlib.nullcontext():
-            fit(accelerator, model, optimizer, batches, LoopArgs(max_steps=n, log_every=1), profiler=profiler,
-                on_step=on_step, loss_fn=loss_fn_for(s["loss"]))
+            fit(accelerator, model, optimizer, batches, LoopArgs(max_steps=n, log_every=1, grad_accum=s["grad_accum"]),
+                profiler=profiler, on_step=on_step, loss_fn=loss_fn_for(s["loss"], s["loss_chunk_size"]))
         if trace is not None:
             trace.__exit__(None, None, None)
     except Exception as e:
@@ -236,7 +239,7 @@ def run_cell(spec: dict) -> dict:
     times = [b - a for a, b in zip([t_fit, *stamps], stamps, strict=False)]
     timed = times[s["warmup"]:]
     step_s = sum(timed) / len(timed)
-    tokens = s["batch_size"] * s["seq_len"] * (2 if seq2seq else 1)
+    tokens = s["batch_size"] * s["grad_accum"] * s["seq_len"] * (2 if seq2seq else 1)
     result.update(step_times_s=times, step_s=step_s, step_s_min=min(timed), step_s_median=statistics.median(timed),
                   tokens_per_step=tokens, tokens_per_s=tokens / step_s, metrics=metrics, phases=phases)
     if profiler is not None:
@@ -280,8 +283,10 @@ def cell_config(s: dict) -> Config:
         quantization=QuantizationArgs(mode=s["quant"], compute_dtype=s["compute_dtype"]),
         lora=LoraArgs(enabled=s["lora"], r=s["lora_r"], alpha=s["lora_alpha"], target_modules=s["target_modules"]),
         optimizer=OptimizerArgs(name=s["optimizer"], lr=2e-4),
+        data=DataArgs(max_length=s["seq_len"], max_target_length=s["seq_len"]),
         training=TrainingArgs(device=s["device"], mixed_precision=s["mixed_precision"], seed=s["seed"],
-                              batch_size=s["batch_size"], grad_accum=1,
+                              batch_size=s["batch_size"], grad_accum=s["grad_accum"],
+                              loss_chunk_size=s["loss_chunk_size"],
                               gradient_checkpointing=s["gradient_checkpointing"], fp32_norms=s["fp32_norms"],
                               loss=s["loss"]),
     )
