@@ -78,8 +78,9 @@ def _train_row(part: str, name: str, cfg: dict, expect_refusal: str = "") -> dic
     return {"part": part, "name": name, "status": status, "seconds": time.perf_counter() - t0,
             "detail": f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; weights {result.precision.dtype}, autocast "
                       f"{result.precision.mixed_precision}",
-            "peak_mb": result.memory.get("peak_mb"),
-            "predicted_mb": result.memory.get("predicted", {}).get("total", 0) / 2**20}
+            # the training peak of steps 1-2 (max_memory_allocated on CUDA) and the prediction for the same steps
+            "peak_mb": result.memory.get("training_peak_mb"),
+            "predicted_mb": (result.memory.get("predicted") or {}).get("total", 0) / 2**20}
 
 
 def part_auto(args: argparse.Namespace, tmp: Path) -> list[dict]:
