@@ -35,9 +35,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
     from .model import ModelError
+    from .planner import PlanError
     from .run import RunError
 
-    return (ConfigError, RunError, DataError, ModelError, CheckpointError)
+    return (ConfigError, RunError, DataError, ModelError, CheckpointError, PlanError)
 
 
 def _quiet_third_party() -> None:

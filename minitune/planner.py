@@ -49,7 +49,7 @@ from .lm import model_kind
 from .losses import auto_chunk_size, loss_fn_for
 from .memory import format_bytes
 
-__all__ = ["DEVICES", "MicroBatch", "Plan", "Prediction", "Target", "format_plan", "plan", "predict", "simulate",
+__all__ = ["DEVICES", "MicroBatch", "Plan", "PlanError", "Prediction", "Target", "format_plan", "plan", "predict", "simulate",
            "target", "worst_case_steps"]
 
 GiB = 2**30
@@ -656,6 +656,10 @@ def _candidates(cfg: Config, caps: Capabilities, vocab: int) -> list[tuple[str, 
     return out
 
 
+class PlanError(RuntimeError):
+    """The planner could not simulate a config (bad input reported in one line by the CLI)."""
+
+
 @dataclass
 class Suggestion:
     what: str
@@ -710,6 +714,8 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
 
     Raises:
         ConfigError: an unknown device name.
+        PlanError: the config cannot be simulated (shapes torch refuses, a model whose code reads
+            tensor values).
         ModelError: the model's config cannot be read (and no preset has its shapes), or LoRA
             targets that match nothing.
     """
@@ -718,7 +724,12 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         tg = dataclasses.replace(tg, budget=budget)
     resolved, precision = resolve_precision(cfg, tg.caps.device, caps=tg.caps)
     model, _, note = meta_model(resolved)
-    prediction = simulate(model, resolved, device_type=tg.kind)
+    try:
+        prediction = simulate(model, resolved, device_type=tg.kind)
+    except Exception as e:  # the model's own code on fake tensors, or shapes torch refuses
+        raise PlanError(f"could not simulate this config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300] if str(e) else 'no message'}); check the model and "
+                        "batch settings, e.g. training.batch_size and data.max_length") from None
     result = Plan(tg, precision, prediction, prediction.total <= tg.budget, notes=[note] if note else [])
     if result.fits or not suggest:
         return result
@@ -728,8 +739,12 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         changed = _with(resolved, over)
         needs_model = any(k.split(".")[0] in ("quantization", "lora") or k == "training.gradient_checkpointing"
                           for k in over)
-        m = meta_model(changed)[0] if needs_model else model
-        peak = simulate(m, changed, device_type=tg.kind).total
+        try:
+            m = meta_model(changed)[0] if needs_model else model
+            peak = simulate(m, changed, device_type=tg.kind).total
+        except Exception as e:  # a change this model cannot take (e.g. no checkpointing support): not offered
+            result.notes.append(f"not offered: {what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            continue
         tried.append(Suggestion(what, over, peak, peak <= tg.budget, cost, changes))
     fitting = sorted((s for s in tried if s.fits), key=lambda s: (s.changes_result, s.speed))
     if not fitting:
@@ -746,9 +761,12 @@ def _combination(cfg: Config, tg: Target, useful: list[Suggestion]) -> Suggestio
     """No single change fits: add the changes that lower the peak, cheapest first, until it fits;
     then drop, most expensive first, every one it still fits without."""
 
-    def peak_of(chosen: list[Suggestion]) -> int:
+    def peak_of(chosen: list[Suggestion]) -> int | float:
         changed = _with(cfg, {k: v for s in chosen for k, v in s.overrides.items()})
-        return simulate(meta_model(changed)[0], changed, device_type=tg.kind).total
+        try:
+            return simulate(meta_model(changed)[0], changed, device_type=tg.kind).total
+        except Exception:  # changes that cannot be combined on this model: never the answer
+            return math.inf
 
     chosen: list[Suggestion] = []
     peak = None
@@ -780,12 +798,12 @@ def format_plan(p: Plan, command: str = "") -> str:
                  + f", accumulation {s['grad_accum']}, every position a target (the most a batch can need); "
                  f"optimizer {s['optimizer']}")
     lines.append("")
-    lines.append(f"predicted peak  {format_bytes(pred.total):>11}   (in the {pred.peak_phase} pass)")
+    lines.append(f"predicted peak{format_bytes(pred.total):>27}   (in the {pred.peak_phase} pass)")
     for role, value in pred.breakdown.items():
-        lines.append(f"  {role:<22}{format_bytes(value):>11}")
+        lines.append(f"  {role:<28}{format_bytes(value):>11}")
     lines.append("per phase (highest):")
     for phase, value in pred.phases.items():
-        lines.append(f"  {phase:<22}{format_bytes(value):>11}")
+        lines.append(f"  {phase:<28}{format_bytes(value):>11}")
     lines.append("")
     room = tg.budget - pred.total
     if p.fits:
