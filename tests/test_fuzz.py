@@ -48,10 +48,10 @@ from .conftest import GPT2, QUOTES, tiny_config  # noqa: E402
 
 # examples per target: default run / slow mode
 DEFAULT = {"config_yaml": 40, "config_text": 40, "overrides": 40, "full_run": 4, "data": 25, "chat": 25, "checkpoint": 12,
-           "sheet": 40, "eval_args": 10}
+           "sheet": 40, "eval_args": 10, "plan": 8}
 SLOW = {"config_yaml": 2500, "config_text": 1500, "overrides": 2500, "full_run": 250, "data": 1500, "chat": 1000,
         "checkpoint": 400,
-        "sheet": 1500, "eval_args": 300}
+        "sheet": 1500, "eval_args": 300, "plan": 150}
 SCALE = float(os.environ.get("MINITUNE_FUZZ_SCALE", "1"))
 
 # target -> outcome -> examples run (printed by conftest.py at the end of the session)
@@ -718,3 +718,28 @@ def test_counts_cover_every_target():
     """The summary (printed by conftest.py) names every target; a run that skipped one would show it."""
     assert set(DEFAULT) == set(SLOW)
     assert sum(SLOW.values()) >= 10_000
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fuzz_plan(mode, fake_run, workdir):
+    """`minitune plan`: any device name, budget text, flags and overrides over a valid config. The plan
+    runs for real (a tiny model on fake tensors): any answer or one error line, never a traceback."""
+    cfg_file = workdir / "plan.yaml"
+    cfg_file.write_text(yaml.safe_dump(base_config(fake_run)))
+    typed = st.sampled_from(DOTTED).flatmap(lambda k: plausible(*k.split(".")).map(
+        lambda v: f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"))
+    devices = st.one_of(st.sampled_from(["T4", "h100", "M4-16", "cpu", "mps", "A100-80", "rtx4090"]),
+                        st.text(max_size=10))
+    budgets = st.one_of(st.sampled_from(["1MiB", "12GiB", "0.5 GB", "1e3", "-1", "0", "2**64", "1" * 400]),
+                        st.text(max_size=10))
+
+    @_settings("plan", mode)
+    @given(device=st.none() | devices, budget=st.none() | budgets, as_json=st.booleans(),
+           overrides=st.lists(typed, max_size=2))
+    def example(device, budget, as_json, overrides):
+        argv = ["plan", "--config", str(cfg_file), *(["--device", device] if device is not None else []),
+                *(["--budget", budget] if budget is not None else []), *(["--json"] if as_json else []),
+                "--", *overrides]
+        check("plan", run(cli.main, argv, stop="_nothing_stops_a_plan"), fake_run, snapshot(fake_run))
+
+    example()
