@@ -13,8 +13,8 @@ import torch
 from minitune.config import ConfigError, load_config
 from minitune.memory import MB
 from minitune.planner import (
-    _Ledger,
     MicroBatch,
+    _Ledger,
     meta_model,
     parse_size,
     plan,
