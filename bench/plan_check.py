@@ -131,14 +131,13 @@ def markdown(data: dict) -> str:
     if data.get("advice"):
         lines += ["", f"## Advice that is checked (budget = {UNDER:.0%} of the predicted peak)", "",
                   "| config | budget MiB | measured before MiB | planner's first suggestion | predicted after MiB | "
-                  "measured after MiB | under budget | s/step before -> after |", "|---|---|---|---|---|---|---|---|"]
+                  "measured after MiB | under budget |", "|---|---|---|---|---|---|---|"]
         for r in data["advice"]:
             b, a = r["before"], r.get("after", {})
             over = " ".join(f"`{k}={v}`" for k, v in r.get("overrides", {}).items())
             lines.append(f"| {r['config']} | {_f(r['budget_mb'])} | {_f(b.get('measured_mb'))} | "
                          f"{r.get('suggestion', 'none')} ({over}) | {_f(r.get('predicted_after_mb'))} | "
-                         f"{_f(a.get('measured_mb'))} | {'yes' if r.get('under_budget') else 'NO'} | "
-                         f"{_f(b.get('step_s'), '.2f')} -> {_f(a.get('step_s'), '.2f')} |")
+                         f"{_f(a.get('measured_mb'))} | {'yes' if r.get('under_budget') else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
