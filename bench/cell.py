@@ -10,15 +10,14 @@ bitsandbytes) -> `setup_model` (freeze, fp32 norms, gradient checkpointing, LoRA
 `MemoryProfiler` recording phases every step. The batches are random token ids (no tokenizer,
 no padding): `batch_size x seq_len` inputs, and for seq2seq models `seq_len` targets too.
 
-Memory: the profiler starts after every library is imported, so on CPU its baseline is the RSS of
-Python + torch + transformers + peft + bitsandbytes, and the peak is RSS above that baseline
-(`MemoryProfiler.peak_bytes(above_baseline=True)`). `peak_train_mb` is the highest per-step peak
-of the training steps (warm-up included): a random-init quantized model goes through a
-temporary fp32 copy while it loads, which `peak_all_mb` (the whole process, load included) shows
-and the training peak does not. On CUDA the peak is `max_memory_allocated` (baseline 0).
+Memory: on CPU, `peak_train_mb` is the highest number of bytes the CPU allocator holds during the
+training steps (warm-up included), counted from before the model loads (`AllocatorTrace`, exact);
+`peak_all_mb` covers loading too (a random-init quantized model goes through a temporary fp32
+copy). RSS above the baseline taken once every library is imported is kept beside it
+(`rss_peak_train_mb`). On CUDA the peak is `max_memory_allocated` (baseline 0).
 
 Writes one JSON object to the result path: status ('ok', 'OOM' or 'error: ...'), the settings,
-peaks, the tensor breakdown at the training peak, the prediction of `estimate_peak`, the
+peaks, the tensor breakdown at the training peak, the prediction of `minitune.planner.simulate`, the
 per-step records, the phase snapshots of every step and the step times.
 """
 

@@ -8,7 +8,7 @@ Each cell (model x method x batch size x sequence length) runs in its own subpro
 (`bench/cell.py`): built from minitune's pieces (`load_model` from a preset with random init,
 `prepare_model`, `build_optimizer`, `Accelerator`, `minitune.loop.fit` with `default_loss` and the
 `MemoryProfiler`), random token batches, `--warmup` steps then `--steps` timed ones. Recorded: the
-training peak and its breakdown (`tensor_breakdown`), the prediction (`estimate_peak`) and the
+training peak and its breakdown (`tensor_breakdown`), the prediction (`minitune.planner.simulate`) and the
 measured/predicted ratio, step time, tokens/s, trainable parameters. Out of memory is recorded as
 OOM, a process that dies or runs past `--timeout` as such, and the grid goes on.
 
@@ -361,7 +361,7 @@ def _error(r: dict) -> str:
 
 def worst_case(data: dict) -> str:
     """One line: the prediction's largest error over every measured cell (grid and knob rows)."""
-    rows = [r for r in data["rows"] + data.get("knobs", []) if r.get("predicted_mb") and r.get("peak_train_mb")]
+    rows = [r for r in data["rows"] if r.get("predicted_mb") and r.get("peak_train_mb")]  # grid and knob rows
     if not rows:
         return "Prediction error: no measured cell."
     worst = max(rows, key=lambda r: abs(r["predicted_mb"] - r["peak_train_mb"]) / r["peak_train_mb"])
@@ -375,6 +375,7 @@ def markdown(data: dict) -> str:
     lab = data["peak_label"]
     lines = [f"# Memory benchmark: {data['device']}, {data['date']}", "",
              f"Command: `{data['command']}`  ", f"Machine: {data['machine']}  ",
+             *([f"Note: {data['note']}  "] if data.get("note") else []),
              f"Peak = **{lab}**, over the training steps (warm-up included; loading is recorded apart, "
              "`peak_all_mb` in the CSV). "
              + ("On CPU: the bytes PyTorch's CPU allocator holds, from the torch profiler's allocation and release "
@@ -408,7 +409,7 @@ def markdown(data: dict) -> str:
         lines += ["", "Not run here:", ""]
         for model, why in data["skipped"].items():
             pred = data.get("skipped_predicted", {}).get(model)
-            extra = ("; predicted peak (estimate_peak, meta device): " + ", ".join(
+            extra = ("; predicted peak (minitune.planner, meta device): " + ", ".join(
                 f"{k} {v / 2**30:.1f} GiB" for k, v in pred.items())) if pred else ""
             lines.append(f"- {model}: {why}{extra}")
     if data.get("knobs"):

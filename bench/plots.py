@@ -4,7 +4,7 @@
 
 `peaks`: the training peak of each method, stacked by where it goes (weights, trainable weights +
 gradients, optimizer state, activations and temporaries), one panel per model, the prediction of
-`estimate_peak` as a black tick. `steps`: memory after each phase of each step (forward, backward,
+the prediction (`minitune.planner.simulate`) as a black tick. `steps`: memory after each phase of each step (forward, backward,
 optimizer step) and the per-step peaks, one line per method. `alpha`: gradient norms over a short
 real training for each LoRA alpha.
 """
@@ -47,7 +47,7 @@ def plot_peaks(rows: list[dict], path: Path, *, peak_label: str, title: str) -> 
         for x, r in zip(xs, mine, strict=True):
             if r["status"] == "ok" and r.get("predicted_mb"):
                 ax.plot([x - 0.35, x + 0.35], [r["predicted_mb"]] * 2, color="black", lw=1.6,
-                        label="predicted (estimate_peak)" if x == 0 else None)
+                        label="predicted (minitune.planner)" if x == 0 else None)
             if r["status"] != "ok":
                 ax.text(x, top * 0.02, r["status"].split(":")[0].split(" ")[0], rotation=90, ha="center",
                         va="bottom", fontsize=8, color="firebrick")
