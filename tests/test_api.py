@@ -133,6 +133,16 @@ def test_on_step_callback_logs_and_stops_early(tmp_path):
     assert (tmp_path / "cb" / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_will_it_fit_from_python(tmp_path):
+    out = run_example("06_will_it_fit.py", tmp_path)
+    lines = out.splitlines()
+    assert lines[0].startswith("T4: ") and lines[0].endswith("fits: True"), out
+    roles = ast.literal_eval(lines[1])
+    assert {"weights/float16", "adapters", "activations", "logits/loss"} <= set(roles)  # a T4 gets fp16 weights
+    assert lines[2].startswith("over budget: first change that fits: "), out
+    assert "own model, 16 x 128 tokens:" in lines[3] and lines[3].endswith("pass"), out
+
+
 def test_prepare_model_rejects_a_bad_lora_dict():
     from transformers import LlamaConfig, LlamaForCausalLM
 
