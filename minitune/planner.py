@@ -159,9 +159,11 @@ def parse_size(text: str) -> int:
     """
     m = _SIZE.match(str(text))
     unit = (m.group(2) or "").lower() if m else None
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ConfigError([f"--budget '{text}' is not a memory size: write it like 12GiB, 16GB or 800MiB"])
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = float(m.group(1)) * _UNITS[unit] if m and unit in _UNITS else 0.0
+    if not 1 <= size < 2**62:  # no unit we know, zero, or more bytes than any machine (and than an int64)
+        shown = text if len(str(text)) <= 40 else f"{str(text)[:30]}... ({len(str(text))} characters)"
+        raise ConfigError([f"--budget '{shown}' is not a memory size: write it like 12GiB, 16GB or 800MiB"])
+    return int(size)
 
 
 # ------------------------------------------------------------------------------------------------
