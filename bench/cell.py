@@ -48,7 +48,7 @@ from minitune.losses import loss_fn_for
 from minitune.memory import AllocatorTrace, MemoryProfiler, tensor_breakdown
 from minitune.model import load_model
 from minitune.optim import build_optimizer
-from minitune.planner import simulate
+from minitune.planner import MicroBatch, simulate
 from minitune.presets import preset_config
 from minitune.run import train
 
@@ -182,7 +182,9 @@ def run_cell(spec: dict) -> dict:
         opt_name = optimizer_name_for(s["optimizer"], dev)
         result.update(trainable_params=report.trainable, total_params=report.total, optimizer_used=opt_name,
                       fp32_cast_mb=report.fp32_cast_bytes / MB, seq2seq=seq2seq)
-        prediction = simulate(bare, cfg, seq_len=s["seq_len"], target_len=s["seq_len"], device_type=dev.type)
+        # the cell's batches: random ids, no padding, every position a target
+        step = [MicroBatch(s["batch_size"], s["seq_len"], s["seq_len"] if seq2seq else None, padded=False)]
+        prediction = simulate(bare, cfg, steps=[step * min(2, s["grad_accum"])] * 2, device_type=dev.type)
         predicted = {**prediction.breakdown, "total": prediction.total}
         result["predicted"] = predicted
         result["predicted_phases"] = prediction.phases

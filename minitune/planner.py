@@ -183,6 +183,7 @@ class _Ledger(TorchDispatchMode):
         super().__init__()
         self.granule, self.fake = granule, fake
         self.targets: int | None = None  # positions with a target in the current micro-batch (None: all)
+        self.all_real = True  # what a boolean read answers: "the attention mask is all ones" (no padding)
         self.role = "activations"
         self.phase = "setup"
         self.live = 0
@@ -233,7 +234,7 @@ class _Ledger(TorchDispatchMode):
             self.targets = None
             out = torch.empty((n, x.dim()), dtype=torch.long, device=x.device)
         elif self.fake and func is torch.ops.aten._local_scalar_dense.default:
-            return True if args[0].dtype == torch.bool else 1
+            return self.all_real if args[0].dtype == torch.bool else 1
         else:
             out = func(*args, **(kwargs or {}))
         tree_map_only(torch.Tensor, self.count, out)
@@ -410,6 +411,29 @@ def _fake_copy(model: nn.Module, mode: Any) -> nn.Module:
     return clone
 
 
+@contextlib.contextmanager
+def _masks_read_as_real() -> Any:
+    """transformers takes a fake tensor for a sign of graph tracing and then always builds the 4-D
+    attention mask, which for a real batch without padding it skips (`masking_utils`). While the
+    simulation runs, its tracing check ignores fake tensors, so that the mask's values are asked
+    for, and the ledger answers as the micro-batch would (`all_real`). Without that function (other
+    transformers versions) nothing is changed: the mask is then always counted, a little more."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(masking_utils, "is_tracing", None)
+    if original is None:
+        yield
+        return
+    masking_utils.is_tracing = lambda tensor=None: original(None)  # dynamo, jit and stream capture only
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = original
+
+
 def _accelerate_forward(model: nn.Module, mixed_precision: str, device_type: str) -> None:
     """Wrap the forward as `accelerator.prepare` does: autocast, and outputs converted to fp32."""
     if mixed_precision not in ("bf16", "fp16"):
@@ -438,16 +462,20 @@ class MicroBatch:
     seq_len: int  # input tokens (padded)
     target_len: int | None = None  # seq2seq: target tokens (padded)
     targets: int | None = None  # positions that carry a target (None: every one)
+    # some examples are padded: transformers then builds a 4-D attention mask, which it skips when
+    # every position is real (the default counts the mask: the most a batch can need)
+    padded: bool = True
 
     @classmethod
     def of(cls, batch: dict, kind: str) -> MicroBatch:
         """The shape of a real collated batch (`kind`: 'causal' or 'seq2seq')."""
         from .lm import shift_targets
 
-        ids, labels = batch["input_ids"], batch.get("labels")
+        ids, labels, mask = batch["input_ids"], batch.get("labels"), batch.get("attention_mask")
         targets = int((shift_targets(labels, kind) != -100).sum()) if labels is not None else None
         return cls(int(ids.shape[0]), int(ids.shape[1]),
-                   int(labels.shape[1]) if kind == "seq2seq" and labels is not None else None, targets)
+                   int(labels.shape[1]) if kind == "seq2seq" and labels is not None else None, targets,
+                   padded=mask is not None and not bool(mask.all()))
 
     @property
     def tokens(self) -> int:
@@ -532,13 +560,14 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
         vocab = int(getattr(config, "vocab_size", 0) or 2)
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16 if t.mixed_precision == "bf16" else torch.float16)
                     if t.mixed_precision in ("bf16", "fp16") else contextlib.nullcontext())
-        with ledger:
+        with ledger, _masks_read_as_real():
             for step in steps:
                 for mb in step:
                     ids = torch.randint(0, vocab, (mb.batch_size, mb.seq_len))
                     labels = torch.randint(0, vocab, (mb.batch_size, mb.target_len or mb.seq_len))
                     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
                     ledger.phase, ledger.role, ledger.targets = "forward", "activations", mb.targets
+                    ledger.all_real = not mb.padded
                     with autocast:
                         loss, _ = loss_fn(fake, batch)
                     ledger.phase, ledger.role = "backward", "temporaries"

@@ -90,8 +90,10 @@ def test_micro_batch_of_a_collated_batch():
     labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, 8, -100]])
     batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": labels}
     # causal: targets are the labels shifted by one (positions 1.. of each row)
-    assert MicroBatch.of(batch, "causal") == MicroBatch(2, 4, None, 4)
-    assert MicroBatch.of({**batch, "labels": labels[:, :3]}, "seq2seq") == MicroBatch(2, 4, 3, 3)
+    assert MicroBatch.of(batch, "causal") == MicroBatch(2, 4, None, 4, padded=False)
+    assert MicroBatch.of({**batch, "labels": labels[:, :3]}, "seq2seq") == MicroBatch(2, 4, 3, 3, padded=False)
+    padded = {**batch, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    assert MicroBatch.of(padded, "causal").padded
 
 
 def test_more_tokens_more_memory_and_the_expected_levers():
