@@ -218,7 +218,8 @@ def _first_steps(cfg: Config, data: DataBundle, kind: str) -> list[list[MicroBat
     run's seeded order (no workers; the run's own loader is untouched). Per step the first
     micro-batch (it creates the gradients) and, with accumulation, the largest of the others."""
     one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0))
-    batches = iter(train_loader(one, data))
+    order = iter(train_loader(one, data).batch_sampler)  # the indices of each batch, in the run's order
+    batches = (data.collator.collate([data.train[i] for i in idx]) for idx in order)
     steps = []
     for _ in range(TRACE_STEPS):
         window = [MicroBatch.of(b, kind) for b in itertools.islice(batches, cfg.training.grad_accum)]

@@ -797,6 +797,11 @@ class Collator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.collate(features)
+
+    def collate(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The batch of `features` (what calling the collator returns; the memory planner calls this
+        directly to look at a run's first batches without taking them from the run's loader)."""
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
         labels = [torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long) for f in features]
         width = _round_up(max((len(x) for x in ids), default=0), self.pad_to_multiple_of)
