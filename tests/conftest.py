@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,15 @@ GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")
 T5_TOK = str(REPO / "tests/fixtures/tokenizers/t5_test_sentencepiece")
 QUOTES = str(REPO / "data/english_quotes.jsonl")
 XSUM = str(REPO / "tests/fixtures/xsum_sample.json")
+
+
+def simulated(t: Any) -> bool:
+    """True for a fake tensor of the memory planner: every run simulates two steps at setup, on fake
+    tensors, through the model's forward and the optimizer's step, which tests that count those
+    calls must not count."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def tiny_config(preset: str = "tiny-llama", output_dir: str | Path = "runs/test", **sections) -> dict:
