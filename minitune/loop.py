@@ -425,6 +425,10 @@ def _forward_backward(accelerator: Any, model: nn.Module, window: list[dict], lo
             if phases is not None and i == 0:
                 phases.phase("backward")
         loss += micro_loss.detach().float()
+        # the graph hangs on the loss until it is dropped, and with it whatever custom autograd
+        # functions keep on their context (bitsandbytes' 8-bit layers keep each layer's input):
+        # dropped now, not when the next micro-batch's forward has allocated its own
+        del micro_loss
         total += micro_items
         tally.count_tokens(batch)
         state.micro_step += 1

@@ -107,6 +107,38 @@ def test_accumulation_gives_the_gradient_of_one_big_batch():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_a_micro_batch_graph_is_gone_before_the_next_forward():
+    # a custom autograd function that keeps a tensor on its context (as bitsandbytes' 8-bit layers
+    # keep their input): backward does not free it, only dropping the graph does. Each forward checks
+    # that nothing of the previous micro-batches' graphs is alive (the loop held the last loss, and
+    # with it this memory, until the next forward had run: 31 MiB on opt-125m 8-bit at 2 x 64).
+    import weakref
+
+    kept: list = []
+
+    class Keep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.kept = x.detach().clone()
+            kept.append(weakref.ref(ctx.kept))
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    alive: list[int] = []
+
+    def keeping_loss(model, batch):
+        alive.append(sum(ref() is not None for ref in kept))
+        loss, items = squared_error(model, batch)
+        return Keep.apply(loss), items
+
+    keeping_loss.count = squared_error.count
+    _run(_batches(6), LoopArgs(max_steps=2, grad_accum=3, max_grad_norm=0), loss_fn=keeping_loss)
+    assert alive == [0] * 6
+
+
 def test_a_loss_without_count_is_normalised_by_what_it_returns():
     """Without `count` the gradients are divided after the window by the returned counts: the same
     training as with `count` (not bit for bit: the division happens in another place)."""
