@@ -388,6 +388,7 @@ def _fake_copy(model: nn.Module, mode: Any) -> nn.Module:
         with mode:
             return torch.empty(shape, dtype=dtype, device="cpu")
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the module it compiled
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         if id(t) in memo:
@@ -403,6 +404,9 @@ def _fake_copy(model: nn.Module, mode: Any) -> nn.Module:
             if hasattr(m, "state"):
                 memo[id(m.state)] = None
     clone = copy.deepcopy(model, memo)
+    for module in clone.modules():  # a forward that Accelerate wrapped is bound to the original: the class's own
+        for attr in ("forward", "_original_forward"):
+            module.__dict__.pop(attr, None)
     for name, module in list(clone.named_modules()):
         bits = _is_bnb_layer(module)
         if bits:
