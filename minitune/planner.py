@@ -782,8 +782,12 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
             continue
         tried.append(Suggestion(what, over, peak, peak <= tg.budget, cost, changes))
     fitting = sorted((s for s in tried if s.fits), key=lambda s: (s.changes_result, s.speed))
+    lowering = [s for s in tried if s.peak < prediction.total]
+    if not any(not s.changes_result for s in fitting):  # first: changes that keep what is trained, together
+        combo = _combination(resolved, tg, [s for s in lowering if not s.changes_result])
+        fitting = ([combo] if combo is not None else []) + fitting
     if not fitting:
-        combo = _combination(resolved, tg, [s for s in tried if s.peak < prediction.total])
+        combo = _combination(resolved, tg, lowering)
         if combo is not None:
             fitting = [combo]
         else:
