@@ -315,6 +315,7 @@ class _Bnb8bitState(torch.optim.Optimizer):
     def __init__(self, params: Any, moments: int, eight_bit: bool, paged: bool, device_type: str) -> None:
         super().__init__(params, {})
         self.moments, self.eight_bit, self.paged, self.device_type = moments, eight_bit, paged, device_type
+        self.paged_bytes = 0  # state in CUDA unified memory: outside PyTorch's allocator, not in the peak
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -327,6 +328,7 @@ class _Bnb8bitState(torch.optim.Optimizer):
                 if not state:
                     state["step"] = 0
                     if self.paged and self.device_type == "cuda" and p.numel() >= 1e5:
+                        self.paged_bytes += self.moments * p.numel() * (1 if self.eight_bit else 4)
                         continue
                     for i in range(1, self.moments + 1):
                         state[f"state{i}"] = torch.zeros_like(p, dtype=torch.float32 if small else torch.uint8)
@@ -594,7 +596,8 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
     shape = {"batch_size": largest.batch_size, "seq_len": largest.seq_len, "target_len": largest.target_len,
              "targets": largest.targets if largest.targets is not None else "every position",
              "grad_accum": t.grad_accum, "mixed_precision": t.mixed_precision,
-             "optimizer": cfg.optimizer.name if isinstance(optimizer, _Bnb8bitState) else type(optimizer).__name__}
+             "optimizer": cfg.optimizer.name if isinstance(optimizer, _Bnb8bitState) else type(optimizer).__name__,
+             "paged_state_bytes": getattr(optimizer, "paged_bytes", 0)}
     return Prediction(ledger.peak, ledger.peak_phase, _ordered(breakdown),
                       {k: v for k, v in ledger.phase_peaks.items() if k != "setup"}, shape)
 
@@ -861,5 +864,8 @@ def format_plan(p: Plan, command: str = "") -> str:
             lines.append("not enough alone:")
             for x in rest:
                 lines.append(f"  {x.what:<58} peak {format_bytes(x.peak):>10}")
+    if s.get("paged_state_bytes"):
+        lines.append(f"note: the paged optimizer's state ({format_bytes(s['paged_state_bytes'])}) is not in the peak: it "
+                     "lives in CUDA unified memory, which the driver moves to CPU RAM when the GPU runs short")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
