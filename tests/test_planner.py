@@ -214,9 +214,16 @@ def test_plan_command_text_and_advice():
     (["plan"], "give --config"),
     (["fit"], "unknown command 'fit'"),
 ])
-def test_plan_command_bad_input(args, message):
-    proc = _cli(*args)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+def test_plan_command_bad_input(args, message, capsys):
+    from minitune.cli import main
+
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's usage errors exit
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
 
 
 def test_train_py_plan_flag():
