@@ -22,6 +22,7 @@ called peaks):
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
 import json
 import os
@@ -111,16 +112,16 @@ class MemoryProfiler:
                  window_steps: int = 0):
         self.device = torch.device(device)
         # the training peak is measured over optimizer steps 1..window_steps (0: over every step);
-        # on CPU an AllocatorTrace runs from start() to the end of that window, so that the peak is
-        # the allocator's exact account rather than sampled RSS
+        # on CPU: the tensors alive when training starts plus an AllocatorTrace of those steps, so
+        # that the peak is the allocator's exact account rather than sampled RSS
         self.window_steps = window_steps
         self.window_peak: int | None = None
         self._steps_seen = 0
         self._trace: AllocatorTrace | None = None
         self._trace_window: Any = None
-        self.trace_peaks: dict[str, int] = {}  # 'load' (start to training) and 'train' (the traced steps)
+        self.trace_peaks: dict[str, int] = {}  # 'train': held when training started + the traced steps' peak
+        self.held_at_start = 0  # CPU: bytes of every tensor alive when training started
         self._train_records_from = 0  # records before this index cover loading, not training
-        self._load_window: Any = None
         self.kind = self.device.type if self.device.type in ("cuda", "mps") else "cpu"
         self.sample_interval_s = sample_interval_s
         self.phases_every = phases_every
@@ -138,10 +139,6 @@ class MemoryProfiler:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> MemoryProfiler:
         """Start the sampler thread (CPU and MPS; CUDA has a hardware-backed peak counter)."""
-        if self.window_steps and self.kind == "cpu" and self._trace is None:
-            self._trace = AllocatorTrace().__enter__()
-            self._load_window = self._trace.window("load")
-            self._load_window.__enter__()
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self._thread is None:
@@ -157,21 +154,22 @@ class MemoryProfiler:
         """Mark the end of loading: the peak so far is the load's, later ones are the training's."""
         self.step(0)
         self._train_records_from = len(self.records)
-        if self._trace is not None and self._trace_window is None:
-            self._load_window.__exit__(None, None, None)
+        if self.window_steps and self.kind == "cpu" and self._trace is None:
+            # what tensors hold now (the model, its optimizer), then the allocator's account of what
+            # the steps add: tracing from here keeps the profiler's events to two steps' worth
+            self.held_at_start = _live_cpu_tensor_bytes()
+            self._trace = AllocatorTrace().__enter__()
             self._trace_window = self._trace.window("train")
             self._trace_window.__enter__()
 
     def _end_trace(self) -> None:
         if self._trace is None:
             return
-        open_window = self._trace_window if self._trace_window is not None else self._load_window
-        if open_window is not None:
-            open_window.__exit__(None, None, None)
-        self._trace.__exit__(None, None, None)
         if self._trace_window is not None:
-            self.trace_peaks = {"load": self._trace.peak("load"), "train": self._trace.peak("train")}
-        self._trace = self._trace_window = self._load_window = None
+            self._trace_window.__exit__(None, None, None)
+        self._trace.__exit__(None, None, None)
+        self.trace_peaks = {"train": self.held_at_start + self._trace.peak("train")}
+        self._trace = self._trace_window = None
 
     def optimizer_stepped(self) -> None:
         """Count an optimizer step (a `register_step_post_hook` on the optimizer calls it); the
@@ -330,6 +328,26 @@ class MemoryProfiler:
             for key, value in self.breakdown.items():
                 table.add_row(key, f"{value / MB:.1f}")
         return table
+
+
+def _live_cpu_tensor_bytes() -> int:
+    """Bytes of the storages of every CPU tensor alive in Python (each storage once): what the CPU
+    allocator holds for tensors at this moment (on the memory grid's cells it equals the allocator
+    trace's count, to the byte)."""
+    seen: set[int] = set()
+    total = 0
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no deprecated proxy is woken
+            continue
+        try:
+            storage = obj.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # meta, fake and other storage-less tensors
+            continue
+        ptr = storage.data_ptr()
+        if storage.device.type == "cpu" and ptr and ptr not in seen:
+            seen.add(ptr)
+            total += storage.nbytes()
+    return total
 
 
 class AllocatorTrace:

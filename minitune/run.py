@@ -219,8 +219,8 @@ def _out_of_memory(err: BaseException, parts: Parts) -> RunError:
 
 
 def _memory_rows(profiler: Any, predicted: Any) -> list[tuple[str, str]]:
-    """The summary's memory rows: the training peak measured and predicted; the load's peak (CPU);
-    and, when they differ by more than 5%, the component of the prediction that was off."""
+    """The summary's memory rows: the training peak measured and predicted, and, when they differ
+    by more than 5%, the component of the prediction that was off."""
     guess = f"{format_bytes(predicted.total)} predicted" if predicted is not None else "no prediction"
     if profiler is None:
         return [("peak memory", f"not measured (logging.memory=false), {guess}")]
@@ -230,9 +230,6 @@ def _memory_rows(profiler: Any, predicted: Any) -> list[tuple[str, str]]:
     if error is not None:
         text += f" ({error:+.1%})"
     rows = [("peak memory", text)]
-    if profiler.trace_peaks.get("load"):
-        rows.append(("loading", f"{format_bytes(profiler.trace_peaks['load'])} peak while loading the model "
-                                "(not part of the training peak)"))
     if error is not None and abs(error) > 0.05 and profiler.breakdown:
         rows.append(("memory off by", off_component(predicted, profiler.breakdown, peak)))
     return rows
