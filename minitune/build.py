@@ -85,8 +85,7 @@ class Parts:
     logger: RunLogger
     loss_fn: LossFn
     prep: PreparationReport
-    predicted: Prediction | None  # the predicted peak of the first steps (None: the planner could not simulate this model)
-    predicted_most: Prediction | None  # ... of the longest example, every position a target
+    predicted: Prediction | None  # the predicted peak of steps 1-2 (None: the planner could not simulate this model)
     total_steps: int
     out: Path
     resume_from: Path | None
@@ -136,7 +135,7 @@ def setup(cfg: Config) -> Parts:
         profiler.phase("start")
     try:  # a failure from here on (bad weights, a checkpoint that does not fit) stops the sampler thread
         model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
-        predicted, predicted_most = predict_run(cfg, model, data, accelerator.device)
+        predicted = predict_run(cfg, model, data, accelerator.device)
         if t.compile:
             model = torch.compile(model)
 
@@ -167,7 +166,7 @@ def setup(cfg: Config) -> Parts:
                            initial_step=state.step, trackers=bool(cfg.logging.trackers), append=resume_from is not None,
                            first_record={"precision": dataclasses.asdict(where.precision)})
         parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
-                      logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, predicted_most, total_steps, out,
+                      logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, total_steps, out,
                       resume_from,
                       state)
         _startup_lines(parts)
@@ -188,29 +187,21 @@ def setup(cfg: Config) -> Parts:
 TRACE_STEPS = 2
 
 
-def predict_run(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> tuple[Any, Any]:
-    """The run's predicted training peaks (`minitune.planner.simulate` on a fake copy of `model`):
-    for the micro-batches of its first TRACE_STEPS steps (what the CPU allocator trace measures:
-    the summary compares the two), and for micro-batches padded to the longest training example
-    with every position a target (the most any step of this data can need).
+def predict_run(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> Prediction | None:
+    """The run's predicted training peak for the micro-batches of its first TRACE_STEPS steps
+    (`minitune.planner.simulate` on a fake copy of `model`): what the measurement of those steps
+    is compared with. The most any step of this config can need is `minitune plan`'s answer.
 
     Returns:
-        (first steps, most), each None, with a warning, when the model cannot be simulated (a
-        custom architecture whose code reads tensor values): the run goes on without a prediction.
+        The Prediction, or None, with a warning, when the model cannot be simulated (a custom
+        architecture whose code reads tensor values): the run goes on without a prediction.
     """
-    kind = model_kind(model)
     try:
-        first = simulate(model, cfg, steps=_first_steps(cfg, data, kind), device_type=device.type)
-        target_len = None
-        if kind == "seq2seq" and "labels" in data.train.column_names:
-            target_len = max((len(x) for x in data.train["labels"]), default=0) or None
-        longest = min(int(data.stats.get("longest") or cfg.data.max_length), cfg.data.max_length)
-        most = simulate(model, cfg, seq_len=longest, target_len=target_len, device_type=device.type)
+        return simulate(model, cfg, steps=_first_steps(cfg, data, model_kind(model)), device_type=device.type)
     except Exception as e:  # the planner must never stop a run: say why there is no prediction
         warnings.warn(f"no memory prediction for this model ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''})", stacklevel=2)
-        return None, None
-    return first, most
+        return None
 
 
 def _first_steps(cfg: Config, data: DataBundle, kind: str) -> list[list[MicroBatch]]:
@@ -401,10 +392,11 @@ def _startup_lines(parts: Parts) -> None:
     n_val = len(parts.data.validation) if parts.data.validation is not None else 0
     log.message(f"data: {len(parts.data.train):,d} train / {n_val:,d} validation examples; {parts.total_steps} "
                 f"optimizer steps of {t.batch_size}x{t.grad_accum}x{parts.accelerator.num_processes} examples")
-    p = parts.predicted_most
+    p = parts.predicted
     if p is not None:
-        log.message(f"predicted peak {format_bytes(p.total)} at most (micro-batches of {p.shape['batch_size']} x "
-                    f"{p.shape['seq_len']} tokens, the longest example, every position a target): "
+        log.message(f"predicted peak of steps 1-{TRACE_STEPS} {format_bytes(p.total)} (largest micro-batch "
+                    f"{p.shape['batch_size']} x {p.shape['seq_len']} tokens; `minitune plan` gives the most any "
+                    "step of this config can need): "
                     + ", ".join(f"{k} {format_bytes(v)}" for k, v in p.breakdown.items() if v >= MB))
 
 

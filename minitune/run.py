@@ -127,8 +127,7 @@ def _finish(parts: Parts, state: TrainState, started: float) -> TrainResult:
                                                        max_batches=cfg.training.eval_batches, loss_fn=parts.loss_fn)
         final = save_checkpoint(out / "final", accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,
                                 scheduler=parts.scheduler, state=state, config=cfg, tokenizer=parts.tokenizer)
-    memory: dict[str, Any] = {"predicted": parts.predicted.to_dict() if parts.predicted else None,
-                              "predicted_most": parts.predicted_most.to_dict() if parts.predicted_most else None}
+    memory: dict[str, Any] = {"predicted": parts.predicted.to_dict() if parts.predicted else None}
     if profiler is not None:
         profiler.stop()
         peak, what = profiler.training_peak()
