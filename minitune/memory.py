@@ -334,10 +334,13 @@ def _live_cpu_tensor_bytes() -> int:
     """Bytes of the storages of every CPU tensor alive in Python (each storage once): what the CPU
     allocator holds for tensors at this moment (on the memory grid's cells it equals the allocator
     trace's count, to the byte)."""
+    from torch._subclasses.fake_tensor import FakeTensor  # the planner's: shapes only, no memory
+
     seen: set[int] = set()
     total = 0
     for obj in gc.get_objects():
-        if not issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no deprecated proxy is woken
+        kind = type(obj)  # type(), not isinstance: no deprecated proxy object is woken
+        if not issubclass(kind, torch.Tensor) or issubclass(kind, FakeTensor):
             continue
         try:
             storage = obj.untyped_storage()
