@@ -201,11 +201,13 @@ def test_plan_command_answers_for_a_hub_model_offline():
     assert "planned from the preset bloom-560m" in out["notes"][0]
 
 
-def test_plan_command_text_and_advice():
-    proc = _cli("plan", "--config", "tiny-llama", "--budget", "40MiB", "lora.enabled=false")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "does not fit" in proc.stdout and "changes that make it fit" in proc.stdout
-    assert "predicted peak" in proc.stdout and "per phase" in proc.stdout
+def test_plan_command_text_and_advice(capsys):
+    from minitune.cli import main
+
+    assert main(["plan", "--config", "tiny-llama", "--budget", "40MiB", "lora.enabled=false"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "changes that make it fit" in out
+    assert "predicted peak" in out and "per phase" in out
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -226,11 +228,12 @@ def test_plan_command_bad_input(args, message, capsys):
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
 
 
-def test_train_py_plan_flag():
-    proc = subprocess.run([sys.executable, "train.py", "--config", "tiny-llama", "--plan", "--device", "A10G"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("plan for A10G") and "fits:" in proc.stdout
-    refused = subprocess.run([sys.executable, "train.py", "--config", "tiny-llama", "--device", "A10G"],
-                             capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert refused.returncode == 2 and "go with --plan" in refused.stderr
+def test_train_py_plan_flag(capsys):
+    from minitune.cli import main_train
+
+    assert main_train(["--config", "tiny-llama", "--plan", "--device", "A10G"]) == 0  # what train.py calls
+    out = capsys.readouterr().out
+    assert out.startswith("plan for A10G") and "fits:" in out
+    with pytest.raises(SystemExit) as refused:
+        main_train(["--config", "tiny-llama", "--device", "A10G"])
+    assert refused.value.code == 2 and "go with --plan" in capsys.readouterr().err
