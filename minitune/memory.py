@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["AllocatorTrace", "MemoryProfiler", "format_bytes", "tensor_breakdown"]
 
@@ -120,7 +121,8 @@ class MemoryProfiler:
         self._trace: AllocatorTrace | None = None
         self._trace_window: Any = None
         self.trace_peaks: dict[str, int] = {}  # 'train': held when training started + the traced steps' peak
-        self.held_at_start = 0  # CPU: bytes of every tensor alive when training started
+        self.held_at_start = 0  # CPU: bytes of the run's tensors alive when training started
+        self._before: Any = None  # CPU: the storages alive before the run (weakly held)
         self._train_records_from = 0  # records before this index cover loading, not training
         self.kind = self.device.type if self.device.type in ("cuda", "mps") else "cpu"
         self.sample_interval_s = sample_interval_s
@@ -139,6 +141,9 @@ class MemoryProfiler:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> MemoryProfiler:
         """Start the sampler thread (CPU and MPS; CUDA has a hardware-backed peak counter)."""
+        if self.window_steps and self.kind == "cpu" and self._before is None:
+            # tensors that exist before the run (another model in this process) are not the run's
+            self._before = WeakIdKeyDictionary(dict.fromkeys(_live_cpu_storages(), True))
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self._thread is None:
@@ -157,7 +162,8 @@ class MemoryProfiler:
         if self.window_steps and self.kind == "cpu" and self._trace is None:
             # what tensors hold now (the model, its optimizer), then the allocator's account of what
             # the steps add: tracing from here keeps the profiler's events to two steps' worth
-            self.held_at_start = _live_cpu_tensor_bytes()
+            gc.collect()  # garbage is not held by the run
+            self.held_at_start = _live_cpu_tensor_bytes(exclude=self._before if self._before is not None else ())
             self._trace = AllocatorTrace().__enter__()
             self._trace_window = self._trace.window("train")
             self._trace_window.__enter__()
@@ -330,14 +336,12 @@ class MemoryProfiler:
         return table
 
 
-def _live_cpu_tensor_bytes() -> int:
-    """Bytes of the storages of every CPU tensor alive in Python (each storage once): what the CPU
-    allocator holds for tensors at this moment (on the memory grid's cells it equals the allocator
-    trace's count, to the byte)."""
+def _live_cpu_storages() -> list[Any]:
+    """The storage of every CPU tensor alive in Python, each once."""
     from torch._subclasses.fake_tensor import FakeTensor  # the planner's: shapes only, no memory
 
     seen: set[int] = set()
-    total = 0
+    out = []
     for obj in gc.get_objects():
         kind = type(obj)  # type(), not isinstance: no deprecated proxy object is woken
         if not issubclass(kind, torch.Tensor) or issubclass(kind, FakeTensor):
@@ -349,8 +353,15 @@ def _live_cpu_tensor_bytes() -> int:
         ptr = storage.data_ptr()
         if storage.device.type == "cpu" and ptr and ptr not in seen:
             seen.add(ptr)
-            total += storage.nbytes()
-    return total
+            out.append(storage)
+    return out
+
+
+def _live_cpu_tensor_bytes(exclude: Any = ()) -> int:
+    """Bytes of the storages of every CPU tensor alive in Python (each once), except the storages in
+    `exclude` (those that existed before a run began: another model in the same process is not the
+    run's). On the memory grid's cells this equals the allocator trace's count, to the byte."""
+    return sum(st.nbytes() for st in _live_cpu_storages() if st not in exclude)
 
 
 class AllocatorTrace:
