@@ -829,7 +829,7 @@ def _combination(cfg: Config, tg: Target, useful: list[Suggestion]) -> Suggestio
                       peak, True, round(speed, 2), any(s.changes_result for s in chosen))
 
 
-def format_plan(p: Plan, command: str = "") -> str:
+def format_plan(p: Plan) -> str:
     """The plan as the terminal shows it."""
     pred, tg = p.prediction, p.target
     lines = [f"plan for {tg.name} ({format_bytes(tg.memory)}; budget {format_bytes(tg.budget)}: {tg.note})"]
