@@ -652,7 +652,7 @@ def _check_values(c: Config) -> list[str]:
     if m.gguf_file and not m.name_or_path:
         p.append("model.gguf_file needs model.name_or_path (the folder that holds it)")
     if m.preset and isinstance(m.preset, str):
-        from .presets import PRESETS  # a table of plain dicts: imports nothing
+        from .presets import PRESETS  # a table of plain dicts (transformers is imported only to build one)
 
         choice("model.preset", m.preset, PRESETS)
     if m.attn_implementation and isinstance(m.attn_implementation, str) and "/" not in m.attn_implementation:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import transformers
-
 # name -> (transformers config class name, kwargs, exact parameter count of the real checkpoint or None)
 PRESETS: dict[str, tuple[str, dict[str, Any], int | None]] = {
     # --- full size (parameter counts of the hub checkpoints) ---
@@ -94,6 +92,8 @@ def preset_config(name: str) -> Any:
     """
     if name not in PRESETS:
         raise KeyError(f"unknown model preset '{name}'; known presets: {', '.join(PRESETS)}")
+    import transformers  # here, not at the top: config validation reads PRESETS without loading transformers
+
     cls_name, kwargs, _ = PRESETS[name]
     return getattr(transformers, cls_name)(**kwargs)
 

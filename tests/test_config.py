@@ -167,6 +167,7 @@ def test_pkg_paths_are_folders_and_files_of_installed_packages():
 
 def test_import_is_light():
     code = ("import sys, minitune; from minitune import load_config; "
+            "load_config({'model': {'preset': 'tiny-llama'}, 'data': {'path': 'x.jsonl'}}); "
             "heavy = [m for m in ('bitsandbytes', 'peft', 'datasets', 'transformers', 'torch') if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
