@@ -7,7 +7,7 @@ over the columns, truncation, prompt masking or packing) -> :func:`make_dataload
 Conventions the loop relies on: labels are ``-100`` wherever a token is not a target (padding and,
 with ``data.mask_prompt``, the prompt); real tokens in a batch are ``attention_mask.sum()`` and
 target tokens are ``(labels != -100).sum()``. Batches hold exactly ``input_ids``,
-``attention_mask`` and ``labels``. ``datasets`` is imported lazily, inside the functions that need it.
+``attention_mask`` and ``labels``.
 """
 
 from __future__ import annotations

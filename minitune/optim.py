@@ -70,7 +70,7 @@ def build_optimizer(model: nn.Module, args: OptimizerArgs, device: torch.device 
         return torch.optim.SGD(groups, lr=args.lr)
     if name not in BNB_OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{name}'")
-    import bitsandbytes as bnb  # lazy: an optional, heavy dependency, only needed for these optimizers
+    import bitsandbytes as bnb  # here, not at the top: heavy to import, and only these optimizers need it
 
     cls = getattr(bnb.optim, BNB_OPTIMIZERS[name])
     if "lion" in name:
