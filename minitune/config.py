@@ -312,7 +312,26 @@ class _Loader(yaml.SafeLoader):
 
     A string-typed key takes that text (`training.mixed_precision=no` means 'no', not False), and a
     bool-typed key accepts the words in `_coerce`. Numbers and null resolve as usual.
+
+    A key given twice in one mapping (two `training:` sections, or one key twice inside a section) is
+    an error naming both lines; PyYAML would keep the last one without a word.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: overriding merged keys is intended
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeConstructor reports it below
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first at line {first}, again at line "
+                    f"{key_node.start_mark.line + 1}); keep one and merge what the two hold", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {

@@ -79,6 +79,24 @@ def test_malformed_yaml(tmp_path):
         load_config(p)
 
 
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: the first `training:` section would vanish."""
+    p = tmp_path / "dup.yaml"
+    p.write_text("training:\n  output_dir: runs/a\nmodel:\n  preset: tiny-llama\ntraining:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"line 5, column 1: duplicate key 'training' \(first at line 1, again at "
+                       r"line 5\)") as e:
+        load_config(p)
+    assert len(e.value.problems) == 1
+    p.write_text("model:\n  preset: tiny-llama\ntraining:\n  seed: 1\n  max_steps: 2\n  seed: 2\n")  # nested
+    with pytest.raises(ConfigError, match=r"duplicate key 'seed' \(first at line 4, again at line 6\)"):
+        load_config(p)
+    # a YAML merge key may override what it merges: that is not a duplicate
+    p.write_text("model:\n  preset: tiny-llama\ndata:\n  path: d.jsonl\n"
+                 "training:\n  <<: {seed: 1, max_steps: 2}\n  seed: 3\n")
+    cfg = load_config(p)
+    assert (cfg.training.seed, cfg.training.max_steps) == (3, 2)
+
+
 def test_schedulers_match_transformers():
     from transformers.trainer_utils import SchedulerType
 
