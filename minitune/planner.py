@@ -50,7 +50,7 @@ from .losses import auto_chunk_size, loss_fn_for
 from .memory import format_bytes
 
 __all__ = ["DEVICES", "MicroBatch", "Plan", "PlanError", "Prediction", "Target", "format_plan", "plan", "predict", "simulate",
-           "target", "worst_case_steps"]
+           "smaller_split", "target", "worst_case_steps"]
 
 GiB = 2**30
 MiB = 2**20
@@ -663,14 +663,22 @@ _CHANGES = (
 )
 
 
+def smaller_split(batch_size: int, grad_accum: int) -> tuple[int, int] | None:
+    """The micro-batch split that needs less memory and trains on the same examples per step: the
+    largest divisor of `batch_size` below it, and the accumulation that makes up the rest (8 x 1 ->
+    4 x 2, 6 x 1 -> 3 x 2, 5 x 2 -> 1 x 10). None when batch_size is 1 (no smaller micro-batch).
+    The one source of this advice: `minitune plan`, the out-of-memory line and auto_batch_size."""
+    smaller = next((d for d in range(batch_size // 2, 0, -1) if batch_size % d == 0), 0)
+    return (smaller, grad_accum * batch_size // smaller) if smaller else None
+
+
 def _candidates(cfg: Config, caps: Capabilities, vocab: int) -> list[tuple[str, dict[str, Any], float, bool]]:
     """(what, overrides, speed cost, changes the result) for each change that applies to `cfg`."""
     t, out = cfg.training, []
     for key, cost, changes in _CHANGES:
-        if key == "split" and t.batch_size > 1:
-            b = t.batch_size // 2
-            over = {"training.batch_size": b, "training.grad_accum": t.grad_accum * t.batch_size // b}
-            what = f"micro-batch {b} x accumulation {over['training.grad_accum']} (same tokens per step)"
+        if key == "split" and (split := smaller_split(t.batch_size, t.grad_accum)):
+            over = {"training.batch_size": split[0], "training.grad_accum": split[1]}
+            what = f"micro-batch {split[0]} x accumulation {split[1]} (same examples per step)"
         elif key == "chunk" and t.loss in ("auto", "chunked"):
             current = min(t.loss_chunk_size or auto_chunk_size(vocab), t.batch_size * cfg.data.max_length)
             if current <= 64:

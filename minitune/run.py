@@ -19,6 +19,7 @@ from .checkpoint import find_latest, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config
 from .loop import TrainState, evaluate_during_run, fit
 from .memory import MB, format_bytes, tensor_breakdown
+from .planner import smaller_split
 from .report import summary_table
 
 __all__ = ["RunError", "TrainResult", "train"]
@@ -164,20 +165,14 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or should_reduce_batch_size(err)
 
 
-def _smaller_batch(batch_size: int) -> int:
-    """The largest divisor of `batch_size` below it (0 if none): accumulation then keeps the examples
-    per step exact (8 -> 4, 6 -> 3, 5 -> 1)."""
-    return next((d for d in range(batch_size // 2, 0, -1) if batch_size % d == 0), 0)
-
-
 def _smaller_split(parts: Parts) -> Config | None:
     """The config to retry with after an out-of-memory error (None: no retry): only with
     training.auto_batch_size, before the first step of a fresh run, while the micro-batch can shrink."""
     t = parts.cfg.training
-    smaller = _smaller_batch(t.batch_size)
-    if not (t.auto_batch_size and parts.state.step == 0 and parts.resume_from is None and smaller):
+    split = smaller_split(t.batch_size, t.grad_accum)
+    if not (t.auto_batch_size and parts.state.step == 0 and parts.resume_from is None and split):
         return None
-    return with_split(parts.cfg, smaller, t.grad_accum * t.batch_size // smaller)
+    return with_split(parts.cfg, *split)
 
 
 def _out_of_memory(err: BaseException, parts: Parts) -> RunError:
@@ -199,10 +194,9 @@ def _out_of_memory(err: BaseException, parts: Parts) -> RunError:
     if peak:
         now += f"peak so far {format_bytes(peak)}; "
     knobs = []
-    if t.batch_size > 1:
-        smaller = t.batch_size // 2
-        knobs.append(f"training.batch_size={smaller} training.grad_accum={t.grad_accum * t.batch_size // smaller} "
-                     "(the same examples per step)")
+    split = smaller_split(t.batch_size, t.grad_accum)
+    if split:
+        knobs.append(f"training.batch_size={split[0]} training.grad_accum={split[1]} (the same examples per step)")
     if not t.gradient_checkpointing:
         knobs.append("training.gradient_checkpointing=true")
     if cfg.optimizer.name in ("adamw", "paged_adamw32bit"):

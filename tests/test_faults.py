@@ -107,6 +107,14 @@ def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
     assert "\n" not in msg
 
 
+def test_out_of_memory_split_keeps_an_odd_batch(tmp_path, monkeypatch):
+    """batch_size 5: the advice is 1 x 5 (5 examples per step), not 5 // 2 = 2 x 2 (4 examples)."""
+    patch_forward(monkeypatch, {1}, "oom")
+    with pytest.raises(RunError) as e:
+        train(fault_config(tmp_path / "run", training={"batch_size": 5, "grad_accum": 1}))
+    assert "training.batch_size=1 training.grad_accum=5 (the same examples per step)" in str(e.value)
+
+
 def test_auto_batch_size_halves_until_a_step_fits(tmp_path, monkeypatch, capsys):
     """A forward pass of more than 2 examples 'runs out of memory': batch 8 x 1 becomes 2 x 4, the
     same examples per step; the run equals one started at 2 x 4, and resumes with the original config."""

@@ -14,11 +14,13 @@ from minitune.config import ConfigError, load_config
 from minitune.memory import MB
 from minitune.planner import (
     MicroBatch,
+    _candidates,
     _Ledger,
     meta_model,
     parse_size,
     plan,
     simulate,
+    smaller_split,
     target,
     worst_case_steps,
 )
@@ -237,3 +239,28 @@ def test_train_py_plan_flag(capsys):
     with pytest.raises(SystemExit) as refused:
         main_train(["--config", "tiny-llama", "--device", "A10G"])
     assert refused.value.code == 2 and "go with --plan" in capsys.readouterr().err
+
+
+def test_smaller_split_keeps_the_examples_per_step():
+    """The one rule for 'a smaller micro-batch, the same examples per step': the largest divisor of
+    batch_size below it (5 -> 1, not 5 // 2 = 2, which would train on 4 examples instead of 5)."""
+    for b in range(1, 65):
+        for g in (1, 2, 3):
+            split = smaller_split(b, g)
+            if b == 1:
+                assert split is None
+                continue
+            micro, accum = split
+            assert micro < b and b % micro == 0 and micro * accum == b * g
+            assert not any(b % d == 0 for d in range(micro + 1, b))  # the largest such divisor
+    assert smaller_split(8, 1) == (4, 2) and smaller_split(6, 1) == (3, 2) and smaller_split(5, 1) == (1, 5)
+
+
+def test_plan_advice_splits_an_odd_batch_exactly():
+    from minitune.device import capabilities
+
+    cfg = load_config(tiny_config(training={"batch_size": 5, "grad_accum": 1}))
+    split = [(what, over) for what, over, *_ in _candidates(cfg, capabilities("cpu"), 100)
+             if "training.batch_size" in over]
+    assert split == [("micro-batch 1 x accumulation 5 (same examples per step)",
+                      {"training.batch_size": 1, "training.grad_accum": 5})]
