@@ -46,7 +46,7 @@ from .loop import LoopArgs, LossFn, TrainState
 from .losses import loss_fn_for
 from .memory import MB, MemoryProfiler, format_bytes
 from .model import PreparationReport, load_model, load_tokenizer, prepare_model, resolve_kind
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, keep_settings, settings
 from .planner import MicroBatch, Prediction, simulate
 from .report import RunLogger
 
@@ -479,13 +479,42 @@ def _prepare_output_dir(out: Path, cfg: Config, resuming: bool, accelerator: Any
 # ----------------------------------------------------------------------------------------------
 # resuming
 
-# What a resumed run must share with the checkpoint's run to continue it exactly: section -> keys
-# (None: every key), minus keys that change nothing about the numbers.
-_RESUME_KEYS: dict[str, tuple[str, ...] | None] = {
-    "model": None, "quantization": None, "lora": None, "data": None,
-    "optimizer": ("name",), "training": ("batch_size", "grad_accum", "seed"),
-}
-_RESUME_FREE = {"data.num_workers"}
+# Every config key is in exactly one of these two sets (tests/test_resume.py fails on a key in
+# neither, so a new field cannot slip through). RESUME_FREE: a resumed run may change it, and the
+# change takes effect: what the run reports, where and how often it evaluates and saves, how long it
+# runs, memory knobs that recompute the same numbers, the device (its precision is compared through
+# the resolved model.dtype and training.mixed_precision). RESUME_REFUSED: what the numbers depend on;
+# a change is refused, naming old and new value, unless training.resume_force, and then it takes
+# effect too (the optimizer's settings are put back over the checkpoint's: `optim.keep_settings`).
+# A key in neither set is compared like a refused one.
+RESUME_FREE = frozenset({
+    "model.trust_remote_code",
+    "data.num_workers",
+    "training.output_dir", "training.overwrite", "training.resume", "training.resume_force", "training.epochs",
+    "training.max_steps", "training.auto_batch_size", "training.gradient_checkpointing",
+    "training.checkpointing_reentrant", "training.device", "training.eval_every", "training.eval_batches",
+    "training.save_every", "training.keep_last", "training.max_bad_steps",
+    "logging.log_every", "logging.progress", "logging.jsonl", "logging.trackers", "logging.memory",
+    "logging.memory_phases_every", "logging.module_grad_norms",
+    "generation.max_new_tokens", "generation.temperature", "generation.top_p", "generation.repetition_penalty",
+    "generation.no_repeat_ngram_size", "generation.stop",
+})
+RESUME_REFUSED = frozenset({
+    "model.name_or_path", "model.gguf_file", "model.tokenizer", "model.preset", "model.config_file", "model.kind",
+    "model.dtype", "model.attn_implementation",
+    "quantization.mode", "quantization.quant_type", "quantization.double_quant", "quantization.compute_dtype",
+    "quantization.skip_modules",
+    "lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.bias", "lora.modules_to_save",
+    "lora.use_rslora", "lora.use_dora",
+    "data.path", "data.split", "data.validation_split", "data.validation_fraction", "data.prompt", "data.response",
+    "data.mask_prompt", "data.chat_template", "data.system_prompt", "data.assistant_only_loss", "data.add_eos",
+    "data.max_length", "data.max_target_length", "data.packing", "data.group_by_length", "data.max_samples",
+    "data.fix_text",
+    "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps",
+    "optimizer.scheduler", "optimizer.warmup_steps", "optimizer.warmup_ratio", "optimizer.fused",
+    "training.batch_size", "training.grad_accum", "training.seed", "training.max_grad_norm",
+    "training.mixed_precision", "training.fp32_norms", "training.compile", "training.loss", "training.loss_chunk_size",
+})
 
 
 def resolve_resume(cfg: Config) -> tuple[Path | None, Config]:
@@ -520,8 +549,8 @@ def resolve_resume(cfg: Config) -> tuple[Path | None, Config]:
                               "undo the change, start a new run in another training.output_dir, or set "
                               "training.resume_force=true to resume anyway")
     if changes:
-        print(f"warning: resuming from '{path}' with changes ({'; '.join(changes)}): "
-              "the run will not match an uninterrupted one", flush=True)
+        print(f"warning: resuming from '{path}' with changes ({'; '.join(changes)}): they take effect from "
+              "here on; the run will not match an uninterrupted one", flush=True)
     return path, cfg
 
 
@@ -562,26 +591,30 @@ def _resume_changes(saved: dict, cfg: Config) -> list[str]:
     now = yaml_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     missing = object()
     changes = []
-    for section, keys in _RESUME_KEYS.items():
+    for section, values in now.items():
         old_section = saved.get(section) or {}
-        for key in keys or now[section]:
-            if f"{section}.{key}" in _RESUME_FREE:
+        for key, new in values.items():
+            if f"{section}.{key}" in RESUME_FREE:
                 continue
-            old, new = old_section.get(key, missing), now[section][key]
+            old = old_section.get(key, missing)
             if old is not missing and old != new:
                 changes.append(f"{section}.{key} {old!r} -> {new!r}")
     return changes
 
 
 def _resume(path: Path, cfg: Config, accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
-    """Load weights, optimizer, scheduler and scaler states and the counters from `path`.
+    """Load weights, optimizer, scheduler and scaler states and the counters from `path`; the optimizer
+    then trains with this config's settings (lr, betas, eps, weight decay, schedule), not the saved ones
+    (they differ only where resolve_resume allowed it: training.resume_force).
 
     The RNG is restored separately, right before the loop (`checkpoint.restore_rng`), so that nothing
     in between draws from the restored streams. Log records after the checkpoint's step (written by
     the interrupted run after its last save) are dropped: the resumed run writes them again.
     """
+    fresh = settings(optimizer, scheduler)  # this config's optimizer settings, before the saved ones replace them
     state = load_checkpoint(path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                             rng=False)
+    keep_settings(optimizer, scheduler, fresh)
     log = Path(cfg.training.output_dir) / "log.jsonl"
     if accelerator.is_main_process and log.is_file():
         _trim_log(log, state.step)

@@ -192,7 +192,8 @@ class TrainingArgs:
     overwrite: bool = _f(False, "Allow writing into an output folder that holds another run.")
     resume: str | None = _f(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint folder.")
     resume_force: bool = _f(False, "Resume even if the config changed in a way that breaks exactness (model, "
-                            "quantization, LoRA, data, batch size, accumulation, seed, optimizer, processes).")
+                            "quantization, LoRA, data, batch size, accumulation, seed, optimizer, precision, "
+                            "clipping, loss, processes); the changes take effect from the checkpoint on.")
     epochs: float = _f(1, "Number of passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0: run `epochs`).")
     batch_size: int = _f(8, "Micro-batch size per process.")

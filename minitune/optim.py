@@ -16,7 +16,7 @@ from transformers import get_scheduler
 from .config import OptimizerArgs
 from .device import capabilities, optimizer_name_for
 
-__all__ = ["build_optimizer", "build_scheduler", "parameter_groups", "warmup_steps"]
+__all__ = ["build_optimizer", "build_scheduler", "keep_settings", "parameter_groups", "settings", "warmup_steps"]
 
 # name -> bitsandbytes.optim class name
 BNB_OPTIMIZERS = {
@@ -87,3 +87,41 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimizerArgs, total
     """`transformers.get_scheduler(args.scheduler)` with warmup, over `total_steps` optimizer steps."""
     return get_scheduler(args.scheduler, optimizer, num_warmup_steps=warmup_steps(args, total_steps),
                          num_training_steps=total_steps)
+
+
+def settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """The hyperparameters a freshly built optimizer and scheduler hold (what `keep_settings` puts
+    back after a checkpoint's states are loaded): each param group's settings, the peak lrs."""
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
+    peaks = list(scheduler.base_lrs) if scheduler is not None else [g["lr"] for g in optimizer.param_groups]
+    return {"groups": groups, "base_lrs": peaks}
+
+
+def keep_settings(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: dict[str, Any]) -> None:
+    """After `load_state_dict`, train on with this run's settings (`fresh`, from `settings` before
+    loading), not the saved run's: torch's `Optimizer.load_state_dict` restores every param group's
+    lr, betas, eps and weight decay, and the scheduler its peak lrs (`base_lrs`). The moments and step
+    counts stay the checkpoint's; the current lr is the schedule's value at the restored step. With
+    nothing changed this sets every value to what it already is.
+
+    Args:
+        optimizer: the optimizer, its state just loaded.
+        scheduler: its LambdaLR (`build_scheduler`: a schedule of lr_lambdas), its state just loaded, or None.
+        fresh: `settings(optimizer, scheduler)` taken before loading.
+    """
+    for group, new in zip(optimizer.param_groups, fresh["groups"], strict=True):
+        group.update(new)
+    peaks = fresh["base_lrs"]
+    lrs = peaks
+    if scheduler is not None:
+        scheduler.base_lrs = list(peaks)
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(peaks, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        if isinstance(group["lr"], torch.Tensor):  # a tensor lr (capturable/fused setups) is updated in place
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    if scheduler is not None:
+        for group, base in zip(optimizer.param_groups, peaks, strict=True):
+            group["initial_lr"] = base
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -10,15 +10,19 @@ checkpoint, as an interrupted run's would), and must end with the same adapter a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from minitune.build import RESUME_FREE, RESUME_REFUSED, setup
 from minitune.checkpoint import CheckpointError, clean_debris, find_latest, list_checkpoints
+from minitune.config import Config, load_config
 from minitune.run import train
 
 from .conftest import simulated, tiny_config
@@ -166,6 +170,74 @@ def test_changed_config_is_refused_unless_forced(reference, tmp_path, capsys):
     result = train(exact_config(out, training={"resume": "auto", "seed": 1, "max_steps": 6, "resume_force": True}))
     assert result.state.step == 6
     assert "resuming from" in capsys.readouterr().out
+
+
+def test_every_config_key_is_classified_for_resume():
+    """Each key is free to change on resume or refused: a new field must be put in one of the two."""
+    cfg = Config()
+    keys = {f"{section.name}.{f.name}" for section in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, section.name))}
+    assert len(keys) > 80
+    assert not RESUME_FREE & RESUME_REFUSED
+    assert keys - (RESUME_FREE | RESUME_REFUSED) == set(), "classify these keys in build.RESUME_FREE or RESUME_REFUSED"
+    assert (RESUME_FREE | RESUME_REFUSED) - keys == set(), "these classified keys are not config keys"
+
+
+def test_changed_optimizer_precision_clipping_and_loss_are_refused(reference, tmp_path):
+    """The optimizer's settings are restored from the checkpoint by torch: a new lr would be ignored,
+    so every key the numbers depend on is refused, each with its old and new value."""
+    out = resume_copy(reference, "checkpoint-000004", tmp_path / "run")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    saved = yaml.safe_load((reference / "checkpoint-000004" / "config.yaml").read_text())
+    changed = {"optimizer": {"lr": 5e-3, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.1},
+               "training": {"resume": "auto", "max_grad_norm": 0.5, "loss": "full", "fp32_norms": "all"}}
+    with pytest.raises(CheckpointError) as e:
+        train(exact_config(out, **changed))
+    msg = str(e.value)
+    for section, values in changed.items():
+        for key, new in values.items():
+            if key != "resume":
+                assert f"{section}.{key} {saved[section][key]!r} -> {new!r}" in msg
+    assert "another training.output_dir" in msg and "resume_force=true" in msg and "\n" not in msg
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+
+
+def test_forced_optimizer_changes_take_effect(tmp_path):
+    """2 steps at lr 1e-3, then resume_force with lr 5e-3 (constant schedule): steps 3 and 4 train at
+    5e-3, and the new betas, eps and weight decay are the optimizer's, not the checkpoint's."""
+    out = tmp_path / "run"
+    first = {"optimizer": {"lr": 1e-3, "scheduler": "constant", "warmup_steps": 0},
+             "training": {"max_steps": 2, "save_every": 0}, "logging": {"log_every": 1}}
+    train(exact_config(out, **first))
+    new = {"lr": 5e-3, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.1}
+    again = exact_config(out, **{**first, "optimizer": {**first["optimizer"], **new},
+                                 "training": {"max_steps": 4, "save_every": 0, "resume": "auto", "resume_force": True}})
+    train(again)
+    lrs = {r[0]: r[3] for r in log_records(out)}
+    assert lrs == {1: 1e-3, 2: 1e-3, 3: 5e-3, 4: 5e-3}
+    assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"]["lr"] == 5e-3  # and the record says so
+
+    again["training"]["max_steps"] = 6  # the same, looked at inside: resume from final (step 4)
+    again["logging"]["memory"] = False
+    parts = setup(load_config(again))
+    parts.logger.close()
+    groups = parts.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [5e-3] * len(groups) and parts.scheduler.base_lrs == [5e-3] * len(groups)
+    assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in groups)
+    assert groups[0]["weight_decay"] == 0.1  # the decayed group (LoRA matrices); no-decay groups keep 0
+    assert all(g["weight_decay"] == 0.0 for g in groups[1:])
+
+
+def test_free_changes_take_effect_and_keep_the_numbers(reference, tmp_path, monkeypatch):
+    """Keys free to change on resume (reporting, saving, memory knobs) are not refused, take effect,
+    and the run still ends bitwise equal to the uninterrupted one."""
+    out = resume_copy(reference, "checkpoint-000002", tmp_path / "run")
+    free = {"training": {"resume": "auto", "keep_last": 1, "gradient_checkpointing": True, "max_bad_steps": 2},
+            "logging": {"log_every": 1}}
+    result, optimizer_steps, seen = train_resumed(exact_config(out, **free), monkeypatch)
+    assert optimizer_steps == 3 and seen == [3, 4, 5]  # logged at every step now, not every 2
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000005"]  # keep_last=1
+    assert_bitwise(weights(reference / "final"), weights(out / "final"))
 
 
 def test_explicit_resume_of_a_missing_or_incomplete_checkpoint(reference, tmp_path):
