@@ -19,6 +19,8 @@ are deleted, so a half-deleted folder never looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -33,8 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
 from .loop import TrainState
+from .memory import format_bytes
 
-__all__ = ["CheckpointError", "clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
+__all__ = ["CheckpointError", "DiskFullError", "clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
            "load_weights", "restore_rng", "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint"]
 
 MARKER = "COMPLETE"
@@ -44,6 +47,11 @@ _DEBRIS = (".tmp-", ".old-", ".trash-")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the fix."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written: its folder's disk is full. The message names the folder, the
+    space a checkpoint needs, the last good checkpoint and how to resume; the half-written copy is gone."""
 
 
 def is_complete(path: str | Path) -> bool:
@@ -198,9 +206,67 @@ def save_checkpoint(
         The checkpoint folder.
 
     Raises:
-        OSError: the folder cannot be written (the previous checkpoint stays untouched).
+        DiskFullError: the disk filled up while writing (the half-written copy is removed; the previous
+            checkpoint stays untouched).
+        OSError: the folder cannot be written otherwise (the previous checkpoint stays untouched).
     """
     path = Path(path)
+    try:
+        return _save(path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                     state=state, config=config, tokenizer=tokenizer, keep_last=keep_last)
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        raise _disk_full_error(path, model, optimizer) from e
+
+
+def _disk_full(err: BaseException) -> bool:
+    """True if `err` (or what it arose from) is the disk or the quota running out: an OSError with
+    ENOSPC / EDQUOT, or safetensors' error, which carries only the text ('... (os error 28)')."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if f"(os error {errno.ENOSPC})" in str(err) or f"(os error {errno.EDQUOT})" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _disk_full_error(path: Path, model: torch.nn.Module, optimizer: Any) -> DiskFullError:
+    """The one-line error for a save into `path` that ran out of disk; removes the half-written copy
+    first (its space is the user's again). The space needed: the last complete checkpoint's size (the
+    same run writes the same files), else what the trainable weights and the optimizer state take."""
+    folder = path.parent
+    shutil.rmtree(folder / f".tmp-{path.name}", ignore_errors=True)
+    last = None
+    with contextlib.suppress(CheckpointError, OSError):
+        last = find_latest(folder)
+    if last is not None:
+        needed = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
+    else:
+        tensors = [p for p in model.parameters() if p.requires_grad]
+        if optimizer is not None:
+            tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        needed = sum(t.numel() * t.element_size() for t in tensors)
+    free = shutil.disk_usage(folder).free
+    then = (f"last good checkpoint: {last}; free some space there (or move the run folder to a larger disk) "
+            "and resume with training.resume=auto" if last is not None else
+            "no checkpoint was saved yet; free some space there and start the run again")
+    return DiskFullError(f"no space left on the disk of '{folder}' while saving {path.name}: a checkpoint of this "
+                         f"run needs about {format_bytes(needed)}, {format_bytes(free)} is free; {then}")
+
+
+def _torch_save(obj: Any, file: Path) -> None:
+    """`torch.save` through a Python file: a failed write then surfaces as its OSError (errno kept)
+    rather than only as torch's 'unexpected pos' RuntimeError."""
+    with open(file, "wb") as f:
+        torch.save(obj, f)
+
+
+def _save(path: Path, *, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: Any,
+          config: Any, tokenizer: Any, keep_last: int) -> Path:
+    """`save_checkpoint`'s work."""
     tmp = path.parent / f".tmp-{path.name}"
     if accelerator.is_main_process:
         if tmp.exists():
@@ -236,8 +302,8 @@ def save_checkpoint(
             "scaler": accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) else None,
         }
         accelerator.wait_for_everyone()
-        torch.save(blob, tmp / f"training_state_{accelerator.process_index}.pt")
-        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        _torch_save(blob, tmp / f"training_state_{accelerator.process_index}.pt")
+        _torch_save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / MARKER).write_text("ok\n")

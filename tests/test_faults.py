@@ -107,6 +107,56 @@ def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch):
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_full_disk_while_saving_is_one_error_line(tmp_path, monkeypatch, capsys, writer):
+    """The disk fills up while checkpoint-000002 is written: one `error:` line (exit 2) with the
+    folder, the space a checkpoint needs, the last good checkpoint and how to resume; the half-written
+    copy is gone, checkpoint-000001 is intact, and a resume after freeing space finishes the run."""
+    import errno
+
+    import peft.peft_model
+
+    from minitune.checkpoint import verify_checkpoint
+    from minitune.cli import run_cli
+    from minitune.memory import format_bytes
+
+    out = tmp_path / "run"
+    real_torch_save, real_safe_save = torch.save, peft.peft_model.safe_save_file
+
+    def full(real):
+        def write(obj, f, *args, **kwargs):
+            name = str(getattr(f, "name", f))
+            if ".tmp-checkpoint-000002" in name:
+                if writer == "torch.save":
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                # what safetensors raises: a plain Exception subclass that carries the errno only as text
+                raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real(obj, f, *args, **kwargs)
+        return write
+
+    if writer == "torch.save":
+        monkeypatch.setattr(torch, "save", full(real_torch_save))
+    else:
+        monkeypatch.setattr(peft.peft_model, "safe_save_file", full(real_safe_save))
+    cfg = fault_config(out, training={"max_steps": 3, "save_every": 1, "keep_last": 0})
+    assert run_cli(lambda: train(cfg)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # the tokenizing progress bars, then the error
+    err = lines[-1]
+    print(err)
+    assert [line for line in lines if line.startswith("error:")] == [err]
+    first = out / "checkpoint-000001"
+    size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+    assert err.startswith("error: no space left on the disk of ")
+    assert f"'{out}'" in err and f"needs about {format_bytes(size)}" in err
+    assert f"last good checkpoint: {first}" in err and "training.resume=auto" in err
+    assert not list(out.glob(".tmp-*")) and find_latest(out) == first
+    verify_checkpoint(first)
+
+    monkeypatch.undo()  # space freed: resume where it stopped
+    result = train(fault_config(out, training={"max_steps": 3, "save_every": 1, "keep_last": 0, "resume": "auto"}))
+    assert result.state.step == 3 and is_complete(out / "final")
+
+
 def test_out_of_memory_split_keeps_an_odd_batch(tmp_path, monkeypatch):
     """batch_size 5: the advice is 1 x 5 (5 examples per step), not 5 // 2 = 2 x 2 (4 examples)."""
     patch_forward(monkeypatch, {1}, "oom")
@@ -210,7 +260,7 @@ stall = int(os.environ.get("STALL_SAVE", "0"))
 if stall:  # the n-th checkpoint stalls after writing training_state_0.pt, before rng_state_0.pt
     rng_state, calls = minitune.checkpoint.rng_state, []
     def stalled():
-        if sys._getframe(1).f_code.co_name == "save_checkpoint":
+        if sys._getframe(1).f_globals.get("__name__") == "minitune.checkpoint":  # a save, not run.py's rng_state()
             calls.append(1)
             if len(calls) == stall:
                 time.sleep(300)
