@@ -14,10 +14,11 @@ activations (made in the forward pass), logits/loss (made by the output layer an
 temporaries (made in backward and in the optimizer step). No weights are read and nothing is
 downloaded: a hub id that is not in the local cache is planned from the preset with its shapes.
 
-Two things run inside kernels where a dispatch mode cannot see them, and are stood in for:
-bitsandbytes layers (the weight dequantized to the input dtype in forward and again in backward;
-the 8-bit layer's CPU path keeps its input for backward), and bitsandbytes optimizers (their state
-tensors, allocated as `bitsandbytes.optim` allocates them).
+Two things run inside kernels where a dispatch mode cannot see them, and are stood in for, as
+they run on the planned device: bitsandbytes layers (4-bit: the weight dequantized to the input
+dtype in forward and again in backward; 8-bit: on CUDA the LLM.int8() kernels' int8, int32 and fp16
+buffers, on CPU a dequantized weight; both keep the layer's input for backward), and bitsandbytes
+optimizers (their state tensors, allocated as `bitsandbytes.optim` allocates them).
 
 The result is the peak of what tensors hold: what `torch.cuda.max_memory_allocated` reports on
 CUDA, and what the CPU allocator holds on CPU (see bench/README.md, "How memory is measured").
@@ -266,13 +267,56 @@ class _DequantizedMatmul(torch.autograd.Function):
         return grad.to(dtype) @ w, None, None, None, None
 
 
+class _Int8Matmul(torch.autograd.Function):
+    """bitsandbytes' LLM.int8() matmul on CUDA (`autograd/_functions.py::MatMul8bitLt`, kernels in
+    `backends/cuda/ops.py`), its allocations in order. Forward: the input cast to fp16, its outlier
+    mask (threshold > 0), the int8 row-quantized input and its fp32 row scales, the int32 product,
+    the fp16 dequantized product, cast back to the input dtype. Saved for backward
+    (`ctx.tensors = (CAt, subA, A)`): the input itself whenever autograd records the op, no
+    transposed copy (`CAt`: only when the weight takes a gradient; a frozen base does not), and the
+    input's outlier columns (`subA`: data-dependent, taken as none). Backward: the weight
+    dequantized to the input dtype (`state.CB.to(dtype_A, copy=True)`) and the input gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                threshold: float) -> torch.Tensor:
+        a = x.reshape(-1, x.shape[-1])
+        rows, cols = a.shape
+        a16 = a.to(torch.float16)  # int8_vectorwise_quant takes fp16 only
+        outliers = (a16.abs() >= threshold) if threshold > 0 else None
+        ca = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
+        sca = torch.empty((rows,), dtype=torch.float32, device=x.device)
+        del a16, outliers
+        product = torch.empty((rows, out_features), dtype=torch.int32, device=x.device)  # int8_linear_matmul
+        out = torch.empty((rows, out_features), dtype=torch.float16, device=x.device)  # int8_mm_dequant
+        del product, ca, sca
+        if bias is not None:
+            out.add_(bias.to(torch.float16))
+        y = out.to(x.dtype)
+        del out
+        ctx.kept = x if any(ctx.needs_input_grad[:2]) else None
+        ctx.shape = (out_features, cols, x.dtype, x.shape)
+        return y.reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        out_features, in_features, dtype, shape = ctx.shape
+        g = grad.reshape(-1, out_features).contiguous()
+        cb = torch.empty((out_features, in_features), dtype=dtype, device=grad.device)
+        cb.mul_(torch.empty((out_features, 1), dtype=torch.float32, device=grad.device))  # * SCB / 127
+        return (g.to(dtype) @ cb).view(shape), None, None, None, None
+
+
 class _QuantizedLinear(nn.Module):
     """A bitsandbytes Linear4bit / Linear8bitLt as memory sees it: the packed weight and its
-    quantization state, and a dequantizing matmul (4-bit: in its compute dtype)."""
+    quantization state, and the matmul bitsandbytes runs on `device_type` (4-bit: dequantize, in
+    the compute dtype; 8-bit on CUDA: `_Int8Matmul`; 8-bit on CPU: dequantize and keep the input)."""
 
-    def __init__(self, layer: nn.Module, bits: int, make: Any) -> None:
+    def __init__(self, layer: nn.Module, bits: int, make: Any, device_type: str = "cpu") -> None:
         super().__init__()
         self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, bits
+        self.device_type = device_type
+        self.threshold = float(getattr(getattr(layer, "state", None), "threshold", 0.0) or 0.0)
         n = self.in_features * self.out_features
         if bits == 4:
             self.compute_dtype = getattr(layer, "compute_dtype", None)
@@ -296,8 +340,10 @@ class _QuantizedLinear(nn.Module):
         inp_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        y = _DequantizedMatmul.apply(x, self.weight, self.bias, self.out_features,
-                                     self.bits == 8 and x.device.type in ("cpu", "xpu"))
+        if self.bits == 8 and self.device_type not in ("cpu", "xpu"):  # bnb.matmul: MatMul8bitLt off CPU/XPU
+            y = _Int8Matmul.apply(x, self.weight, self.bias, self.out_features, self.threshold)
+        else:  # 4-bit; 8-bit on CPU/XPU: MatMul8bitFp, which keeps its input (`ctx.A = A`)
+            y = _DequantizedMatmul.apply(x, self.weight, self.bias, self.out_features, self.bits == 8)
         return y.to(inp_dtype)
 
 
@@ -381,7 +427,7 @@ def _optimizer(model: nn.Module, cfg: Config, device_type: str) -> torch.optim.O
 # the model, on fake tensors
 
 
-def _fake_copy(model: nn.Module, mode: Any) -> nn.Module:
+def _fake_copy(model: nn.Module, mode: Any, device_type: str = "cpu") -> nn.Module:
     """A copy of `model` whose parameters and buffers are fake tensors of the same shapes and dtypes
     (tied weights stay tied), with bitsandbytes layers replaced by `_QuantizedLinear`. `model` itself
     is not touched; real weights are never copied."""
@@ -413,7 +459,7 @@ def _fake_copy(model: nn.Module, mode: Any) -> nn.Module:
         bits = _is_bnb_layer(module)
         if bits:
             original = model.get_submodule(name)
-            clone.set_submodule(name, _QuantizedLinear(original, bits, make))
+            clone.set_submodule(name, _QuantizedLinear(original, bits, make, device_type))
     return clone
 
 
@@ -537,7 +583,7 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
 
     t = cfg.training
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = _fake_copy(model, mode).train()  # as the loop trains: dropout on
+    fake = _fake_copy(model, mode, device_type).train()  # as the loop trains: dropout on
     inner = fake.get_base_model() if hasattr(fake, "get_base_model") else fake
     config = inner.config
     seq2seq = model_kind(config) == "seq2seq"

@@ -264,3 +264,33 @@ def test_plan_advice_splits_an_odd_batch_exactly():
              if "training.batch_size" in over]
     assert split == [("micro-batch 1 x accumulation 5 (same examples per step)",
                       {"training.batch_size": 1, "training.grad_accum": 5})]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA simulated as CUDA: bitsandbytes' kernels, the attention implementation, AdamW's kernels
+
+
+def test_int8_matmul_on_cuda_allocates_what_bitsandbytes_allocates_and_keeps_its_input():
+    from minitune.planner import _DequantizedMatmul, _Int8Matmul
+
+    m, k, n = 4, 8, 16  # rows (tokens), in_features, out_features; fp32 input
+    packed = torch.empty(n, k, dtype=torch.int8)  # the weight: made before the ledger counts
+    for grad in (True, False):
+        leaf = torch.randn(m, k, requires_grad=grad)
+        ledger = _Ledger(fake=False)
+        with ledger:
+            x = leaf * 1.0  # a layer's input: made by the layer before (autograd keeps leaves anyway)
+            y = _Int8Matmul.apply(x, packed, None, n, 6.0)
+        # MatMul8bitLt's forward at its highest: x, the int8 row-quantized x (m*k) and its fp32 row
+        # scales (4m), the int32 product (4mn) and its fp16 dequantization (2mn)
+        assert ledger.peak == 4 * m * k + m * k + 4 * m + 4 * m * n + 2 * m * n
+        del x
+        # ctx.tensors = (CAt, subA, A): the input stays alive for backward when autograd records the op
+        assert ledger.live == 4 * m * n + (4 * m * k if grad else 0)
+        del y
+    # the CPU path (MatMul8bitFp) dequantizes the weight instead: a different account
+    ledger = _Ledger(fake=False)
+    with ledger:
+        x = torch.randn(m, k, requires_grad=True)
+        y = _DequantizedMatmul.apply(x, packed, None, n, True)
+    assert ledger.peak == 4 * m * k + 4 * n * k + 4 * m * n and y.shape == (m, n)
