@@ -73,6 +73,7 @@ class Target:
     budget: int  # bytes a run's tensors may use (see `DEVICES`)
     caps: Capabilities
     note: str = ""  # where the budget comes from
+    capability: tuple[int, int] | None = None  # CUDA compute capability (cuBLAS's workspace size)
 
 
 # CUDA: the card's memory as sold; a run's tensors get it minus 1 GiB (the CUDA context, cuBLAS
@@ -84,6 +85,8 @@ _CUDA = {  # name: (GB, bf16)
     "T4": (16, False), "V100": (16, False), "A10G": (24, True), "L4": (24, True), "A100-40": (40, True),
     "A100-80": (80, True), "H100": (80, True), "RTX4090": (24, True),
 }
+_CAPABILITY = {"T4": (7, 5), "V100": (7, 0), "A10G": (8, 6), "L4": (8, 9), "A100-40": (8, 0), "A100-80": (8, 0),
+               "H100": (9, 0), "RTX4090": (8, 9)}
 _APPLE = {"M4-16": 16, "M4-24": 24}
 DEVICES = (*_CUDA, *_APPLE, "cpu", "mps")
 
@@ -124,7 +127,7 @@ def target(name: str, budget: int | None = None) -> Target:
         gb, bf16 = _CUDA[key]
         memory = gb * 10**9
         t = Target(key, "cuda", memory, memory - _CUDA_RESERVE, _cuda_caps(key, bf16),
-                   f"{gb} GB, less 1 GiB for the CUDA context and allocator cache")
+                   f"{gb} GB, less 1 GiB for the CUDA context and allocator cache", _CAPABILITY[key])
     elif key in _APPLE:
         memory = _APPLE[key] * GiB
         share = 2 / 3 if _APPLE[key] <= 16 else 3 / 4
@@ -180,9 +183,13 @@ class _Ledger(TorchDispatchMode):
     target positions, given in `targets`; every position when unknown) and reading a scalar (`.item()`: True for booleans, so masks are taken as all ones, 1 otherwise).
     """
 
-    def __init__(self, granule: int = 1, *, fake: bool = True) -> None:
+    def __init__(self, granule: int = 1, *, fake: bool = True, trace: bool = False) -> None:
         super().__init__()
         self.granule, self.fake = granule, fake
+        # with `trace`: every allocation `(key, nbytes)` and release `(key, None)` in order, for the
+        # CUDA caching allocator's replay (`cuda_memory.cuda_process_terms`)
+        self.trace: list[tuple[int, int | None]] | None = [] if trace else None
+        self._keys = itertools.count()
         self.targets: int | None = None  # positions with a target in the current micro-batch (None: all)
         self.all_real = True  # what a boolean read answers: "the attention mask is all ones" (no padding)
         self.role = "activations"
@@ -202,10 +209,15 @@ class _Ledger(TorchDispatchMode):
             return
         size = -(-st.nbytes() // self.granule) * self.granule
         entry = [size, role or self.role]
+        trace, key = self.trace, next(self._keys)
+        if trace is not None:
+            trace.append((key, st.nbytes()))
 
         def release(_ref: Any, entry: list = entry) -> None:
             self.live -= entry[0]
             self.by_role[entry[1]] = self.by_role.get(entry[1], 0) - entry[0]
+            if trace is not None:
+                trace.append((key, None))
 
         self._info[st] = (entry, weakref.ref(st, release))
         self.live += size
@@ -553,13 +565,16 @@ class Prediction:
     breakdown: dict[str, int]  # at the peak: weights/<dtype>, adapters, gradients, optimizer_state, activations, ...
     phases: dict[str, int]  # the highest value reached in each phase
     shape: dict[str, Any]  # what was simulated: the largest micro-batch, accumulation, precision, optimizer
+    # CUDA only: the process's device memory beyond the tensors (`cuda_memory.cuda_process_terms`)
+    cuda: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | None = None,
-             seq_len: int | None = None, target_len: int | None = None, device_type: str = "cpu") -> Prediction:
+             seq_len: int | None = None, target_len: int | None = None, device_type: str = "cpu",
+             cuda_capability: tuple[int, int] | None = None) -> Prediction:
     """Run optimizer steps of `cfg`'s training on a fake copy of `model` and return the peak.
 
     Args:
@@ -570,7 +585,9 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
         seq_len: for the default steps: tokens per example (default: data.max_length).
         target_len: for the default steps: seq2seq target tokens (default: data.max_target_length).
         device_type: the device the run uses ('cuda' rounds allocations to 512 bytes and uses
-            torch's for-each optimizer kernels).
+            torch's for-each optimizer kernels and bitsandbytes' CUDA kernels).
+        cuda_capability: on CUDA, the GPU's compute capability (default 8.0), for the cuBLAS
+            workspace in `Prediction.cuda`.
 
     Returns:
         The Prediction.
@@ -589,7 +606,7 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
     seq2seq = model_kind(config) == "seq2seq"
     steps = steps or worst_case_steps(cfg, seq_len, target_len, seq2seq)
     loss_fn = loss_fn_for(t.loss, t.loss_chunk_size)
-    ledger = _Ledger(granule=512 if device_type == "cuda" else 1)
+    ledger = _Ledger(granule=512 if device_type == "cuda" else 1, trace=device_type == "cuda")
     params = [p for p in fake.parameters() if p.requires_grad]
     with mode:
         optimizer = _optimizer(fake, cfg, device_type)
@@ -644,8 +661,13 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
              "grad_accum": t.grad_accum, "mixed_precision": t.mixed_precision,
              "optimizer": cfg.optimizer.name if isinstance(optimizer, _Bnb8bitState) else type(optimizer).__name__,
              "paged_state_bytes": getattr(optimizer, "paged_bytes", 0)}
+    cuda = {}
+    if ledger.trace is not None:
+        from .cuda_memory import cuda_process_terms
+
+        cuda = cuda_process_terms(ledger.trace, capability=cuda_capability or (8, 0))
     return Prediction(ledger.peak, ledger.peak_phase, _ordered(breakdown),
-                      {k: v for k, v in ledger.phase_peaks.items() if k != "setup"}, shape)
+                      {k: v for k, v in ledger.phase_peaks.items() if k != "setup"}, shape, cuda)
 
 
 def _ordered(breakdown: dict[str, int]) -> dict[str, int]:
@@ -817,7 +839,7 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
     resolved, precision = resolve_precision(cfg, tg.caps.device, caps=tg.caps)
     model, _, note = meta_model(resolved)
     try:
-        prediction = simulate(model, resolved, device_type=tg.kind)
+        prediction = simulate(model, resolved, device_type=tg.kind, cuda_capability=tg.capability)
     except Exception as e:  # the model's own code on fake tensors, or shapes torch refuses
         raise PlanError(f"could not simulate this config ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300] if str(e) else 'no message'}); check the model and "

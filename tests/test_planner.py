@@ -294,3 +294,24 @@ def test_int8_matmul_on_cuda_allocates_what_bitsandbytes_allocates_and_keeps_its
         x = torch.randn(m, k, requires_grad=True)
         y = _DequantizedMatmul.apply(x, packed, None, n, True)
     assert ledger.peak == 4 * m * k + 4 * n * k + 4 * m * n and y.shape == (m, n)
+
+
+def test_cuda_plans_use_bitsandbytes_cuda_kernels_and_report_process_terms(monkeypatch):
+    from minitune import planner
+
+    calls = []
+    apply = planner._Int8Matmul.apply
+    monkeypatch.setattr(planner._Int8Matmul, "apply", lambda *a: calls.append(a[0].device) or apply(*a))
+    cfg = load_config(tiny_config("tiny-llama", quantization={"mode": "8bit"}, model={"dtype": "float16"},
+                                  data={"max_length": 32}))
+    model = meta_model(cfg)[0]
+    cpu = simulate(model, cfg, device_type="cpu")
+    assert not calls  # CPU: MatMul8bitFp's stand-in
+    cuda = simulate(model, cfg, device_type="cuda", cuda_capability=(7, 5))
+    assert len(calls) >= 2 * 7  # every 8-bit linear of both layers (simulated on CPU fake tensors)
+    assert cpu.cuda == {}
+    terms = cuda.cuda
+    assert set(terms) == {"cuda_context", "cublas_workspace", "tensors", "allocator_cache"}
+    # the replayed allocator serves the same tensors, each in 512-byte blocks, unsplit blocks whole
+    assert cuda.total <= terms["tensors"] <= 1.05 * cuda.total
+    assert terms["cublas_workspace"] == 2 * 8_519_680 and terms["allocator_cache"] > 0
