@@ -198,7 +198,9 @@ def build_from_config(args: ModelArgs, *, seed: int = 0) -> nn.Module:
     kind = resolve_kind(args, config)
     torch.manual_seed(seed)
     try:
-        model = _auto_class(kind).from_config(config, dtype=DTYPES[args.dtype])
+        # the configured attention, as from_pretrained gets it (eager keeps every attention matrix for backward)
+        extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+        model = _auto_class(kind).from_config(config, dtype=DTYPES[args.dtype], **extra)
     except ValueError as e:  # "Unrecognized configuration class": model.kind names the other kind
         raise ModelError(f"model.kind={kind} does not fit a {type(config).__name__} model ({str(e).splitlines()[0]}); "
                          "set model.kind=auto") from None

@@ -315,3 +315,17 @@ def test_cuda_plans_use_bitsandbytes_cuda_kernels_and_report_process_terms(monke
     # the replayed allocator serves the same tensors, each in 512-byte blocks, unsplit blocks whole
     assert cuda.total <= terms["tensors"] <= 1.05 * cuda.total
     assert terms["cublas_workspace"] == 2 * 8_519_680 and terms["allocator_cache"] > 0
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_the_configured_attention_is_built_and_planned(attn):
+    cfg = load_config(tiny_config("tiny-llama", model={"attn_implementation": attn}, data={"max_length": 128}))
+    model = meta_model(cfg)[0]
+    assert model.get_base_model().config._attn_implementation == attn
+    sdpa = load_config(cfg, {"model": {"attn_implementation": "sdpa"}})
+    eager, fused = simulate(model, cfg).phases["forward"], simulate(meta_model(sdpa)[0], sdpa).phases["forward"]
+    if attn == "eager":  # eager keeps attention probabilities (batch x heads x 128 x 128 fp32 a layer); sdpa
+        assert eager - fused >= 4 * 4 * 128 * 128 * 4  # keeps a float mask (batch x 128 x 128): > one matrix more
+    flash = load_config(cfg, {"model": {"attn_implementation": "flash_attention_2"}})
+    model, _, note = meta_model(flash)  # flash-attn is a CUDA package: planned as sdpa, and said so
+    assert model.get_base_model().config._attn_implementation == "sdpa" and "planned with sdpa" in note
