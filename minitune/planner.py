@@ -425,8 +425,13 @@ def _optimizer(model: nn.Module, cfg: Config, device_type: str) -> torch.optim.O
     if name.startswith("paged_") and device_type != "cuda":
         name = name.removeprefix("paged_")
     if name == "adamw":
-        # torch picks for-each kernels on CUDA (temporaries the size of all gradients), a loop on CPU
-        fused = bool(cfg.optimizer.fused and device_type == "cuda")
+        # As `optim.build_optimizer` makes it: fused where asked and the device has the kernel (in
+        # place, no temporaries); else torch's default, for-each kernels on CUDA (temporaries the
+        # size of all the parameters of a dtype: `sqrt` of the second moments, in `_multi_tensor_adamw`)
+        # and a loop over parameters on CPU (the same temporaries, one parameter at a time).
+        from .device import _fused_adamw_devices
+
+        fused = bool(cfg.optimizer.fused and device_type in _fused_adamw_devices())
         return torch.optim.AdamW(groups, lr=cfg.optimizer.lr, fused=fused or None,
                                  foreach=(device_type == "cuda" and not fused) or None)
     if name == "sgd":
@@ -733,7 +738,7 @@ def predict(cfg: Config, device_type: str = "cpu", *, seq_len: int | None = None
 # forward pass (~4/3; 1.4x measured in bench/results/cpu-2026-11-25.md); bitsandbytes layers
 # dequantize each weight on every forward and backward.
 _CHANGES = (
-    ("split", 1.05, False), ("chunk", 1.02, False), ("optimizer8", 1.02, False), ("checkpointing", 1.35, False),
+    ("fused", 1.0, False), ("split", 1.05, False), ("chunk", 1.02, False), ("optimizer8", 1.02, False), ("checkpointing", 1.35, False),
     ("4bit", 1.3, True), ("8bit", 1.6, True), ("lora", 0.8, True), ("seq", 0.5, True),
 )
 
@@ -751,7 +756,10 @@ def _candidates(cfg: Config, caps: Capabilities, vocab: int) -> list[tuple[str, 
     """(what, overrides, speed cost, changes the result) for each change that applies to `cfg`."""
     t, out = cfg.training, []
     for key, cost, changes in _CHANGES:
-        if key == "split" and (split := smaller_split(t.batch_size, t.grad_accum)):
+        if key == "fused" and cfg.optimizer.name == "adamw" and not cfg.optimizer.fused and caps.fused_adamw:
+            # torch documents fused as its fastest implementation: no cost expected
+            over, what = {"optimizer.fused": True}, "fused AdamW (no for-each temporaries)"
+        elif key == "split" and (split := smaller_split(t.batch_size, t.grad_accum)):
             over = {"training.batch_size": split[0], "training.grad_accum": split[1]}
             what = f"micro-batch {split[0]} x accumulation {split[1]} (same examples per step)"
         elif key == "chunk" and t.loss in ("auto", "chunked"):
@@ -865,6 +873,8 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
             peak = simulate(m, changed, device_type=tg.kind).total
         except Exception as e:  # a change this model cannot take (e.g. no checkpointing support): not offered
             result.notes.append(f"not offered: {what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            continue
+        if "optimizer.fused" in over and peak >= prediction.total:  # advice only where it saves memory
             continue
         tried.append(Suggestion(what, over, peak, peak <= tg.budget, cost, changes))
     fitting = sorted((s for s in tried if s.fits), key=lambda s: (s.changes_result, s.speed))

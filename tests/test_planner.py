@@ -329,3 +329,29 @@ def test_the_configured_attention_is_built_and_planned(attn):
     flash = load_config(cfg, {"model": {"attn_implementation": "flash_attention_2"}})
     model, _, note = meta_model(flash)  # flash-attn is a CUDA package: planned as sdpa, and said so
     assert model.get_base_model().config._attn_implementation == "sdpa" and "planned with sdpa" in note
+
+
+def test_adamw_kernels_temporaries_and_the_fused_advice():
+    cfg = load_config(tiny_config("tiny-llama", lora={"enabled": False}, data={"max_length": 8},
+                                  training={"batch_size": 1}))
+    model = meta_model(cfg)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused_cfg = load_config(cfg, {"optimizer": {"fused": True}})
+    peak = {(dev, fused): simulate(model, c, device_type=dev).phases["optimizer"]
+            for dev in ("cuda", "cpu") for fused, c in ((False, cfg), (True, fused_cfg))}
+    # for-each (CUDA's default): sqrt of every second moment at once, the size of all parameters
+    every = sum(-(-4 * p.numel() // 512) * 512 for p in params)
+    assert peak["cuda", False] - peak["cuda", True] == pytest.approx(every, rel=0.01)
+    # the loop (CPU's default): sqrt and the denominator of one parameter at a time, the largest
+    largest = max(4 * p.numel() for p in params)
+    assert peak["cpu", False] - peak["cpu", True] == pytest.approx(2 * largest, rel=0.01)
+    # offered where it lowers the peak (the optimizer step is this T5's highest point) ...
+    t5 = load_config(tiny_config("tiny-t5", lora={"enabled": False}, data={"max_length": 8, "max_target_length": 4},
+                                 training={"batch_size": 1}))
+    first = plan(t5, "T4", suggest=False).prediction
+    assert first.peak_phase == "optimizer"
+    advice = plan(t5, "T4", budget=first.total - 1).suggestions
+    assert advice[0].overrides == {"optimizer.fused": True} and advice[0].fits and advice[0].peak < first.total
+    # ... and not where it does not (the peak is the logits' backward)
+    assert not any("optimizer.fused" in s.overrides
+                   for s in plan(cfg, "T4", budget=simulate(model, cfg, device_type="cuda").total - 1).suggestions)
