@@ -17,6 +17,13 @@ Parts:
 4. `trainer`: bench/compare_trainer.py on the GPU (minitune vs transformers.Trainer, each side with
    its default settings).
 5. `auto`: what precision `auto` chooses on this GPU, and the default tiny run with it.
+6. `process`: the process's device memory against the planner's CUDA terms
+   (`minitune.cuda_memory.cuda_process_terms`): each job trains in a fresh process, which reads
+   `torch.cuda.mem_get_info()` (the driver's view) right after creating its CUDA context and again
+   after training (the caching allocator keeps its peak reserve cached), with
+   `max_memory_allocated` and `max_memory_reserved`. Predicted: the tensors (+ cuBLAS workspaces)
+   against allocated, + the allocator's cache against reserved, + the context against the driver's
+   view. `--dry-run`: the prediction only (no CUDA to measure), for a T4.
 
 Each part runs even if an earlier one failed; each check is one row of the CSV (part, name,
 status, detail, seconds). `--dry-run` uses tiny models, two matrix cells, two optimizers, the
@@ -40,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-PARTS = ("auto", "matrix", "optimizers", "memory", "trainer")
+PARTS = ("auto", "matrix", "optimizers", "memory", "trainer", "process")
 BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "lion8bit", "paged_lion8bit")
 
 if str(REPO) not in sys.path:
@@ -186,6 +193,89 @@ def part_trainer(args: argparse.Namespace, tmp: Path) -> list[dict]:
     return [row]
 
 
+# jobs of the `process` part: an 8-bit base (bitsandbytes' int8 kernels), and opt-125m in fp16 at 8 x 256
+PROCESS_JOBS = {
+    "tiny-llama 8bit": {"model": {"dtype": "float16"}, "quantization": {"mode": "8bit"}},
+    "opt-125m lora 8x256": {"model": {"preset": "opt-125m", "dtype": "float16"}, "data": {"max_length": 256},
+                            "training": {"batch_size": 8}},
+}
+
+
+def _process_terms(cfg: dict, device: str | None) -> dict:
+    """The planner's CUDA terms for `cfg` on `device` (a planner device name), or on this GPU (None)."""
+    import dataclasses
+
+    import torch
+
+    from minitune.config import load_config
+    from minitune.planner import plan, target
+
+    tg = target(device or "A100-80")
+    if device is None:  # this GPU: its memory, capability and bf16 support
+        total = torch.cuda.mem_get_info()[1]
+        caps = dataclasses.replace(tg.caps, bf16=torch.cuda.is_bf16_supported(), fast_bf16=torch.cuda.is_bf16_supported())
+        tg = dataclasses.replace(tg, name=torch.cuda.get_device_name(), memory=total, budget=total, caps=caps,
+                                 capability=torch.cuda.get_device_capability())
+    result = plan(load_config(cfg), tg, suggest=False)
+    return {"predicted_allocated": result.prediction.total, **result.prediction.cuda}
+
+
+def _process_child(spec: str) -> None:
+    """In a fresh process: measure one job (the `process` part); prints one JSON line."""
+    import torch
+
+    from minitune.run import train
+
+    cfg = json.loads(spec)
+    torch.cuda.init()
+    free0, total = torch.cuda.mem_get_info()  # the context just created (and any other process's memory)
+    torch.cuda.reset_peak_memory_stats()
+    train(cfg)
+    free1, _ = torch.cuda.mem_get_info()
+    measured = {"context": total - free0, "driver": total - free1, "allocated": torch.cuda.max_memory_allocated(),
+                "reserved": torch.cuda.max_memory_reserved()}
+    print(json.dumps({"measured": measured, "predicted": _process_terms(cfg, None)}))
+
+
+def _process_row(name: str, predicted: dict, measured: dict | None, seconds: float) -> dict:
+    terms = {k: predicted[k] for k in ("cuda_context", "cublas_workspace", "tensors", "allocator_cache")}
+    allocated = terms["tensors"] + terms["cublas_workspace"]
+    reserved, process = allocated + terms["allocator_cache"], sum(terms.values())
+    mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+    if measured is None:
+        detail = (f"predicted MiB: allocated {mib(allocated)}, reserved {mib(reserved)}, context "
+                  f"{mib(terms['cuda_context'])}, process {mib(process)}")
+        return {"part": "process", "name": name, "status": "planned (dry run: nothing measured)", "detail": detail,
+                "predicted_mb": process / 2**20, "seconds": seconds}
+    detail = "; ".join(f"{what} {mib(m)} vs {mib(p)} predicted ({(m - p) / p:+.1%})" for what, m, p in (
+        ("max_memory_allocated", measured["allocated"], allocated), ("max_memory_reserved", measured["reserved"], reserved),
+        ("context (mem_get_info at start)", measured["context"], terms["cuda_context"]),
+        ("driver after training (mem_get_info)", measured["driver"], process)))
+    return {"part": "process", "name": name, "status": "measured", "detail": detail, "peak_mb": measured["driver"] / 2**20,
+            "predicted_mb": process / 2**20, "seconds": seconds}
+
+
+def part_process(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    from tests.conftest import tiny_config
+
+    jobs = dict(list(PROCESS_JOBS.items())[:1]) if args.dry_run else PROCESS_JOBS
+    rows = []
+    for name, sections in jobs.items():
+        cfg = tiny_config("tiny-llama", tmp / name.replace(" ", "-"), **sections)
+        cfg["training"].update(device="auto", max_steps=4)
+        t0 = time.perf_counter()
+        if args.dry_run:
+            rows.append(_process_row(name, _process_terms(cfg, "T4"), None, time.perf_counter() - t0))
+            continue
+        row, proc = _script("process", ["bench/gpu_check.py", "--child", json.dumps(cfg)], args.timeout)
+        if proc is None or proc.returncode != 0:
+            rows.append({**row, "name": name})
+            continue
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(_process_row(name, out["predicted"], out["measured"], time.perf_counter() - t0))
+    return rows
+
+
 def _num(v) -> str:
     try:
         return f"{float(v):,.0f}"
@@ -208,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300, help="seconds for each benchmark script")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--name", help="file stem (default gpu-<date>, or dry-run-<date>)")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # the `process` part's fresh process: a job's config as JSON
     args = p.parse_args(argv)
+    if args.child:
+        _process_child(args.child)
+        return 0
     parts = [x for x in args.parts.split(",") if x]
     unknown = [x for x in parts if x not in PARTS]
     if unknown:

@@ -70,6 +70,26 @@ def test_gpu_check_refuses_to_run_without_a_gpu_unless_dry_run(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_gpu_check_process_part_dry_run_plans_the_cuda_terms(tmp_path):
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    (row,) = check.part_process(argparse.Namespace(dry_run=True, timeout=60), tmp_path)
+    assert row["status"] == "planned (dry run: nothing measured)" and row["name"] == "tiny-llama 8bit"
+    assert "reserved" in row["detail"] and "context" in row["detail"]
+    # the process: the context, cuBLAS's two T4 workspaces, tensors and the allocator's cache, above 300 MiB
+    assert row["predicted_mb"] > 300
+    # a GPU's row: each measured figure against its prediction (allocated: tensors + workspaces, reserved:
+    # + the cache, the driver's view: + the context)
+    measured = {"allocated": 1.1 * 2**30, "reserved": 2**31, "context": 2**28, "driver": 2**31 + 2**28}
+    predicted = {"cuda_context": 2**28, "cublas_workspace": 2**29, "tensors": 2**29, "allocator_cache": 2**30}
+    row = check._process_row("job", predicted, measured, 1.0)
+    assert row["status"] == "measured" and row["detail"].count("(+0.0%)") == 3
+    assert "max_memory_allocated 1,126 vs 1,024 predicted (+10.0%)" in row["detail"]
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_part(tmp_path):
     # ~2-3 min on 2 quiet cores: the CPU path of the script that `make gpu-check` runs on a GPU
@@ -79,7 +99,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     with open(tmp_path / "dry.csv") as f:
         rows = list(csv.DictReader(f))
     parts = {r["part"] for r in rows}
-    assert parts == {"auto", "matrix", "optimizers", "memory", "trainer"}
+    assert parts == {"auto", "matrix", "optimizers", "memory", "trainer", "process"}
     assert not [r for r in rows if r["status"].startswith("FAILED")]
     assert sum(r["status"] == "trained" for r in rows) >= 5  # auto, 2 matrix cells, 2 optimizer runs
     assert any(r["part"] == "memory" and r["status"] == "ok" for r in rows)
