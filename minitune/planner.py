@@ -23,7 +23,8 @@ optimizers (their state tensors, allocated as `bitsandbytes.optim` allocates the
 The result is the peak of what tensors hold: what `torch.cuda.max_memory_allocated` reports on
 CUDA, and what the CPU allocator holds on CPU (see bench/README.md, "How memory is measured").
 It does not include the CUDA context, the allocator's cached but unused blocks, or the process
-itself; the device budgets below leave room for those.
+itself; the device budgets below leave room for those. On CUDA, `Prediction.cuda` has them
+(`cuda_memory.cuda_process_terms`: the allocations replayed through the caching allocator).
 """
 
 from __future__ import annotations
