@@ -707,10 +707,10 @@ def meta_model(cfg: Config) -> tuple[nn.Module, Any, str]:
             raise
         args = dataclasses.replace(args, preset=preset, gguf_file="")
         note = f"{cfg.model.name_or_path} is not in the local cache: planned from the preset {preset} (its shapes)"
-    if (args.attn_implementation or "").startswith("flash_attention"):
-        # flash-attn kernels are CUDA-only packages: planned with torch's sdpa, whose flash kernel
-        # keeps the same for backward (inputs, output and the fp32 log-sum-exp per query, no
-        # attention matrix)
+    if (args.attn_implementation or "").startswith("flash_attention") or "/" in (args.attn_implementation or ""):
+        # flash-attn kernels (packages, or 'org/repo' hub kernels) are CUDA-only: planned with
+        # torch's sdpa, whose flash kernel keeps the same for backward (inputs, output and the
+        # fp32 log-sum-exp per query, no attention matrix)
         args = dataclasses.replace(args, attn_implementation="sdpa")
         note = "; ".join(filter(None, [note, f"model.attn_implementation={cfg.model.attn_implementation} is "
                                        "planned with sdpa's memory (the same tensors kept for backward)"]))

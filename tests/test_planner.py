@@ -326,9 +326,10 @@ def test_the_configured_attention_is_built_and_planned(attn):
     eager, fused = simulate(model, cfg).phases["forward"], simulate(meta_model(sdpa)[0], sdpa).phases["forward"]
     if attn == "eager":  # eager keeps attention probabilities (batch x heads x 128 x 128 fp32 a layer); sdpa
         assert eager - fused >= 4 * 4 * 128 * 128 * 4  # keeps a float mask (batch x 128 x 128): > one matrix more
-    flash = load_config(cfg, {"model": {"attn_implementation": "flash_attention_2"}})
-    model, _, note = meta_model(flash)  # flash-attn is a CUDA package: planned as sdpa, and said so
-    assert model.get_base_model().config._attn_implementation == "sdpa" and "planned with sdpa" in note
+    for kernel in ("flash_attention_2", "kernels-community/flash-attn"):
+        flash = load_config(cfg, {"model": {"attn_implementation": kernel}})
+        model, _, note = meta_model(flash)  # flash-attn kernels are CUDA-only: planned as sdpa, and said so
+        assert model.get_base_model().config._attn_implementation == "sdpa" and "planned with sdpa" in note
 
 
 def test_adamw_kernels_temporaries_and_the_fused_advice():
