@@ -50,6 +50,7 @@ from minitune.model import load_model
 from minitune.optim import build_optimizer
 from minitune.planner import MicroBatch, simulate
 from minitune.presets import preset_config
+from minitune.process_memory import tune_malloc
 from minitune.run import train
 
 MB = 2**20
@@ -302,6 +303,7 @@ def run_train(config: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    tune_malloc()  # as a minitune run does (`--malloc default` in memory_grid.py sets MINITUNE_MALLOC=default)
     if argv and argv[0] == "--train":
         fn, payload, out = run_train, argv[1], argv[2]
     else:

@@ -21,10 +21,11 @@ Besides the grid (`--parts`, all by default):
               alpha = 4, 8, 16, 32, with `logging.module_grad_norms=true`
 
 CPU memory is the process RSS above its baseline (the RSS once Python and every library are
-imported, before the model loads). Each cell runs with `MALLOC_MMAP_THRESHOLD_=131072` (glibc):
-without it glibc raises its mmap threshold after the first large frees and keeps later freed
-tensors in its heap, so RSS drifts upwards step after step by whatever the allocator keeps, not
-what training holds (`--malloc default` turns it off to see that).
+imported, before the model loads). Each cell fixes glibc's mmap threshold as every minitune run
+does (`minitune.process_memory.tune_malloc`): without it glibc raises its mmap threshold after the
+first large frees and keeps later freed tensors in its heap, so RSS drifts upwards step after step
+by whatever the allocator keeps, not what training holds (`--malloc default` turns it off to see
+that).
 
 Writes bench/results/<device>-<date>.{md,csv,json} and -peak.png, -steps.png, -alpha.png.
 """
@@ -105,8 +106,8 @@ MB = 2**20
 def cell_env(malloc: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
-    if malloc == "fixed":
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    if malloc == "default":
+        env["MINITUNE_MALLOC"] = "default"  # tune_malloc leaves glibc as it is
     return env
 
 
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="training.loss of every cell (default auto, minitune's default)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     p.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
-                   help="fixed: MALLOC_MMAP_THRESHOLD_=131072 in each cell, so RSS follows live memory (CPU)")
+                   help="fixed: minitune's malloc settings in each cell (tune_malloc), so RSS follows live memory (CPU)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     p.add_argument("--name", help="file name stem (default <device>-<date>)")
     p.add_argument("--report", type=Path, metavar="JSON", help="only rewrite the .md, .csv and plots of a saved run")

@@ -48,6 +48,7 @@ from .memory import MB, MemoryProfiler, format_bytes
 from .model import PreparationReport, load_model, load_tokenizer, prepare_model, resolve_kind
 from .optim import build_optimizer, build_scheduler, keep_settings, settings
 from .planner import MicroBatch, Prediction, simulate
+from .process_memory import release_free_memory, tune_malloc
 from .report import RunLogger
 
 __all__ = ["DeviceChoice", "Parts", "RunError", "loop_args", "setup", "setup_accelerator", "setup_data",
@@ -90,6 +91,7 @@ class Parts:
     out: Path
     resume_from: Path | None
     state: TrainState
+    malloc: str = ""  # what `tune_malloc` did
 
     def save(self, state: TrainState) -> Path:
         """Save `state` as out/checkpoint-NNNNNN (what `fit` calls every training.save_every steps)."""
@@ -115,6 +117,7 @@ def setup(cfg: Config) -> Parts:
         ConfigError, RunError, CheckpointError, DataError, ModelError: bad input, before any weights
             load where the input alone shows it.
     """
+    malloc = tune_malloc()  # first: every allocation from here on is placed under these settings
     cfg, where = setup_device(cfg)
     problems = _tracker_problems(cfg.logging.trackers)
     if problems:
@@ -135,6 +138,7 @@ def setup(cfg: Config) -> Parts:
         profiler.phase("start")
     try:  # a failure from here on (bad weights, a checkpoint that does not fit) stops the sampler thread
         model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
+        release_free_memory()  # loading's temporaries (file buffers, dequantized copies) go back to the system
         predicted = predict_run(cfg, model, data, accelerator.device)
         if t.compile:
             model = torch.compile(model)
@@ -168,7 +172,7 @@ def setup(cfg: Config) -> Parts:
         parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
                       logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, total_steps, out,
                       resume_from,
-                      state)
+                      state, malloc)
         _startup_lines(parts)
         if profiler is not None:
             profiler.training_starts()  # what loading held is recorded apart from the training peak
@@ -398,6 +402,8 @@ def _startup_lines(parts: Parts) -> None:
                     f"{p.shape['batch_size']} x {p.shape['seq_len']} tokens; `minitune plan` gives the most any "
                     "step of this config can need): "
                     + ", ".join(f"{k} {format_bytes(v)}" for k, v in p.breakdown.items() if v >= MB))
+    if parts.malloc:
+        log.message(f"malloc: {parts.malloc}")
 
 
 def _total_steps(cfg: Config, batches_per_epoch: int) -> int:

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .process_memory import release_free_memory
+
 __all__ = ["AllocatorTrace", "MemoryProfiler", "format_bytes", "tensor_breakdown"]
 
 MB = 2**20
@@ -176,6 +178,7 @@ class MemoryProfiler:
         self._trace.__exit__(None, None, None)
         self.trace_peaks = {"train": self.held_at_start + self._trace.peak("train")}
         self._trace = self._trace_window = None
+        release_free_memory()  # the profiler's event buffers, freed now, go back to the system
 
     def optimizer_stepped(self) -> None:
         """Count an optimizer step (a `register_step_post_hook` on the optimizer calls it); the
