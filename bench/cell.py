@@ -50,7 +50,7 @@ from minitune.model import load_model
 from minitune.optim import build_optimizer
 from minitune.planner import MicroBatch, simulate
 from minitune.presets import preset_config
-from minitune.process_memory import tune_malloc
+from minitune.process_memory import process_peak, tune_malloc
 from minitune.run import train
 
 MB = 2**20
@@ -275,6 +275,10 @@ def run_cell(spec: dict) -> dict:
             records=profiler.records,
             ratio=train_peak / predicted["total"] if predicted["total"] else math.nan,
         )
+        if profiler.kind == "cpu":  # the whole process: peak RSS of the cell against minitune's process_peak
+            process = process_peak("cpu", predicted["total"], baseline=baseline)
+            result.update(rss_peak_mb=profiler.peak_bytes() / MB, process_peak_mb=process.total / MB,
+                          process_terms_mb={k: v / MB for k, v in process.terms.items()})
     return result
 
 

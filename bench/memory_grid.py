@@ -25,7 +25,9 @@ imported, before the model loads). Each cell fixes glibc's mmap threshold as eve
 does (`minitune.process_memory.tune_malloc`): without it glibc raises its mmap threshold after the
 first large frees and keeps later freed tensors in its heap, so RSS drifts upwards step after step
 by whatever the allocator keeps, not what training holds (`--malloc default` turns it off to see
-that).
+that). The column "RSS vs process" is the cell's whole-run peak RSS against
+`minitune.process_memory.process_peak` (the RSS before loading + the predicted tensors + the
+allocator's overhead): (predicted - measured) / measured.
 
 Writes bench/results/<device>-<date>.{md,csv,json} and -peak.png, -steps.png, -alpha.png.
 """
@@ -192,7 +194,8 @@ def summarize(res: dict, group: str, method: str, label: str) -> dict:
         row["optimizer_mb"] = b["optimizer_state"]
         row["activations_mb"] = b["activations_and_temporaries"]
     for key in ("peak_train_mb", "peak_all_mb", "ratio", "step_s", "tokens_per_s", "load_s", "fp32_cast_mb",
-                "optimizer_used", "wall_s", "file_backed_released_mb"):
+                "optimizer_used", "wall_s", "file_backed_released_mb", "rss_peak_mb",
+                "process_peak_mb"):
         if key in res:
             row[key] = res[key]
     if "optimizer" in s:
@@ -360,6 +363,13 @@ def _error(r: dict) -> str:
     return f"{100 * (r['predicted_mb'] - r['peak_train_mb']) / r['peak_train_mb']:+.1f}%"
 
 
+def _process_error(r: dict) -> str:
+    """(process_peak - peak RSS) / peak RSS of a cell, or '-'."""
+    if not r.get("rss_peak_mb") or not r.get("process_peak_mb"):
+        return "-"
+    return f"{(r['process_peak_mb'] - r['rss_peak_mb']) / r['rss_peak_mb']:+.1%}"
+
+
 def worst_case(data: dict) -> str:
     """One line: the prediction's largest error over every measured cell (grid and knob rows)."""
     rows = [r for r in data["rows"] if r.get("predicted_mb") and r.get("peak_train_mb")]  # grid and knob rows
@@ -393,14 +403,16 @@ def markdown(data: dict) -> str:
              "Breakdown (`tensor_breakdown` at the peak): frozen weights | trainable weights + gradients | "
              "optimizer state | activations and temporaries (= peak minus the tensors).", ""]
     head = ("| model | method | batch x seq | status | trainable | trainable % | peak MiB | predicted MiB | ratio "
-            "| error | weights | train+grads | optim | activ. | s/step | tokens/s |")
-    sep = "|" + "---|" * 16
+            "| error | RSS MiB | process_peak MiB | RSS vs process | weights | train+grads | optim | activ. | s/step "
+            "| tokens/s |")
+    sep = "|" + "---|" * 19
     lines += ["## Grid", "", head, sep]
     for r in (r for r in data["rows"] if r["group"] == "grid"):
         lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']}x{r['seq_len']} | {r['status']} | "
                      f"{_f(r.get('trainable_params'), ',d')} | {_f(r.get('trainable_pct'), '.2f')} | "
                      f"{_f(r.get('peak_train_mb'))} | {_f(r.get('predicted_mb'))} | {_f(r.get('ratio'), '.3f')} | "
-                     f"{_error(r)} | {_f(r.get('weights_mb'))} | {_f(r.get('trainable_grads_mb'))} | {_f(r.get('optimizer_mb'))} | "
+                     f"{_error(r)} | {_f(r.get('rss_peak_mb'))} | {_f(r.get('process_peak_mb'))} | "
+                     f"{_process_error(r)} | {_f(r.get('weights_mb'))} | {_f(r.get('trainable_grads_mb'))} | {_f(r.get('optimizer_mb'))} | "
                      f"{_f(r.get('activations_mb'))} | {_f(r.get('step_s'), '.3f')} | {_f(r.get('tokens_per_s'), '.0f')} |")
     lines += ["", worst_case(data)]
     notes = [r for r in data["rows"] if r.get("note")]

@@ -48,7 +48,7 @@ from .memory import MB, MemoryProfiler, format_bytes
 from .model import PreparationReport, load_model, load_tokenizer, prepare_model, resolve_kind
 from .optim import build_optimizer, build_scheduler, keep_settings, settings
 from .planner import MicroBatch, Prediction, simulate
-from .process_memory import release_free_memory, tune_malloc
+from .process_memory import ProcessPeak, process_peak, release_free_memory, rss_bytes, tune_malloc
 from .report import RunLogger
 
 __all__ = ["DeviceChoice", "Parts", "RunError", "loop_args", "setup", "setup_accelerator", "setup_data",
@@ -91,6 +91,7 @@ class Parts:
     out: Path
     resume_from: Path | None
     state: TrainState
+    process: ProcessPeak | None = None  # the predicted peak of the whole process (None without a prediction)
     malloc: str = ""  # what `tune_malloc` did
 
     def save(self, state: TrainState) -> Path:
@@ -131,6 +132,7 @@ def setup(cfg: Config) -> Parts:
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model)
     data = setup_data(cfg, tokenizer)
+    baseline = rss_bytes()  # the process before the model loads: libraries, tokenizer, data
     profiler = None  # logging.memory=false: no sampler, no records, no measured peak (the prediction stays)
     if cfg.logging.memory:
         profiler = MemoryProfiler(accelerator.device, window_steps=TRACE_STEPS,
@@ -140,6 +142,8 @@ def setup(cfg: Config) -> Parts:
         model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
         release_free_memory()  # loading's temporaries (file buffers, dequantized copies) go back to the system
         predicted = predict_run(cfg, model, data, accelerator.device)
+        process = (process_peak(accelerator.device.type, predicted.total, baseline=baseline, cuda_terms=predicted.cuda)
+                   if predicted is not None else None)
         if t.compile:
             model = torch.compile(model)
 
@@ -172,7 +176,7 @@ def setup(cfg: Config) -> Parts:
         parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
                       logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, total_steps, out,
                       resume_from,
-                      state, malloc)
+                      state, process, malloc)
         _startup_lines(parts)
         if profiler is not None:
             profiler.training_starts()  # what loading held is recorded apart from the training peak
@@ -201,7 +205,9 @@ def predict_run(cfg: Config, model: nn.Module, data: DataBundle, device: torch.d
         architecture whose code reads tensor values): the run goes on without a prediction.
     """
     try:
-        return simulate(model, cfg, steps=_first_steps(cfg, data, model_kind(model)), device_type=device.type)
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        return simulate(model, cfg, steps=_first_steps(cfg, data, model_kind(model)), device_type=device.type,
+                        cuda_capability=capability)
     except Exception as e:  # the planner must never stop a run: say why there is no prediction
         warnings.warn(f"no memory prediction for this model ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''})", stacklevel=2)
@@ -402,6 +408,9 @@ def _startup_lines(parts: Parts) -> None:
                     f"{p.shape['batch_size']} x {p.shape['seq_len']} tokens; `minitune plan` gives the most any "
                     "step of this config can need): "
                     + ", ".join(f"{k} {format_bytes(v)}" for k, v in p.breakdown.items() if v >= MB))
+    if parts.process is not None:
+        which = "RSS" if parts.process.kind != "cuda" else "device memory"
+        log.message(f"predicted process peak ({which}) {parts.process.describe()}")
     if parts.malloc:
         log.message(f"malloc: {parts.malloc}")
 

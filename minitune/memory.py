@@ -119,6 +119,8 @@ class MemoryProfiler:
         # that the peak is the allocator's exact account rather than sampled RSS
         self.window_steps = window_steps
         self.window_peak: int | None = None
+        # CPU/MPS: the highest RSS / sampled value from the start (loading included) to the window's end
+        self.window_process_peak: int | None = None
         self._steps_seen = 0
         self._trace: AllocatorTrace | None = None
         self._trace_window: Any = None
@@ -189,6 +191,9 @@ class MemoryProfiler:
 
     def _close_window(self) -> None:
         key = {"cuda": "mem/peak_allocated_mb", "mps": "mem/max_sampled_mb"}.get(self.kind)
+        if self.kind != "cuda":
+            with self._lock:
+                self.window_process_peak = max(self._overall_peak, self._max_sampled, self._current())
         if key is None:  # CPU: the allocator trace
             self._end_trace()
             self.window_peak = self.trace_peaks.get("train")

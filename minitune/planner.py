@@ -23,7 +23,8 @@ optimizers (their state tensors, allocated as `bitsandbytes.optim` allocates the
 The result is the peak of what tensors hold: what `torch.cuda.max_memory_allocated` reports on
 CUDA, and what the CPU allocator holds on CPU (see bench/README.md, "How memory is measured").
 It does not include the CUDA context, the allocator's cached but unused blocks, or the process
-itself; the device budgets below leave room for those. On CUDA, `Prediction.cuda` has them
+itself: `plan` adds those as the process peak (`minitune.process_memory.process_peak`), and decides
+whether a config fits on that. On CUDA, `Prediction.cuda` has the process terms
 (`cuda_memory.cuda_process_terms`: the allocations replayed through the caching allocator).
 """
 
@@ -50,6 +51,7 @@ from .device import Capabilities, capabilities, resolve_precision
 from .lm import model_kind
 from .losses import auto_chunk_size, loss_fn_for
 from .memory import format_bytes
+from .process_memory import ProcessPeak, process_peak
 
 __all__ = ["DEVICES", "MicroBatch", "Plan", "PlanError", "Prediction", "Target", "format_plan", "plan", "predict", "simulate",
            "smaller_split", "target", "worst_case_steps"]
@@ -71,17 +73,17 @@ class Target:
     name: str
     kind: str  # 'cuda', 'mps' or 'cpu'
     memory: int  # bytes the device has
-    budget: int  # bytes a run's tensors may use (see `DEVICES`)
+    budget: int  # bytes a run's process may use (see `DEVICES`)
     caps: Capabilities
     note: str = ""  # where the budget comes from
     capability: tuple[int, int] | None = None  # CUDA compute capability (cuBLAS's workspace size)
 
 
-# CUDA: the card's memory as sold; a run's tensors get it minus 1 GiB (the CUDA context, cuBLAS
-# workspaces and the caching allocator's unused blocks, none of which max_memory_allocated counts).
+# CUDA: the card's memory as sold, all of it the budget; the CUDA context, cuBLAS workspaces and the
+# caching allocator's unused blocks (none of which max_memory_allocated counts) are a term of the
+# process peak (`process_memory.process_peak`), not a cut from the budget.
 # Apple: unified memory; Metal lets one process use `recommendedMaxWorkingSetSize` of it, which
 # macOS sets to about 2/3 of the RAM on 16 GB machines and 3/4 above (read live with --device mps).
-_CUDA_RESERVE = GiB
 _CUDA = {  # name: (GB, bf16)
     "T4": (16, False), "V100": (16, False), "A10G": (24, True), "L4": (24, True), "A100-40": (40, True),
     "A100-80": (80, True), "H100": (80, True), "RTX4090": (24, True),
@@ -127,8 +129,7 @@ def target(name: str, budget: int | None = None) -> Target:
     if key in _CUDA:
         gb, bf16 = _CUDA[key]
         memory = gb * 10**9
-        t = Target(key, "cuda", memory, memory - _CUDA_RESERVE, _cuda_caps(key, bf16),
-                   f"{gb} GB, less 1 GiB for the CUDA context and allocator cache", _CAPABILITY[key])
+        t = Target(key, "cuda", memory, memory, _cuda_caps(key, bf16), f"{gb} GB as sold", _CAPABILITY[key])
     elif key in _APPLE:
         memory = _APPLE[key] * GiB
         share = 2 / 3 if _APPLE[key] <= 16 else 3 / 4
@@ -798,6 +799,7 @@ class Suggestion:
     fits: bool
     speed: float  # expected step time x the current one
     changes_result: bool
+    process_peak: int = 0  # the whole process with this change (what `fits` is decided on)
 
 
 @dataclass
@@ -808,14 +810,16 @@ class Plan:
     fits: bool
     suggestions: list[Suggestion] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    process: ProcessPeak | None = None  # the whole process at the peak: what `fits` is decided on
 
     def to_dict(self) -> dict[str, Any]:
         tg = self.target
+        process = self.process or process_peak(tg.kind, self.prediction.total, cuda_terms=self.prediction.cuda)
         return {
             "device": tg.name, "device_kind": tg.kind, "memory_bytes": tg.memory, "budget_bytes": tg.budget,
             "budget_note": tg.note, "precision": dataclasses.asdict(self.precision),
-            "predicted": self.prediction.to_dict(), "fits": self.fits,
-            "headroom_bytes": tg.budget - self.prediction.total,
+            "predicted": self.prediction.to_dict(), **process.to_dict(), "fits": self.fits,
+            "headroom_bytes": tg.budget - process.total,
             "suggestions": [dataclasses.asdict(s) for s in self.suggestions], "notes": self.notes,
         }
 
@@ -830,7 +834,8 @@ def _with(cfg: Config, overrides: dict[str, Any]) -> Config:
     return load_config(cfg, nested)
 
 
-def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None, suggest: bool = True) -> Plan:
+def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None, suggest: bool = True,
+         baseline: int | None = None) -> Plan:
     """Predict `cfg`'s peak on `device` and, if it does not fit the budget, what would.
 
     Args:
@@ -838,9 +843,11 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         device: a name from `DEVICES` or a Target.
         budget: bytes the run may use (default: the device's budget).
         suggest: look for changes when it does not fit.
+        baseline: CPU/MPS: the RSS a run has before its model loads (default: this process's now).
 
     Returns:
-        The Plan: prediction, whether it fits, and the changes that make it fit, cheapest first.
+        The Plan: the tensor peak (prediction), the process peak (process) and whether that fits
+        the budget, and the changes that make it fit, cheapest first.
 
     Raises:
         ConfigError: an unknown device name.
@@ -860,7 +867,14 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         raise PlanError(f"could not simulate this config ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300] if str(e) else 'no message'}); check the model and "
                         "batch settings, e.g. training.batch_size and data.max_length") from None
-    result = Plan(tg, precision, prediction, prediction.total <= tg.budget, notes=[note] if note else [])
+    if baseline is None:  # CPU/MPS: this process now, measured once for the plan and its suggestions
+        baseline = process_peak(tg.kind, 0).terms.get("baseline")
+
+    def whole(pred: Prediction) -> ProcessPeak:
+        return process_peak(tg.kind, pred.total, baseline=baseline, cuda_terms=pred.cuda)
+
+    process = whole(prediction)
+    result = Plan(tg, precision, prediction, process.total <= tg.budget, notes=[note] if note else [], process=process)
     if result.fits or not suggest:
         return result
     tried: list[Suggestion] = []
@@ -871,20 +885,22 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
                           for k in over)
         try:
             m = meta_model(changed)[0] if needs_model else model
-            peak = simulate(m, changed, device_type=tg.kind).total
+            changed_prediction = simulate(m, changed, device_type=tg.kind, cuda_capability=tg.capability)
         except Exception as e:  # a change this model cannot take (e.g. no checkpointing support): not offered
             result.notes.append(f"not offered: {what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
             continue
+        peak = changed_prediction.total
         if "optimizer.fused" in over and peak >= prediction.total:  # advice only where it saves memory
             continue
-        tried.append(Suggestion(what, over, peak, peak <= tg.budget, cost, changes))
+        total = whole(changed_prediction).total
+        tried.append(Suggestion(what, over, peak, total <= tg.budget, cost, changes, total))
     fitting = sorted((s for s in tried if s.fits), key=lambda s: (s.changes_result, s.speed))
     lowering = [s for s in tried if s.peak < prediction.total]
     if not any(not s.changes_result for s in fitting):  # first: changes that keep what is trained, together
-        combo = _combination(resolved, tg, [s for s in lowering if not s.changes_result])
+        combo = _combination(resolved, tg, [s for s in lowering if not s.changes_result], whole)
         fitting = ([combo] if combo is not None else []) + fitting
     if not fitting:
-        combo = _combination(resolved, tg, lowering)
+        combo = _combination(resolved, tg, lowering, whole)
         if combo is not None:
             fitting = [combo]
         else:
@@ -893,34 +909,38 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
     return result
 
 
-def _combination(cfg: Config, tg: Target, useful: list[Suggestion]) -> Suggestion | None:
+def _combination(cfg: Config, tg: Target, useful: list[Suggestion], whole: Any) -> Suggestion | None:
     """No single change fits: add the changes that lower the peak, cheapest first, until it fits;
-    then drop, most expensive first, every one it still fits without."""
+    then drop, most expensive first, every one it still fits without. `whole(prediction)` is the
+    ProcessPeak of a prediction (what fitting is decided on)."""
 
-    def peak_of(chosen: list[Suggestion]) -> int | float:
+    def fits(pred: Prediction | None) -> bool:
+        return pred is not None and whole(pred).total <= tg.budget
+
+    def peak_of(chosen: list[Suggestion]) -> Prediction | None:
         changed = _with(cfg, {k: v for s in chosen for k, v in s.overrides.items()})
         try:
-            return simulate(meta_model(changed)[0], changed, device_type=tg.kind).total
+            return simulate(meta_model(changed)[0], changed, device_type=tg.kind, cuda_capability=tg.capability)
         except Exception:  # changes that cannot be combined on this model: never the answer
-            return math.inf
+            return None
 
     chosen: list[Suggestion] = []
     peak = None
     for s in sorted(useful, key=lambda s: (s.changes_result, s.speed)):
         chosen.append(s)
         peak = peak_of(chosen)
-        if peak <= tg.budget:
+        if fits(peak):
             break
     else:
         return None
     for s in sorted(chosen[:-1], key=lambda s: (not s.changes_result, -s.speed)):
         rest = [c for c in chosen if c is not s]
         without = peak_of(rest)
-        if without <= tg.budget:
+        if fits(without):
             chosen, peak = rest, without
     speed = math.prod(s.speed for s in chosen)
     return Suggestion(" + ".join(s.what for s in chosen), {k: v for s in chosen for k, v in s.overrides.items()},
-                      peak, True, round(speed, 2), any(s.changes_result for s in chosen))
+                      peak.total, True, round(speed, 2), any(s.changes_result for s in chosen), whole(peak).total)
 
 
 def format_plan(p: Plan) -> str:
@@ -934,14 +954,20 @@ def format_plan(p: Plan) -> str:
                  + f", accumulation {s['grad_accum']}, every position a target (the most a batch can need); "
                  f"optimizer {s['optimizer']}")
     lines.append("")
-    lines.append(f"predicted peak{format_bytes(pred.total):>27}   (in the {pred.peak_phase} pass)")
+    process = p.process or process_peak(tg.kind, pred.total, cuda_terms=pred.cuda)
+    lines.append(f"predicted process peak{format_bytes(process.total):>19}   "
+                 f"({'RSS' if tg.kind != 'cuda' else 'device memory'}: what fits is decided on)")
+    for name, value in process.terms.items():
+        lines.append(f"  {name:<28}{format_bytes(value):>11}" + ("   (RSS before the model loads)"
+                                                                 if name == "baseline" else ""))
+    lines.append(f"predicted tensor peak{format_bytes(pred.total):>20}   (the allocator's, in the {pred.peak_phase} pass)")
     for role, value in pred.breakdown.items():
         lines.append(f"  {role:<28}{format_bytes(value):>11}")
     lines.append("per phase (highest):")
     for phase, value in pred.phases.items():
         lines.append(f"  {phase:<28}{format_bytes(value):>11}")
     lines.append("")
-    room = tg.budget - pred.total
+    room = tg.budget - process.total
     if p.fits:
         lines.append(f"fits: {format_bytes(room)} of headroom ({100 * room / tg.budget:.0f}% of the budget)")
     else:
@@ -950,14 +976,14 @@ def format_plan(p: Plan) -> str:
         if fitting:
             lines.append("changes that make it fit, cheapest first (expected step time x now):")
             for x in fitting:
-                lines.append(f"  {x.what:<58} peak {format_bytes(x.peak):>10}  x{x.speed:.2f}"
+                lines.append(f"  {x.what:<58} process {format_bytes(x.process_peak or x.peak):>10}  x{x.speed:.2f}"
                              + ("  (changes what is trained)" if x.changes_result else ""))
                 lines.append(f"      {' '.join(f'{k}={v}' for k, v in x.overrides.items())}")
         rest = [x for x in p.suggestions if not x.fits]
         if rest:
             lines.append("not enough alone:")
             for x in rest:
-                lines.append(f"  {x.what:<58} peak {format_bytes(x.peak):>10}")
+                lines.append(f"  {x.what:<58} process {format_bytes(x.process_peak or x.peak):>10}")
     if s.get("paged_state_bytes"):
         lines.append(f"note: the paged optimizer's state ({format_bytes(s['paged_state_bytes'])}) is not in the peak: it "
                      "lives in CUDA unified memory, which the driver moves to CPU RAM when the GPU runs short")

@@ -1,5 +1,7 @@
 """What the operating system sees of a run: the process, not only its tensors.
 
+Two things live here, the one place for each:
+
 1. `tune_malloc()`: the C allocator's settings, applied once when a run starts. PyTorch's CPU
    allocator takes every tensor from glibc's malloc. By default glibc raises its mmap threshold
    each time a large block is freed (up to 32 MiB), so after the first steps the tensors of
@@ -11,6 +13,15 @@
    them through the environment: `mallopt` (through ctypes) does the same from inside the process.
    `MINITUNE_MALLOC=default` in the environment leaves glibc as it is (to measure the difference).
    `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
+
+2. `process_peak(kind, tensors, baseline)`: the peak the operating system (or driver) will see,
+   as named byte terms and their sum:
+       CPU, MPS  baseline            RSS before the model loads: Python, torch, the tokenizer, the data
+                 tensors             the allocator's peak (the planner's prediction)
+                 allocator_overhead  what the process holds beyond its tensors at the peak (malloc
+                                     headers and page rounding, the math libraries' buffers)
+       CUDA      tensors + cuda_context (a flat 1 GiB for the context, cuBLAS workspaces and the
+                 caching allocator's unused blocks: not modelled term by term yet)
 """
 
 from __future__ import annotations
@@ -19,16 +30,27 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from dataclasses import dataclass, field
 
-__all__ = ["release_free_memory", "tune_malloc"]
+__all__ = ["ProcessPeak", "process_peak", "release_free_memory", "rss_bytes", "tune_malloc"]
 
-KiB = 2**10
+KiB, MiB, GiB = 2**10, 2**20, 2**30
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 128 * KiB  # glibc's default starting value; mallopt fixes it there
 TRIM_THRESHOLD = 128 * KiB  # free heap top above this goes back to the system (glibc's default)
+
+# CPU/MPS: beyond its tensors a process holds, at its peak, malloc's headers and page rounding and
+# the math libraries' (oneDNN, BLAS) buffers and kernel caches: a fixed part and a small share of
+# the tensors. Fitted on CPU runs with `tune_malloc` on, loading and steps 1-2 (2026-12-04: tiny-llama
+# and tiny-opt, 3 steps: 22 and 0 MiB beyond baseline + tensors; opt-125m bf16 LoRA: 24 MiB; the
+# default job's step 1: below baseline + tensors). Not in it: the kernels' per-shape cache, which
+# grows with each new batch width after that (about 3 MiB a width on opt-125m, bench/shape_cache.py).
+OVERHEAD_FIXED = 24 * MiB
+OVERHEAD_FRACTION = 0.02
+CUDA_CONTEXT = GiB  # the CUDA context, cuBLAS workspaces and the caching allocator's unused blocks
 
 _tuned: str | None = None
 
@@ -72,3 +94,62 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None and os.environ.get("MINITUNE_MALLOC", "").lower() != "default":
         libc.malloc_trim(0)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (see `minitune.memory`)."""
+    from .memory import _rss_bytes
+
+    return _rss_bytes()
+
+
+@dataclass
+class ProcessPeak:
+    """The predicted peak of the whole process, as named byte terms (`total` is their sum)."""
+
+    kind: str  # 'cpu', 'mps' or 'cuda'
+    terms: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+    def describe(self) -> str:
+        """'1.21 GiB = baseline 640.0 MiB + tensors 389.2 MiB + allocator_overhead 102.9 MiB'."""
+        from .memory import format_bytes
+
+        return (f"{format_bytes(self.total)} = "
+                + " + ".join(f"{name} {format_bytes(v)}" for name, v in self.terms.items()))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"process_peak": self.total, "process_terms": dict(self.terms)}
+
+
+def allocator_overhead(tensors: int) -> int:
+    """CPU/MPS: what the process holds beyond `tensors` bytes of tensors at its peak (see
+    OVERHEAD_FIXED, OVERHEAD_FRACTION)."""
+    return int(OVERHEAD_FIXED + OVERHEAD_FRACTION * tensors)
+
+
+def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
+                 cuda_terms: dict[str, int] | None = None) -> ProcessPeak:
+    """The peak the operating system (CPU, MPS: RSS, unified memory) or the driver (CUDA) will see.
+
+    Args:
+        kind: 'cpu', 'mps' or 'cuda' (any other is treated as 'cpu').
+        tensors: the allocator's predicted peak (`planner.Prediction.total`).
+        baseline: CPU/MPS: RSS before the model loads (default: this process's RSS now, which is
+            what a run measures when it has imported its libraries, tokenizer and data).
+        cuda_terms: CUDA: the simulation's process terms (`planner.Prediction.cuda`, from
+            `cuda_memory.cuda_process_terms`: context, cuBLAS workspaces, tensors in blocks, the caching
+            allocator's reserve); without them the tensors plus a flat CUDA_CONTEXT.
+
+    Returns:
+        The ProcessPeak with its terms.
+    """
+    if kind == "cuda" and cuda_terms:
+        return ProcessPeak(kind, {k: int(v) for k, v in cuda_terms.items()})
+    if kind == "cuda":
+        return ProcessPeak(kind, {"tensors": int(tensors), "cuda_context": CUDA_CONTEXT})
+    base = rss_bytes() if baseline is None else int(baseline)
+    return ProcessPeak(kind, {"baseline": base, "tensors": int(tensors), "allocator_overhead": allocator_overhead(tensors)})

@@ -128,13 +128,18 @@ def _finish(parts: Parts, state: TrainState, started: float) -> TrainResult:
                                                        max_batches=cfg.training.eval_batches, loss_fn=parts.loss_fn)
         final = save_checkpoint(out / "final", accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,
                                 scheduler=parts.scheduler, state=state, config=cfg, tokenizer=parts.tokenizer)
-    memory: dict[str, Any] = {"predicted": parts.predicted.to_dict() if parts.predicted else None}
+    predicted = ({**parts.predicted.to_dict(), **(parts.process.to_dict() if parts.process else {})}
+                 if parts.predicted else None)
+    memory: dict[str, Any] = {"predicted": predicted}
     if profiler is not None:
         profiler.stop()
         peak, what = profiler.training_peak()
         profiler.breakdown = tensor_breakdown(accelerator.unwrap_model(parts.model), parts.optimizer, peak,
                                               assume_grads=True)
-        memory = {**profiler.summary(), "training_peak_mb": peak / MB, "training_peak_kind": what, **memory}
+        measured = measured_process_peak(profiler)
+        memory = {**profiler.summary(), "training_peak_mb": peak / MB, "training_peak_kind": what,
+                  "process_peak_mb": measured[0] / MB if measured else None,
+                  "process_peak_kind": measured[1] if measured else None, **memory}
     result = TrainResult(out, final, state, metrics, memory, parts.prep.trainable_line, parts.precision,
                          train_seconds=state.train_seconds, eval_seconds=state.eval_seconds,
                          tokens_per_s=state.tokens / state.train_seconds if state.tokens and state.train_seconds else None)
@@ -228,6 +233,39 @@ def _memory_rows(profiler: Any, predicted: Any) -> list[tuple[str, str]]:
     return rows
 
 
+def measured_process_peak(profiler: Any) -> tuple[int, str] | None:
+    """(bytes, what) the whole process reached over the steps `process_peak` predicts (loading and
+    the measurement window, steps 1-2): on CPU the highest RSS sampled, on MPS the kernel's peak RSS
+    of the process (unified memory; ru_maxrss covers the whole run), on CUDA the caching allocator's
+    peak reserved (the context is not in it); None without a profiler."""
+    if profiler is None:
+        return None
+    if profiler.kind == "cpu":
+        if profiler.window_process_peak is not None:
+            return profiler.window_process_peak, f"peak RSS sampled, loading and steps 1-{profiler.window_steps}"
+        return profiler.peak_bytes(), "peak RSS sampled, whole run"
+    if profiler.kind == "mps":
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "peak RSS of the process (ru_maxrss)"
+    return torch.cuda.max_memory_reserved(profiler.device), "peak reserved (without the CUDA context)"
+
+
+def _process_rows(profiler: Any, process: Any) -> list[tuple[str, str]]:
+    """The summary's row for the whole process: measured beside `process_peak`."""
+    measured = measured_process_peak(profiler)
+    if process is None and measured is None:
+        return []
+    text = f"{format_bytes(measured[0])} measured ({measured[1]})" if measured else "not measured"
+    if process is not None:
+        text += f", {format_bytes(process.total)} predicted (process_peak)"
+        if measured and measured[0]:
+            text += f" ({(process.total - measured[0]) / measured[0]:+.1%})"
+    if profiler is not None and profiler.kind == "cpu":
+        text += f"; whole run {format_bytes(profiler.peak_bytes())} peak RSS"
+    return [("process memory", text)]
+
+
 def off_component(predicted: Any, measured: dict[str, int], peak: int) -> str:
     """Which part of the prediction was off: the tensors that can be counted after the run (weights,
     trainable weights, gradients, optimizer state, from `tensor_breakdown`) against their predicted
@@ -254,7 +292,7 @@ def _summary_rows(parts: Parts, result: TrainResult, elapsed: float) -> list[tup
     profiler, predicted, prep, accelerator = parts.profiler, parts.predicted, parts.prep, parts.accelerator
     state, metrics, final = result.state, result.metrics, result.checkpoint
     spent = f"training {result.train_seconds:.1f} s, evaluation {result.eval_seconds:.1f} s"
-    memory_rows = _memory_rows(profiler, predicted)
+    memory_rows = [*_memory_rows(profiler, predicted), *_process_rows(profiler, parts.process)]
     rows = [
         ("steps", f"{state.step} ({state.micro_step} micro-batches, {state.skipped_steps} skipped"
                   + (f", {state.scaler_skips} of them fp16 overflows)" if state.scaler_skips else ")")

@@ -127,7 +127,7 @@ def test_worst_case_steps_shape():
 
 def test_device_budgets():
     t4 = target("t4")
-    assert (t4.name, t4.kind, t4.memory, t4.budget) == ("T4", "cuda", 16 * 10**9, 16 * 10**9 - 2**30)
+    assert (t4.name, t4.kind, t4.memory, t4.budget) == ("T4", "cuda", 16 * 10**9, 16 * 10**9)  # the context is a process term
     assert not t4.caps.bf16 and target("A100-80").caps.bf16
     m4 = target("M4-16")
     assert m4.kind == "mps" and m4.budget == int(16 * 2**30 * 2 / 3)  # Metal's recommended working set
@@ -161,12 +161,12 @@ def test_precision_follows_the_device():
 def test_suggestions_fit_and_are_ranked(tmp_path):
     cfg = load_config(tiny_config("tiny-llama", lora={"enabled": False}, training={"batch_size": 8},
                                   data={"max_length": 128}))
-    first = plan(cfg, "cpu", suggest=False).prediction.total
-    result = plan(cfg, "cpu", budget=int(first * 0.8))
+    first = plan(cfg, "cpu", suggest=False, baseline=0).process.total  # baseline injected: no RSS noise
+    result = plan(cfg, "cpu", budget=int(first * 0.8), baseline=0)
     assert not result.fits
     fitting = [s for s in result.suggestions if s.fits]
     assert fitting, result.suggestions
-    assert all(s.peak <= int(first * 0.8) for s in fitting)
+    assert all(s.process_peak <= int(first * 0.8) for s in fitting)  # fitting is decided on the process
     keys = [(s.changes_result, s.speed) for s in fitting]
     assert keys == sorted(keys)  # changes that keep the result first, then the cheapest
     # applying the first suggestion gives the predicted peak it promised
@@ -203,13 +203,16 @@ def test_plan_command_answers_for_a_hub_model_offline():
     assert "planned from the preset bloom-560m" in out["notes"][0]
 
 
-def test_plan_command_text_and_advice(capsys):
+def test_plan_command_text_and_advice(capsys, monkeypatch):
+    import minitune.process_memory as pm
     from minitune.cli import main
 
-    assert main(["plan", "--config", "tiny-llama", "--budget", "40MiB", "lora.enabled=false"]) == 0
+    monkeypatch.setattr(pm, "rss_bytes", lambda: 100 * MB)  # the baseline, fixed: no RSS noise in the verdict
+    assert main(["plan", "--config", "tiny-llama", "--budget", "200MiB", "lora.enabled=false"]) == 0
     out = capsys.readouterr().out
     assert "does not fit" in out and "changes that make it fit" in out
-    assert "predicted peak" in out and "per phase" in out
+    assert "predicted process peak" in out and "predicted tensor peak" in out and "per phase" in out
+    assert "  baseline                      100.0 MiB" in out
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -1,13 +1,74 @@
-"""The malloc settings that keep RSS from growing."""
+"""The process peak (what the OS or driver sees) and the malloc settings that keep RSS from growing."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from minitune import process_memory as pm
+from minitune.config import load_config
+from minitune.memory import MB, _rss_bytes
+from minitune.planner import format_plan, plan
+
+from .conftest import tiny_config
+
+
+def test_cpu_process_peak_is_baseline_plus_tensors_plus_overhead():
+    p = pm.process_peak("cpu", 300 * MB, baseline=500 * MB)
+    assert set(p.terms) == {"baseline", "tensors", "allocator_overhead"}
+    assert p.terms["baseline"] == 500 * MB and p.terms["tensors"] == 300 * MB
+    assert p.terms["allocator_overhead"] == pm.OVERHEAD_FIXED + int(pm.OVERHEAD_FRACTION * 300 * MB)
+    assert p.total == sum(p.terms.values()) and p.to_dict() == {"process_peak": p.total, "process_terms": p.terms}
+    assert pm.process_peak("mps", 300 * MB, baseline=500 * MB).total == p.total  # unified memory: the same terms
+
+
+def test_the_default_baseline_is_this_process_now():
+    now = _rss_bytes()
+    base = pm.process_peak("cpu", 0).terms["baseline"]
+    assert abs(base - now) < 0.05 * now
+
+
+def test_cuda_process_peak_carries_the_context_instead_of_a_cut_budget():
+    p = pm.process_peak("cuda", 2 * 2**30)
+    assert p.terms == {"tensors": 2 * 2**30, "cuda_context": pm.CUDA_CONTEXT}
+    cfg = load_config(tiny_config("tiny-llama"))
+    result = plan(cfg, "T4", suggest=False)
+    assert result.target.budget == result.target.memory  # no flat 1 GiB cut from the budget
+    assert result.process.total == result.prediction.total + pm.CUDA_CONTEXT
+
+
+def test_fits_is_decided_on_the_process_peak():
+    cfg = load_config(tiny_config("tiny-llama"))
+    base = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
+    tensors, whole = base.prediction.total, base.process.total
+    assert whole == 200 * MB + tensors + pm.allocator_overhead(tensors)
+    between = plan(cfg, "cpu", budget=(tensors + whole) // 2, suggest=False, baseline=200 * MB)
+    assert not between.fits  # the tensors alone would fit this budget; the process does not
+    assert plan(cfg, "cpu", budget=whole, suggest=False, baseline=200 * MB).fits
+    out = between.to_dict()
+    assert out["process_peak"] == whole and out["process_terms"]["baseline"] == 200 * MB
+    assert out["headroom_bytes"] == (tensors + whole) // 2 - whole
+    text = format_plan(between)
+    assert "predicted process peak" in text and "allocator_overhead" in text and "does not fit" in text
+
+
+def test_a_run_records_and_shows_its_process_peak(tmp_path, capsys):
+    from minitune.run import train
+
+    result = train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 2}))
+    memory = json.loads((tmp_path / "run" / "memory.json").read_text())
+    pred = memory["predicted"]
+    assert pred["process_peak"] == sum(pred["process_terms"].values())
+    assert pred["process_terms"]["tensors"] == pred["total"]
+    assert pred["process_terms"]["baseline"] > 50 * MB  # Python + torch at least
+    assert memory["process_peak_mb"] >= memory["baseline_mb"]
+    assert result.memory["process_peak_kind"].startswith("peak RSS")
+    out = capsys.readouterr().out
+    assert "process memory" in out and "predicted (process_peak)" in out
+
 
 _CHURN = r"""
 import ctypes, os, sys
