@@ -141,7 +141,8 @@ def setup(cfg: Config) -> Parts:
     try:  # a failure from here on (bad weights, a checkpoint that does not fit) stops the sampler thread
         model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
         release_free_memory()  # loading's temporaries (file buffers, dequantized copies) go back to the system
-        predicted = predict_run(cfg, model, data, accelerator.device)
+        loss_fn = loss_fn_for(t.loss, t.loss_chunk_size, model)  # chunked only where it gives the model's loss
+        predicted = predict_run(cfg, model, data, accelerator.device, loss_fn)
         process = (process_peak(accelerator.device.type, predicted.total, baseline=baseline, cuda_terms=predicted.cuda)
                    if predicted is not None else None)
         if t.compile:
@@ -174,7 +175,7 @@ def setup(cfg: Config) -> Parts:
                            initial_step=state.step, trackers=bool(cfg.logging.trackers), append=resume_from is not None,
                            first_record={"precision": dataclasses.asdict(where.precision)})
         parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
-                      logger, loss_fn_for(t.loss, t.loss_chunk_size), prep, predicted, total_steps, out,
+                      logger, loss_fn, prep, predicted, total_steps, out,
                       resume_from,
                       state, process, malloc)
         _startup_lines(parts)
@@ -195,10 +196,12 @@ def setup(cfg: Config) -> Parts:
 TRACE_STEPS = 2
 
 
-def predict_run(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device) -> Prediction | None:
+def predict_run(cfg: Config, model: nn.Module, data: DataBundle, device: torch.device,
+                loss_fn: LossFn | None = None) -> Prediction | None:
     """The run's predicted training peak for the micro-batches of its first TRACE_STEPS steps
     (`minitune.planner.simulate` on a fake copy of `model`): what the measurement of those steps
     is compared with. The most any step of this config can need is `minitune plan`'s answer.
+    `loss_fn`: the loss the run uses (None: the one the config names, checked on the fake copy).
 
     Returns:
         The Prediction, or None, with a warning, when the model cannot be simulated (a custom
@@ -207,7 +210,7 @@ def predict_run(cfg: Config, model: nn.Module, data: DataBundle, device: torch.d
     try:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         return simulate(model, cfg, steps=_first_steps(cfg, data, model_kind(model)), device_type=device.type,
-                        cuda_capability=capability)
+                        cuda_capability=capability, loss_fn=loss_fn)
     except Exception as e:  # the planner must never stop a run: say why there is no prediction
         warnings.warn(f"no memory prediction for this model ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''})", stacklevel=2)

@@ -217,7 +217,8 @@ class TrainingArgs:
     loss: str = _f("auto", "'chunked': the output layer and cross-entropy a chunk of target tokens at a time, with "
                    "its gradient (minitune.losses): the full batch x seq x vocab logits never exist, padding gets no "
                    "logits; same value and gradients as 'full': the model's whole logits, then cross-entropy. "
-                   "'auto': chunked where the architecture allows it (most causal LMs and T5), else full.")
+                   "'auto' and 'chunked': chunked where a check of the model at setup shows it gives the full loss, "
+                   "else full, with a line saying so.")
     loss_chunk_size: int = _f(0, "training.loss=chunked/auto: target tokens per chunk, whose fp32 logits take "
                               "chunk x vocab x 4 bytes (about 2x that at peak); 0: as many as fit in 256 MiB.")
 

@@ -13,8 +13,14 @@ label is -100 (padding, masked prompts) get no logits at all. Output layers that
 `nn.Linear` (a LoRA-wrapped or quantized head) go through `torch.utils.checkpoint` chunk by chunk
 instead: same memory bound, one extra forward of the head in backward.
 
+Chunking is only right for a model whose forward returns its output layer's output untouched:
+BART, Marian or Pegasus add a bias after it, gemma2 soft-caps, cohere scales. Which models do is
+not kept in a list (it would drift from transformers): `loss_fn_for` asks the model itself, once,
+on a probe batch (`chunking_problem`), and gives the others `default_loss` with one line saying why.
+
 Both return the same value and gradients as `default_loss` (tests/test_losses.py checks it to 1e-5
-on tiny llama / opt / bloom / gpt-neo / t5 models).
+on tiny llama / opt / bloom / gpt-neo / t5 models, and checks the choice over the architectures
+transformers builds).
 """
 
 from __future__ import annotations
@@ -30,19 +36,10 @@ from torch.utils.checkpoint import checkpoint
 from .lm import model_kind, shift_targets, unwrap
 from .loop import LossFn, count_items, decoder_inputs, default_loss
 
-__all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "linear_cross_entropy", "loss_fn_for"]
+__all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "chunking_problem", "linear_cross_entropy", "loss_fn_for"]
 
 LOSSES = ("auto", "full", "chunked")
 
-# Architectures whose forward returns `lm_head(hidden)` untouched (no soft-capping or logit
-# scaling after the head: gemma2/3, cohere, granite scale their logits and keep the full loss).
-CHUNKABLE_MODEL_TYPES = frozenset({
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma",
-    "opt", "bloom", "gpt_neo", "gpt_neox", "gpt2", "gptj", "falcon", "starcoder2", "smollm3", "olmo", "olmo2",
-    "t5", "mt5", "bart", "mbart",
-})
-
-_warned: set[str] = set()
 AUTO_CHUNK_BYTES = 256 * 2**20  # chunk_size=0: this much fp32 logits per chunk
 
 
@@ -51,33 +48,103 @@ def auto_chunk_size(vocab_size: int) -> int:
     return max(16, AUTO_CHUNK_BYTES // (4 * max(1, vocab_size)))
 
 
-def loss_fn_for(name: str, chunk_size: int = 0) -> LossFn:
+def loss_fn_for(name: str, chunk_size: int = 0, model: nn.Module | None = None) -> LossFn:
     """The loss function a config names: 'full' (`default_loss`), 'chunked' (`chunked_loss`), or
-    'auto' (the default: chunked where the architecture allows it, else full, without a warning).
+    'auto' (the default: the same as 'chunked').
+
+    Whether chunking gives a model's own loss is decided from the model itself, here and only here:
+    given `model`, 'auto' and 'chunked' are checked once with `chunking_problem` (one tiny batch, no
+    gradients), and a model that fails gets `default_loss` with one warning line saying why. Without
+    `model` nothing is checked.
 
     Raises:
         ValueError: an unknown name.
     """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
     if name == "full":
         return default_loss
-    if name in ("chunked", "auto"):  # 'auto': no warning where it falls back to the full loss
-        fn = functools.partial(chunked_loss, chunk_size=chunk_size, **({"warn": False} if name == "auto" else {}))
-        fn.count = count_items  # what `fit` normalises the gradient by: the same target tokens
-        return fn
-    raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
+    if model is not None:
+        problem = chunking_problem(model)
+        if problem:
+            _fallback(f"training.loss={name}: {problem}; using the full loss")
+            return default_loss
+    fn = functools.partial(chunked_loss, chunk_size=chunk_size)
+    fn.count = count_items  # what `fit` normalises the gradient by: the same target tokens
+    return fn
 
 
-def _not_chunkable(inner: nn.Module) -> str:
-    """Why `chunked_loss` must fall back to `default_loss` for this (unwrapped) model; '' if it need not."""
-    model_type = getattr(getattr(inner, "config", None), "model_type", "")
-    if model_type not in CHUNKABLE_MODEL_TYPES:
-        return f"model type '{model_type}' may post-process its logits"
+def chunking_problem(model: nn.Module) -> str:
+    """Why `chunked_loss` would not give `model`'s own loss ('' when it does), from the model itself.
+
+    Checked: the model has an output layer and no prompt-learning adapter; on a probe batch of
+    1 x 8 tokens, in eval mode and without gradients, the logits its forward returns are the
+    output layer's output itself (not a bias added after it, soft-capping, scaling, ...: what a
+    bypassed output layer would skip); and, where the weights hold values (not the planner's fake
+    or meta tensors), the chunked loss equals the full one. Costs two forwards of the probe batch.
+    """
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
+    name = type(inner).__name__
+    if config is None:
+        return f"{name} has no transformers config"
     peft_config = getattr(inner, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return "prompt-learning adapters change the sequence"
-    if inner.get_output_embeddings() is None:
-        return f"{type(inner).__name__} has no output embeddings"
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        return f"{name} has no output embeddings"
+    batch = _probe_batch(inner, config)
+    seen: dict[str, Any] = {}
+    hooks = [head.register_forward_hook(lambda m, a, out: seen.__setitem__("head", out)),
+             model.register_forward_hook(lambda m, a, out: seen.__setitem__("model", out))]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # no dropout: both losses must see the same forward
+    try:
+        with torch.no_grad():
+            try:
+                full, n = default_loss(model, batch)
+            finally:
+                for h in hooks:
+                    h.remove()
+            out = seen.get("model")
+            logits = out["logits"] if isinstance(out, dict) else getattr(out, "logits", None)
+            if logits is None or logits is not seen.get("head"):
+                return (f"{name} changes the logits after its output layer (a bias, soft-capping or scaling "
+                        "that chunking would skip)")
+            if not _holds_values(logits):
+                return ""  # the planner's fake tensors: the structure is all there is to check
+            try:
+                chunked, _ = _chunked(model, batch, chunk_size=0)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # the bypassed forward does not run: the model needs its logits
+                return f"the chunked loss fails on {name} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            full, chunked = (full / n.clamp(min=1)).item(), (chunked / n.clamp(min=1)).item()
+            if abs(chunked - full) > 1e-3 * max(1.0, abs(full)):
+                return f"on a probe batch the chunked loss of {name} is {chunked:.6g}, the full one {full:.6g}"
+    finally:
+        for m, training in modes:
+            m.training = training
     return ""
+
+
+def _probe_batch(inner: nn.Module, config: Any) -> dict:
+    """1 x 8 fixed tokens (no random numbers drawn), labels on every position (seq2seq: 4 target
+    tokens), on the device of the input embeddings."""
+    emb = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    device = weight.device if weight is not None else next(inner.parameters()).device
+    vocab = int(getattr(config, "vocab_size", 0) or 2)
+    ids = ((torch.arange(8, device=device) * 7 + 3) % vocab).unsqueeze(0)
+    labels = ids[:, :4].flip(1) if model_kind(config) == "seq2seq" else ids.clone()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _holds_values(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (t.is_meta or is_fake(t))
 
 
 def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -103,37 +170,37 @@ class _HeadBypassed:
             del self.head.forward
 
 
-def _fallback(reason: str, warn: bool = True) -> None:
-    if warn and reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"training.loss=chunked: {reason}; using the full loss", stacklevel=3)
+def _fallback(line: str) -> None:
+    """The one line a run (or a plan) shows when it uses the full loss instead of the chunked one."""
+    warnings.warn(line, stacklevel=3)
 
 
-def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0,
-                 warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_loss(model: nn.Module, batch: dict, *, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`default_loss` without materialising the full logits (see the module docstring).
+
+    It trusts the model to return its output layer's output untouched: `loss_fn_for(name,
+    chunk_size, model)` checks that once (`chunking_problem`) and gives `default_loss` to a model
+    that does not (BART's bias after the head, gemma2's soft-capping, ...).
 
     Args:
         model: a transformers causal or seq2seq LM, optionally peft-, DDP- or compile-wrapped.
         batch: `input_ids`, `attention_mask`, `labels` (-100 = no target), as the collator makes them.
         chunk_size: target positions per chunk (memory: chunk_size x vocab x 4 bytes, about 2x at
             peak); 0: `auto_chunk_size(vocab)`, 256 MiB of fp32 logits.
-        warn: warn (once per reason) when falling back to `default_loss`.
 
     Returns:
-        (sum of per-token losses, number of target tokens), like `default_loss`. Models it cannot
-        chunk (no output layer, logits post-processed after the head, prompt-learning adapters) get
-        `default_loss`, with a warning once.
+        (sum of per-token losses, number of target tokens), like `default_loss`; a batch without
+        labels, or a model without a config, gets `default_loss` itself.
     """
-    labels = batch.get("labels")
+    if batch.get("labels") is None or getattr(unwrap(model), "config", None) is None:
+        return default_loss(model, batch)
+    return _chunked(model, batch, chunk_size=chunk_size)
+
+
+def _chunked(model: nn.Module, batch: dict, *, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = batch["labels"]
     inner = unwrap(model)
-    config = getattr(inner, "config", None)
-    if labels is None or config is None:
-        return default_loss(model, batch)
-    reason = _not_chunkable(inner)
-    if reason:
-        _fallback(reason, warn)
-        return default_loss(model, batch)
+    config = inner.config
     head = inner.get_output_embeddings()
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}

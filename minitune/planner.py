@@ -581,7 +581,7 @@ class Prediction:
 
 def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | None = None,
              seq_len: int | None = None, target_len: int | None = None, device_type: str = "cpu",
-             cuda_capability: tuple[int, int] | None = None) -> Prediction:
+             cuda_capability: tuple[int, int] | None = None, loss_fn: Any = None) -> Prediction:
     """Run optimizer steps of `cfg`'s training on a fake copy of `model` and return the peak.
 
     Args:
@@ -595,6 +595,8 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
             torch's for-each optimizer kernels and bitsandbytes' CUDA kernels).
         cuda_capability: on CUDA, the GPU's compute capability (default 8.0), for the cuBLAS
             workspace in `Prediction.cuda`.
+        loss_fn: the loss the run uses (`build.setup` decides it on the real model); default: the
+            one the config names, checked on the fake copy (`losses.loss_fn_for`).
 
     Returns:
         The Prediction.
@@ -612,10 +614,10 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
     config = inner.config
     seq2seq = model_kind(config) == "seq2seq"
     steps = steps or worst_case_steps(cfg, seq_len, target_len, seq2seq)
-    loss_fn = loss_fn_for(t.loss, t.loss_chunk_size)
     ledger = _Ledger(granule=512 if device_type == "cuda" else 1, trace=device_type == "cuda")
     params = [p for p in fake.parameters() if p.requires_grad]
     with mode:
+        loss_fn = loss_fn or loss_fn_for(t.loss, t.loss_chunk_size, fake)  # before the ledger counts anything
         optimizer = _optimizer(fake, cfg, device_type)
         _accelerate_forward(fake, t.mixed_precision, "cpu")
         seen: set[int] = set()

@@ -135,20 +135,28 @@ def test_bf16_autocast_close_to_default():
     assert abs((wrong / n_wrong).item() - fp32_per_token) > 10, "misaligned targets must be far outside the tolerance"
 
 
-def test_model_types_with_logit_post_processing_fall_back_with_a_warning():
+def test_logits_changed_in_place_after_the_head_fall_back_with_one_line():
+    """A forward that changes the head's output in place (the same tensor object, so only the values
+    tell) is caught by the probe's value check; 'full' is never checked, 'chunked' says so too."""
     model = _model("tiny-llama", None)
-    model.config.model_type = "gemma2"  # soft-caps its logits after the head: chunking it would be wrong
-    batch = _batch("tiny-llama")
-    with pytest.warns(UserWarning, match="training.loss=chunked: model type 'gemma2'"):
-        out, _ = chunked_loss(model, batch)
-    ref, _ = default_loss(model, batch)
-    assert torch.equal(out, ref)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)
+    assert loss_fn_for("auto", 0, model) is not default_loss
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out.tanh_().mul_(3))
+    for name in ("auto", "chunked"):
+        with pytest.warns(UserWarning) as seen:
+            assert loss_fn_for(name, 0, model) is default_loss
+        assert [str(w.message) for w in seen] == [
+            f"training.loss={name}: on a probe batch the chunked loss of LlamaForCausalLM is "
+            + str(seen[0].message).split(" is ", 1)[1]]
+        assert "the full one" in str(seen[0].message) and str(seen[0].message).endswith("; using the full loss")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        chunked_loss(model, batch)  # warned once only
-        model.config.model_type = "cohere"
-        out, _ = loss_fn_for("auto")(model, batch)  # training.loss=auto: the full loss, without a warning
-    assert torch.equal(out, ref)
+        assert loss_fn_for("full", 0, model) is default_loss
+    handle.remove()
+    unchanged = {k: p.clone() for k, p in model.state_dict().items()}
+    loss_fn_for("auto", 0, model)
+    assert all(torch.equal(p, unchanged[k]) for k, p in model.state_dict().items())
 
 
 def test_head_restored_after_the_forward():
@@ -163,8 +171,10 @@ def test_head_restored_after_the_forward():
 def test_config_choice_and_errors():
     assert loss_fn_for("full") is default_loss
     assert loss_fn_for("chunked", 64).keywords == {"chunk_size": 64}
-    assert load_config(tiny_config()).training.loss == "auto"  # chunked where possible, silently
-    assert loss_fn_for("auto").keywords == {"chunk_size": 0, "warn": False}
+    assert load_config(tiny_config()).training.loss == "auto"  # chunked where the model allows it
+    assert loss_fn_for("auto").keywords == {"chunk_size": 0}
+    with pytest.raises(ValueError, match="unknown loss 'chunky'"):
+        loss_fn_for("chunky")
     cfg = load_config(tiny_config(training={"loss": "chunked", "loss_chunk_size": 256}))
     assert (cfg.training.loss, cfg.training.loss_chunk_size) == ("chunked", 256)
     with pytest.raises(ConfigError) as e:
@@ -176,15 +186,38 @@ def test_config_choice_and_errors():
     assert auto_chunk_size(250_880) == 267 and auto_chunk_size(50_272) == 1334
 
 
-def test_train_with_chunked_loss_matches_full(tiny):
-    """End to end through run.train: the loss the config names is the one the loop uses."""
+def test_train_runs_the_loss_the_config_names(tiny, monkeypatch):
+    """End to end through run.train: training.loss=full never runs the chunked cross-entropy, 'chunked'
+    runs it at every step and evaluation, and both reach the same losses."""
+    from minitune import losses
     from minitune.run import train
 
-    full = train(tiny("tiny-llama", lora={"dropout": 0.0}, training={"max_steps": 3}))
-    chunked = train(tiny("tiny-llama", lora={"dropout": 0.0},
-                         training={"max_steps": 3, "loss": "chunked", "overwrite": True}))
-    assert chunked.metrics["loss"] == pytest.approx(full.metrics["loss"], abs=1e-4)
-    assert chunked.metrics["eval_loss"] == pytest.approx(full.metrics["eval_loss"], abs=1e-4)
+    calls = []
+    chunked = losses.linear_cross_entropy
+    monkeypatch.setattr(losses, "linear_cross_entropy", lambda *a, **k: calls.append(1) or chunked(*a, **k))
+    runs = {}
+    for loss in ("full", "chunked"):
+        calls.clear()
+        runs[loss] = train(tiny("tiny-llama", lora={"dropout": 0.0},
+                                training={"max_steps": 3, "loss": loss, "overwrite": True})).metrics
+        assert (len(calls) >= 4) if loss == "chunked" else not calls, (loss, len(calls))
+    assert runs["chunked"]["loss"] == pytest.approx(runs["full"]["loss"], abs=1e-4)
+    assert runs["chunked"]["eval_loss"] == pytest.approx(runs["full"]["eval_loss"], abs=1e-4)
+
+
+def test_the_planner_simulates_the_loss_the_run_uses():
+    """The memory simulation decides the loss on its fake copy with the same check: a model that
+    cannot be chunked is simulated with the full loss, one that can with the chunked one."""
+    from minitune.planner import simulate
+
+    def peak(model, loss):
+        return simulate(model, load_config(tiny_config(training={"loss": loss})), seq_len=32).total
+
+    bart = _tiny_architecture("bart")
+    with pytest.warns(UserWarning, match="training.loss=auto: BartForConditionalGeneration changes the logits"):
+        assert peak(bart, "auto") == peak(bart, "full")
+    llama = _model("tiny-llama", None)
+    assert peak(llama, "auto") == peak(llama, "chunked") < peak(llama, "full")
 
 
 @pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True),
@@ -211,3 +244,90 @@ def test_half_precision_head_with_fp32_hidden_states(dtype, autocast):
     assert loss.dtype == torch.float32 and hidden.grad.dtype == torch.float32
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=2e-2, atol=2e-2)
+
+
+# Every causal and seq2seq architecture the sweep builds tiny from its config (2 layers, hidden 32,
+# 96 tokens): model type -> (extra config keys, whether its forward returns the output layer's
+# logits untouched). The expected decision is pinned, so that a check which always falls back fails too.
+_TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, d_model=32, encoder_layers=2,
+             decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+             decoder_ffn_dim=64, d_kv=8, d_ff=64, num_layers=2, num_heads=4, rotary_dim=4, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+ARCHITECTURES = {
+    "bart": ({}, False), "mbart": ({}, False), "marian": ({}, False), "pegasus": ({}, False),  # final_logits_bias
+    "plbart": ({}, False), "t5": ({}, True), "mt5": ({}, True),
+    "gpt2": ({}, True), "gptj": ({}, True), "mistral": ({}, True), "mixtral": ({}, True), "qwen2": ({}, True),
+    "qwen3": ({}, True), "phi": ({}, True), "gemma": ({}, True), "falcon": ({}, True), "llama": ({}, True),
+    "opt": ({}, True), "bloom": ({}, True), "gpt_neox": ({}, True), "starcoder2": ({}, True), "olmo": ({}, True),
+    "gpt_neo": ({"attention_types": [[["global", "local"], 1]]}, True),
+    "gemma2": ({}, False),  # soft-caps its logits
+    # scale their logits after the head: the chunked loss would be right (a scale commutes with the
+    # head), but the check asks for the head's output itself, which the planner can check on fake tensors
+    "cohere": ({}, False), "granite": ({}, False),
+}
+
+
+def _tiny_architecture(model_type: str) -> torch.nn.Module:
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    cls = CONFIG_MAPPING[model_type]
+    known = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "attribute_map", {}))
+    config = cls(**{k: v for k, v in _TINY.items() if k in known}, **ARCHITECTURES[model_type][0])
+    config.decoder_start_token_id = 2
+    seq2seq = model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    torch.manual_seed(0)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config)
+    with torch.no_grad():
+        # confident logits, so that soft-capping or scaling after the head moves the loss by much
+        model.get_output_embeddings().weight.mul_(30)
+        for name, buf in model.named_buffers():
+            if "logits_bias" in name:  # zero at init, where it would change nothing
+                buf.copy_(torch.linspace(-3, 3, buf.numel()).reshape(buf.shape))
+    return model
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_auto_loss_is_chunked_only_where_it_equals_the_full_loss(model_type):
+    """training.loss=auto over the architectures transformers builds: chunked, and then equal to the full
+    loss in value and gradients to 1e-5; or the full loss, with one line saying why."""
+    model = _tiny_architecture(model_type)
+    for m in model.modules():  # no dropout: both losses must see the same forward
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("dropout", "attention_dropout", "dropout_rate", "activation_dropout", "layerdrop"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    model.train()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, 11), generator=g)
+    labels = ids.clone()
+    labels[1, :3] = -100
+    if model.config.is_encoder_decoder:
+        labels = torch.randint(3, vocab, (2, 6), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fn = loss_fn_for("auto", 4, model)
+    lines = [str(w.message) for w in seen if "training.loss" in str(w.message)]
+    assert all(m.training for m in model.modules()) and torch.equal(torch.get_rng_state(), rng)  # left as it was
+    chunkable = ARCHITECTURES[model_type][1]
+    assert (fn is not default_loss) == chunkable, lines
+    if chunkable:
+        assert not lines
+        _assert_equal_losses(model, batch, chunk_size=4)
+        torch.testing.assert_close(fn(model, batch)[0], chunked_loss(model, batch, chunk_size=4)[0])
+    else:
+        assert len(lines) == 1 and lines[0].startswith("training.loss=auto: ") and "using the full loss" in lines[0]
+    if model_type in ("bart", "mbart", "marian", "pegasus", "plbart", "gemma2"):
+        with pytest.raises(RuntimeError) if model.config.is_encoder_decoder else contextlib.nullcontext():
+            # what the chunked loss would do: crash on the bias after the head, or give another number
+            out, n = chunked_loss(model, batch)
+            ref, _ = default_loss(model, batch)
+            assert abs(float(out / n) - float(ref / n)) > 1e-3
