@@ -237,6 +237,9 @@ def _windows(loader: Any, accelerator: Any, state: TrainState, grad_accum: int) 
         # started: a resumed run starts one more (the skipping one) and must see the same masks.
         with torch.random.fork_rng(devices=[]):
             first = next(batches, None)
+        if first is None and epoch_loader is loader:  # (a resumed epoch may have nothing left: it ended)
+            raise ValueError("fit(): train_loader yielded no batches, so no step can ever be taken; give it "
+                             "data (an empty dataset, or fewer examples than the batch size with drop_last=True?)")
         window: list[dict] = []
         for batch in itertools.chain([first] if first is not None else [], batches):
             window.append(batch)
@@ -308,7 +311,8 @@ def fit(
 
     Raises:
         TypeError: both `args` and keyword settings, or neither.
-        ValueError: `loss_fn.count` disagrees with the count `loss_fn` returns.
+        ValueError: `loss_fn.count` disagrees with the count `loss_fn` returns; `train_loader` yields
+            no batch at all.
         Whatever the model, loss or optimizer raise (e.g. torch.OutOfMemoryError); non-finite losses
         and gradients do not raise: the step is skipped, and `max_bad_steps` in a row stop the run.
     """

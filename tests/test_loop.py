@@ -230,3 +230,26 @@ def test_default_loss_and_its_count_for_a_module_that_returns_its_loss():
     loss, n = default_loss(model, batch)  # no labels, no config: the module's own loss, one item
     assert float(n) == 1 and count_items(model, batch) == 1 == default_loss.count(model, batch)
     torch.testing.assert_close(loss, model(**batch))
+
+
+def test_an_empty_loader_stops_with_one_error():
+    """An empty train_loader used to loop over empty epochs forever; resuming at the end of an epoch
+    (nothing left to skip into) still goes on to the next one."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            _run([], LoopArgs(max_steps=2))
+        except ValueError as e:
+            outcome["error"] = str(e)
+
+    worker = threading.Thread(target=run, daemon=True)  # the old loop never returns: do not hang the suite
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "fit() with an empty loader did not stop"
+    assert outcome["error"].startswith("fit(): train_loader yielded no batches")
+    loader = torch.utils.data.DataLoader(_batches(2), batch_size=1, collate_fn=lambda b: b[0])
+    state, _, _ = _run(loader, LoopArgs(max_steps=3), state=TrainState(step=2, micro_step=2, batch_in_epoch=2))
+    assert (state.step, state.epoch) == (3, 1)
