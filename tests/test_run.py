@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import pytest
@@ -18,25 +19,45 @@ def _losses(run_dir) -> list[float]:
 
 
 # torch 2.13.0 CPU, fixed seed and data, 4 steps of 2 x 4 examples, LoRA on every linear layer with
-# dropout. Recorded before the builders/loop redesign and unchanged by it (catches silent changes);
-# re-recorded when the quotes data was repaired (data/SOURCES.md): 6 of the run's 64 rows changed.
+# dropout. The 4-bit run's model is tiny-llama with weights drawn 25x wider than the preset's
+# (initializer_range 0.5): its logits are far from uniform, so its losses (~14.7) are far from
+# ln(50,257) = 10.82, where a model whose quantized weights came out as zeros would sit (the preset's
+# own 4-bit losses were 10.84-10.83, next to it). The same run unquantized (a run that silently
+# skipped quantization) logs 14.6089, 14.5221, 14.9419, 14.7967 (this config without `quantization`):
+# 0.014-0.26 away from the pins. t5: recorded before the builders/loop redesign and unchanged by it;
+# re-recorded when the quotes data was repaired (data/SOURCES.md).
 PINNED = {
-    "4bit-llama": ("tiny-llama", {"quantization": {"mode": "4bit"}}, [10.8406, 10.8352, 10.839, 10.8269]),
+    "4bit-llama": ("tiny-llama", {"quantization": {"mode": "4bit"}}, [14.6942, 14.7794, 14.7479, 14.8109]),
     "t5": ("tiny-t5", {}, [21.5357, 21.0393, 21.2754, 20.7769]),
 }
+
+
+def _wide_llama(folder) -> str:
+    """tiny-llama's config with initializer_range 0.5, as a config.json (model.config_file)."""
+    import transformers
+
+    from minitune.presets import PRESETS
+
+    cls, kwargs, _ = PRESETS["tiny-llama"]
+    getattr(transformers, cls)(**kwargs, initializer_range=0.5).save_pretrained(folder)
+    return str(folder / "config.json")
 
 
 @pytest.mark.parametrize("name", list(PINNED))
 def test_pinned_losses(name, tmp_path):
     preset, sections, pinned = PINNED[name]
+    model = {"preset": None, "config_file": _wide_llama(tmp_path / "model")} if name == "4bit-llama" else {}
     cfg = tiny_config(preset, tmp_path / "run", training={"max_steps": 4, "grad_accum": 2},
                       lora={"target_modules": ["all-linear"], "dropout": 0.1}, **sections)
+    cfg["model"].update(model)
     result = train(cfg)
     assert isinstance(result, TrainResult) and result.state.step == 4
-    assert _losses(tmp_path / "run") == pytest.approx(pinned, abs=1e-4)
+    losses = _losses(tmp_path / "run")
+    if name == "4bit-llama":
+        assert min(losses) > math.log(50257) + 3  # far from a uniform (broken) model's loss
+    assert losses == pytest.approx(pinned, abs=1e-4)
     assert result.metrics["loss"] == pytest.approx(pinned[-1], abs=1e-4)
     assert (result.checkpoint / "adapter_config.json").is_file()
-
 
 
 def test_tokens_per_s_is_over_training_time_and_evaluation_time_is_reported(tmp_path, monkeypatch, capsys):
