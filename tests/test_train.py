@@ -197,17 +197,34 @@ def test_pinned_losses(tmp_path):
 PINNED = [10.4426, 10.3087, 9.81526, 9.05715, 7.89575, 6.13407]
 
 
-def test_adapter_loads_with_peft(tmp_path):
+def test_adapter_loads_with_peft(tmp_path, monkeypatch):
+    """The saved adapter, loaded by peft alone onto the base model, computes what the trained model
+    computed at the end of the run (and not what the base model computes)."""
     from peft import PeftModel
 
+    from minitune import run
     from minitune.config import ModelArgs
     from minitune.model import build_from_config
 
+    trained = {}
+    fit = run.fit
+
+    def keep_model(accelerator, model, *args, **kwargs):
+        trained["model"] = model
+        return fit(accelerator, model, *args, **kwargs)
+
+    monkeypatch.setattr(run, "fit", keep_model)
     result = train(tiny_config("tiny-opt", tmp_path / "run", training={"max_steps": 2}))
     files = {p.name for p in result.checkpoint.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "tokenizer.json"} <= files
-    model = PeftModel.from_pretrained(build_from_config(ModelArgs(preset="tiny-opt")), result.checkpoint)
-    assert any("lora_A" in n for n, _ in model.named_parameters())
+    base = build_from_config(ModelArgs(preset="tiny-opt"))
+    ids = torch.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(base, result.checkpoint).eval()(input_ids=ids).logits
+        expected = trained["model"].eval()(input_ids=ids).logits
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
+    assert (loaded - before).abs().max() > 1e-3  # the adapter was trained, and it is applied
 
 
 def test_full_finetuning_checkpoint_is_a_transformers_model(tmp_path):
