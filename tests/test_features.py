@@ -18,7 +18,7 @@ from torch import nn
 from minitune.config import ConfigError, ModelArgs, OptimizerArgs, QuantizationArgs
 from minitune.run import train
 
-from .conftest import REPO, tiny_config
+from .conftest import REPO, simulated, tiny_config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)}
@@ -120,19 +120,33 @@ def test_trackers_receive_every_logged_step_and_a_missing_one_is_refused(tmp_pat
     assert [v["loss"] for _, v in logged[1:]] == pytest.approx([r["loss"] for r in _log(tmp_path / "run")], rel=1e-5)
 
 
-def test_fused_adamw_is_built_and_trains_like_the_unfused_one(tmp_path):
+def test_fused_adamw_is_built_and_trains_like_the_unfused_one(tmp_path, monkeypatch):
     from minitune.device import capabilities
     from minitune.optim import build_optimizer
 
     fused = build_optimizer(nn.Linear(4, 4), OptimizerArgs(fused=True), "cpu")
     assert fused.defaults["fused"] is (True if capabilities("cpu").fused_adamw else None)
     assert build_optimizer(nn.Linear(4, 4), OptimizerArgs(), "cpu").defaults["fused"] is None
+    # the run's optimizer steps go through torch's fused kernel exactly when optimizer.fused asks for it
+    # (the planner's simulated steps on fake tensors are not counted)
+    fused_steps = []
+    kernel = torch._fused_adamw_
+
+    def counting_kernel(params, *args, **kwargs):
+        if not any(simulated(p) for p in params):
+            fused_steps.append(len(params))
+        return kernel(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counting_kernel)
     runs = {}
     for flag in (False, True):
         out = tmp_path / str(flag)
+        fused_steps.clear()
         train(tiny_config("tiny-llama", out, training={"max_steps": 3}, optimizer={"fused": flag},
                           model={"dtype": "float32"}))
         runs[flag] = [r["loss"] for r in _log(out)]
+        expected = 3 if flag and capabilities("cpu").fused_adamw else 0
+        assert len(fused_steps) == expected, (flag, fused_steps)
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
 
 
@@ -227,11 +241,19 @@ def test_eval_prompts_split_and_no_sheet(checkpoint, tmp_path):
 
 @pytest.mark.slow  # torch.compile on CPU: inductor builds C++ kernels (a minute or more)
 def test_compile_trains_like_eager(tmp_path):
+    """training.compile=true trains through graphs torch.compile captured (none without it), to the
+    same losses as eager."""
+    from torch._dynamo.utils import counters
+
     runs = {}
     for flag in (False, True):
         out = tmp_path / str(flag)
+        torch._dynamo.reset()
+        counters.clear()
         train(tiny_config("tiny-llama", out, training={"max_steps": 2, "compile": flag}, model={"dtype": "float32"}))
         runs[flag] = [r["loss"] for r in _log(out)]
+        graphs = counters["stats"]["unique_graphs"]
+        assert (graphs > 0) if flag else graphs == 0, (flag, dict(counters["stats"]))
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
 
 
