@@ -37,7 +37,11 @@ def test_cuda_process_peak_carries_the_context_instead_of_a_cut_budget():
     cfg = load_config(tiny_config("tiny-llama"))
     result = plan(cfg, "T4", suggest=False)
     assert result.target.budget == result.target.memory  # no flat 1 GiB cut from the budget
-    assert result.process.total == result.prediction.total + pm.CUDA_CONTEXT
+    # the plan's CUDA process is the simulation's own terms (context, cuBLAS workspaces, tensors in
+    # blocks, the caching allocator's reserve): cuda_memory.cuda_process_terms, not the flat fallback
+    assert result.process.terms == result.prediction.cuda
+    assert set(result.process.terms) == {"cuda_context", "cublas_workspace", "tensors", "allocator_cache"}
+    assert result.process.total > result.prediction.total
 
 
 def test_fits_is_decided_on_the_process_peak():
