@@ -16,6 +16,7 @@ peft, bitsandbytes and datasets load only when a function that needs them is fir
     tensor_breakdown, AllocatorTrace    where the memory goes: tensors by role, the CPU allocator exactly
     plan, simulate                      will it fit? the peak of a config or a model, predicted on fake tensors
     load_config, Config, LoraArgs       typed configuration
+    write_report(runs, out)             report.png / report.html from run folders (one run, or several overlaid)
 
 See README.md, "Using minitune from Python", and examples/.
 """
@@ -51,6 +52,7 @@ _EXPORTS = {
     "plan": "planner",
     "simulate": "planner",
     "tensor_breakdown": "memory",
+    "write_report": "run_report",
 }
 
 __all__ = [
@@ -77,6 +79,7 @@ __all__ = [
     "save_checkpoint",
     "tensor_breakdown",
     "train",
+    "write_report",
 ]
 assert set(__all__) == set(_EXPORTS) | {"__version__"}
 
@@ -102,3 +105,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .planner import plan, simulate
     from .report import RunLogger
     from .run import TrainResult, train
+    from .run_report import write_report

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import SEED_MAX, ConfigError, describe, describe_configs, generation_args, one_line
 
-__all__ = ["main", "main_eval", "main_plan", "main_train", "user_errors"]
+__all__ = ["main", "main_eval", "main_plan", "main_report", "main_train", "user_errors"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -37,8 +37,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .model import ModelError
     from .planner import PlanError
     from .run import RunError
+    from .run_report import ReportError
 
-    return (ConfigError, RunError, DataError, ModelError, CheckpointError, PlanError)
+    return (ConfigError, RunError, DataError, ModelError, CheckpointError, PlanError, ReportError)
 
 
 def _quiet_third_party() -> None:
@@ -167,18 +168,51 @@ def _run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return run_cli(plan_it)
 
 
+def main_report(argv: Sequence[str] | None = None) -> int:
+    """`minitune report RUN [RUN ...] [--out DIR]`: report.png and report.html from run folders."""
+    parser = _Parser(
+        prog="minitune report",
+        description="Draw report.png and report.html from run folders (log.jsonl, memory.json, eval.json): loss, "
+                    "learning rate, grad norm, tokens/s and memory per step, eval scores. Several runs are "
+                    "overlaid, labelled by the config keys that differ, with a table of their final figures.",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (a run's training.output_dir)")
+    parser.add_argument("--out", "-o", metavar="DIR",
+                        help="where the report goes (default: the run's folder; several runs: their common parent)")
+    args = parser.parse_args(argv)
+
+    def report() -> None:
+        from rich.table import Table
+
+        from .run_report import TABLE_COLUMNS, load_run, run_labels, table_rows, write_report
+
+        png, html = write_report(args.runs, out=args.out)
+        runs = [load_run(r) for r in args.runs]
+        table = Table(title="final figures", title_justify="left")
+        for column in TABLE_COLUMNS:
+            table.add_column(column)
+        for row in table_rows(runs, run_labels(runs)):
+            table.add_row(*row)
+        Console().print(table)
+        print(f"report: {png} and {html}")
+
+    return run_cli(report)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`minitune plan ...` (the subcommands: plan; training and evaluation are minitune-train and minitune-eval)."""
+    """`minitune plan ...` or `minitune report ...` (training and evaluation are minitune-train and minitune-eval)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: minitune plan --config NAME|FILE [--device T4 | --budget 12GiB] [--json] [key=value ...]\n"
+              "       minitune report RUN [RUN ...] [--out DIR]\n"
               "       (train with minitune-train or train.py, evaluate with minitune-eval or eval.py)")
         return 0 if argv else 2
-    if argv[0] != "plan":
-        print(f"error: unknown command '{one_line(argv[0])}': the command is `minitune plan` (see minitune --help)",
-              file=sys.stderr)
+    commands = {"plan": main_plan, "report": main_report}
+    if argv[0] not in commands:
+        print(f"error: unknown command '{one_line(argv[0])}': the commands are `minitune plan` and `minitune report` "
+              "(see minitune --help)", file=sys.stderr)
         return 2
-    return main_plan(argv[1:])
+    return commands[argv[0]](argv[1:])
 
 
 def _positive_int(text: str) -> int:

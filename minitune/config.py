@@ -235,6 +235,9 @@ class LoggingArgs:
                             "false: none of it, no memory.json (the predicted peak is still shown).")
     memory_phases_every: int = _f(0, "Record forward/backward/optimizer memory phases every N steps (0: at log steps).")
     module_grad_norms: bool = _f(False, "Log per-module lora_A / lora_B gradient norms.")
+    report: bool = _f(True, "Draw report.png and report.html in the run folder when the run ends (finished, "
+                            "stopped or failed after its first step), from log.jsonl and memory.json: needs "
+                            "logging.jsonl=true. Rebuild or compare runs with `minitune report RUN [RUN ...]`.")
 
 
 @dataclass

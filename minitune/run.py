@@ -63,13 +63,16 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
     parts = setup(cfg)
     started = time.perf_counter()
     try:
-        state = _fit(parts, on_step)
-    except BaseException:
-        _phase(parts.profiler, None)  # stops the sampler thread
-        raise
-    finally:
-        parts.logger.close()
-    return _finish(parts, state, started)
+        try:
+            state = _fit(parts, on_step)
+        except BaseException:
+            _phase(parts.profiler, None)  # stops the sampler thread
+            raise
+        finally:
+            parts.logger.close()
+        return _finish(parts, state, started)
+    finally:  # finished, stopped by a signal, or failed: the report shows the steps taken
+        _report(parts)
 
 
 def _fit(parts: Parts, on_step: Callable[[Any, dict], Any] | None) -> TrainState:
@@ -152,6 +155,19 @@ def _finish(parts: Parts, state: TrainState, started: float) -> TrainResult:
             console.print(profiler.table())
     accelerator.end_training()
     return result
+
+
+def _report(parts: Parts) -> None:
+    """report.png and report.html in the run folder (logging.report), once a step was logged; a
+    failure to draw is one warning line, never the run's failure."""
+    if not (parts.cfg.logging.report and parts.cfg.logging.jsonl and parts.logger.records
+            and parts.accelerator.is_main_process):
+        return
+    from .run_report import try_write_report  # matplotlib loads only here
+
+    png = try_write_report(parts.out)
+    if png is not None:
+        print(f"report: {png} (and report.html)", flush=True)
 
 
 def _phase(profiler: Any, name: str | None) -> None:

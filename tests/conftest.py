@@ -43,7 +43,8 @@ def tiny_config(preset: str = "tiny-llama", output_dir: str | Path = "runs/test"
         "optimizer": {"lr": 3e-3, "scheduler": "constant"},
         "training": {"output_dir": str(output_dir), "max_steps": 8, "batch_size": 4, "seed": 0,
                      "mixed_precision": "no"},
-        "logging": {"progress": "none"},
+        # no report.png per test run (a second or two each); tests/test_run_report.py turns it on
+        "logging": {"progress": "none", "report": False},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
