@@ -735,7 +735,23 @@ def evaluate_checkpoint(
     result.files.update(json=str(json_path), markdown=str(md_path))
     json_path.write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
     md_path.write_text(to_markdown(result))
+    report = _report_after_eval(path, out, cfg)
+    if report is not None:  # after eval.json, which the report is drawn from
+        result.files["report"] = str(report)
     return result
+
+
+def _report_after_eval(path: Path, out: Path, cfg: Config) -> Path | None:
+    """Add the scores to the run's report (logging.report): the run folder's when eval.json went into
+    its final checkpoint, else a report of the scores alone beside eval.json. A failure to draw is
+    one warning line."""
+    if not cfg.logging.report:
+        return None
+    from .run_report import try_write_report  # matplotlib loads only here
+
+    run = path.parent
+    in_run = out.resolve() == path.resolve() and path.name == "final" and (run / "log.jsonl").is_file()
+    return try_write_report(run if in_run else out)
 
 
 def _check_request(path: Path, sheet_path: Path | None, merge_to: str | Path | None) -> str | None:
@@ -912,7 +928,7 @@ def render_result(result: EvalResult, console: Any) -> None:
             text += [f"[red]base[/red]  {_escape(gen['base'])}", f"[green]fine-tuned[/green]  {_escape(gen['tuned'])}"]
             gens.add_row(str(gen["id"]), "\n".join(text))
         console.print(gens)
-    for name in ("json", "markdown", "sheet", "key", "merged"):
+    for name in ("json", "markdown", "sheet", "key", "merged", "report"):
         if result.files.get(name):
             console.print(f"{name}: {result.files[name]}", highlight=False, markup=False)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from html import escape
 
 import pytest
 import yaml
@@ -82,6 +83,25 @@ def test_a_report_is_rebuilt_identically_from_the_folder(finished_run, tmp_path,
     assert (tmp_path / "report.html").read_text() == html
     out = capsys.readouterr().out
     assert "final figures" in out and f"report: {tmp_path / 'report.png'}" in out
+
+
+def test_eval_adds_its_scores_and_generations_to_the_run_report(finished_run):
+    from minitune.evaluate import evaluate_checkpoint
+
+    before = (finished_run / "report.png").read_bytes()
+    ev = evaluate_checkpoint(finished_run / "final", ["generation.max_new_tokens=4"], num_prompts=2, max_samples=4,
+                             sheet=False)
+    assert ev.files["report"] == str(finished_run / "report.png")
+    assert (finished_run / "report.png").read_bytes() != before
+    p = panels(draw([load_run(finished_run)]))
+    saved = json.loads((finished_run / "final" / "eval.json").read_text())
+    assert p["perplexity"]["bar:base"][1] == [pytest.approx(saved["perplexity"]["base"]["perplexity"])]
+    assert p["perplexity"]["bar:fine-tuned"][1] == [pytest.approx(saved["perplexity"]["tuned"]["perplexity"])]
+    assert p["task"]["bar:fine-tuned"][1] == [pytest.approx(saved["task"]["tuned"]["tag_f1"])]
+    html = (finished_run / "report.html").read_text()
+    for gen in saved["generations"]:
+        assert f"<td class='gen'>{escape(gen['tuned'])}</td>" in html
+    assert html.count("<td class='gen'>") == 4 * len(saved["generations"]) == 8
 
 
 def _fake_run(folder, r, losses, modules=0):
