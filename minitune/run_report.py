@@ -328,13 +328,11 @@ def _panel_loss(ax: Any, runs: Sequence[RunData], labels: Sequence[str]) -> None
     ax.legend(fontsize=8)
 
 
-def _line_panel(key: str, title: str, ylabel: str, log: bool = False):
+def _line_panel(key: str, title: str, ylabel: str) -> Any:
     def panel(ax: Any, runs: Sequence[RunData], labels: Sequence[str]) -> None:
         for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
             steps, values = run.series(key)
             ax.plot(steps, values, color=_color(i), label=label if len(runs) > 1 else key, gid=key)
-        if log and all(v > 0 for r in runs for v in r.series(key)[1]):
-            ax.set_yscale("log")
         ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
         if len(runs) > 1:
             ax.legend(fontsize=8)
@@ -348,8 +346,9 @@ def _panel_grad_norm(ax: Any, runs: Sequence[RunData], labels: Sequence[str]) ->
     modules = _module_series(runs[0]) if len(runs) == 1 else {}
     for j, (name, (steps, values)) in enumerate(modules.items()):
         ax.plot(steps, values, color=_color(j + 1), linewidth=1, alpha=0.8, label=name, gid=f"grad_norm/{name}")
-    if all(v > 0 for r in runs for v in r.series("grad_norm")[1]) and (
-            not modules or all(v > 0 for _, vs in modules.values() for v in vs)):
+    values = [v for r in runs for v in r.series("grad_norm")[1]] + [v for _, vs in modules.values() for v in vs]
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 30:  # a log scale only where it is needed
         ax.set_yscale("log")
     ax.set(title="gradient norm per step" + (" (per adapter module)" if modules else ""), xlabel="optimizer step",
            ylabel="L2 norm")
