@@ -416,6 +416,7 @@ def _eval_bars(ax: Any, runs: Sequence[RunData], labels: Sequence[str], pick: An
                 bar = ax.bar(i + dx, value, width, color=color, label=who if i == 0 else None, gid=f"{who}")
                 ax.bar_label(bar, fmt="%.3g", fontsize=8)
     ax.set_xticks(range(len(runs)), names, fontsize=8)
+    ax.set_xlim(-0.9, len(runs) - 0.1)
     ax.set(title=title, ylabel=ylabel)
     ax.legend(fontsize=8)
 
