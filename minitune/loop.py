@@ -134,10 +134,13 @@ def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batche
     `max_batches` counts batches over all processes (a prepared loader gives process p the batches
     p, p + N, p + 2N, ...), so the result does not depend on the number of processes. Under DDP each
     process runs the bare module (no collectives are needed without gradients) on its own batches
-    only, without the examples Accelerate repeats to even out the last batch.
+    only, without the examples Accelerate repeats to even out the last batch. Under FSDP or
+    DeepSpeed ZeRO-3 the forward itself gathers weights from every process, so every process runs
+    the same number of forwards: one past `max_batches` runs and is not counted.
     """
     model.eval()
     net = unwrap(model, keep_compiled=True)  # DDP's forward would wait for the other processes
+    sharded = net is model  # FSDP / DeepSpeed (or one process): the forward may hold collectives
     procs, rank = accelerator.num_processes, accelerator.process_index
     total = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
@@ -146,12 +149,15 @@ def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batche
     with _own_batches_only(loader) if net is not model else contextlib.nullcontext(), \
             torch.random.fork_rng(devices=[]):
         for i, batch in enumerate(loader):
-            if max_batches and i * procs + rank >= max_batches:
+            counted = not max_batches or i * procs + rank < max_batches
+            # the same stop on every process (i is the same everywhere), so sharded forwards stay paired
+            if max_batches and (i * procs >= max_batches or not (counted or sharded)):
                 break
             with accelerator.autocast():
                 loss_sum, n = loss_fn(net, batch)
-            total += loss_sum.float()
-            count += n
+            if counted:
+                total += loss_sum.float()
+                count += n
     total, count = accelerator.reduce(torch.stack([total, count]), reduction="sum")
     model.train()
     return (total / count.clamp(min=1)).item()  # host-device sync, once per evaluation
