@@ -485,13 +485,22 @@ def _skip_or_step(accelerator: Any, optimizer: torch.optim.Optimizer, state: Tra
     loss_bad, grad_bad = bad
     scaler = getattr(accelerator, "scaler", None)  # fp16 only
     overflow = False
-    if scaler is not None or not (loss_bad or grad_bad):
+    if scaler is not None or not (loss_bad or grad_bad) or _steps_in_backward(accelerator):
         # fp16: always step, so the GradScaler sees the gradients it unscaled; it skips the update
-        # itself when they are not finite, and lowers its scale.
+        # itself when they are not finite, and lowers its scale. DeepSpeed: a no-op (the engine
+        # stepped inside `accelerator.backward`) that reports the fp16 engine's own overflow skip.
         optimizer.step()
         overflow = bool(getattr(optimizer, "step_was_skipped", False))
     if not (loss_bad or grad_bad or overflow):
         return True
+    if (loss_bad or grad_bad) and not overflow and _steps_in_backward(accelerator):
+        # the update is in the weights already: skipping nothing and going on would train on NaNs
+        state.skipped_steps += 1
+        state.bad_streak += 1
+        state.stop_reason = "nonfinite"
+        _say(logger, accelerator, f"step {state.step + 1}: non-finite {'loss' if loss_bad else 'gradient'} under "
+             "DeepSpeed, whose engine already applied the update inside backward (it cannot be skipped): stopping")
+        return False
     optimizer.zero_grad(set_to_none=True)
     state.skipped_steps += 1
     if loss_bad or scaler is None or scaler.get_scale() < 1:  # genuine: a scale < 1 still overflowing
@@ -503,6 +512,12 @@ def _skip_or_step(accelerator: Any, optimizer: torch.optim.Optimizer, state: Tra
     if state.bad_streak >= max_bad_steps:
         state.stop_reason = "nonfinite"
     return False
+
+
+def _steps_in_backward(accelerator: Any) -> bool:
+    """DeepSpeed: Accelerate's `backward` runs the engine's backward and step (the optimizer's `step`
+    is a no-op), so the loop sees a step's loss and gradient only after its update."""
+    return str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1] == "DEEPSPEED"
 
 
 class _Tally:

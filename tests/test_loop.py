@@ -253,3 +253,36 @@ def test_an_empty_loader_stops_with_one_error():
     loader = torch.utils.data.DataLoader(_batches(2), batch_size=1, collate_fn=lambda b: b[0])
     state, _, _ = _run(loader, LoopArgs(max_steps=3), state=TrainState(step=2, micro_step=2, batch_in_epoch=2))
     assert (state.step, state.epoch) == (3, 1)
+
+
+def test_a_nonfinite_step_under_deepspeed_stops_at_once():
+    """DeepSpeed's engine steps inside `accelerator.backward`: a non-finite step cannot be skipped
+    after the fact, so the run stops at the first one instead of claiming a skip and training on."""
+    from types import SimpleNamespace
+
+    from minitune.loop import _skip_or_step
+
+    class EngineOptimizer:  # accelerate's DeepSpeedOptimizerWrapper: step is a no-op, the engine reports skips
+        step_was_skipped = False
+
+        def step(self):
+            pass
+
+        def zero_grad(self, set_to_none=True):
+            pass
+
+    said = []
+    logger = SimpleNamespace(message=said.append)
+    for kind, stops in (("DistributedType.DEEPSPEED", True), ("DistributedType.MULTI_CPU", False)):
+        accelerator = SimpleNamespace(distributed_type=kind, scaler=None)
+        state = TrainState()
+        assert not _skip_or_step(accelerator, EngineOptimizer(), state, (False, True), 5, logger)
+        assert (state.stop_reason == "nonfinite") == stops and state.skipped_steps == 1
+    assert "cannot be skipped" in said[0] and "cannot be skipped" not in said[1]
+    # the fp16 engine skipped the update itself (its loss scaler): that is a real skip, the run goes on
+    fp16 = EngineOptimizer()
+    fp16.step_was_skipped = True
+    state = TrainState()
+    _skip_or_step(SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", scaler=None), fp16, state,
+                  (False, True), 5, logger)
+    assert state.stop_reason == "" and state.skipped_steps == 1
