@@ -344,7 +344,8 @@ def check_processes(accelerator: Any, quantized: bool = False, grad_accum: int =
     the same run); an FSDP or DeepSpeed config that Accelerate did not apply (FSDP needs GPUs: on
     CPU it would quietly run as DDP); DeepSpeed with minitune's own gradient accumulation (the
     engine steps at every backward through Accelerate); and, on CUDA, a process whose device is not
-    its own GPU (with `quantized`, bitsandbytes would quantize every process's copy onto that GPU).
+    its own GPU (with `quantized`, bitsandbytes would quantize every process's copy onto that GPU);
+    and a quantized model under FSDP.
 
     Args:
         accelerator: the run's Accelerator (or anything with its `num_processes`,
@@ -362,6 +363,10 @@ def check_processes(accelerator: Any, quantized: bool = False, grad_accum: int =
             problems.append(f"the accelerate config asks for {wanted} but Accelerate set up {kind} on "
                             f"{accelerator.device} ({wanted} needs GPUs); on CPU launch with "
                             "configs/accelerate/cpu-2proc.yaml")
+    if kind == "FSDP" and quantized:
+        problems.append("a quantized model (quantization.mode 8bit/4bit) under FSDP: minitune places bitsandbytes "
+                        "layers whole on each process's GPU and does not set up FSDP for them; set "
+                        "quantization.mode=none, or launch with DDP (configs/accelerate/multi-gpu-ddp.yaml)")
     if kind == "DEEPSPEED" and grad_accum > 1:
         problems.append(f"training.grad_accum={grad_accum} under DeepSpeed, whose engine steps at every backward "
                         "in minitune's loop: set training.grad_accum=1 (raise training.batch_size or the number "

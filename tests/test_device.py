@@ -351,3 +351,11 @@ def test_shipped_configs_leave_precision_to_auto_and_run_on_a_t4(cuda, name):
     resolved, chosen = dev.resolve_precision(cfg, "cuda:0")
     assert "bfloat16" not in (resolved.model.dtype, resolved.quantization.compute_dtype)
     assert resolved.training.mixed_precision == "fp16" and not dev.check(resolved, "cuda:0")[0]
+
+
+def test_a_quantized_model_under_fsdp_is_refused():
+    fsdp = _accelerator("cpu")
+    fsdp.distributed_type = "DistributedType.FSDP"
+    assert dev.check_processes(fsdp, quantized=False) == []
+    (problem,) = dev.check_processes(fsdp, quantized=True)
+    assert "quantized model" in problem and "under FSDP" in problem and "quantization.mode=none" in problem
