@@ -191,6 +191,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint to `path` atomically (all processes call it; the main one writes weights).
 
+    Every process writes its own optimizer and RNG files into the folder the main process creates,
+    so with several machines `path` must be on a file system they all share.
+
     Args:
         path: the final folder, e.g. `<output_dir>/checkpoint-000120` or `<output_dir>/final`.
         accelerator: the run's Accelerator.
