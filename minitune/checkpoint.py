@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -374,19 +375,31 @@ def verify_checkpoint(path: str | Path, num_processes: int = 1) -> dict[str, Any
 
 
 def _load_states(path: Path, accelerator: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """This process's optimizer, scheduler and scaler states (the checkpoint already verified)."""
+    """This process's optimizer, scheduler and scaler states (the checkpoint already verified).
+
+    A file torch cannot read is corrupt; states torch reads but this optimizer refuses (other
+    parameter groups or state keys) come from a valid checkpoint of another optimizer setup, which
+    must not be called corrupt (deleting it would lose a good checkpoint). Anything else propagates.
+    """
+    name = f"training_state_{accelerator.process_index}.pt"
     try:
-        blob = torch.load(path / f"training_state_{accelerator.process_index}.pt", map_location="cpu",
-                          weights_only=False)
+        blob = torch.load(path / name, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:  # truncated, not a torch file
+        raise CheckpointError(f"checkpoint '{path}': {name} is corrupt ({type(e).__name__}: {str(e)[:200]}); "
+                              "delete that folder and resume from an earlier one") from None
+    if not isinstance(blob, dict) or "optimizer" not in blob:
+        raise CheckpointError(f"checkpoint '{path}': {name} holds no optimizer state; delete that folder and "
+                              "resume from an earlier one")
+    try:
         optimizer.load_state_dict(blob["optimizer"])
         if scheduler is not None and blob.get("scheduler") is not None:
             scheduler.load_state_dict(blob["scheduler"])
         if blob.get("scaler") is not None and getattr(accelerator, "scaler", None) is not None:
             accelerator.scaler.load_state_dict(blob["scaler"])
-    except Exception as e:
-        raise CheckpointError(f"checkpoint '{path}': training_state_{accelerator.process_index}.pt is corrupt or "
-                              f"does not fit this optimizer ({type(e).__name__}: {str(e)[:200]}); delete that "
-                              "folder and resume from an earlier one") from None
+    except (ValueError, KeyError) as e:  # torch's words for "these states are of other parameters / groups"
+        raise CheckpointError(f"checkpoint '{path}' is intact, but its optimizer state does not fit this run's "
+                              f"optimizer ({type(e).__name__}: {str(e)[:200]}); keep the folder and resume with "
+                              f"the settings it was saved with (its config.yaml)") from None
 
 
 def restore_rng(path: str | Path, *, accelerator: Any) -> None:

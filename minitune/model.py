@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import transformers
 from peft import LoraConfig, TaskType, get_peft_model
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
@@ -266,7 +267,9 @@ def _from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.devic
         kwargs["device_map"] = {"": device if device is not None else "cpu"}
     try:
         model = _auto_class(kind).from_pretrained(path, **kwargs)
-    except Exception as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable or truncated files, an id not in
+        # the cache, a bad config; anything else (out of memory while quantizing, a bitsandbytes kernel
+        # error, a bug) keeps its own traceback
         raise _offline_hint("model", path, e) from None
     _disable_cpu_bf16_4bit_path(model)
     return model

@@ -865,7 +865,11 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
     model, _, note = meta_model(resolved)
     try:
         prediction = simulate(model, resolved, device_type=tg.kind, cuda_capability=tg.capability)
-    except Exception as e:  # the model's own code on fake tensors, or shapes torch refuses
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as e:  # the model's own code on fake tensors (torch's
+        # data-dependent / unsupported-operator errors are RuntimeErrors), or shapes torch refuses; a bug
+        # of the planner's own (TypeError, AttributeError, KeyError, ...) keeps its traceback
         raise PlanError(f"could not simulate this config ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300] if str(e) else 'no message'}); check the model and "
                         "batch settings, e.g. training.batch_size and data.max_length") from None

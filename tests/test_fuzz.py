@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -84,16 +85,38 @@ class Outcome:
     rc: object
     out: str
     err: str
+    shown: BaseException | None = None  # the exception the CLI printed as `error:` (exit 2)
+
+
+# Exceptions that are never the user's input: one of them behind an `error:` line (as the cause or
+# context of the user error shown) is an internal failure presented as bad input.
+BUGS = (AttributeError, NameError, AssertionError, ZeroDivisionError, RecursionError, torch.OutOfMemoryError)
+
+
+def _cause_chain(e: BaseException | None) -> list[BaseException]:
+    chain = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
 
 
 def run(main, argv, *, stop: str = "load_model") -> Outcome:
     """Call `main(argv)` with stdout/stderr captured and `stop` (a function name) raising Reached in every
     minitune module that holds it, so that nothing past that point (weights) runs."""
     out, err = io.StringIO(), io.StringIO()
+    shown: list[BaseException] = []
+
+    def printing(*args, **kwargs):  # the CLI prints `error:` inside its except block: keep what it caught
+        if sys.exc_info()[1] is not None:
+            shown.append(sys.exc_info()[1])
+        print(*args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         for name, module in list(sys.modules.items()):
             if (name == "minitune" or name.startswith("minitune.")) and hasattr(module, stop):
                 mp.setattr(module, stop, _reached)
+        mp.setattr(cli, "print", printing, raising=False)
         try:
             rc = main(argv)
         except Reached:
@@ -103,7 +126,7 @@ def run(main, argv, *, stop: str = "load_model") -> Outcome:
         except Exception:
             rc = "traceback"
             err.write(traceback.format_exc())
-    return Outcome(rc, out.getvalue(), err.getvalue())
+    return Outcome(rc, out.getvalue(), err.getvalue(), shown[-1] if shown else None)
 
 
 def check(target: str, o: Outcome, folder: Path | None = None, before: dict | None = None) -> None:
@@ -120,6 +143,8 @@ def check(target: str, o: Outcome, folder: Path | None = None, before: dict | No
         assert len(errors) == 1, o.err[-4000:]
         rest = lines[errors[0] + 1:]
         assert all(line.startswith("  - ") for line in rest), o.err[-4000:]  # a config's list of problems
+        bugs = [e for e in _cause_chain(o.shown) if isinstance(e, BUGS)]
+        assert not bugs, f"an internal failure shown as bad input: {bugs[0]!r} behind {o.err.strip()[:300]}"
     if folder is not None:
         assert snapshot(folder) == before, f"{folder} changed"
 
@@ -712,6 +737,43 @@ def test_fuzz_eval_arguments(mode, real_run, workdir):
         check("eval_args", run(cli.main_eval, argv), real_run, before)
 
     example()
+
+
+@pytest.mark.parametrize("bug", [AttributeError("a planner bug"), torch.OutOfMemoryError("out of memory")])
+def test_the_property_fails_on_an_internal_failure_shown_as_bad_input(bug, fake_run, workdir, monkeypatch):
+    """An internal failure inside the planner's simulation must not pass the property as bad input
+    (exit 2, one `error:` line): it keeps its traceback, so `check` fails on it."""
+    import minitune.planner
+
+    cfg_file = workdir / "plan-bug.yaml"
+    cfg_file.write_text(yaml.safe_dump(base_config(fake_run)))
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(minitune.planner, "simulate", broken)
+    outcome = run(cli.main, ["plan", "--config", str(cfg_file), "--device", "T4"], stop="_nothing_stops_a_plan")
+    assert outcome.rc == "traceback" and type(bug).__name__ in outcome.err, outcome
+    with pytest.raises(AssertionError):
+        check("internal", outcome)
+    COUNTS.pop("internal", None)
+    # and the property itself sees a bug wrapped into a user error, even one raised `from None`
+    wrapped = Outcome(2, "", "error: could not simulate this config\n", _wrapped(bug))
+    with pytest.raises(AssertionError, match="internal failure shown as bad input"):
+        check("internal", wrapped)
+    COUNTS.pop("internal", None)
+
+
+def _wrapped(bug: BaseException) -> BaseException:
+    from minitune.planner import PlanError
+
+    try:
+        try:
+            raise bug
+        except Exception:
+            raise PlanError("could not simulate this config") from None
+    except PlanError as e:
+        return e
 
 
 def test_counts_cover_every_target():
