@@ -466,6 +466,8 @@ def check_output_dir(cfg: Config) -> Path:
     if holds_run and not cfg.training.overwrite and not cfg.training.resume:
         raise RunError(f"output folder '{out}' already holds a run; pick another training.output_dir, "
                        "resume it with training.resume=auto, or set training.overwrite=true")
+    if holds_run:
+        _refuse_sheets_in_checkpoints(out)
     # the folder, or the nearest existing folder above it, must take a new entry
     probe_in = out
     while not probe_in.exists() and probe_in != probe_in.parent:
@@ -479,6 +481,18 @@ def check_output_dir(cfg: Config) -> Path:
         raise RunError(f"output folder '{out}' is not writable ({e.strerror or e}); choose another "
                        "training.output_dir") from None
     return out
+
+
+def _refuse_sheets_in_checkpoints(out: Path) -> None:
+    """Training deletes or replaces checkpoint folders (overwrite, keep_last, a resumed `final`): refuse,
+    before that, to run over one that holds a human-evaluation sheet (eval.py writes to `<run>/eval/`
+    now; an older minitune, `--out` or a user put it there), since its scores may be hours of work."""
+    for folder in sorted([out / "final", *out.glob("checkpoint-*"), *out.glob(".old-*")]):
+        sheets = sorted(folder.glob("human_eval*.csv")) if folder.is_dir() else []
+        if sheets:
+            raise RunError(f"'{sheets[0]}' is a human-evaluation sheet (or key) inside the checkpoint folder "
+                           f"'{folder}', which training deletes or replaces: move the folder's human_eval*.csv "
+                           f"files to '{out / 'eval' / folder.name}' first")
 
 
 def _prepare_output_dir(out: Path, cfg: Config, resuming: bool, accelerator: Any) -> None:

@@ -21,9 +21,13 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import hashlib
+import io
 import json
 import math
+import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +69,8 @@ __all__ = [
     "load_checkpoint_config",
     "merge_adapter",
     "perplexity",
+    "eval_dir_for",
+    "sheet_path_in",
     "summarize_scores",
     "write_sheet",
 ]
@@ -333,26 +339,38 @@ def key_path_for(sheet: str | Path) -> Path:
     return sheet.with_name(f"{sheet.stem}_key.csv")
 
 
-def _has_scores(sheet: Path) -> bool:
-    """True if the sheet holds a score. A sheet that cannot be read (re-saved in another encoding,
-    broken CSV, no permission) may hold scores too: it is refused rather than overwritten."""
-    try:
-        with open(sheet, newline="", encoding="utf-8") as f:
-            return any((row.get("score_a") or "").strip() or (row.get("score_b") or "").strip()
-                       for row in csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise EvalError(f"'{sheet}' exists but cannot be read as a UTF-8 CSV ({type(e).__name__}: {e}); it may "
-                        "hold scores, so it is left alone: move it away (with its key), or write elsewhere "
-                        "with --out") from None
+def _sheet_texts(generations: Sequence[dict[str, Any]], seed: int, models: tuple[str, str]) -> tuple[str, str]:
+    """The sheet's and the key's CSV text: rows in a seeded order, a seeded coin per row for A/B."""
+    rng = random.Random(seed)
+    order = list(range(len(generations)))
+    rng.shuffle(order)
+    sheet_buf, key_buf = io.StringIO(), io.StringIO()
+    sheet, key = csv.writer(sheet_buf), csv.writer(key_buf)
+    sheet.writerow(SHEET_COLUMNS)
+    key.writerow(KEY_COLUMNS)
+    for row_id, index in enumerate(order, start=1):
+        g = generations[index]
+        a, b = models if rng.random() < 0.5 else models[::-1]
+        sheet.writerow([row_id, g["prompt"], g[a], g[b], "", ""])
+        key.writerow([row_id, a, b, g.get("id", index)])
+    return sheet_buf.getvalue(), key_buf.getvalue()
+
+
+def _create(path: Path, text: str) -> None:
+    """Write a new file; never replace one (`x`: fails if it exists, even if created a moment ago)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "x", newline="", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_sheet(generations: Sequence[dict[str, Any]], path: str | Path, *, key_path: str | Path | None = None,
                 seed: int = 0, models: tuple[str, str] = MODELS) -> tuple[Path, Path]:
-    """A blind A/B sheet for people to score, and its key in a separate file.
+    """A blind A/B sheet for people to score, and its key in a separate file; neither ever replaces a file.
 
     Rows come in a seeded random order, and for each row a seeded coin decides which model's
     output is A; the sheet names neither model. Raters fill `score_a` and `score_b` with a number
-    from 0 to 5 (empty: not scored).
+    from 0 to 5 (empty: not scored). A sheet may be out with raters while its key stays here, so a
+    sheet or key that exists (scored or not, readable or not) is never overwritten.
 
     Args:
         generations: as :func:`compare` returns them (``prompt`` and one entry per model).
@@ -365,28 +383,33 @@ def write_sheet(generations: Sequence[dict[str, Any]], path: str | Path, *, key_
         (sheet path, key path).
 
     Raises:
-        EvalError: `path` already holds scores, or exists and cannot be read (it is never overwritten then).
+        EvalError: `path` or `key_path` exists (nothing is written then).
     """
     path = Path(path)
     key_path = Path(key_path) if key_path else key_path_for(path)
-    if path.exists() and _has_scores(path):
-        raise EvalError(f"'{path}' already holds scores; summarize it with `eval.py --scores {path}` or move it "
-                        "away (or write elsewhere with --out)")
-    rng = random.Random(seed)
-    order = list(range(len(generations)))
-    rng.shuffle(order)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as sf, open(key_path, "w", newline="", encoding="utf-8") as kf:
-        sheet, key = csv.writer(sf), csv.writer(kf)
-        sheet.writerow(SHEET_COLUMNS)
-        key.writerow(KEY_COLUMNS)
-        for row_id, index in enumerate(order, start=1):
-            g = generations[index]
-            a, b = models if rng.random() < 0.5 else models[::-1]
-            sheet.writerow([row_id, g["prompt"], g[a], g[b], "", ""])
-            key.writerow([row_id, a, b, g.get("id", index)])
+    for p in (path, key_path):
+        if p.exists():
+            raise EvalError(f"'{p}' exists; a sheet and its key are never replaced (the sheet may be out with "
+                            "raters): write the new sheet under another name, or move the old pair away")
+    sheet_text, key_text = _sheet_texts(generations, seed, models)
+    _create(path, sheet_text)
+    try:
+        _create(key_path, key_text)
+    except BaseException:
+        path.unlink()  # the sheet written a moment ago, without a key: useless
+        raise
     return path, key_path
+
+
+def sheet_path_in(folder: str | Path, generations: Sequence[dict[str, Any]], *, seed: int = 0,
+                  models: tuple[str, str] = MODELS) -> Path:
+    """Where eval.py puts the sheet of these generations: ``human_eval-<hash>.csv`` in `folder`,
+    named by the sheet's and key's contents. Another seed or other outputs give another name, so a
+    new evaluation adds a sheet and key beside the old ones instead of replacing the key of a sheet
+    that may be out with raters; the same evaluation again gives the same name (the files exist: kept)."""
+    sheet_text, key_text = _sheet_texts(generations, seed, models)
+    digest = hashlib.sha256(f"{sheet_text}\0{key_text}".encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return Path(folder) / f"human_eval-{digest}.csv"
 
 
 def _read_csv(path: Path, columns: Sequence[str], what: str) -> list[dict[str, str]]:
@@ -662,7 +685,8 @@ def evaluate_checkpoint(
             data.chat_template).
         seed: seed of the prompt choice, the sampling and the sheet's order. Decoding settings are
             the config's ``generation`` section (override them as ``generation.key=value``).
-        out_dir: where eval.json, eval.md and the sheet go (default: the checkpoint folder).
+        out_dir: where eval.json, eval.md and the sheet go (default :func:`eval_dir_for`); never a
+            checkpoint folder, which training deletes or replaces.
         sheet: write the human-evaluation sheet and its key.
         merge_to: also write the merged model (LoRA checkpoints) to this folder.
         progress: ``progress(label, total)`` -> per-batch callback.
@@ -681,9 +705,8 @@ def evaluate_checkpoint(
     if split:
         extra.append(f"data.validation_split={json.dumps(split)}")
     cfg = load_checkpoint_config(path, extra)
-    out = Path(out_dir) if out_dir else path
-    sheet_path = out / "human_eval.csv"
-    method = _check_request(path, sheet_path if sheet else None, merge_to)
+    out = Path(out_dir) if out_dir else eval_dir_for(path)
+    method = _check_request(path, out, merge_to)
     cfg, where = setup_device(cfg)  # 'auto' precision resolved for this device, as training does
     device = where.device
 
@@ -708,8 +731,10 @@ def evaluate_checkpoint(
     files: dict[str, str] = {}
     out.mkdir(parents=True, exist_ok=True)
     if sheet and comparison["generations"]:
-        s, k = write_sheet(comparison["generations"], sheet_path, seed=seed)
-        files.update(sheet=str(s), key=str(k))
+        s = sheet_path_in(out, comparison["generations"], seed=seed)
+        if not s.exists() and not key_path_for(s).exists():  # both there: this very sheet, kept as it is
+            write_sheet(comparison["generations"], s, seed=seed)
+        files.update(sheet=str(s), key=str(key_path_for(s)))
     if merge_to is not None:
         if cfg.quantization.mode != "none":  # merge into an unquantized copy of the base: a quantized merge is lossy
             del model, base
@@ -742,24 +767,51 @@ def evaluate_checkpoint(
 
 
 def _report_after_eval(path: Path, out: Path, cfg: Config) -> Path | None:
-    """Add the scores to the run's report (logging.report): the run folder's when eval.json went into
-    its final checkpoint, else a report of the scores alone beside eval.json. A failure to draw is
-    one warning line."""
+    """Add the scores to the run's report (logging.report): the run folder's when eval.json went to
+    the final checkpoint's default eval folder (`eval_dir_for`), else a report of the scores alone
+    beside eval.json. A failure to draw is one warning line."""
     if not cfg.logging.report:
         return None
     from .run_report import try_write_report  # matplotlib loads only here
 
     run = path.parent
-    in_run = out.resolve() == path.resolve() and path.name == "final" and (run / "log.jsonl").is_file()
+    in_run = (out.resolve() == eval_dir_for(path).resolve() and path.name == "final"
+              and (run / "log.jsonl").is_file())
     return try_write_report(run if in_run else out)
 
 
-def _check_request(path: Path, sheet_path: Path | None, merge_to: str | Path | None) -> str | None:
-    """Refuse, before any work, a sheet that holds scores or a merge that cannot be done; returns
-    the checkpoint's method ('lora', 'full')."""
-    if sheet_path is not None and sheet_path.exists() and _has_scores(sheet_path):
-        raise EvalError(f"'{sheet_path}' already holds scores; summarize it with `eval.py --scores {sheet_path}`, "
-                        "move it away, or write elsewhere with --out")
+
+def eval_dir_for(checkpoint: str | Path) -> Path:
+    """Where eval.py writes by default: ``<run>/eval/<checkpoint name>`` (``runs/x/final`` ->
+    ``runs/x/eval/final``), beside the checkpoint rather than in it. Training deletes checkpoint
+    folders (``training.overwrite``, ``keep_last``) and replaces ``final`` (a resumed run), never
+    ``eval/``, so scored sheets and their keys survive every later training command."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.name in ("", ".", ".."):
+        checkpoint = Path(os.path.abspath(checkpoint))
+    return checkpoint.parent / "eval" / checkpoint.name
+
+
+def _in_checkpoint_folder(out: Path) -> Path | None:
+    """The checkpoint folder `out` is or lies in (or will be: `final` or `checkpoint-N` in a run folder), else None."""
+    out = Path(os.path.abspath(out))  # no system call: any string a user typed is fine here
+    for p in (out, *out.parents):
+        if (p / MARKER).is_file():
+            return p
+    run_folder = any((out.parent / f).exists() for f in ("config.yaml", "log.jsonl"))
+    if run_folder and (out.name == "final" or re.fullmatch(r"checkpoint-\d+", out.name)):
+        return out
+    return None
+
+
+def _check_request(path: Path, out: Path, merge_to: str | Path | None) -> str | None:
+    """Refuse, before any work, an output folder that training would delete or a merge that cannot be
+    done; returns the checkpoint's method ('lora', 'full')."""
+    inside = _in_checkpoint_folder(out)
+    if inside is not None:
+        raise EvalError(f"--out '{out}' is in the checkpoint folder '{inside}', which the next training run "
+                        f"deletes or replaces (with any scored sheet): write beside it, e.g. the default "
+                        f"--out {eval_dir_for(path)}")
     if merge_to is not None:
         m = Path(merge_to)
         if m.exists() and (not m.is_dir() or any(m.iterdir())):

@@ -81,7 +81,10 @@ def load_run(folder: str | Path) -> RunData:
     if not folder.is_dir():
         raise ReportError(f"'{folder}' is not a folder: give a run folder (a run's training.output_dir)")
     log = folder / "log.jsonl"
-    evals = [p for p in (folder / "eval.json", folder / "final" / "eval.json") if p.is_file()]
+    # eval.py's default output for the final checkpoint is <run>/eval/final (evaluate.eval_dir_for);
+    # final/eval.json is where eval.py wrote before it moved out of the checkpoint folder
+    evals = [p for p in (folder / "eval.json", folder / "eval" / "final" / "eval.json", folder / "final" / "eval.json")
+             if p.is_file()]
     if not log.is_file() and not evals:
         raise ReportError(f"'{folder}' holds no log.jsonl (nor eval.json): give a run folder (a run's "
                           "training.output_dir, with logging.jsonl=true)")

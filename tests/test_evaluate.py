@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minitune.build import RunError
+from minitune.cli import main_eval
 from minitune.config import DataArgs, GenerationArgs, ModelArgs, QuantizationArgs
 from minitune.data import Collator, DataError, load_rows, make_dataloader, tokenize
 from minitune.evaluate import (
@@ -23,8 +25,10 @@ from minitune.evaluate import (
     compare,
     evaluate_checkpoint,
     generate,
+    key_path_for,
     merge_adapter,
     perplexity,
+    sheet_path_in,
     summarize_scores,
     write_sheet,
 )
@@ -149,7 +153,9 @@ def _check_checkpoint(result, tmp_path, preset: str, quantization: dict | None =
 def test_lora_checkpoint_against_training_eval_loss(lora_run, tmp_path):
     ev = _check_checkpoint(lora_run, tmp_path, "tiny-llama")
     assert ev.method == "lora"
-    assert (tmp_path / "eval" / "human_eval.csv").is_file() and (tmp_path / "eval" / "human_eval_key.csv").is_file()
+    sheet = Path(ev.files["sheet"])
+    assert sheet.parent == tmp_path / "eval" and sheet.name.startswith("human_eval-") and sheet.is_file()
+    assert Path(ev.files["key"]) == key_path_for(sheet) and key_path_for(sheet).is_file()
 
 
 @pytest.mark.parametrize("preset,sections", [
@@ -288,7 +294,7 @@ def test_sheet_and_scores_round_trip(tmp_path):
     assert summary["models"]["tuned"] == {"mean": 4.0, "count": 11}
     assert summary["models"]["base"] == {"mean": 1.5, "count": 11}
     assert summary["wins"] == {"base": 0, "tuned": 11, "tie": 0}
-    with pytest.raises(Exception, match="already holds scores"):
+    with pytest.raises(EvalError, match="never replaced"):
         write_sheet(_generations(12), sheet)  # a filled-in sheet is never overwritten
 
     result = _eval_cli("--scores", str(sheet), "--key", str(key))
@@ -296,33 +302,76 @@ def test_sheet_and_scores_round_trip(tmp_path):
     assert "4.00" in result.stdout and "1.50" in result.stdout
 
 
-def test_a_sheet_that_cannot_be_read_is_never_overwritten(tmp_path):
-    """A scored sheet re-saved by a spreadsheet in UTF-16, or broken, may hold hours of scoring:
-    neither the sheet nor its key is touched."""
+def test_a_sheet_or_key_is_never_replaced(tmp_path):
+    """A sheet may be out with raters while its key stays here: neither the sheet (scored or not,
+    readable or not) nor the key of a sheet is ever overwritten; nothing is written then."""
     sheet, key = write_sheet(_generations(4), tmp_path / "sheet.csv")
-    _fill(sheet, lambda out: "4")
-    sheet.write_bytes(sheet.read_text(encoding="utf-8").encode("utf-16"))
+    sheet.write_bytes(sheet.read_text(encoding="utf-8").encode("utf-16"))  # re-saved by a spreadsheet
     before = sheet.read_bytes(), key.read_bytes()
-    with pytest.raises(EvalError, match="cannot be read as a UTF-8 CSV"):
-        write_sheet(_generations(4), sheet)
+    with pytest.raises(EvalError, match="never replaced"):
+        write_sheet(_generations(4), sheet, seed=1)
     assert (sheet.read_bytes(), key.read_bytes()) == before
-    # valid UTF-8 that the csv module refuses (a cell over its field size limit)
-    sheet.write_text("id,prompt,output_a,output_b,score_a,score_b\n1," + "x" * 200_000 + ",a,b,4,5\n")
-    before = sheet.read_bytes(), key.read_bytes()
-    with pytest.raises(EvalError, match="cannot be read.*field larger than field limit"):
-        write_sheet(_generations(4), sheet)
-    assert (sheet.read_bytes(), key.read_bytes()) == before
+    sheet.unlink()  # the sheet handed out (moved away), its unscored copy gone: the key stays as it was
+    with pytest.raises(EvalError, match="never replaced"):
+        write_sheet(_generations(4), sheet, seed=1)
+    assert key.read_bytes() == before[1] and not sheet.exists()
 
 
-def test_cli_refuses_an_unreadable_sheet_before_any_work(lora_run, tmp_path):
-    out = tmp_path / "ev"
-    out.mkdir()
-    (out / "human_eval.csv").write_bytes("id,score_a\n1,5\n".encode("utf-16"))
-    (out / "human_eval_key.csv").write_text("id,a,b,prompt_index\n1,base,tuned,0\n")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    result = _eval_cli("-p", str(lora_run.checkpoint), "--out", str(out), "--max-samples", "4")
-    _error(result, "cannot be read as a UTF-8 CSV")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written: no eval.json either
+def test_sheet_names_follow_their_contents():
+    gens = _generations(6)
+    assert sheet_path_in("f", gens, seed=0) == sheet_path_in("f", gens, seed=0)
+    assert sheet_path_in("f", gens, seed=0) != sheet_path_in("f", gens, seed=1)
+    assert sheet_path_in("f", gens, seed=0) != sheet_path_in("f", [*gens[:5], {**gens[5], "tuned": "other"}], seed=0)
+
+
+def test_scored_sheets_survive_training_and_evaluation_in_any_order(tmp_path):
+    """The README's commands after a sheet was scored: train again with overwrite, resume (a new
+    `final`), evaluate again with another seed or the same one. Every sheet and key stays byte for
+    byte, and the scores still unblind with their key."""
+    out = tmp_path / "run"
+    cfg = tiny_config("tiny-llama", out, data={"max_samples": 16, "validation_fraction": 0.25},
+                      training={"max_steps": 2, "batch_size": 2})
+    train(cfg)
+    ev_args = dict(overrides=["generation.max_new_tokens=2"], num_prompts=3, max_samples=3)
+    ev = evaluate_checkpoint(out / "final", **ev_args)
+    sheet = Path(ev.files["sheet"])
+    assert sheet.parent == out / "eval" / "final"
+    _fill(sheet, lambda text: "3")
+    kept = {p: p.read_bytes() for p in (out / "eval").rglob("human_eval*")}
+    assert len(kept) == 2
+
+    def unchanged():
+        assert {p: p.read_bytes() for p in kept} == kept
+        assert summarize_scores(sheet)["models"]["tuned"]["count"] == 3
+
+    train(cfg, ["training.overwrite=true"])  # make train
+    unchanged()
+    train(cfg, ["training.resume=auto", "training.max_steps=3"])  # a resumed run writes a new final/
+    unchanged()
+    again = evaluate_checkpoint(out / "final", seed=1, **ev_args)  # another seed: a new pair beside the old
+    assert Path(again.files["sheet"]) != sheet and Path(again.files["key"]).is_file()
+    unchanged()
+    same = evaluate_checkpoint(out / "final", seed=0, **ev_args)
+    unchanged()
+    assert Path(same.files["sheet"]).exists()
+    # a sheet put into a checkpoint folder by hand (or an older minitune): training refuses to delete it
+    legacy = out / "final" / "human_eval.csv"
+    shutil.copy(sheet, legacy)
+    with pytest.raises(RunError, match="human-evaluation sheet"):
+        train(cfg, ["training.overwrite=true"])
+    assert legacy.read_bytes() == sheet.read_bytes()
+
+
+def test_eval_refuses_to_write_into_a_checkpoint_folder(lora_run, tmp_path, capsys):
+    """`--out` in a checkpoint folder (or where training will write one) would be deleted by the next
+    training run: refused before any work."""
+    ckpt = lora_run.checkpoint
+    for out in (ckpt, ckpt / "eval", ckpt.parent / "checkpoint-000099"):
+        before = sorted(p.name for p in ckpt.parent.rglob("*"))
+        assert main_eval(["-p", str(ckpt), "--out", str(out), "--max-samples", "4"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "next training run deletes or replaces" in err, err
+        assert sorted(p.name for p in ckpt.parent.rglob("*")) == before
 
 
 def test_bad_scores_are_one_line_errors(tmp_path):
@@ -352,7 +401,7 @@ def test_cli_end_to_end_with_merge(lora_run, tmp_path):
     assert saved["data"]["rows"] == 8 and ppl["tuned"]["tokens"] == ppl["base"]["tokens"] > 0
     assert ppl["tuned"]["perplexity"] < ppl["base"]["perplexity"]
     assert len(saved["generations"]) == 2
-    assert (tmp_path / "ev" / "human_eval.csv").is_file() and (tmp_path / "ev" / "eval.md").is_file()
+    assert len(list((tmp_path / "ev").glob("human_eval-*_key.csv"))) == 1 and (tmp_path / "ev" / "eval.md").is_file()
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
