@@ -352,10 +352,14 @@ def test_adamw_kernels_temporaries_and_the_fused_advice():
     # offered where it lowers the peak (the optimizer step is this T5's highest point) ...
     t5 = load_config(tiny_config("tiny-t5", lora={"enabled": False}, data={"max_length": 8, "max_target_length": 4},
                                  training={"batch_size": 1}))
-    first = plan(t5, "T4", suggest=False).prediction
+    first_plan = plan(t5, "T4", suggest=False)
+    first = first_plan.prediction
     assert first.peak_phase == "optimizer"
-    advice = plan(t5, "T4", budget=first.total - 1).suggestions
-    assert advice[0].overrides == {"optimizer.fused": True} and advice[0].fits and advice[0].peak < first.total
+    # (a tiny model's saving is inside one 2 MiB segment of the caching allocator: the process peak,
+    # what fits is decided on, does not move, so the advice is checked on the tensor peak)
+    advice = plan(t5, "T4", budget=first_plan.process.total - 1).suggestions
+    fused = [s for s in advice if s.overrides == {"optimizer.fused": True}]
+    assert fused and fused[0].peak < first.total
     # ... and not where it does not (the peak is the logits' backward)
     assert not any("optimizer.fused" in s.overrides
-                   for s in plan(cfg, "T4", budget=simulate(model, cfg, device_type="cuda").total - 1).suggestions)
+                   for s in plan(cfg, "T4", budget=plan(cfg, "T4", suggest=False).process.total - 1).suggestions)
