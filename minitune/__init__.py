@@ -18,7 +18,7 @@ peft, bitsandbytes and datasets load only when a function that needs them is fir
     load_config, Config, LoraArgs       typed configuration
     write_report(runs, out)             report.png / report.html from run folders (one run, or several overlaid)
 
-See README.md, "Using minitune from Python", and examples/.
+See docs/python-api.md and examples/.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ def main_plan(argv: Sequence[str] | None = None) -> int:
         description="Will it fit? Predict a run's peak memory, by phase and by tensor role, without loading "
                     "weights, and list the cheapest changes that make it fit.",
         epilog="Overrides: section.key=value, as for train.py. Predictions are the bytes tensors hold "
-               "(torch.cuda.max_memory_allocated on CUDA); see README.md, 'Will it fit?'.",
+               "(torch.cuda.max_memory_allocated on CUDA); see docs/memory.md, 'Will it fit?'.",
     )
     _plan_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")

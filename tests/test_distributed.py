@@ -234,7 +234,7 @@ def test_accelerate_config_is_accepted_by_accelerate_launch(name, monkeypatch):
     assert str(cfg.distributed_type).endswith(mode) and cfg.num_processes == processes
     # minitune passes training.mixed_precision to the Accelerator, which overrides the file's
     assert cfg.mixed_precision == "no"
-    assert f"configs/accelerate/{name}.yaml" in (REPO / "README.md").read_text()  # documented
+    assert f"configs/accelerate/{name}.yaml" in (REPO / "docs" / "precision-and-devices.md").read_text()  # documented
 
     args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(
         ["--config_file", str(path), "train.py", "--config", "configs/tiny-llama.yaml"]))
