@@ -53,3 +53,47 @@ def test_pytest_hides_only_named_warnings():
     for f in filters:
         action, message, *_ = f.split(":")
         assert action != "ignore" or message.strip(), f"blanket filter: {f}"
+
+
+DOCS = [REPO / "README.md", REPO / "bench" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _fuzz_counts() -> dict[str, int]:
+    """The examples per target that tests/test_fuzz.py runs (read from its source: no import)."""
+    import ast
+
+    tree = ast.parse((REPO / "tests" / "test_fuzz.py").read_text())
+    return {node.targets[0].id: sum(ast.literal_eval(node.value).values()) for node in tree.body
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in ("DEFAULT", "SLOW")}
+
+
+def test_the_fuzz_counts_the_docs_give_are_the_code_s():
+    text = (REPO / "docs" / "fault-tolerance.md").read_text()
+    default = re.search(r"pytest -q tests/test_fuzz.py` tries ([\d,]+) seeded examples", text)
+    slow = re.search(r"pytest -q -m slow tests/test_fuzz.py` tries ([\d,]+)", text)
+    assert default and slow, "docs/fault-tolerance.md no longer states the fuzz counts"
+    counts = _fuzz_counts()
+    assert int(default.group(1).replace(",", "")) == counts["DEFAULT"]
+    assert int(slow.group(1).replace(",", "")) == counts["SLOW"]
+
+
+def test_every_results_file_and_link_the_docs_name_exists():
+    """A figure is quoted with the file that holds it: every bench/results/ file and every relative
+    link in the README, docs/ and bench/README.md must exist."""
+    missing = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for name in re.findall(r"bench/results/[\w.\-]+\.(?:md|csv|json|png)", text):
+            if not (REPO / name).is_file():
+                missing.append(f"{doc.name}: {name}")
+        for link in re.findall(r"\]\(([^)#\s]+)\)", text):
+            if "://" not in link and not (doc.parent / link).exists():
+                missing.append(f"{doc.name}: {link}")
+    assert not missing, missing
+
+
+def test_the_readme_stays_short_with_depth_in_docs():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) <= 12_000
+    for page in ("training", "memory", "precision-and-devices", "fault-tolerance", "evaluation", "python-api"):
+        assert f"docs/{page}.md" in readme and (REPO / "docs" / f"{page}.md").is_file()
