@@ -60,7 +60,12 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         RunError, minitune.data.DataError, minitune.model.ModelError: bad output folder, data or model.
     """
     cfg = load_config(config, overrides)  # first: a bad config fails before anything is built
-    parts = setup(cfg)
+    try:
+        parts = setup(cfg)
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        raise _out_of_memory_loading(cfg) from None
     started = time.perf_counter()
     try:
         try:
@@ -230,6 +235,22 @@ def _out_of_memory(err: BaseException, parts: Parts) -> RunError:
         knobs.append(f"data.max_length={cfg.data.max_length // 2}")
     return RunError(f"out of memory at step {state.step + 1} (micro-batch {t.batch_size} x up to "
                     f"{cfg.data.max_length} tokens): {now}try {', '.join(knobs) or 'a smaller model'}")
+
+
+def _out_of_memory_loading(cfg: Config) -> RunError:
+    """One line for an out-of-memory error before the first step (loading, quantizing, preparing):
+    the weights themselves do not fit, so the micro-batch cannot help; the settings that shrink the
+    weights, and the planner's command for what would fit."""
+    knobs = []
+    if cfg.quantization.mode != "4bit":
+        knobs.append("quantization.mode=4bit")
+    if cfg.model.dtype in ("auto", "float32") and cfg.quantization.mode == "none":
+        knobs.append("model.dtype=bfloat16 (or float16)")
+    if not cfg.lora.enabled:
+        knobs.append("lora.enabled=true")
+    return RunError("out of memory while loading and preparing the model (before the first step): "
+                    f"try {', '.join(knobs) or 'a smaller model'}, or see what fits with "
+                    "`minitune plan --config CONFIG --device DEVICE`")
 
 
 def _memory_rows(profiler: Any, predicted: Any) -> list[tuple[str, str]]:

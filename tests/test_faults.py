@@ -382,3 +382,20 @@ def test_a_second_signal_exits_at_once_without_touching_the_last_checkpoint(tmp_
     assert "SIGTERM again: exiting now, without saving" in (tmp_path / "proc.log").read_text()
     assert files(out / "checkpoint-000001") == before
     assert find_latest(out) == out / "checkpoint-000001"
+
+
+def test_out_of_memory_while_loading_gets_the_advice_not_a_bad_input_line(tmp_path, monkeypatch):
+    """An OOM while loading or quantizing is neither the user's bad input nor a bug: one RunError line
+    with the settings that shrink the weights (the micro-batch cannot help before the first step)."""
+    import minitune.build
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(minitune.build, "setup_model", oom)
+    with pytest.raises(RunError) as e:
+        train(fault_config(tmp_path / "run", lora={"enabled": False}))
+    msg = str(e.value)
+    assert msg.startswith("out of memory while loading and preparing the model (before the first step)")
+    assert "quantization.mode=4bit" in msg and "lora.enabled=true" in msg and "minitune plan" in msg
+    assert "\n" not in msg and e.value.__cause__ is None
