@@ -94,7 +94,7 @@ def test_eval_adds_its_scores_and_generations_to_the_run_report(finished_run):
     assert ev.files["report"] == str(finished_run / "report.png")
     assert (finished_run / "report.png").read_bytes() != before
     p = panels(draw([load_run(finished_run)]))
-    saved = json.loads((finished_run / "final" / "eval.json").read_text())
+    saved = json.loads((finished_run / "eval" / "final" / "eval.json").read_text())  # eval.py's default --out
     assert p["perplexity"]["bar:base"][1] == [pytest.approx(saved["perplexity"]["base"]["perplexity"])]
     assert p["perplexity"]["bar:fine-tuned"][1] == [pytest.approx(saved["perplexity"]["tuned"]["perplexity"])]
     assert p["task"]["bar:fine-tuned"][1] == [pytest.approx(saved["task"]["tuned"]["tag_f1"])]
