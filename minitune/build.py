@@ -526,7 +526,7 @@ RESUME_FREE = frozenset({
     "training.max_steps", "training.auto_batch_size", "training.gradient_checkpointing",
     "training.checkpointing_reentrant", "training.device", "training.eval_every", "training.eval_batches",
     "training.save_every", "training.keep_last", "training.max_bad_steps",
-    "logging.log_every", "logging.progress", "logging.jsonl", "logging.trackers", "logging.memory",
+    "logging.log_every", "logging.progress", "logging.jsonl", "logging.trackers", "logging.memory", "logging.report",
     "logging.memory_phases_every", "logging.module_grad_norms",
     "generation.max_new_tokens", "generation.temperature", "generation.top_p", "generation.repetition_penalty",
     "generation.no_repeat_ngram_size", "generation.stop",
