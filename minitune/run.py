@@ -121,7 +121,7 @@ def _finish(parts: Parts, state: TrainState, started: float) -> TrainResult:
     cfg, accelerator, profiler, out = parts.cfg, parts.accelerator, parts.profiler, parts.out
     if state.stop_reason == "nonfinite":
         _phase(profiler, None)
-        raise RunError(f"stopped: {state.bad_streak} consecutive step(s) with a non-finite loss or gradient "
+        raise RunError(f"stopped: {state.bad_streak} consecutive step{'s' if state.bad_streak != 1 else ''} with a non-finite loss or gradient "
                        f"after step {state.step} ({state.skipped_steps} skipped in all); last good checkpoint: "
                        f"{find_latest(out) or 'none'}; lower optimizer.lr (or use bf16/fp32 instead of fp16) and "
                        "resume with training.resume=auto")
