@@ -26,10 +26,7 @@ import gc
 import itertools
 import json
 import os
-import resource
-import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,53 +34,10 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .process_memory import release_free_memory
+from .process_memory import MB, format_bytes, release_free_memory, rss_bytes
 
 __all__ = ["AllocatorTrace", "MemoryProfiler", "format_bytes", "tensor_breakdown"]
 
-MB = 2**20
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable size: '812.4 MiB', '3.21 GiB'."""
-    n = float(n)
-    if abs(n) >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    if abs(n) >= MB:
-        return f"{n / MB:.1f} MiB"
-    if abs(n) >= 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n:.0f} B"
-
-
-_RSS_FALLBACK_WARNED = False
-
-
-def _rss_bytes() -> int:
-    """Resident set size of this process now: /proc on Linux (one small file read), else psutil.
-
-    Without either, the kernel's `ru_maxrss` (the peak so far, which only grows) is returned, with
-    one warning: per-step peaks and the phases then show the highest value reached, not the current.
-    """
-    global _RSS_FALLBACK_WARNED
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import psutil  # optional: only off Linux, where /proc is missing
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        pass
-    if not _RSS_FALLBACK_WARNED:
-        _RSS_FALLBACK_WARNED = True
-        warnings.warn("CPU memory: no /proc and no psutil, so the current RSS is unknown; using ru_maxrss, which "
-                      "only grows: per-step peaks and phases show the highest RSS so far (pip install psutil)",
-                      stacklevel=2)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 # One small reader per device type: (current bytes for phases, per-step record builder)
@@ -96,7 +50,7 @@ def _mps_current(device: torch.device) -> int:
 
 
 def _cpu_current(device: torch.device) -> int:
-    return _rss_bytes()
+    return rss_bytes()
 
 
 _CURRENT = {"cuda": _cuda_current, "mps": _mps_current}

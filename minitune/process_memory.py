@@ -29,10 +29,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import sys
+import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["ProcessPeak", "process_peak", "release_free_memory", "rss_bytes", "tune_malloc"]
+__all__ = ["ProcessPeak", "format_bytes", "process_peak", "release_free_memory", "rss_bytes", "tune_malloc"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -53,6 +55,22 @@ OVERHEAD_FRACTION = 0.02
 CUDA_CONTEXT = GiB  # the CUDA context, cuBLAS workspaces and the caching allocator's unused blocks
 
 _tuned: str | None = None
+
+
+MB = 2**20
+_RSS_FALLBACK_WARNED = False
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable size: '812.4 MiB', '3.21 GiB'."""
+    n = float(n)
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if abs(n) >= MB:
+        return f"{n / MB:.1f} MiB"
+    if abs(n) >= 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n:.0f} B"
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -97,10 +115,30 @@ def release_free_memory() -> None:
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process now (see `minitune.memory`)."""
-    from .memory import _rss_bytes
+    """Resident set size of this process now: /proc on Linux (one small file read), else psutil.
 
-    return _rss_bytes()
+    Without either, the kernel's `ru_maxrss` (the peak so far, which only grows) is returned, with
+    one warning: per-step peaks and the phases then show the highest value reached, not the current.
+    """
+    global _RSS_FALLBACK_WARNED
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil  # optional: only off Linux, where /proc is missing
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        pass
+    if not _RSS_FALLBACK_WARNED:
+        _RSS_FALLBACK_WARNED = True
+        warnings.warn("CPU memory: no /proc and no psutil, so the current RSS is unknown; using ru_maxrss, which "
+                      "only grows: per-step peaks and phases show the highest RSS so far (pip install psutil)",
+                      stacklevel=2)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 @dataclass
@@ -116,8 +154,6 @@ class ProcessPeak:
 
     def describe(self) -> str:
         """'1.21 GiB = baseline 640.0 MiB + tensors 389.2 MiB + allocator_overhead 102.9 MiB'."""
-        from .memory import format_bytes
-
         return (f"{format_bytes(self.total)} = "
                 + " + ".join(f"{name} {format_bytes(v)}" for name, v in self.terms.items()))
 

@@ -65,9 +65,9 @@ def test_cpu_peak_is_per_step_and_resets():
         region = mmap.mmap(-1, 200 * MB)
         big = torch.frombuffer(region, dtype=torch.uint8).fill_(1)
 
-        from minitune.memory import _rss_bytes
+        from minitune.process_memory import rss_bytes
 
-        assert _rss_bytes() >= (first["mem/rss_mb"] + 150) * MB  # the allocation is in the RSS
+        assert rss_bytes() >= (first["mem/rss_mb"] + 150) * MB  # the allocation is in the RSS
         # the sampler thread sees it within a few periods; a busy machine may delay it (up to 2 s)
         deadline = time.monotonic() + 2.0
         while prof._max_sampled < (first["mem/rss_mb"] + 150) * MB and time.monotonic() < deadline:

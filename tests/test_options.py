@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from minitune import memory
+from minitune import process_memory
 from minitune.build import _trim_log
 from minitune.checkpoint import CheckpointError
 from minitune.evaluate import evaluate_checkpoint
@@ -53,7 +53,7 @@ def test_eval_refuses_a_checkpoint_tokenizer_that_does_not_load(quiet_run, tmp_p
 
 
 def test_rss_off_linux_uses_psutil_and_warns_when_it_must_use_ru_maxrss(monkeypatch):
-    on_linux = memory._rss_bytes()
+    on_linux = process_memory.rss_bytes()
     real_open = builtins.open
 
     def no_proc(path, *args, **kwargs):
@@ -62,12 +62,12 @@ def test_rss_off_linux_uses_psutil_and_warns_when_it_must_use_ru_maxrss(monkeypa
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", no_proc)
-    via_psutil = memory._rss_bytes()
+    via_psutil = process_memory.rss_bytes()
     assert abs(via_psutil - on_linux) < 0.2 * on_linux  # the current RSS, from psutil
     monkeypatch.setitem(sys.modules, "psutil", None)  # not installed
-    monkeypatch.setattr(memory, "_RSS_FALLBACK_WARNED", False)
+    monkeypatch.setattr(process_memory, "_RSS_FALLBACK_WARNED", False)
     with pytest.warns(UserWarning, match="ru_maxrss, which only grows"):
-        fallback = memory._rss_bytes()
+        fallback = process_memory.rss_bytes()
     assert fallback == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

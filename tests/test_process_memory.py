@@ -10,8 +10,9 @@ import pytest
 
 from minitune import process_memory as pm
 from minitune.config import load_config
-from minitune.memory import MB, _rss_bytes
+from minitune.memory import MB
 from minitune.planner import format_plan, plan
+from minitune.process_memory import rss_bytes
 
 from .conftest import tiny_config
 
@@ -26,7 +27,7 @@ def test_cpu_process_peak_is_baseline_plus_tensors_plus_overhead():
 
 
 def test_the_default_baseline_is_this_process_now():
-    now = _rss_bytes()
+    now = rss_bytes()
     base = pm.process_peak("cpu", 0).terms["baseline"]
     assert abs(base - now) < 0.05 * now
 
