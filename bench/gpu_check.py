@@ -65,7 +65,7 @@ def _losses(run: Path) -> list[float]:
 
 def _train_row(part: str, name: str, cfg: dict, expect_refusal: str = "") -> dict:
     """Run `minitune.train(cfg)`; one result row (trained / refused / failed, with the evidence)."""
-    from minitune.config import ConfigError
+    from minitune.errors import ConfigError
     from minitune.run import train
 
     t0 = time.perf_counter()

@@ -17,6 +17,9 @@ peft, bitsandbytes and datasets load only when a function that needs them is fir
     plan, simulate                      will it fit? the peak of a config or a model, predicted on fake tensors
     load_config, Config, LoraArgs       typed configuration
     write_report(runs, out)             report.png / report.html from run folders (one run, or several overlaid)
+    MinituneError                       the base of every bad-input error: ConfigError, DataError,
+                                        ModelError, CheckpointError, DiskFullError, RunError,
+                                        EvalError, PlanError, ReportError (the message names the fix)
 
 See docs/python-api.md and examples/.
 """
@@ -24,14 +27,13 @@ See docs/python-api.md and examples/.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it (the one list: __all__ and the lazy import derive from it)
 _EXPORTS = {
     "Config": "config",
-    "ConfigError": "config",
     "LoraArgs": "config",
     "load_config": "config",
     "train": "run",
@@ -49,39 +51,23 @@ _EXPORTS = {
     "load_tokenizer": "model",
     "MemoryProfiler": "memory",
     "AllocatorTrace": "memory",
+    "tensor_breakdown": "memory",
     "plan": "planner",
     "simulate": "planner",
-    "tensor_breakdown": "memory",
     "write_report": "run_report",
+    "MinituneError": "errors",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "ModelError": "errors",
+    "CheckpointError": "errors",
+    "DiskFullError": "errors",
+    "RunError": "errors",
+    "EvalError": "errors",
+    "PlanError": "errors",
+    "ReportError": "errors",
 }
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "LoopArgs",
-    "LoraArgs",
-    "MemoryProfiler",
-    "PreparationReport",
-    "RunLogger",
-    "TrainResult",
-    "TrainState",
-    "__version__",
-    "AllocatorTrace",
-    "plan",
-    "simulate",
-    "find_latest",
-    "fit",
-    "load_checkpoint",
-    "load_config",
-    "load_model",
-    "load_tokenizer",
-    "prepare_model",
-    "save_checkpoint",
-    "tensor_breakdown",
-    "train",
-    "write_report",
-]
-assert set(__all__) == set(_EXPORTS) | {"__version__"}
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
@@ -94,15 +80,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import find_latest, load_checkpoint, save_checkpoint
-    from .config import Config, ConfigError, LoraArgs, load_config
-    from .loop import LoopArgs, TrainState, fit
-    from .memory import AllocatorTrace, MemoryProfiler, tensor_breakdown
-    from .model import PreparationReport, load_model, load_tokenizer, prepare_model
-    from .planner import plan, simulate
-    from .report import RunLogger
-    from .run import TrainResult, train
-    from .run_report import write_report

@@ -30,17 +30,10 @@ from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed
 from torch import nn
 
 from . import device as dev
-from .checkpoint import (
-    CheckpointError,
-    clean_debris,
-    find_latest,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-    verify_checkpoint,
-)
-from .config import Config, ConfigError, yaml_load
+from .checkpoint import clean_debris, find_latest, load_checkpoint, restore_rng, save_checkpoint, verify_checkpoint
+from .config import Config, yaml_load
 from .data import DataBundle, build_data, make_dataloader
+from .errors import CheckpointError, ConfigError, RunError
 from .lm import model_kind
 from .loop import LoopArgs, LossFn, TrainState
 from .losses import loss_fn_for
@@ -51,12 +44,8 @@ from .planner import MicroBatch, Prediction, simulate
 from .process_memory import ProcessPeak, process_peak, release_free_memory, rss_bytes, tune_malloc
 from .report import RunLogger
 
-__all__ = ["DeviceChoice", "Parts", "RunError", "loop_args", "setup", "setup_accelerator", "setup_data",
+__all__ = ["DeviceChoice", "Parts", "loop_args", "setup", "setup_accelerator", "setup_data",
            "setup_device", "setup_model", "train_loader", "with_split"]
-
-
-class RunError(RuntimeError):
-    """The run cannot start or continue; the message names the problem and the fix."""
 
 
 @dataclass

@@ -35,24 +35,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
+from .errors import CheckpointError, DiskFullError
 from .loop import TrainState
 from .memory import format_bytes
 
-__all__ = ["CheckpointError", "DiskFullError", "clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
+__all__ = ["clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
            "load_weights", "restore_rng", "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint"]
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 _DEBRIS = (".tmp-", ".old-", ".trash-")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt; the message names the fix."""
-
-
-class DiskFullError(CheckpointError):
-    """A checkpoint could not be written: its folder's disk is full. The message names the folder, the
-    space a checkpoint needs, the last good checkpoint and how to resume; the half-written copy is gone."""
 
 
 def is_complete(path: str | Path) -> bool:

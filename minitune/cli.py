@@ -24,22 +24,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import SEED_MAX, ConfigError, describe, describe_configs, generation_args, one_line
+from .config import SEED_MAX, describe, describe_configs, generation_args
+from .errors import ConfigError, MinituneError, one_line
 
-__all__ = ["main", "main_eval", "main_plan", "main_report", "main_train", "user_errors"]
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input: reported in one line with exit code 2."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .model import ModelError
-    from .planner import PlanError
-    from .run import RunError
-    from .run_report import ReportError
-
-    return (ConfigError, RunError, DataError, ModelError, CheckpointError, PlanError, ReportError)
+__all__ = ["main", "main_eval", "main_plan", "main_report", "main_train"]
 
 
 def _quiet_third_party() -> None:
@@ -63,7 +51,7 @@ def run_cli(fn: Callable[[], Any]) -> int:
     _quiet_third_party()
     try:
         fn()
-    except user_errors() as e:
+    except MinituneError as e:  # bad input (minitune.errors); anything else is a bug and keeps its traceback
         # a ConfigError lists its problems one per line (each made one line already); others are one line
         print(f"error: {e if isinstance(e, ConfigError) else one_line(str(e))}", file=sys.stderr)
         return 2

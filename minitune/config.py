@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import importlib.util
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,9 +22,10 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
     "Config",
-    "ConfigError",
     "DataArgs",
     "GenerationArgs",
     "LoggingArgs",
@@ -48,27 +48,6 @@ __all__ = [
 # The configs shipped with minitune: package data, so an installed wheel has them (the repo's
 # top-level configs/ is a link to this folder).
 CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def one_line(text: str) -> str:
-    """`text` as one printable line: line breaks (and the blanks around them) become one space, other
-    characters a terminal would not print as themselves (control characters, U+2028) are escaped."""
-    text = re.sub(r"[ \t]*[\r\n]+[ \t]*", " ", text)
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid; ``problems`` lists every problem found, one line each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = [one_line(p) for p in problems]
-        if len(self.problems) == 1:
-            msg = f"invalid config: {self.problems[0]}"
-        else:
-            msg = f"invalid config ({len(self.problems)} problems):\n" + "\n".join(
-                f"  - {p}" for p in self.problems
-            )
-        super().__init__(msg)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

@@ -30,12 +30,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import DataArgs, resolve_path
+from .errors import DataError
 from .lm import shift_targets
 
 __all__ = [
     "Collator",
     "DataBundle",
-    "DataError",
     "LengthGroupedSampler",
     "SeededRandomSampler",
     "apply_chat",
@@ -67,10 +67,6 @@ BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".txt": ("text", {}),
 }
 _SUFFIXES = ", ".join(BUILDERS)
-
-
-class DataError(ValueError):
-    """The data cannot be used as configured; the one-line message names the problem and the fix."""
 
 
 # --------------------------------------------------------------------------------------------

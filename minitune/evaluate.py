@@ -41,12 +41,11 @@ from rich.table import Table
 from torch import nn
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from .build import RunError, setup_device
-from .checkpoint import MARKER, CheckpointError, load_weights
+from .build import setup_device
+from .checkpoint import MARKER, load_weights
 from .config import Config, GenerationArgs, QuantizationArgs, load_config
 from .data import (
     Collator,
-    DataError,
     ensure_pad_token,
     generation_prompt,
     load_rows,
@@ -55,13 +54,13 @@ from .data import (
     tokenize,
     user_prompt,
 )
+from .errors import CheckpointError, DataError, EvalError
 from .lm import model_kind
 from .loop import default_loss
 from .metrics import detect_kind, task_scores
 from .model import load_model, load_tokenizer, resolve_kind
 
 __all__ = [
-    "EvalError",
     "EvalResult",
     "compare",
     "evaluate_checkpoint",
@@ -81,10 +80,6 @@ KEY_COLUMNS = ["id", "a", "b", "prompt_index"]
 MODELS = ("base", "tuned")  # names used in results, the key file and the score summary
 
 OnBatch = Callable[[], None] | None
-
-
-class EvalError(RunError):
-    """An evaluation cannot run as asked (sheet, key or output problems); the message names the fix."""
 
 
 # ----------------------------------------------------------------------------------------------

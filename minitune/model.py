@@ -24,11 +24,11 @@ from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
 from .config import Config, LoraArgs, ModelArgs, QuantizationArgs, lora_args, resolve_path
 from .device import resolve_precision
+from .errors import ModelError
 from .lm import model_kind
 from .presets import PRESETS, preset_config
 
 __all__ = [
-    "ModelError",
     "PreparationReport",
     "apply_lora",
     "default_target_modules",
@@ -56,10 +56,6 @@ DEFAULT_TARGETS = {
     "falcon": ["query_key_value"],
 }
 FALLBACK_TARGETS = ["q_proj", "v_proj"]  # llama, opt, mistral, qwen, ...
-
-
-class ModelError(RuntimeError):
-    """A model or tokenizer cannot be loaded or adapted; the message names the fix."""
 
 
 def _offline_hint(what: str, name: str, err: Exception) -> ModelError:

@@ -46,14 +46,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .config import Config, ConfigError
+from .config import Config
 from .device import Capabilities, capabilities, resolve_precision
+from .errors import ConfigError, PlanError
 from .lm import model_kind
 from .losses import auto_chunk_size, loss_fn_for
 from .memory import format_bytes
 from .process_memory import ProcessPeak, process_peak
 
-__all__ = ["DEVICES", "MicroBatch", "Plan", "PlanError", "Prediction", "Target", "format_plan", "plan", "predict", "simulate",
+__all__ = ["DEVICES", "MicroBatch", "Plan", "Prediction", "Target", "format_plan", "plan", "predict", "simulate",
            "smaller_split", "target", "worst_case_steps"]
 
 GiB = 2**30
@@ -698,7 +699,8 @@ def meta_model(cfg: Config) -> tuple[nn.Module, Any, str]:
     Raises:
         ModelError: the model's config cannot be read and no preset has its shapes; bad LoRA targets.
     """
-    from .model import DTYPES, ModelError, build_from_config, model_config, prepare_model, quantization_config
+    from .errors import ModelError
+    from .model import DTYPES, build_from_config, model_config, prepare_model, quantization_config
     from .presets import hub_preset
 
     args, note = cfg.model, ""
@@ -787,10 +789,6 @@ def _candidates(cfg: Config, caps: Capabilities, vocab: int) -> list[tuple[str, 
             continue
         out.append((what, over, cost, changes))
     return out
-
-
-class PlanError(RuntimeError):
-    """The planner could not simulate a config (bad input reported in one line by the CLI)."""
 
 
 @dataclass

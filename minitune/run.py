@@ -14,15 +14,16 @@ import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from rich.console import Console
 
-from .build import Parts, RunError, loop_args, setup, train_loader, with_split
+from .build import Parts, loop_args, setup, train_loader, with_split
 from .checkpoint import find_latest, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config
+from .errors import RunError
 from .loop import TrainState, evaluate_during_run, fit
 from .memory import MB, format_bytes, tensor_breakdown
 from .planner import smaller_split
 from .report import summary_table
 
-__all__ = ["RunError", "TrainResult", "train"]
+__all__ = ["TrainResult", "train"]
 
 
 @dataclass
@@ -57,7 +58,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
 
     Raises:
         ConfigError: invalid config or a request this device cannot honour (before anything loads).
-        RunError, minitune.data.DataError, minitune.model.ModelError: bad output folder, data or model.
+        RunError, DataError, ModelError: bad output folder, data or model (all in minitune.errors).
     """
     cfg = load_config(config, overrides)  # first: a bad config fails before anything is built
     try:

@@ -24,7 +24,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ReportError", "RunData", "draw", "final_figures", "load_run", "run_labels", "try_write_report",
+from .errors import ReportError
+
+__all__ = ["RunData", "draw", "final_figures", "load_run", "run_labels", "try_write_report",
            "write_report"]
 
 MB = 2**20
@@ -49,10 +51,6 @@ _NOT_A_DIFFERENCE = {"training.output_dir", "training.overwrite", "training.resu
 _MAX_MODULE_LINES = 8
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
            "#bcbd22")
-
-
-class ReportError(ValueError):
-    """A folder that is not a run folder, or a file in it that cannot be read."""
 
 
 @dataclass

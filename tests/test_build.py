@@ -18,7 +18,8 @@ from minitune.build import (
     setup_model,
     with_split,
 )
-from minitune.config import ConfigError, load_config
+from minitune.config import load_config
+from minitune.errors import ConfigError
 from minitune.loop import LoopArgs
 from minitune.model import load_tokenizer
 
@@ -71,7 +72,7 @@ def test_resume_with_auto_batch_size_takes_the_checkpoints_split_without_mutatin
 def test_check_output_dir_refuses_a_folder_with_a_run(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "log.jsonl").write_text("")
-    from minitune.build import RunError
+    from minitune.errors import RunError
 
     with pytest.raises(RunError, match="already holds a run"):
         check_output_dir(load_config(tiny_config(output_dir=tmp_path / "run")))

@@ -8,15 +8,9 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from minitune.config import ConfigError, DataArgs, GenerationArgs, ModelArgs, QuantizationArgs, load_config
-from minitune.data import (
-    IGNORE_INDEX,
-    DataError,
-    generation_prompt,
-    stop_token_ids,
-    tokenize,
-    user_prompt,
-)
+from minitune.config import DataArgs, GenerationArgs, ModelArgs, QuantizationArgs, load_config
+from minitune.data import IGNORE_INDEX, generation_prompt, stop_token_ids, tokenize, user_prompt
+from minitune.errors import ConfigError, DataError
 from minitune.evaluate import _cut_at, generate
 from minitune.metrics import task_scores
 from minitune.model import load_model

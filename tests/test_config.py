@@ -9,7 +9,6 @@ import yaml
 from minitune.config import (
     SCHEDULERS,
     Config,
-    ConfigError,
     config_path,
     load_config,
     parse_overrides,
@@ -17,6 +16,7 @@ from minitune.config import (
     shipped_configs,
     validate,
 )
+from minitune.errors import ConfigError
 
 from .conftest import REPO, tiny_config
 

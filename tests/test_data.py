@@ -15,9 +15,8 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from minitune.config import DataArgs  # noqa: E402
-from minitune.data import (  # noqa: E402
+from minitune.data import (
     Collator,
-    DataError,
     LengthGroupedSampler,
     build_data,
     ensure_pad_token,
@@ -28,6 +27,7 @@ from minitune.data import (  # noqa: E402
     repair_text,
     tokenize,
 )
+from minitune.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUOTES = ROOT / "data" / "english_quotes.jsonl"

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from minitune import device as dev
-from minitune.config import ConfigError, load_config
+from minitune.config import load_config
+from minitune.errors import ConfigError
 
 from .conftest import REPO, tiny_config
 

@@ -11,9 +11,10 @@ import torch
 import transformers
 
 from minitune import planner
-from minitune.checkpoint import CheckpointError, _load_states
+from minitune.checkpoint import _load_states
 from minitune.config import ModelArgs
-from minitune.model import ModelError, _from_pretrained
+from minitune.errors import CheckpointError, ModelError, PlanError
+from minitune.model import _from_pretrained
 
 from .conftest import tiny_config
 
@@ -49,7 +50,7 @@ def test_the_plan_wraps_only_what_the_simulated_model_refuses(raised, shown_as_u
 
     monkeypatch.setattr(planner, "simulate", simulate)
     cfg = load_config(tiny_config("tiny-llama", "runs/unused"))
-    with pytest.raises(planner.PlanError if shown_as_user_error else type(raised)):
+    with pytest.raises(PlanError if shown_as_user_error else type(raised)):
         planner.plan(cfg, "T4")
 
 
@@ -90,3 +91,43 @@ def test_an_internal_failure_while_restoring_keeps_its_type(tmp_path, monkeypatc
     monkeypatch.setattr(opt, "load_state_dict", broken)
     with pytest.raises(AttributeError):
         _load_states(tmp_path, accelerator, opt, None)
+
+
+def test_every_error_class_is_declared_once_under_one_base():
+    """Bad-input errors live in minitune/errors.py under MinituneError (what the CLI prints as one
+    `error:` line); no other module declares an exception class of its own."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import minitune
+    from minitune import errors
+
+    package = Path(minitune.__file__).parent
+    elsewhere = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and (node.name.endswith(("Error", "Exception"))
+                                                   or any(getattr(b, "id", "").endswith(("Error", "Exception"))
+                                                          for b in node.bases)):
+                elsewhere.append(f"{path.relative_to(package)}:{node.lineno} {node.name}")
+    assert not elsewhere, elsewhere
+    declared = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, Exception)]
+    assert len(declared) >= 9 and all(issubclass(c, errors.MinituneError) for c in declared)
+    assert all(getattr(minitune, c.__name__) is c for c in declared)  # each one is public
+
+
+def test_the_cli_prints_any_minitune_error_as_one_line(capsys, monkeypatch):
+    from minitune import cli, errors
+
+    class Planted(errors.MinituneError):
+        pass
+
+    def train(*args, **kwargs):
+        raise Planted("a planted problem: do the fix")
+
+    monkeypatch.setattr("minitune.run.train", train)
+    assert cli.main_train(["--config", "smollm2-quotes"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: a planted problem: do the fix"

@@ -16,12 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minitune.build import RunError
 from minitune.cli import main_eval
 from minitune.config import DataArgs, GenerationArgs, ModelArgs, QuantizationArgs
-from minitune.data import Collator, DataError, load_rows, make_dataloader, tokenize
+from minitune.data import Collator, load_rows, make_dataloader, tokenize
+from minitune.errors import DataError, EvalError, RunError
 from minitune.evaluate import (
-    EvalError,
     compare,
     evaluate_checkpoint,
     generate,

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from minitune.checkpoint import find_latest, is_complete, list_checkpoints
-from minitune.run import RunError, train
+from minitune.errors import RunError
+from minitune.run import train
 
 from .conftest import REPO, simulated, tiny_config
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from minitune.config import ConfigError, ModelArgs, OptimizerArgs, QuantizationArgs
+from minitune.config import ModelArgs, OptimizerArgs, QuantizationArgs
+from minitune.errors import ConfigError
 from minitune.run import train
 
 from .conftest import REPO, simulated, tiny_config

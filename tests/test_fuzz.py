@@ -765,7 +765,7 @@ def test_the_property_fails_on_an_internal_failure_shown_as_bad_input(bug, fake_
 
 
 def _wrapped(bug: BaseException) -> BaseException:
-    from minitune.planner import PlanError
+    from minitune.errors import PlanError
 
     try:
         try:

@@ -121,7 +121,8 @@ def test_registry_names_and_ranges_are_checked_up_front(capsys, config_file, edi
 
 
 def test_preset_suggestion_and_hub_kernel(config_file):
-    from minitune.config import ConfigError, load_config
+    from minitune.config import load_config
+    from minitune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean 'tiny-llama'"):
         load_config(config_file(model={"preset": "tiny-lama"}))
@@ -145,7 +146,7 @@ def test_registries_match_the_libraries():
 @pytest.mark.parametrize("saved", ["(\n", "just text\n", "training: 5\n", b"\xff\xfe"])
 def test_resume_from_a_checkpoint_whose_config_yaml_is_not_a_config(tmp_path, config_file, saved):
     from minitune.build import _saved_config
-    from minitune.checkpoint import CheckpointError
+    from minitune.errors import CheckpointError
 
     ckpt = tmp_path / "checkpoint-000001"
     ckpt.mkdir()
@@ -173,7 +174,8 @@ def test_sheet_and_key_with_short_and_long_rows(capsys, tmp_path):
 
 def _data_error(tmp_path, name: str, content: bytes) -> str:
     from minitune.config import DataArgs
-    from minitune.data import DataError, load_rows
+    from minitune.data import load_rows
+    from minitune.errors import DataError
 
     path = tmp_path / name
     path.write_bytes(content)
@@ -225,8 +227,8 @@ def test_config_file_that_is_not_a_model_config(capsys, tmp_path, config_file):
 
 @pytest.mark.parametrize("content", [b'{"task_type": "CAUSAL_LM"\x82}', b"[1, 2]", b"\xff\xfe{}"])
 def test_checkpoint_kind_from_a_corrupt_adapter_config(tmp_path, config_file, content):
-    from minitune.checkpoint import CheckpointError
     from minitune.config import load_config
+    from minitune.errors import CheckpointError
     from minitune.evaluate import _checkpoint_model_kind
 
     (tmp_path / "adapter_config.json").write_bytes(content)

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from minitune.config import ConfigError, LoraArgs, ModelArgs, load_config
+from minitune.config import LoraArgs, ModelArgs, load_config
+from minitune.errors import ConfigError
 from minitune.loop import count_items, default_loss
 from minitune.losses import auto_chunk_size, chunked_loss, linear_cross_entropy, loss_fn_for
 from minitune.model import build_from_config, prepare_model

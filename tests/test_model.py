@@ -4,9 +4,9 @@ import io
 import pytest
 import torch
 
-from minitune.config import ConfigError, LoraArgs, ModelArgs, QuantizationArgs
+from minitune.config import LoraArgs, ModelArgs, QuantizationArgs
+from minitune.errors import ConfigError, ModelError
 from minitune.model import (
-    ModelError,
     apply_lora,
     build_from_config,
     default_target_modules,

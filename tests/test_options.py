@@ -13,9 +13,9 @@ import pytest
 
 from minitune import process_memory
 from minitune.build import _trim_log
-from minitune.checkpoint import CheckpointError
+from minitune.errors import CheckpointError, RunError
 from minitune.evaluate import evaluate_checkpoint
-from minitune.run import RunError, train
+from minitune.run import train
 
 from .conftest import tiny_config
 

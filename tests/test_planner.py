@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from minitune.config import ConfigError, load_config
+from minitune.config import load_config
+from minitune.errors import ConfigError
 from minitune.memory import MB
 from minitune.planner import (
     MicroBatch,

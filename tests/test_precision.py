@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minitune.config import ConfigError
+from minitune.errors import ConfigError
 from minitune.run import train
 
 from .conftest import tiny_config

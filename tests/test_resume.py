@@ -21,8 +21,9 @@ import yaml
 from safetensors.torch import load_file
 
 from minitune.build import RESUME_FREE, RESUME_REFUSED, setup
-from minitune.checkpoint import CheckpointError, clean_debris, find_latest, list_checkpoints
+from minitune.checkpoint import clean_debris, find_latest, list_checkpoints
 from minitune.config import Config, load_config
+from minitune.errors import CheckpointError
 from minitune.run import train
 
 from .conftest import simulated, tiny_config

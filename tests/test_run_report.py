@@ -13,7 +13,8 @@ import yaml
 
 from minitune import run_report
 from minitune.cli import main
-from minitune.run_report import ReportError, draw, load_run, run_labels, table_rows, write_report
+from minitune.errors import ReportError
+from minitune.run_report import draw, load_run, run_labels, table_rows, write_report
 from tests.conftest import tiny_config
 
 
