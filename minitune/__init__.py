@@ -40,7 +40,7 @@ _EXPORTS = {
     "TrainResult": "run",
     "fit": "loop",
     "LoopArgs": "loop",
-    "TrainState": "loop",
+    "TrainState": "state",
     "RunLogger": "report",
     "save_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",

@@ -35,7 +35,7 @@ from .config import Config, yaml_load
 from .data import DataBundle, build_data, make_dataloader
 from .errors import CheckpointError, ConfigError, RunError
 from .lm import model_kind
-from .loop import LoopArgs, LossFn, TrainState
+from .loop import LoopArgs, LossFn
 from .losses import loss_fn_for
 from .memory import MB, MemoryProfiler, format_bytes
 from .model import PreparationReport, load_model, load_tokenizer, prepare_model, resolve_kind
@@ -43,6 +43,7 @@ from .optim import build_optimizer, build_scheduler, keep_settings, settings
 from .planner import MicroBatch, Prediction, simulate
 from .process_memory import ProcessPeak, process_peak, release_free_memory, rss_bytes, tune_malloc
 from .report import RunLogger
+from .state import TrainState
 
 __all__ = ["DeviceChoice", "Parts", "loop_args", "setup", "setup_accelerator", "setup_data",
            "setup_device", "setup_model", "train_loader", "with_split"]

@@ -36,8 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
 from .errors import CheckpointError, DiskFullError
-from .loop import TrainState
 from .memory import format_bytes
+from .state import TrainState
 
 __all__ = ["clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
            "load_weights", "restore_rng", "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint"]

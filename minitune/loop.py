@@ -28,53 +28,19 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .lm import count_targets, model_kind, shift_targets, unwrap
+from .state import TrainState
 
-__all__ = ["LoopArgs", "TrainState", "count_items", "decoder_inputs", "default_loss", "evaluate_during_run",
+__all__ = ["LoopArgs", "count_items", "decoder_inputs", "default_loss", "evaluate_during_run",
            "evaluate_loss", "fit"]
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class TrainState:
-    """Counters of a run; saved in checkpoints, so a resumed run continues exactly."""
-
-    step: int = 0  # optimizer steps taken
-    micro_step: int = 0  # micro-batches processed
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    tokens: int = 0  # real (non-padding) input tokens seen
-    skipped_steps: int = 0  # steps skipped for a non-finite loss/gradient or an fp16 overflow
-    scaler_skips: int = 0  # of those, fp16 GradScaler overflows (the scaler lowers its scale and goes on)
-    bad_streak: int = 0  # consecutive non-finite steps
-    stop_reason: str = ""  # '', 'max_steps', 'signal', 'callback', 'nonfinite'
-    last: dict = field(default_factory=dict)  # the last logged metrics
-    eval_losses: list = field(default_factory=list)  # (step, loss)
-    # Sums since the last log, filled in only when saving: a run resumed between two logs logs the
-    # same loss and token counts as the uninterrupted one.
-    pending_loss_sum: float = 0.0
-    pending_loss_items: float = 0.0
-    pending_tokens: int = 0
-    # Wall time (whole run, resumed sessions included): in training steps (the loop less its
-    # evaluations and checkpoint saves; see `_Clock`), and in evaluations (the final one included).
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The counters as a JSON-able dict (what checkpoints store in trainer_state.json)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, counters: dict[str, Any]) -> TrainState:
-        """A TrainState from `to_dict()` output; extra keys (e.g. a checkpoint's num_processes) are ignored."""
-        return cls(**{k: v for k, v in counters.items() if k in cls.__dataclass_fields__})
 
 
 def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

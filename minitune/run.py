@@ -18,10 +18,11 @@ from .build import Parts, loop_args, setup, train_loader, with_split
 from .checkpoint import find_latest, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config
 from .errors import RunError
-from .loop import TrainState, evaluate_during_run, fit
+from .loop import evaluate_during_run, fit
 from .memory import MB, format_bytes, tensor_breakdown
 from .planner import smaller_split
 from .report import summary_table
+from .state import TrainState
 
 __all__ = ["TrainResult", "train"]
 
