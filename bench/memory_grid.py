@@ -6,7 +6,7 @@
 
 Each cell (model x method x batch size x sequence length) runs in its own subprocess
 (`bench/cell.py`): built from minitune's pieces (`load_model` from a preset with random init,
-`prepare_model`, `build_optimizer`, `Accelerator`, `minitune.loop.fit` with `default_loss` and the
+`prepare_model`, `build_optimizer`, `Accelerator`, `minitune.loop.fit` with `minitune.losses.default_loss` and the
 `MemoryProfiler`), random token batches, `--warmup` steps then `--steps` timed ones. Recorded: the
 training peak and its breakdown (`tensor_breakdown`), the prediction (`minitune.planner.simulate`) and the
 measured/predicted ratio, step time, tokens/s, trainable parameters. Out of memory is recorded as

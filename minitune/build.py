@@ -35,8 +35,8 @@ from .config import Config, yaml_load
 from .data import DataBundle, build_data, make_dataloader
 from .errors import CheckpointError, ConfigError, RunError
 from .lm import model_kind
-from .loop import LoopArgs, LossFn
-from .losses import loss_fn_for
+from .loop import LoopArgs
+from .losses import LossFn, loss_fn_for
 from .memory import MB, MemoryProfiler, format_bytes
 from .model import PreparationReport, load_model, load_tokenizer, prepare_model, resolve_kind
 from .optim import build_optimizer, build_scheduler, keep_settings, settings

@@ -56,7 +56,7 @@ from .data import (
 )
 from .errors import CheckpointError, DataError, EvalError
 from .lm import model_kind
-from .loop import default_loss
+from .losses import default_loss
 from .metrics import detect_kind, task_scores
 from .model import load_model, load_tokenizer, resolve_kind
 
@@ -107,7 +107,7 @@ def perplexity(model: nn.Module, loader: Any, *, max_batches: int = 0, on_batch:
     Every target token counts once, whatever the batching: padding and masked prompt tokens
     (labels -100) are excluded. Logits are upcast to fp32 before the log-softmax and the sum is
     kept in fp64. Causal LMs predict ``labels[1:]`` from the ids before them; seq2seq models
-    (T5) get their decoder inputs built from the labels, as in training (``loop.default_loss``).
+    (T5) get their decoder inputs built from the labels, as in training (``losses.default_loss``).
 
     Args:
         model: a transformers (or peft) model; its mode is restored afterwards.

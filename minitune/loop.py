@@ -13,7 +13,7 @@ The normaliser must be known before the first backward of a window: each micro-b
 freed by its own backward (keeping a window of graphs alive, to sum the losses and backpropagate
 once, would multiply the activation memory by `grad_accum`). So a loss function says what it will
 count with a `count(model, batch)` attribute, computed from the batch alone (for the built-in
-losses, the target tokens: `count_items`); the loop checks it against the count the call returns,
+losses, the target tokens: `losses.count_items`); the loop checks it against the count the call returns,
 at the step's one host-device sync, and refuses a mismatch. A loss function without `count` is
 backpropagated unnormalised and its gradients are divided by the returned counts after the window
 (the same in exact arithmetic, not bit for bit).
@@ -34,63 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lm import count_targets, model_kind, shift_targets, unwrap
+from .lm import unwrap
+from .losses import LossFn, default_loss
 from .state import TrainState
 
-__all__ = ["LoopArgs", "count_items", "decoder_inputs", "default_loss", "evaluate_during_run",
+__all__ = ["LoopArgs", "evaluate_during_run",
            "evaluate_loss", "fit"]
-
-LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
-
-
-def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-token losses, number of target tokens) for a batch with `labels`.
-
-    Works for causal LMs (labels shifted by one) and seq2seq models (decoder inputs built from the
-    labels). A model whose forward returns a scalar loss (any `nn.Module`) counts as one item.
-    `default_loss.count(model, batch)` counts the same items without running the model (`fit`
-    normalises the gradient by it before the backward pass).
-    """
-    labels = batch.get("labels")
-    config = _config_of(model)
-    if labels is None or config is None:
-        out = model(**batch)
-        loss = out if torch.is_tensor(out) else out["loss"]
-        return loss, torch.ones((), device=loss.device)
-    kind = model_kind(config)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if kind == "seq2seq":
-        inputs["decoder_input_ids"] = decoder_inputs(model, labels)
-    # Shift the labels, not the logits: `logits[:, :-1]` cannot be flattened without a copy of the
-    # whole batch x seq x vocab tensor (and its gradient); the last position simply gets no target.
-    targets = shift_targets(labels, kind, keep_length=True)
-    logits = model(**inputs).logits
-    loss_sum = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss_sum, (targets != -100).sum()
-
-
-def count_items(model: nn.Module, batch: dict) -> torch.Tensor | int:
-    """The items `default_loss` counts for `batch`: target tokens (1 for a model that returns its own loss)."""
-    labels = batch.get("labels")
-    config = _config_of(model)
-    if labels is None or config is None:
-        return 1
-    return count_targets(labels, model_kind(config))
-
-
-default_loss.count = count_items  # type: ignore[attr-defined]
-
-
-def _config_of(model: nn.Module) -> Any:
-    return getattr(unwrap(model), "config", None)
-
-
-def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    """A seq2seq model's decoder inputs: the labels shifted right (peft forwards the method to its base)."""
-    return unwrap(model).prepare_decoder_input_ids_from_labels(labels=labels)
-
 
 @torch.no_grad()
 def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batches: int = 0,

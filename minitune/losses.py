@@ -1,6 +1,6 @@
 """Loss functions for `minitune.loop.fit`: `(model, batch) -> (sum of token losses, target tokens)`.
 
-`default_loss` (in loop.py) lets the model build the whole `batch x seq x vocab` logits tensor and
+`default_loss` lets the model build the whole `batch x seq x vocab` logits tensor and
 takes the cross-entropy over it: for bloom's 250,880-token vocabulary that is 1 GB per 1,000
 tokens in fp32, and autograd keeps it plus the log-softmax and their gradients alive at once.
 
@@ -27,20 +27,72 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .lm import model_kind, shift_targets, unwrap
-from .loop import LossFn, count_items, decoder_inputs, default_loss
+from .lm import count_targets, model_kind, shift_targets, unwrap
 
-__all__ = ["LOSSES", "auto_chunk_size", "chunked_loss", "chunking_problem", "linear_cross_entropy", "loss_fn_for"]
+__all__ = ["LOSSES", "LossFn", "auto_chunk_size", "chunked_loss", "chunking_problem", "count_items", "decoder_inputs",
+           "default_loss", "linear_cross_entropy", "loss_fn_for"]
 
 LOSSES = ("auto", "full", "chunked")
 
 AUTO_CHUNK_BYTES = 256 * 2**20  # chunk_size=0: this much fp32 logits per chunk
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token losses, number of target tokens) for a batch with `labels`.
+
+    Works for causal LMs (labels shifted by one) and seq2seq models (decoder inputs built from the
+    labels). A model whose forward returns a scalar loss (any `nn.Module`) counts as one item.
+    `default_loss.count(model, batch)` counts the same items without running the model (`fit`
+    normalises the gradient by it before the backward pass).
+    """
+    labels = batch.get("labels")
+    config = _config_of(model)
+    if labels is None or config is None:
+        out = model(**batch)
+        loss = out if torch.is_tensor(out) else out["loss"]
+        return loss, torch.ones((), device=loss.device)
+    kind = model_kind(config)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = decoder_inputs(model, labels)
+    # Shift the labels, not the logits: `logits[:, :-1]` cannot be flattened without a copy of the
+    # whole batch x seq x vocab tensor (and its gradient); the last position simply gets no target.
+    targets = shift_targets(labels, kind, keep_length=True)
+    logits = model(**inputs).logits
+    loss_sum = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss_sum, (targets != -100).sum()
+
+
+def count_items(model: nn.Module, batch: dict) -> torch.Tensor | int:
+    """The items `default_loss` counts for `batch`: target tokens (1 for a model that returns its own loss)."""
+    labels = batch.get("labels")
+    config = _config_of(model)
+    if labels is None or config is None:
+        return 1
+    return count_targets(labels, model_kind(config))
+
+
+default_loss.count = count_items  # type: ignore[attr-defined]
+
+
+def _config_of(model: nn.Module) -> Any:
+    return getattr(unwrap(model), "config", None)
+
+
+def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """A seq2seq model's decoder inputs: the labels shifted right (peft forwards the method to its base)."""
+    return unwrap(model).prepare_decoder_input_ids_from_labels(labels=labels)
 
 
 def auto_chunk_size(vocab_size: int) -> int:

@@ -45,7 +45,7 @@ def test_unwrap_strips_compile_but_keeps_peft_and_plain_modules():
 
 @pytest.mark.parametrize("kind", ["causal", "seq2seq"])
 def test_default_loss_counts_what_shift_targets_says(kind):
-    from minitune.loop import count_items, default_loss
+    from minitune.losses import count_items, default_loss
 
     model = build_from_config(ModelArgs(preset="tiny-t5" if kind == "seq2seq" else "tiny-llama"))
     batch = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),

@@ -8,7 +8,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from minitune.build import _reset_single_process_state
-from minitune.loop import LoopArgs, count_items, default_loss, evaluate_loss, fit
+from minitune.loop import LoopArgs, evaluate_loss, fit
+from minitune.losses import count_items, default_loss
 from minitune.state import TrainState
 
 from .conftest import slow_evaluations

@@ -215,7 +215,7 @@ def test_t5_without_accumulation_same_loss_every_step(tmp_path):
 def test_t5_with_accumulation_trainer_sums_micro_batch_means(tmp_path):
     """Where they differ (see the module docstring): Trainer's first step loss is the sum of the
     two micro-batch means, minitune's the window's token-weighted mean."""
-    from minitune.loop import default_loss
+    from minitune.losses import default_loss
 
     batches = _batches("tiny-t5", 2 * STEPS)
     first = batches[:2]
