@@ -39,9 +39,9 @@ import torch
 import transformers
 from accelerate.utils.memory import should_reduce_batch_size
 
-from minitune.build import setup_accelerator, setup_device, setup_model
+from minitune.build import setup_accelerator, setup_model
 from minitune.config import Config, DataArgs, LoraArgs, ModelArgs, OptimizerArgs, QuantizationArgs, TrainingArgs
-from minitune.device import optimizer_name_for
+from minitune.device import optimizer_name_for, setup_device
 from minitune.lm import model_kind
 from minitune.loop import LoopArgs, fit
 from minitune.losses import loss_fn_for

@@ -45,17 +45,8 @@ from .process_memory import ProcessPeak, process_peak, release_free_memory, rss_
 from .report import RunLogger
 from .state import TrainState
 
-__all__ = ["DeviceChoice", "Parts", "loop_args", "setup", "setup_accelerator", "setup_data",
-           "setup_device", "setup_model", "train_loader", "with_split"]
-
-
-@dataclass
-class DeviceChoice:
-    """Where a run trains and in what precision (`setup_device`)."""
-
-    device: torch.device
-    precision: dev.Precision  # what 'auto' chose, and why
-    notes: list[str]  # warnings to show (e.g. a paged optimizer running unpaged)
+__all__ = ["Parts", "loop_args", "setup", "setup_accelerator", "setup_data", "setup_model", "train_loader",
+           "with_split"]
 
 
 @dataclass
@@ -109,7 +100,7 @@ def setup(cfg: Config) -> Parts:
             load where the input alone shows it.
     """
     malloc = tune_malloc()  # first: every allocation from here on is placed under these settings
-    cfg, where = setup_device(cfg)
+    cfg, where = dev.setup_device(cfg)
     problems = _tracker_problems(cfg.logging.trackers)
     if problems:
         raise ConfigError(problems)
@@ -224,30 +215,6 @@ def _first_steps(cfg: Config, data: DataBundle, kind: str) -> list[list[MicroBat
     return steps
 
 
-def setup_device(cfg: Config) -> tuple[Config, DeviceChoice]:
-    """The device the config runs on and the precision it trains in there, checked against what the
-    config asks for (before anything loads).
-
-    Args:
-        cfg: a validated Config (training.device, precision settings, quantization, optimizer).
-
-    Returns:
-        (cfg with every 'auto' precision resolved for the device (`cfg` is not modified), DeviceChoice).
-
-    Raises:
-        ConfigError: the device does not exist, or cannot honour the config (dtype, bitsandbytes, ...).
-    """
-    try:
-        device = dev.resolve_device(cfg.training.device)
-    except ValueError as e:
-        raise ConfigError([str(e)]) from None
-    cfg, precision = dev.resolve_precision(cfg, device)  # 'auto' -> this device's choice; saved as resolved
-    problems, notes = dev.check(cfg, device)
-    if problems:
-        raise ConfigError(problems)
-    return cfg, DeviceChoice(device, precision, notes)
-
-
 def _tracker_problems(names: list[str]) -> list[str]:
     """logging.trackers that Accelerate does not know, or whose package is not installed (Accelerate
     itself drops those without a word, and the run would log nowhere)."""
@@ -266,7 +233,7 @@ def setup_accelerator(cfg: Config, device: torch.device, *, project_dir: Path | 
     """A fresh Accelerator for `device` and the config's precision, checked against the launch.
 
     Args:
-        cfg: the config (precision resolved: `setup_device`).
+        cfg: the config (precision resolved: `device.setup_device`).
         device: where to train.
         project_dir: the run folder (trackers write there).
 

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
 from .errors import CheckpointError, DiskFullError
-from .memory import format_bytes
+from .process_memory import format_bytes
 from .state import TrainState
 
 __all__ = ["clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",

@@ -44,8 +44,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["Capabilities", "Precision", "capabilities", "check", "check_processes", "choose_precision",
-           "optimizer_name_for", "resolve_device", "resolve_precision"]
+from .errors import ConfigError
+
+__all__ = ["Capabilities", "DeviceChoice", "Precision", "capabilities", "check", "check_processes", "choose_precision",
+           "optimizer_name_for", "resolve_device", "resolve_precision", "setup_device"]
 
 
 @dataclass(frozen=True)
@@ -402,3 +404,36 @@ def warn_all(notes: list[str]) -> None:
     """Emit each note once as a UserWarning."""
     for note in notes:
         warnings.warn(note, stacklevel=2)
+
+
+@dataclass
+class DeviceChoice:
+    """Where a run trains and in what precision (`setup_device`)."""
+
+    device: torch.device
+    precision: Precision  # what 'auto' chose, and why
+    notes: list[str]  # warnings to show (e.g. a paged optimizer running unpaged)
+
+
+def setup_device(cfg: Any) -> tuple[Any, DeviceChoice]:
+    """The device the config runs on and the precision it trains in there, checked against what the
+    config asks for (before anything loads).
+
+    Args:
+        cfg: a validated Config (training.device, precision settings, quantization, optimizer).
+
+    Returns:
+        (cfg with every 'auto' precision resolved for the device (`cfg` is not modified), DeviceChoice).
+
+    Raises:
+        ConfigError: the device does not exist, or cannot honour the config (dtype, bitsandbytes, ...).
+    """
+    try:
+        device = resolve_device(cfg.training.device)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+    cfg, precision = resolve_precision(cfg, device)  # 'auto' -> this device's choice; saved as resolved
+    problems, notes = check(cfg, device)
+    if problems:
+        raise ConfigError(problems)
+    return cfg, DeviceChoice(device, precision, notes)

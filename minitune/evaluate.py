@@ -41,7 +41,6 @@ from rich.table import Table
 from torch import nn
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from .build import setup_device
 from .checkpoint import MARKER, load_weights
 from .config import Config, GenerationArgs, QuantizationArgs, load_config
 from .data import (
@@ -54,6 +53,7 @@ from .data import (
     tokenize,
     user_prompt,
 )
+from .device import setup_device
 from .errors import CheckpointError, DataError, EvalError
 from .lm import model_kind
 from .losses import default_loss

@@ -14,11 +14,11 @@ from minitune.build import (
     setup,
     setup_accelerator,
     setup_data,
-    setup_device,
     setup_model,
     with_split,
 )
 from minitune.config import load_config
+from minitune.device import setup_device
 from minitune.errors import ConfigError
 from minitune.loop import LoopArgs
 from minitune.model import load_tokenizer
