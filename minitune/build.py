@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,30 +20,30 @@ from typing import Any
 
 import accelerate.tracking
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, LoggerType, set_seed
 from torch import nn
 
 from . import device as dev
-from .checkpoint import clean_debris, find_latest, load_checkpoint, restore_rng, save_checkpoint, verify_checkpoint
-from .config import Config, yaml_load
+from .checkpoint import restore_rng, save_checkpoint
+from .config import Config
 from .data import DataBundle, build_data, make_dataloader
-from .errors import CheckpointError, ConfigError, RunError
+from .errors import ConfigError, RunError
 from .lm import model_kind
 from .loop import LoopArgs
 from .losses import LossFn, loss_fn_for
 from .memory import MB, MemoryProfiler, format_bytes
 from .model import PreparationReport, load_model, load_tokenizer, prepare_model, resolve_kind
-from .optim import build_optimizer, build_scheduler, keep_settings, settings
+from .optim import build_optimizer, build_scheduler
 from .planner import MicroBatch, Prediction, simulate
 from .process_memory import ProcessPeak, process_peak, release_free_memory, rss_bytes, tune_malloc
 from .report import RunLogger
+from .resume import resolve_resume, restore_run
+from .run_folder import check_output_dir, prepare_output_dir
 from .state import TrainState
 
-__all__ = ["Parts", "loop_args", "setup", "setup_accelerator", "setup_data", "setup_model", "train_loader",
-           "with_split"]
+__all__ = ["Parts", "loop_args", "setup", "setup_accelerator", "setup_data", "setup_model", "train_loader"]
 
 
 @dataclass
@@ -146,8 +143,8 @@ def setup(cfg: Config) -> Parts:
 
         state = TrainState()
         if resume_from is not None:
-            state = _resume(resume_from, cfg, accelerator, model, optimizer, scheduler)
-        _prepare_output_dir(out, cfg, resume_from is not None, accelerator)
+            state = restore_run(resume_from, cfg, accelerator, model, optimizer, scheduler)
+        prepare_output_dir(out, cfg, resume_from is not None, accelerator)
         if accelerator.is_main_process:
             cfg.save(out / "config.yaml")
         if cfg.logging.trackers:
@@ -335,21 +332,6 @@ def loop_args(cfg: Config, total_steps: int) -> LoopArgs:
                     module_grad_norms=cfg.logging.module_grad_norms)
 
 
-def with_split(cfg: Config, batch_size: int, grad_accum: int) -> Config:
-    """A copy of `cfg` with another micro-batch / accumulation split (`cfg` is left as it is).
-
-    Args:
-        cfg: the config.
-        batch_size: the new training.batch_size.
-        grad_accum: the new training.grad_accum.
-
-    Returns:
-        The new Config.
-    """
-    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=batch_size,
-                                                                 grad_accum=grad_accum))
-
-
 def _startup_lines(parts: Parts) -> None:
     """What was built: trainable parameters, fp32 casting, data and steps, the predicted peak."""
     cfg, prep, log = parts.cfg, parts.prep, parts.logger
@@ -398,242 +380,3 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# the output folder
-
-_RUN_FILES = ("config.yaml", "log.jsonl", "final")
-
-
-def check_output_dir(cfg: Config) -> Path:
-    """Refuse a folder that holds another run (unless overwrite or resume) or that cannot be written.
-
-    Creates nothing: a run that fails on bad input afterwards leaves no trace; `_prepare_output_dir`
-    creates the folder once every input check has passed.
-
-    Raises:
-        RunError: the folder is a file, holds another run, or is not writable.
-    """
-    out = Path(cfg.training.output_dir)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"training.output_dir '{out}' is a file, not a folder; choose another training.output_dir")
-    holds_run = out.is_dir() and (any((out / f).exists() for f in _RUN_FILES)
-                                  or any(p.name.startswith("checkpoint-") for p in out.iterdir()))
-    if holds_run and not cfg.training.overwrite and not cfg.training.resume:
-        raise RunError(f"output folder '{out}' already holds a run; pick another training.output_dir, "
-                       "resume it with training.resume=auto, or set training.overwrite=true")
-    if holds_run:
-        _refuse_sheets_in_checkpoints(out)
-    # the folder, or the nearest existing folder above it, must take a new entry
-    probe_in = out
-    while not probe_in.exists() and probe_in != probe_in.parent:
-        probe_in = probe_in.parent
-    try:
-        if not probe_in.is_dir():
-            raise NotADirectoryError(20, f"'{probe_in}' is a file")
-        # one probe per process (ranks of a launch probe at once); removed at once
-        os.rmdir(tempfile.mkdtemp(prefix=f".write-test-{os.getpid()}-", dir=probe_in))
-    except OSError as e:
-        raise RunError(f"output folder '{out}' is not writable ({e.strerror or e}); choose another "
-                       "training.output_dir") from None
-    return out
-
-
-def _refuse_sheets_in_checkpoints(out: Path) -> None:
-    """Training deletes or replaces checkpoint folders (overwrite, keep_last, a resumed `final`): refuse,
-    before that, to run over one that holds a human-evaluation sheet (eval.py writes to `<run>/eval/`
-    now; an older minitune, `--out` or a user put it there), since its scores may be hours of work."""
-    for folder in sorted([out / "final", *out.glob("checkpoint-*"), *out.glob(".old-*")]):
-        sheets = sorted(folder.glob("human_eval*.csv")) if folder.is_dir() else []
-        if sheets:
-            raise RunError(f"'{sheets[0]}' is a human-evaluation sheet (or key) inside the checkpoint folder "
-                           f"'{folder}', which training deletes or replaces: move the folder's human_eval*.csv "
-                           f"files to '{out / 'eval' / folder.name}' first")
-
-
-def _prepare_output_dir(out: Path, cfg: Config, resuming: bool, accelerator: Any) -> None:
-    """Create the output folder (every input check has passed by now); with training.overwrite and no
-    resume, remove the previous run's checkpoints, so that a later resume=auto cannot pick one of them."""
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.training.overwrite and not resuming:
-            for old in [out / "final", *out.glob("checkpoint-*")]:
-                if old.is_dir():
-                    shutil.rmtree(old)
-        clean_debris(out)  # .tmp-* folders of saves that were killed
-    accelerator.wait_for_everyone()
-
-
-# ----------------------------------------------------------------------------------------------
-# resuming
-
-# Every config key is in exactly one of these two sets (tests/test_resume.py fails on a key in
-# neither, so a new field cannot slip through). RESUME_FREE: a resumed run may change it, and the
-# change takes effect: what the run reports, where and how often it evaluates and saves, how long it
-# runs, memory knobs that recompute the same numbers, the device (its precision is compared through
-# the resolved model.dtype and training.mixed_precision). RESUME_REFUSED: what the numbers depend on;
-# a change is refused, naming old and new value, unless training.resume_force, and then it takes
-# effect too (the optimizer's settings are put back over the checkpoint's: `optim.keep_settings`).
-# A key in neither set is compared like a refused one.
-RESUME_FREE = frozenset({
-    "model.trust_remote_code",
-    "data.num_workers",
-    "training.output_dir", "training.overwrite", "training.resume", "training.resume_force", "training.epochs",
-    "training.max_steps", "training.auto_batch_size", "training.gradient_checkpointing",
-    "training.checkpointing_reentrant", "training.device", "training.eval_every", "training.eval_batches",
-    "training.save_every", "training.keep_last", "training.max_bad_steps",
-    "logging.log_every", "logging.progress", "logging.jsonl", "logging.trackers", "logging.memory", "logging.report",
-    "logging.memory_phases_every", "logging.module_grad_norms",
-    "generation.max_new_tokens", "generation.temperature", "generation.top_p", "generation.repetition_penalty",
-    "generation.no_repeat_ngram_size", "generation.stop",
-})
-RESUME_REFUSED = frozenset({
-    "model.name_or_path", "model.gguf_file", "model.tokenizer", "model.preset", "model.config_file", "model.kind",
-    "model.dtype", "model.attn_implementation",
-    "quantization.mode", "quantization.quant_type", "quantization.double_quant", "quantization.compute_dtype",
-    "quantization.skip_modules",
-    "lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.bias", "lora.modules_to_save",
-    "lora.use_rslora", "lora.use_dora",
-    "data.path", "data.split", "data.validation_split", "data.validation_fraction", "data.prompt", "data.response",
-    "data.mask_prompt", "data.chat_template", "data.system_prompt", "data.assistant_only_loss", "data.add_eos",
-    "data.max_length", "data.max_target_length", "data.packing", "data.group_by_length", "data.max_samples",
-    "data.fix_text",
-    "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps",
-    "optimizer.scheduler", "optimizer.warmup_steps", "optimizer.warmup_ratio", "optimizer.fused",
-    "training.batch_size", "training.grad_accum", "training.seed", "training.max_grad_norm",
-    "training.mixed_precision", "training.fp32_norms", "training.compile", "training.loss", "training.loss_chunk_size",
-})
-
-
-def resolve_resume(cfg: Config) -> tuple[Path | None, Config]:
-    """The checkpoint to resume from (None: start fresh), checked before anything loads, and the
-    config to resume with (`cfg`, or a copy with the micro-batch split training.auto_batch_size
-    settled on in the checkpoint's run).
-
-    Raises:
-        CheckpointError: the checkpoint is incomplete, unreadable, or from an incompatible config.
-    """
-    r = cfg.training.resume
-    if not r:
-        return None, cfg
-    if r == "auto":
-        path = find_latest(cfg.training.output_dir)
-        if path is None:
-            return None, cfg  # nothing saved yet: start fresh
-    else:
-        path = Path(r)
-        if not path.is_dir():
-            raise CheckpointError(f"training.resume='{r}' does not exist; give a checkpoint folder "
-                                  "(e.g. runs/x/checkpoint-000100) or training.resume=auto")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    counters = verify_checkpoint(path, processes)
-    saved = _saved_config(path)
-    cfg = _auto_batch_split(saved, cfg)
-    changes = _resume_changes(saved, cfg)
-    if counters.get("num_processes", 1) != processes:
-        changes.append(f"processes {counters.get('num_processes', 1)} -> {processes}")
-    if changes and not cfg.training.resume_force:
-        raise CheckpointError(f"cannot resume from '{path}' exactly: this run changes {'; '.join(changes)}; "
-                              "undo the change, start a new run in another training.output_dir, or set "
-                              "training.resume_force=true to resume anyway")
-    if changes:
-        print(f"warning: resuming from '{path}' with changes ({'; '.join(changes)}): they take effect from "
-              "here on; the run will not match an uninterrupted one", flush=True)
-    return path, cfg
-
-
-def _saved_config(path: Path) -> dict:
-    """The checkpoint's config.yaml as a dict ({} if it has none)."""
-    saved_file = path / "config.yaml"
-    if not saved_file.is_file():
-        return {}
-    try:
-        saved = yaml_load(saved_file.read_text()) or {}
-        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values() if v is not None):
-            raise ValueError("not a mapping of sections")
-        return saved
-    except (yaml.YAMLError, ValueError):  # ValueError: also bytes that are not UTF-8 text
-        raise CheckpointError(f"checkpoint '{path}' has an unreadable config.yaml; delete that folder and "
-                              "resume from an earlier one") from None
-
-
-def _auto_batch_split(saved: dict, cfg: Config) -> Config:
-    """With training.auto_batch_size, continue with the smaller micro-batch the checkpoint's run
-    settled on (same examples per step); else `cfg` as it is."""
-    old_t = saved.get("training") or {}
-    old_split = old_t.get("batch_size"), old_t.get("grad_accum")
-    t = cfg.training
-    if (t.auto_batch_size and None not in old_split and old_split != (t.batch_size, t.grad_accum)
-            and old_split[0] * old_split[1] == t.batch_size * t.grad_accum):
-        print(f"training.auto_batch_size: resuming with the checkpoint's batch_size={old_split[0]} "
-              f"grad_accum={old_split[1]}", flush=True)
-        return with_split(cfg, *old_split)
-    return cfg
-
-
-def _resume_changes(saved: dict, cfg: Config) -> list[str]:
-    """'section.key: old -> new' for each setting that differs from the checkpoint's config.yaml."""
-    if not saved:
-        return []
-    # this config as its config.yaml would read back (yaml_load keeps true/false as text): like with like
-    now = yaml_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    missing = object()
-    changes = []
-    for section, values in now.items():
-        old_section = saved.get(section) or {}
-        for key, new in values.items():
-            if f"{section}.{key}" in RESUME_FREE:
-                continue
-            old = old_section.get(key, missing)
-            if old is not missing and old != new:
-                changes.append(f"{section}.{key} {old!r} -> {new!r}")
-    return changes
-
-
-def _resume(path: Path, cfg: Config, accelerator: Any, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
-    """Load weights, optimizer, scheduler and scaler states and the counters from `path`; the optimizer
-    then trains with this config's settings (lr, betas, eps, weight decay, schedule), not the saved ones
-    (they differ only where resolve_resume allowed it: training.resume_force).
-
-    The RNG is restored separately, right before the loop (`checkpoint.restore_rng`), so that nothing
-    in between draws from the restored streams. Log records after the checkpoint's step (written by
-    the interrupted run after its last save) are dropped: the resumed run writes them again.
-    """
-    fresh = settings(optimizer, scheduler)  # this config's optimizer settings, before the saved ones replace them
-    state = load_checkpoint(path, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                            rng=False)
-    keep_settings(optimizer, scheduler, fresh)
-    log = Path(cfg.training.output_dir) / "log.jsonl"
-    if accelerator.is_main_process and log.is_file():
-        _trim_log(log, state.step)
-    accelerator.print(f"resumed from {path} at step {state.step}")
-    return state
-
-
-def _trim_log(log: Path, step: int) -> None:
-    """Keep the records of steps <= `step` (and drop a last line cut short by a kill); atomic.
-
-    Raises:
-        RunError: a line other than the last is not a JSON record (the log was edited or damaged);
-            nothing is changed.
-    """
-    kept = []
-    lines = log.read_text(errors="replace").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if number == len(lines):  # a write cut short by a kill: only ever the last line
-                continue
-            raise RunError(f"'{log}' line {number} is not a JSON record ({line[:40]!r}); fix or delete that line "
-                           "(or the whole file) and resume again") from None
-        if not isinstance(record, dict):
-            raise RunError(f"'{log}' line {number} is not a JSON object; fix or delete that line and resume again")
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, log)

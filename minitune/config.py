@@ -43,6 +43,7 @@ __all__ = [
     "resolve_path",
     "shipped_configs",
     "validate",
+    "with_split",
 ]
 
 # The configs shipped with minitune: package data, so an installed wheel has them (the repo's
@@ -787,3 +788,18 @@ def describe() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def with_split(cfg: Config, batch_size: int, grad_accum: int) -> Config:
+    """A copy of `cfg` with another micro-batch / accumulation split (`cfg` is left as it is).
+
+    Args:
+        cfg: the config.
+        batch_size: the new training.batch_size.
+        grad_accum: the new training.grad_accum.
+
+    Returns:
+        The new Config.
+    """
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=batch_size,
+                                                                 grad_accum=grad_accum))

@@ -14,9 +14,9 @@ import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from rich.console import Console
 
-from .build import Parts, loop_args, setup, train_loader, with_split
+from .build import Parts, loop_args, setup, train_loader
 from .checkpoint import find_latest, rng_state, save_checkpoint, set_rng_state
-from .config import Config, load_config
+from .config import Config, load_config, with_split
 from .errors import RunError
 from .loop import evaluate_during_run, fit
 from .memory import MB, format_bytes, tensor_breakdown

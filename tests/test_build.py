@@ -8,20 +8,19 @@ from safetensors.torch import save_file
 
 from minitune.build import (
     Parts,
-    check_output_dir,
     loop_args,
-    resolve_resume,
     setup,
     setup_accelerator,
     setup_data,
     setup_model,
-    with_split,
 )
-from minitune.config import load_config
+from minitune.config import load_config, with_split
 from minitune.device import setup_device
 from minitune.errors import ConfigError
 from minitune.loop import LoopArgs
 from minitune.model import load_tokenizer
+from minitune.resume import resolve_resume
+from minitune.run_folder import check_output_dir
 
 from .conftest import tiny_config
 

@@ -145,14 +145,14 @@ def test_registries_match_the_libraries():
 
 @pytest.mark.parametrize("saved", ["(\n", "just text\n", "training: 5\n", b"\xff\xfe"])
 def test_resume_from_a_checkpoint_whose_config_yaml_is_not_a_config(tmp_path, config_file, saved):
-    from minitune.build import _saved_config
     from minitune.errors import CheckpointError
+    from minitune.resume import saved_config
 
     ckpt = tmp_path / "checkpoint-000001"
     ckpt.mkdir()
     (ckpt / "config.yaml").write_bytes(saved if isinstance(saved, bytes) else saved.encode())
     with pytest.raises(CheckpointError, match="has an unreadable config.yaml; delete that folder"):
-        _saved_config(ckpt)
+        saved_config(ckpt)
 
 
 def test_sheet_and_key_with_short_and_long_rows(capsys, tmp_path):

@@ -12,10 +12,10 @@ import sys
 import pytest
 
 from minitune import process_memory
-from minitune.build import _trim_log
 from minitune.errors import CheckpointError, RunError
 from minitune.evaluate import evaluate_checkpoint
 from minitune.run import train
+from minitune.run_folder import trim_log
 
 from .conftest import tiny_config
 
@@ -78,7 +78,7 @@ def _log(path, lines):
 
 def test_trim_log_drops_only_a_torn_last_line(tmp_path):
     log = _log(tmp_path / "log.jsonl", ['{"step": 1}', '{"step": 2}', '{"step": 3}', '{"ste'])
-    _trim_log(log, 2)
+    trim_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
@@ -86,7 +86,7 @@ def test_trim_log_refuses_a_damaged_line_in_the_middle(tmp_path):
     log = _log(tmp_path / "log.jsonl", ['{"step": 1}', 'edited by hand', '{"step": 2}', '{"step": 3}'])
     before = log.read_bytes()
     with pytest.raises(RunError, match="line 2 is not a JSON record"):
-        _trim_log(log, 2)
+        trim_log(log, 2)
     assert log.read_bytes() == before  # nothing dropped
 
 

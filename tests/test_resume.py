@@ -20,10 +20,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from minitune.build import RESUME_FREE, RESUME_REFUSED, setup
+from minitune.build import setup
 from minitune.checkpoint import clean_debris, find_latest, list_checkpoints
 from minitune.config import Config, load_config
 from minitune.errors import CheckpointError
+from minitune.resume import RESUME_FREE, RESUME_REFUSED
 from minitune.run import train
 
 from .conftest import simulated, tiny_config
@@ -180,7 +181,7 @@ def test_every_config_key_is_classified_for_resume():
             for f in dataclasses.fields(getattr(cfg, section.name))}
     assert len(keys) > 80
     assert not RESUME_FREE & RESUME_REFUSED
-    assert keys - (RESUME_FREE | RESUME_REFUSED) == set(), "classify these keys in build.RESUME_FREE or RESUME_REFUSED"
+    assert keys - (RESUME_FREE | RESUME_REFUSED) == set(), "classify these keys in resume.RESUME_FREE or RESUME_REFUSED"
     assert (RESUME_FREE | RESUME_REFUSED) - keys == set(), "these classified keys are not config keys"
 
 
