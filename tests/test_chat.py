@@ -9,9 +9,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from minitune.config import DataArgs, GenerationArgs, ModelArgs, QuantizationArgs, load_config
-from minitune.data import IGNORE_INDEX, generation_prompt, stop_token_ids, tokenize, user_prompt
+from minitune.data import generation_prompt, stop_token_ids, tokenize, user_prompt
 from minitune.errors import ConfigError, DataError
 from minitune.evaluate import _cut_at, generate
+from minitune.lm import IGNORE as IGNORE_INDEX
 from minitune.metrics import task_scores
 from minitune.model import load_model
 from minitune.run import train

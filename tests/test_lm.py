@@ -31,7 +31,7 @@ def test_causal_targets_are_labels_shifted_by_one():
     assert shift_targets(LABELS, "causal").tolist() == [[5, 6, -100], [-100, 8, 9]]
     assert shift_targets(LABELS, "causal", keep_length=True).tolist() == [[5, 6, -100, -100], [-100, 8, 9, -100]]
     assert shift_targets(LABELS, "seq2seq") is LABELS
-    assert shift_targets([-100, 1, 2], "causal") == [1, 2]  # one example's labels, as data.py has them
+    assert shift_targets([-100, 1, 2], "causal") == [1, 2]  # one example's labels, as minitune.data has them
     assert int(count_targets(LABELS, "causal")) == 4 and int(count_targets(LABELS, "seq2seq")) == 5
 
 
