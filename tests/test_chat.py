@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 from minitune.config import DataArgs, GenerationArgs, ModelArgs, QuantizationArgs, load_config
 from minitune.data import generation_prompt, stop_token_ids, tokenize, user_prompt
 from minitune.errors import ConfigError, DataError
-from minitune.evaluate import _cut_at, generate
+from minitune.evaluate import generate
+from minitune.evaluate.scoring import cut_at
 from minitune.lm import IGNORE as IGNORE_INDEX
 from minitune.metrics import task_scores
 from minitune.model import load_model
@@ -156,9 +157,9 @@ def test_stop_tokens_include_the_end_of_turn(smol):
 
 
 def test_cut_at_the_first_stop_string():
-    assert _cut_at("a, b\n\nc", ["\n\n", ","]) == "a"
-    assert _cut_at("abc", ["x"]) == "abc"
-    assert _cut_at("abc", []) == "abc"
+    assert cut_at("a, b\n\nc", ["\n\n", ","]) == "a"
+    assert cut_at("abc", ["x"]) == "abc"
+    assert cut_at("abc", []) == "abc"
 
 
 @pytest.fixture(scope="module")

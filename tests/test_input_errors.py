@@ -229,13 +229,13 @@ def test_config_file_that_is_not_a_model_config(capsys, tmp_path, config_file):
 def test_checkpoint_kind_from_a_corrupt_adapter_config(tmp_path, config_file, content):
     from minitune.config import load_config
     from minitune.errors import CheckpointError
-    from minitune.evaluate import _checkpoint_model_kind
+    from minitune.evaluate.job import checkpoint_model_kind
 
     (tmp_path / "adapter_config.json").write_bytes(content)
     with pytest.raises(CheckpointError, match="has an unreadable config .*; it is corrupt"):
-        _checkpoint_model_kind(tmp_path, load_config(config_file()))
+        checkpoint_model_kind(tmp_path, load_config(config_file()))
     (tmp_path / "adapter_config.json").write_text('{"task_type": "SEQ_2_SEQ_LM"}')
-    assert _checkpoint_model_kind(tmp_path, load_config(config_file())) == "seq2seq"
+    assert checkpoint_model_kind(tmp_path, load_config(config_file())) == "seq2seq"
 
 
 @pytest.mark.parametrize("edits, text", [
