@@ -1,6 +1,6 @@
 """What a CUDA training process holds beyond its tensors, predicted from the planner's simulation.
 
-    terms = cuda_process_terms(trace, capability=(7, 5))   # trace: `planner._Ledger.trace`
+    terms = cuda_process_terms(trace, capability=(7, 5))   # trace: `planner.ledger.Ledger.trace`
     process_peak = sum(terms.values())
 
 The planner's peak is what `torch.cuda.max_memory_allocated` reports: the bytes tensors hold. The
@@ -193,7 +193,7 @@ def cuda_process_terms(trace: Iterable[tuple[int, int | None]], *, capability: t
 
     Args:
         trace: the simulated run's allocations and releases in order, `(key, nbytes)` for an
-            allocation and `(key, None)` for a release (`planner._Ledger(trace=True).trace`).
+            allocation and `(key, None)` for a release (`planner.ledger.Ledger(trace=True).trace`).
         capability: the GPU's compute capability (sets cuBLAS's workspace size).
         workspaces: cuBLAS workspaces alive (2: the main thread's and autograd's device thread's).
         context: the CUDA context's bytes (see the module docstring).

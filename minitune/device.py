@@ -130,7 +130,7 @@ def _bnb_backend(device_type: str) -> frozenset[str] | None:
     return frozenset(re.findall(r"bitsandbytes::(\w+)", ops.read_text(encoding="utf-8")))
 
 
-def _fused_adamw_devices() -> set[str]:
+def fused_adamw_devices() -> set[str]:
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
@@ -143,7 +143,7 @@ def capabilities(device: torch.device | str) -> Capabilities:
     """Capabilities of `device` with the installed torch and bitsandbytes."""
     device = torch.device(device)
     version = _bnb_version()
-    fused = device.type in _fused_adamw_devices()
+    fused = device.type in fused_adamw_devices()
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         bnb = version is not None

@@ -15,6 +15,7 @@ from minitune.checkpoint import _load_states
 from minitune.config import ModelArgs
 from minitune.errors import CheckpointError, ModelError, PlanError
 from minitune.model import _from_pretrained
+from minitune.planner import planning
 
 from .conftest import tiny_config
 
@@ -48,7 +49,7 @@ def test_the_plan_wraps_only_what_the_simulated_model_refuses(raised, shown_as_u
     def simulate(*args, **kwargs):
         raise raised
 
-    monkeypatch.setattr(planner, "simulate", simulate)
+    monkeypatch.setattr(planning, "simulate", simulate)  # what plan() calls
     cfg = load_config(tiny_config("tiny-llama", "runs/unused"))
     with pytest.raises(PlanError if shown_as_user_error else type(raised)):
         planner.plan(cfg, "T4")

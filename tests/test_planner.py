@@ -15,8 +15,6 @@ from minitune.errors import ConfigError
 from minitune.memory import MB
 from minitune.planner import (
     MicroBatch,
-    _candidates,
-    _Ledger,
     meta_model,
     parse_size,
     plan,
@@ -25,6 +23,8 @@ from minitune.planner import (
     target,
     worst_case_steps,
 )
+from minitune.planner.advice import candidates
+from minitune.planner.ledger import Ledger
 from minitune.run import off_component, train
 
 from .conftest import REPO, tiny_config
@@ -66,7 +66,7 @@ def test_prediction_matches_the_allocator_for_each_method(tmp_path, settings):
 
 
 def test_the_ledger_counts_releases_and_shared_storage():
-    ledger = _Ledger(fake=False)
+    ledger = Ledger(fake=False)
     with ledger:
         a = torch.empty(MB, dtype=torch.uint8) + 0  # 1 MiB
         view = a[: MB // 2]  # the same storage: nothing more
@@ -81,7 +81,7 @@ def test_the_ledger_counts_releases_and_shared_storage():
 def test_nonzero_is_answered_with_the_micro_batch_target_count():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    ledger = _Ledger()
+    ledger = Ledger()
     with FakeTensorMode(), ledger:
         x = torch.empty(100)
         ledger.targets = 7
@@ -264,7 +264,7 @@ def test_plan_advice_splits_an_odd_batch_exactly():
     from minitune.device import capabilities
 
     cfg = load_config(tiny_config(training={"batch_size": 5, "grad_accum": 1}))
-    split = [(what, over) for what, over, *_ in _candidates(cfg, capabilities("cpu"), 100)
+    split = [(what, over) for what, over, *_ in candidates(cfg, capabilities("cpu"), 100)
              if "training.batch_size" in over]
     assert split == [("micro-batch 1 x accumulation 5 (same examples per step)",
                       {"training.batch_size": 1, "training.grad_accum": 5})]
@@ -275,16 +275,16 @@ def test_plan_advice_splits_an_odd_batch_exactly():
 
 
 def test_int8_matmul_on_cuda_allocates_what_bitsandbytes_allocates_and_keeps_its_input():
-    from minitune.planner import _DequantizedMatmul, _Int8Matmul
+    from minitune.planner.standins import DequantizedMatmul, Int8Matmul
 
     m, k, n = 4, 8, 16  # rows (tokens), in_features, out_features; fp32 input
     packed = torch.empty(n, k, dtype=torch.int8)  # the weight: made before the ledger counts
     for grad in (True, False):
         leaf = torch.randn(m, k, requires_grad=grad)
-        ledger = _Ledger(fake=False)
+        ledger = Ledger(fake=False)
         with ledger:
             x = leaf * 1.0  # a layer's input: made by the layer before (autograd keeps leaves anyway)
-            y = _Int8Matmul.apply(x, packed, None, n, 6.0)
+            y = Int8Matmul.apply(x, packed, None, n, 6.0)
         # MatMul8bitLt's forward at its highest: x, the int8 row-quantized x (m*k) and its fp32 row
         # scales (4m), the int32 product (4mn) and its fp16 dequantization (2mn)
         assert ledger.peak == 4 * m * k + m * k + 4 * m + 4 * m * n + 2 * m * n
@@ -293,19 +293,19 @@ def test_int8_matmul_on_cuda_allocates_what_bitsandbytes_allocates_and_keeps_its
         assert ledger.live == 4 * m * n + (4 * m * k if grad else 0)
         del y
     # the CPU path (MatMul8bitFp) dequantizes the weight instead: a different account
-    ledger = _Ledger(fake=False)
+    ledger = Ledger(fake=False)
     with ledger:
         x = torch.randn(m, k, requires_grad=True)
-        y = _DequantizedMatmul.apply(x, packed, None, n, True)
+        y = DequantizedMatmul.apply(x, packed, None, n, True)
     assert ledger.peak == 4 * m * k + 4 * n * k + 4 * m * n and y.shape == (m, n)
 
 
 def test_cuda_plans_use_bitsandbytes_cuda_kernels_and_report_process_terms(monkeypatch):
-    from minitune import planner
+    from minitune.planner.standins import Int8Matmul
 
     calls = []
-    apply = planner._Int8Matmul.apply
-    monkeypatch.setattr(planner._Int8Matmul, "apply", lambda *a: calls.append(a[0].device) or apply(*a))
+    apply = Int8Matmul.apply
+    monkeypatch.setattr(Int8Matmul, "apply", lambda *a: calls.append(a[0].device) or apply(*a))
     cfg = load_config(tiny_config("tiny-llama", quantization={"mode": "8bit"}, model={"dtype": "float16"},
                                   data={"max_length": 32}))
     model = meta_model(cfg)[0]

@@ -1,0 +1,174 @@
+"""The plan: a config on a device, its predicted peak and process peak, whether it fits, and the
+cheapest changes that would make it fit (`plan`, `format_plan`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..device import resolve_precision
+from ..errors import PlanError
+from ..process_memory import ProcessPeak, format_bytes, process_peak
+from .advice import Suggestion, candidates, combination, with_overrides
+from .devices import Target, target
+from .simulation import Prediction, meta_model, simulate
+
+
+def predict(cfg: Config, device_type: str = "cpu", *, seq_len: int | None = None) -> Prediction:
+    """The predicted peak of the resolved `cfg` on a device of type `device_type` (builds the meta
+    model, then `simulate`)."""
+    model, _, _ = meta_model(cfg)
+    return simulate(model, cfg, seq_len=seq_len, device_type=device_type)
+
+
+@dataclass
+class Plan:
+    target: Target
+    precision: Any  # device.Precision
+    prediction: Prediction
+    fits: bool
+    suggestions: list[Suggestion] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    process: ProcessPeak | None = None  # the whole process at the peak: what `fits` is decided on
+
+    def to_dict(self) -> dict[str, Any]:
+        tg = self.target
+        process = self.process or process_peak(tg.kind, self.prediction.total, cuda_terms=self.prediction.cuda)
+        return {
+            "device": tg.name, "device_kind": tg.kind, "memory_bytes": tg.memory, "budget_bytes": tg.budget,
+            "budget_note": tg.note, "precision": dataclasses.asdict(self.precision),
+            "predicted": self.prediction.to_dict(), **process.to_dict(), "fits": self.fits,
+            "headroom_bytes": tg.budget - process.total,
+            "suggestions": [dataclasses.asdict(s) for s in self.suggestions], "notes": self.notes,
+        }
+
+
+def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None, suggest: bool = True,
+         baseline: int | None = None) -> Plan:
+    """Predict `cfg`'s peak on `device` and, if it does not fit the budget, what would.
+
+    Args:
+        cfg: a validated config ('auto' precision fields are resolved for the device).
+        device: a name from `DEVICES` or a Target.
+        budget: bytes the run may use (default: the device's budget).
+        suggest: look for changes when it does not fit.
+        baseline: CPU/MPS: the RSS a run has before its model loads (default: this process's now).
+
+    Returns:
+        The Plan: the tensor peak (prediction), the process peak (process) and whether that fits
+        the budget, and the changes that make it fit, cheapest first.
+
+    Raises:
+        ConfigError: an unknown device name.
+        PlanError: the config cannot be simulated (shapes torch refuses, a model whose code reads
+            tensor values).
+        ModelError: the model's config cannot be read (and no preset has its shapes), or LoRA
+            targets that match nothing.
+    """
+    tg = device if isinstance(device, Target) else target(device, budget)
+    if budget is not None and isinstance(device, Target):
+        tg = dataclasses.replace(tg, budget=budget)
+    resolved, precision = resolve_precision(cfg, tg.caps.device, caps=tg.caps)
+    model, _, note = meta_model(resolved)
+    try:
+        prediction = simulate(model, resolved, device_type=tg.kind, cuda_capability=tg.capability)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as e:  # the model's own code on fake tensors (torch's
+        # data-dependent / unsupported-operator errors are RuntimeErrors), or shapes torch refuses; a bug
+        # of the planner's own (TypeError, AttributeError, KeyError, ...) keeps its traceback
+        raise PlanError(f"could not simulate this config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300] if str(e) else 'no message'}); check the model and "
+                        "batch settings, e.g. training.batch_size and data.max_length") from None
+    if baseline is None:  # CPU/MPS: this process now, measured once for the plan and its suggestions
+        baseline = process_peak(tg.kind, 0).terms.get("baseline")
+
+    def whole(pred: Prediction) -> ProcessPeak:
+        return process_peak(tg.kind, pred.total, baseline=baseline, cuda_terms=pred.cuda)
+
+    process = whole(prediction)
+    result = Plan(tg, precision, prediction, process.total <= tg.budget, notes=[note] if note else [], process=process)
+    if result.fits or not suggest:
+        return result
+    tried: list[Suggestion] = []
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
+    for what, over, cost, changes in candidates(resolved, tg.caps, vocab):
+        changed = with_overrides(resolved, over)
+        needs_model = any(k.split(".")[0] in ("quantization", "lora") or k == "training.gradient_checkpointing"
+                          for k in over)
+        try:
+            m = meta_model(changed)[0] if needs_model else model
+            changed_prediction = simulate(m, changed, device_type=tg.kind, cuda_capability=tg.capability)
+        except Exception as e:  # a change this model cannot take (e.g. no checkpointing support): not offered
+            result.notes.append(f"not offered: {what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            continue
+        peak = changed_prediction.total
+        if "optimizer.fused" in over and peak >= prediction.total:  # advice only where it saves memory
+            continue
+        total = whole(changed_prediction).total
+        tried.append(Suggestion(what, over, peak, total <= tg.budget, cost, changes, total))
+    fitting = sorted((s for s in tried if s.fits), key=lambda s: (s.changes_result, s.speed))
+    lowering = [s for s in tried if s.peak < prediction.total]
+    if not any(not s.changes_result for s in fitting):  # first: changes that keep what is trained, together
+        combo = combination(resolved, tg, [s for s in lowering if not s.changes_result], whole)
+        fitting = ([combo] if combo is not None else []) + fitting
+    if not fitting:
+        combo = combination(resolved, tg, lowering, whole)
+        if combo is not None:
+            fitting = [combo]
+        else:
+            result.notes.append("no combination of the changes below fits: choose a smaller model or a larger device")
+    result.suggestions = fitting + sorted((s for s in tried if not s.fits), key=lambda s: s.peak)
+    return result
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as the terminal shows it."""
+    pred, tg = p.prediction, p.target
+    lines = [f"plan for {tg.name} ({format_bytes(tg.memory)}; budget {format_bytes(tg.budget)}: {tg.note})"]
+    lines.append(f"precision: {p.precision.describe()}")
+    s = pred.shape
+    lines.append(f"shape: micro-batch {s['batch_size']} x {s['seq_len']} tokens"
+                 + (f" -> {s['target_len']} target tokens" if s.get("target_len") else "")
+                 + f", accumulation {s['grad_accum']}, every position a target (the most a batch can need); "
+                 f"optimizer {s['optimizer']}")
+    lines.append("")
+    process = p.process or process_peak(tg.kind, pred.total, cuda_terms=pred.cuda)
+    lines.append(f"predicted process peak{format_bytes(process.total):>19}   "
+                 f"({'RSS' if tg.kind != 'cuda' else 'device memory'}: what fits is decided on)")
+    for name, value in process.terms.items():
+        lines.append(f"  {name:<28}{format_bytes(value):>11}" + ("   (RSS before the model loads)"
+                                                                 if name == "baseline" else ""))
+    lines.append(f"predicted tensor peak{format_bytes(pred.total):>20}   (the allocator's, in the {pred.peak_phase} pass)")
+    for role, value in pred.breakdown.items():
+        lines.append(f"  {role:<28}{format_bytes(value):>11}")
+    lines.append("per phase (highest):")
+    for phase, value in pred.phases.items():
+        lines.append(f"  {phase:<28}{format_bytes(value):>11}")
+    lines.append("")
+    room = tg.budget - process.total
+    if p.fits:
+        lines.append(f"fits: {format_bytes(room)} of headroom ({100 * room / tg.budget:.0f}% of the budget)")
+    else:
+        lines.append(f"does not fit: {format_bytes(-room)} over the budget")
+        fitting = [x for x in p.suggestions if x.fits]
+        if fitting:
+            lines.append("changes that make it fit, cheapest first (expected step time x now):")
+            for x in fitting:
+                lines.append(f"  {x.what:<58} process {format_bytes(x.process_peak or x.peak):>10}  x{x.speed:.2f}"
+                             + ("  (changes what is trained)" if x.changes_result else ""))
+                lines.append(f"      {' '.join(f'{k}={v}' for k, v in x.overrides.items())}")
+        rest = [x for x in p.suggestions if not x.fits]
+        if rest:
+            lines.append("not enough alone:")
+            for x in rest:
+                lines.append(f"  {x.what:<58} process {format_bytes(x.process_peak or x.peak):>10}")
+    if s.get("paged_state_bytes"):
+        lines.append(f"note: the paged optimizer's state ({format_bytes(s['paged_state_bytes'])}) is not in the peak: it "
+                     "lives in CUDA unified memory, which the driver moves to CPU RAM when the GPU runs short")
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
