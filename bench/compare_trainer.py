@@ -48,8 +48,7 @@ from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from minitune.build import loop_args, setup_accelerator, setup_data, setup_model, train_loader
-from minitune.config import _merge as merge_sections
-from minitune.config import load_config
+from minitune.config import load_config, merge_sections
 from minitune.device import setup_device
 from minitune.loop import fit
 from minitune.losses import loss_fn_for

@@ -38,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from minitune.config import _merge as merge_sections  # noqa: E402  (light: yaml only)
+from minitune.config import merge_sections  # noqa: E402  (light: yaml only)
 
 RESULTS = REPO / "bench" / "results"
 GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")

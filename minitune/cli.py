@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import SEED_MAX, describe, describe_configs, generation_args
+from .config import SEED_MAX, choices_of, describe, describe_configs, generation_args
 from .errors import ConfigError, MinituneError, one_line
 
 __all__ = ["main", "main_eval", "main_plan", "main_report", "main_train"]
@@ -242,7 +242,7 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for eval.json, eval.md and the sheet (default: the checkpoint folder)")
     parser.add_argument("--no-sheet", action="store_true", help="do not write the human-evaluation sheet")
     parser.add_argument("--merge-to", metavar="DIR", help="also write the merged model (base + LoRA) to DIR")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override training.device")
+    parser.add_argument("--device", choices=choices_of("training", "device"), help="override training.device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--scores", metavar="SHEET", help="summarize a filled-in sheet (with its key) and exit")
     parser.add_argument("--key", help="the sheet's key file (default: <sheet>_key.csv beside it)")

@@ -255,7 +255,7 @@ def resolve_precision(cfg: Any, device: torch.device | str, caps: Capabilities |
     """
     auto = choose_precision(caps or capabilities(device), full_finetune=not cfg.lora.enabled)
     m, t, q = cfg.model, cfg.training, cfg.quantization
-    # an 'auto' field never brings a second 16-bit format next to one the user set (config.py
+    # an 'auto' field never brings a second 16-bit format next to one the user set (config/checks.py
     # refuses bf16 and fp16 together: CPU autocast cannot even promote between them)
     if m.dtype != "auto":
         dtype = m.dtype

@@ -34,12 +34,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import LOSSES
 from .lm import count_targets, model_kind, shift_targets, unwrap
 
-__all__ = ["LOSSES", "LossFn", "auto_chunk_size", "chunked_loss", "chunking_problem", "count_items", "decoder_inputs",
+__all__ = ["LossFn", "auto_chunk_size", "chunked_loss", "chunking_problem", "count_items", "decoder_inputs",
            "default_loss", "linear_cross_entropy", "loss_fn_for"]
-
-LOSSES = ("auto", "full", "chunked")
 
 AUTO_CHUNK_BYTES = 256 * 2**20  # chunk_size=0: this much fp32 logits per chunk
 

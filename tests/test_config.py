@@ -221,3 +221,44 @@ def test_malformed_override_hint_is_itself_a_valid_override():
     hint = str(e.value).split("(e.g. ")[1].split(")")[0]
     assert hint == "optimizer.lr=1e-4"
     assert load_config(tiny_config(), [hint]).optimizer.lr == pytest.approx(1e-4)
+
+
+def _declared(kind: str):
+    from dataclasses import fields
+
+    from minitune.config import SECTIONS
+
+    return [(f"{section}.{f.name}", f) for section, cls in SECTIONS.items() for f in fields(cls) if f.metadata.get(kind)]
+
+
+def test_each_choice_is_declared_once_with_its_field():
+    """Validation and --help-config both read a key's choices from its field: a value outside them is
+    refused with exactly that list, and the help line shows the same list."""
+    from minitune.config import describe
+
+    help_lines = describe().splitlines()
+    declared = _declared("choices")
+    assert len(declared) >= 15
+    for key, f in declared:
+        section, name = key.split(".")
+        value = ["zzz"] if str(f.type).startswith("list") else "zzz"
+        with pytest.raises(ConfigError) as e:
+            load_config("tiny-llama", {section: {name: value}})
+        where = f"{key}[0]" if isinstance(value, list) else key
+        assert f"{where}='zzz' is not one of {', '.join(f.metadata['choices'])}" in str(e.value), key
+        line = next(line for line in help_lines if line.startswith(f"  {name}:") and f.metadata["help"] in line)
+        assert line.endswith(f"[one of: {', '.join(f.metadata['choices'])}]"), line
+
+
+def test_each_range_is_declared_once_with_its_field():
+    """A number outside a field's declared Range is refused, the message saying the range."""
+    declared = _declared("valid")
+    assert len(declared) >= 25
+    for key, f in declared:
+        section, name = key.split(".")
+        valid = f.metadata["valid"]
+        outside = (valid.low - 1 if valid.low is not None else valid.high + 1)
+        value = int(outside) if str(f.type).startswith("int") else float(outside)
+        with pytest.raises(ConfigError) as e:
+            load_config("tiny-llama", {section: {name: value}})
+        assert f"{key}={value} must be {valid.reads(isinstance(value, int))}" in str(e.value), (key, str(e.value))

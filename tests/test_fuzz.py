@@ -43,7 +43,7 @@ import minitune.memory  # noqa: E402,F401
 import minitune.model  # noqa: E402,F401
 import minitune.run  # noqa: E402,F401
 from minitune import cli  # noqa: E402
-from minitune.config import _SECTION_TYPES  # noqa: E402
+from minitune.config import SECTIONS  # noqa: E402
 
 from .conftest import GPT2, QUOTES, tiny_config  # noqa: E402
 
@@ -174,8 +174,8 @@ scalars = st.one_of(
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
     st.text(max_size=6) | st.sampled_from(WORDS), inner, max_size=3), max_leaves=6)
 
-KEYS = {section: [f.name for f in fields(cls)] for section, cls in _SECTION_TYPES.items()}
-FIELD_TYPES = {(section, f.name): str(f.type) for section, cls in _SECTION_TYPES.items() for f in fields(cls)}
+KEYS = {section: [f.name for f in fields(cls)] for section, cls in SECTIONS.items()}
+FIELD_TYPES = {(section, f.name): str(f.type) for section, cls in SECTIONS.items() for f in fields(cls)}
 
 
 def plausible(section: str, key: str):
