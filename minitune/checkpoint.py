@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
+from .device import shards_weights
 from .errors import CheckpointError, DiskFullError
 from .process_memory import format_bytes
 from .state import TrainState
@@ -269,8 +270,7 @@ def _save(path: Path, *, accelerator: Any, model: torch.nn.Module, optimizer: An
             shutil.rmtree(tmp)  # debris of a save that was killed
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    # FSDP and DeepSpeed shard the weights: every process joins in gathering them (a collective)
-    full = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
+    full = shards_weights(accelerator)  # every process joins in gathering the weights
     state_dict = accelerator.get_state_dict(model) if full else None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)

@@ -47,7 +47,8 @@ import torch
 from .errors import ConfigError
 
 __all__ = ["Capabilities", "DeviceChoice", "Precision", "capabilities", "check", "check_processes", "choose_precision",
-           "optimizer_name_for", "resolve_device", "resolve_precision", "setup_device"]
+           "engine", "optimizer_name_for", "resolve_device", "resolve_precision", "setup_device", "shards_weights",
+           "steps_in_backward"]
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ def check_processes(accelerator: Any, quantized: bool = False, grad_accum: int =
         One line per problem, naming the fix.
     """
     problems: list[str] = []
-    kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
+    kind = engine(accelerator)
     for wanted, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
         if os.environ.get(env, "false").lower() == "true" and kind != wanted:
             problems.append(f"the accelerate config asks for {wanted} but Accelerate set up {kind} on "
@@ -437,3 +438,20 @@ def setup_device(cfg: Any) -> tuple[Any, DeviceChoice]:
     if problems:
         raise ConfigError(problems)
     return cfg, DeviceChoice(device, precision, notes)
+
+
+def engine(accelerator: Any) -> str:
+    """The distributed engine a launch runs under, as one name: 'NO', 'MULTI_CPU', 'MULTI_GPU', 'FSDP',
+    'DEEPSPEED', ... (Accelerate's `DistributedType`; 'NO' for anything without one)."""
+    return str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
+
+
+def shards_weights(accelerator: Any) -> bool:
+    """FSDP and DeepSpeed shard the weights: every process joins in gathering them (a collective)."""
+    return engine(accelerator) in ("FSDP", "DEEPSPEED")
+
+
+def steps_in_backward(accelerator: Any) -> bool:
+    """DeepSpeed: Accelerate's `backward` runs the engine's backward and step (the optimizer's `step`
+    is a no-op), so the loop sees a step's loss and gradient only after its update."""
+    return engine(accelerator) == "DEEPSPEED"

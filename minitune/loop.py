@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
-import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,114 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lm import unwrap
+from .device import steps_in_backward
+from .eval_loss import evaluate_during_run
+from .interrupt import StopFlag
 from .losses import LossFn, default_loss
+from .optim import clip_grad_norm, module_grad_norms
 from .state import TrainState
 
-__all__ = ["LoopArgs", "evaluate_during_run",
-           "evaluate_loss", "fit"]
-
-@torch.no_grad()
-def evaluate_loss(accelerator: Any, model: nn.Module, loader: Any, *, max_batches: int = 0,
-                  loss_fn: LossFn = default_loss) -> float:
-    """Mean per-token loss over `loader`, summed across processes. Leaves the model in train mode.
-
-    `max_batches` counts batches over all processes (a prepared loader gives process p the batches
-    p, p + N, p + 2N, ...), so the result does not depend on the number of processes. Under DDP each
-    process runs the bare module (no collectives are needed without gradients) on its own batches
-    only, without the examples Accelerate repeats to even out the last batch. Under FSDP or
-    DeepSpeed ZeRO-3 the forward itself gathers weights from every process, so every process runs
-    the same number of forwards: one past `max_batches` runs and is not counted.
-    """
-    model.eval()
-    net = unwrap(model, keep_compiled=True)  # DDP's forward would wait for the other processes
-    sharded = net is model  # FSDP / DeepSpeed (or one process): the forward may hold collectives
-    procs, rank = accelerator.num_processes, accelerator.process_index
-    total = torch.zeros((), device=accelerator.device)
-    count = torch.zeros((), device=accelerator.device)
-    # fork_rng: starting the loader draws from the global RNG; evaluating must not move the training's
-    # dropout stream (else eval_every, or resuming from `final`, would change the trained weights)
-    with _own_batches_only(loader) if net is not model else contextlib.nullcontext(), \
-            torch.random.fork_rng(devices=[]):
-        for i, batch in enumerate(loader):
-            counted = not max_batches or i * procs + rank < max_batches
-            # the same stop on every process (i is the same everywhere), so sharded forwards stay paired
-            if max_batches and (i * procs >= max_batches or not (counted or sharded)):
-                break
-            with accelerator.autocast():
-                loss_sum, n = loss_fn(net, batch)
-            if counted:
-                total += loss_sum.float()
-                count += n
-    total, count = accelerator.reduce(torch.stack([total, count]), reduction="sum")
-    model.train()
-    return (total / count.clamp(min=1)).item()  # host-device sync, once per evaluation
-
-
-def evaluate_during_run(accelerator: Any, model: nn.Module, loader: Any, state: TrainState, *,
-                        max_batches: int = 0, loss_fn: LossFn = default_loss) -> float:
-    """`evaluate_loss`, its wall time added to `state.eval_seconds` (evaluation is never training time)."""
-    started = time.perf_counter()
-    try:
-        return evaluate_loss(accelerator, model, loader, max_batches=max_batches, loss_fn=loss_fn)
-    finally:
-        state.eval_seconds += time.perf_counter() - started
-
-
-@contextlib.contextmanager
-def _own_batches_only(loader: Any) -> Iterator[None]:
-    """Accelerate pads every process's share to the same number of full batches by repeating the
-    first examples (training needs it: every process must take every step); an evaluation must not
-    count them twice."""
-    sampler = getattr(loader, "batch_sampler", None)
-    if not hasattr(sampler, "even_batches"):
-        yield
-        return
-    old, sampler.even_batches = sampler.even_batches, False
-    try:
-        yield
-    finally:
-        sampler.even_batches = old
-
-
-class _StopFlag:
-    """SIGTERM / SIGINT only set a flag; the loop saves and stops at the next step boundary.
-
-    A second signal exits at once, by the signal's default action: no cleanup code runs, so a save
-    in progress is abandoned as a `.tmp-` folder and the last complete checkpoint stays as it was.
-    """
-
-    def __init__(self) -> None:
-        self.raised: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        with contextlib.suppress(ValueError):  # not in the main thread: no handlers
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        # os.write, not print: a handler may interrupt a print to the same stream
-        if self.raised is not None:
-            os.write(2, f"\n{name} again: exiting now, without saving\n".encode())
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
-        self.raised = signum
-        os.write(2, f"\n{name}: saving a checkpoint at the end of this step, then stopping "
-                    f"(send it again to exit at once, without saving)\n".encode())
-
-    def now(self, agreed: list[bool]) -> bool:
-        """Stop at this step boundary? `agreed`: [the flag summed over processes at the step's sync],
-        so that every process stops at the same step; empty with one process (the flag as it is now)."""
-        return agreed[0] if agreed else self.raised is not None
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
+__all__ = ["LoopArgs", "fit"]
 
 
 def _windows(loader: Any, accelerator: Any, state: TrainState, grad_accum: int) -> Iterator[list[dict]]:
@@ -214,7 +111,7 @@ def fit(
         train_loader: yields batches (dicts of tensors); re-iterated each epoch.
         args: the loop's settings (`LoopArgs`); or give its fields as keywords (`max_steps=100, ...`).
         scheduler: learning-rate scheduler stepped once per optimizer step (not on skipped steps).
-        eval_loader: validation batches for `evaluate_loss`.
+        eval_loader: validation batches for `eval_loss.evaluate_loss`.
         loss_fn: (model, batch) -> (loss sum, item count); see `default_loss`. The gradient is
             normalised by the items of the whole accumulation window over all processes: counted
             before the backward passes by `loss_fn.count(model, batch)` where the loss function has
@@ -244,16 +141,16 @@ def fit(
     tally = _Tally(accelerator, state)
     clock = _Clock(state)
     save_now = _Saver(save, state, tally, clock)
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         for window in _windows(train_loader, accelerator, state, args.grad_accum):
             if state.step >= args.max_steps:
                 state.stop_reason = "max_steps"
                 break
             phases = profiler if profiler is not None and profiler.want_phases(state.step + 1) else None
             loss, items = _forward_backward(accelerator, model, window, loss_fn, params, state, tally, phases)
-            grad_norm = _grad_norm(accelerator, params, args.max_grad_norm)
+            grad_norm = clip_grad_norm(accelerator, params, args.max_grad_norm)
             log_now = (state.step + 1) % args.log_every == 0 or state.step + 1 >= args.max_steps
-            extra = _module_grad_norms(model) if args.module_grad_norms and log_now else {}
+            extra = module_grad_norms(model) if args.module_grad_norms and log_now else {}
             bad, agreed = _check_step(accelerator, loss, grad_norm, items, stop)  # the step's host sync
             if not _skip_or_step(accelerator, optimizer, state, bad, args.max_bad_steps, logger):
                 if state.stop_reason != "nonfinite" and stop.now(agreed):
@@ -367,9 +264,9 @@ def _forward_backward(accelerator: Any, model: nn.Module, window: list[dict], lo
 
 
 def _check_step(accelerator: Any, loss: torch.Tensor, grad_norm: torch.Tensor, items: _Items,
-                stop: _StopFlag) -> tuple[tuple[bool, bool], list[bool]]:
+                stop: StopFlag) -> tuple[tuple[bool, bool], list[bool]]:
     """((loss not finite, gradient not finite), [signal seen by any process] with several processes
-    ([] with one: `_StopFlag.now` then reads the flag when asked)), the same on every process.
+    ([] with one: `StopFlag.now` then reads the flag when asked)), the same on every process.
 
     Host-device sync, once per optimizer step: is the loss finite, is the gradient, did the loss
     function return the count the gradient was normalised by, and (with several processes, summed so
@@ -400,7 +297,7 @@ def _skip_or_step(accelerator: Any, optimizer: torch.optim.Optimizer, state: Tra
     loss_bad, grad_bad = bad
     scaler = getattr(accelerator, "scaler", None)  # fp16 only
     overflow = False
-    if scaler is not None or not (loss_bad or grad_bad) or _steps_in_backward(accelerator):
+    if scaler is not None or not (loss_bad or grad_bad) or steps_in_backward(accelerator):
         # fp16: always step, so the GradScaler sees the gradients it unscaled; it skips the update
         # itself when they are not finite, and lowers its scale. DeepSpeed: a no-op (the engine
         # stepped inside `accelerator.backward`) that reports the fp16 engine's own overflow skip.
@@ -408,7 +305,7 @@ def _skip_or_step(accelerator: Any, optimizer: torch.optim.Optimizer, state: Tra
         overflow = bool(getattr(optimizer, "step_was_skipped", False))
     if not (loss_bad or grad_bad or overflow):
         return True
-    if (loss_bad or grad_bad) and not overflow and _steps_in_backward(accelerator):
+    if (loss_bad or grad_bad) and not overflow and steps_in_backward(accelerator):
         # the update is in the weights already: skipping nothing and going on would train on NaNs
         state.skipped_steps += 1
         state.bad_streak += 1
@@ -427,12 +324,6 @@ def _skip_or_step(accelerator: Any, optimizer: torch.optim.Optimizer, state: Tra
     if state.bad_streak >= max_bad_steps:
         state.stop_reason = "nonfinite"
     return False
-
-
-def _steps_in_backward(accelerator: Any) -> bool:
-    """DeepSpeed: Accelerate's `backward` runs the engine's backward and step (the optimizer's `step`
-    is a no-op), so the loop sees a step's loss and gradient only after its update."""
-    return str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1] == "DEEPSPEED"
 
 
 class _Tally:
@@ -564,19 +455,3 @@ def _len(loader: Any) -> int:
         return 0
 
 
-def _grad_norm(accelerator: Any, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Total gradient norm (clipped to `max_norm` when > 0). Unscales fp16 gradients first."""
-    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    if not torch.is_tensor(norm):  # DeepSpeed clips in its engine and reports a float (None before its first step)
-        norm = torch.tensor(math.nan if norm is None else float(norm), device=accelerator.device)
-    return norm.float()
-
-
-def _module_grad_norms(model: nn.Module) -> dict[str, float]:
-    """L2 norm of each LoRA factor's gradient, keyed 'grad_norm/<module>.lora_A'."""
-    out = {}
-    for name, p in unwrap(model).named_parameters():
-        if p.grad is not None and (".lora_A." in name or ".lora_B." in name):
-            key = name.replace("base_model.model.", "").replace(".default.weight", "").replace(".weight", "")
-            out[f"grad_norm/{key}"] = p.grad.detach().float().norm().item()
-    return out

@@ -15,8 +15,10 @@ from transformers import get_scheduler
 
 from .config import OptimizerArgs
 from .device import capabilities, optimizer_name_for
+from .lm import unwrap
 
-__all__ = ["build_optimizer", "build_scheduler", "keep_settings", "parameter_groups", "settings", "warmup_steps"]
+__all__ = ["build_optimizer", "build_scheduler", "clip_grad_norm", "keep_settings", "module_grad_norms", "parameter_groups",
+           "settings", "warmup_steps"]
 
 # name -> bitsandbytes.optim class name
 BNB_OPTIMIZERS = {
@@ -125,3 +127,21 @@ def keep_settings(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: dict[
         for group, base in zip(optimizer.param_groups, peaks, strict=True):
             group["initial_lr"] = base
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def clip_grad_norm(accelerator: Any, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm (clipped to `max_norm` when > 0). Unscales fp16 gradients first."""
+    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if not torch.is_tensor(norm):  # DeepSpeed clips in its engine and reports a float (None before its first step)
+        norm = torch.tensor(math.nan if norm is None else float(norm), device=accelerator.device)
+    return norm.float()
+
+
+def module_grad_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of each LoRA factor's gradient, keyed 'grad_norm/<module>.lora_A'."""
+    out = {}
+    for name, p in unwrap(model).named_parameters():
+        if p.grad is not None and (".lora_A." in name or ".lora_B." in name):
+            key = name.replace("base_model.model.", "").replace(".default.weight", "").replace(".weight", "")
+            out[f"grad_norm/{key}"] = p.grad.detach().float().norm().item()
+    return out

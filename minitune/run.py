@@ -18,7 +18,8 @@ from .build import Parts, loop_args, setup, train_loader
 from .checkpoint import find_latest, rng_state, save_checkpoint, set_rng_state
 from .config import Config, load_config, with_split
 from .errors import RunError
-from .loop import evaluate_during_run, fit
+from .eval_loss import evaluate_during_run
+from .loop import fit
 from .memory import MB, format_bytes, tensor_breakdown
 from .planner import smaller_split
 from .report import summary_table

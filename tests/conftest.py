@@ -67,17 +67,18 @@ class VirtualClock:
 
 def slow_evaluations(monkeypatch, seconds: float) -> VirtualClock:
     """Make every evaluation of minitune.loop "take" `seconds` (virtual); returns the clock."""
-    from minitune import loop
+    from minitune import eval_loss, loop
 
     clock = VirtualClock()
     monkeypatch.setattr(loop, "time", clock)
-    evaluate = loop.evaluate_loss
+    monkeypatch.setattr(eval_loss, "time", clock)
+    evaluate = eval_loss.evaluate_loss
 
     def slow_evaluation(*args, **kwargs):
         clock.sleep(seconds)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate_loss", slow_evaluation)
+    monkeypatch.setattr(eval_loss, "evaluate_loss", slow_evaluation)
     return clock
 
 

@@ -32,7 +32,7 @@ if __name__ == "__main__":  # the launched worker
     from accelerate.utils import InitProcessGroupKwargs
     from torch.utils.data import DataLoader, TensorDataset
 
-    from minitune.loop import evaluate_loss
+    from minitune.eval_loss import evaluate_loss
 
     # a mismatched collective fails after 30 s instead of hanging
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=30))])

@@ -2,7 +2,8 @@
 
     core      errors, lm, config, device, presets           facts and settings, no torch state
     parts     data, model, losses, optim, state, checkpoint,  the pieces a loop is built from
-              memory, process_memory, cuda_memory, metrics, report
+              memory, process_memory, cuda_memory, metrics, report,
+              eval_loss, interrupt
     loop      loop                                          `fit`: runs the parts
     assembly  build, run_folder, resume, run, planner,       builds the parts from a config,
               evaluate, run_report, cli, __main__            runs, plans and evaluates
@@ -23,7 +24,7 @@ PACKAGE = Path(minitune.__file__).parent
 LAYERS = {
     "core": ("errors", "lm", "config", "device", "presets"),
     "parts": ("data", "model", "losses", "optim", "state", "checkpoint", "memory", "process_memory",
-              "cuda_memory", "metrics", "report"),
+              "cuda_memory", "metrics", "report", "eval_loss", "interrupt"),
     "loop": ("loop",),
     "assembly": ("build", "run_folder", "resume", "run", "planner", "evaluate", "run_report", "cli", "__main__"),
 }

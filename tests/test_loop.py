@@ -8,7 +8,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from minitune.build import _reset_single_process_state
-from minitune.loop import LoopArgs, evaluate_loss, fit
+from minitune.eval_loss import evaluate_loss
+from minitune.loop import LoopArgs, fit
 from minitune.losses import count_items, default_loss
 from minitune.state import TrainState
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from minitune import loop
+from minitune import eval_loss
 from minitune.run import TrainResult, train
 
 from .conftest import slow_evaluations, tiny_config
@@ -99,8 +99,8 @@ def test_the_final_evaluation_is_not_repeated(tmp_path, monkeypatch, eval_every,
     """4 steps: evaluating every 2 steps evaluates at steps 2 and 4, and the final eval loss is step 4's
     (the same weights: no third pass); every 3 steps evaluates at step 3, then once more at the end."""
     calls = []
-    original = loop.evaluate_loss
-    monkeypatch.setattr(loop, "evaluate_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = eval_loss.evaluate_loss
+    monkeypatch.setattr(eval_loss, "evaluate_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
     result = train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 4, "eval_every": eval_every}))
     assert len(calls) == evaluations
     if eval_every == 2:
