@@ -172,7 +172,8 @@ def main_report(argv: Sequence[str] | None = None) -> int:
     def report() -> None:
         from rich.table import Table
 
-        from .run_report import TABLE_COLUMNS, load_run, run_labels, table_rows, write_report
+        from .run_data import TABLE_COLUMNS, load_run, run_labels, table_rows
+        from .run_report import write_report
 
         png, html = write_report(args.runs, out=args.out)
         runs = [load_run(r) for r in args.runs]

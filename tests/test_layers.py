@@ -6,7 +6,8 @@
               eval_loss, interrupt
     loop      loop                                          `fit`: runs the parts
     assembly  build, run_folder, resume, run, planner,       builds the parts from a config,
-              evaluate, run_report, cli, __main__            runs, plans and evaluates
+              evaluate, run_data, run_plots, run_report,     runs, plans, evaluates and reports
+              cli, __main__
 
 A module may import its own layer or any layer below it. Packages count as the layer of their name
 (`minitune.data.batching` is `data`, a part). `__init__.py` of the package itself is the lazy
@@ -26,7 +27,8 @@ LAYERS = {
     "parts": ("data", "model", "losses", "optim", "state", "checkpoint", "memory", "process_memory",
               "cuda_memory", "metrics", "report", "eval_loss", "interrupt"),
     "loop": ("loop",),
-    "assembly": ("build", "run_folder", "resume", "run", "planner", "evaluate", "run_report", "cli", "__main__"),
+    "assembly": ("build", "run_folder", "resume", "run", "planner", "evaluate", "run_data", "run_plots", "run_report",
+                 "cli", "__main__"),
 }
 RANK = {name: i for i, names in enumerate(LAYERS.values()) for name in names}
 

@@ -14,7 +14,9 @@ import yaml
 from minitune import run_report
 from minitune.cli import main
 from minitune.errors import ReportError
-from minitune.run_report import draw, load_run, run_labels, table_rows, write_report
+from minitune.run_data import load_run, run_labels, table_rows
+from minitune.run_plots import draw
+from minitune.run_report import write_report
 from tests.conftest import tiny_config
 
 
