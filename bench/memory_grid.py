@@ -53,7 +53,8 @@ from pathlib import Path
 import torch
 
 from minitune.config import LoraArgs, ModelArgs
-from minitune.model import apply_lora, build_from_config, trainable_parameters
+from minitune.model import build_from_config
+from minitune.prepare import apply_lora, trainable_parameters
 from minitune.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]

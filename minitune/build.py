@@ -34,9 +34,10 @@ from .lm import model_kind
 from .loop import LoopArgs
 from .losses import LossFn, loss_fn_for
 from .memory import MB, MemoryProfiler, format_bytes
-from .model import PreparationReport, load_model, load_tokenizer, prepare_model, resolve_kind
+from .model import load_model, load_tokenizer, resolve_kind
 from .optim import build_optimizer, build_scheduler
 from .planner import MicroBatch, Prediction, simulate
+from .prepare import PreparationReport, prepare_model
 from .process_memory import ProcessPeak, process_peak, release_free_memory, rss_bytes, tune_malloc
 from .report import RunLogger
 from .resume import resolve_resume, restore_run

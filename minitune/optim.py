@@ -16,6 +16,7 @@ from transformers import get_scheduler
 from .config import OptimizerArgs
 from .device import capabilities, optimizer_name_for
 from .lm import unwrap
+from .prepare import is_norm
 
 __all__ = ["build_optimizer", "build_scheduler", "clip_grad_norm", "keep_settings", "module_grad_norms", "parameter_groups",
            "settings", "warmup_steps"]
@@ -40,7 +41,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     norm_params = {
         id(p)
         for m in model.modules()
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(m).__name__
+        if is_norm(m)
         for p in m.parameters(recurse=False)
     }
     decay, no_decay = [], []

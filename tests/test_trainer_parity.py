@@ -51,7 +51,8 @@ def _no_dropout(model: torch.nn.Module) -> None:
 
 def _model(preset: str, lora: bool):
     from minitune.config import LoraArgs, ModelArgs
-    from minitune.model import build_from_config, prepare_model
+    from minitune.model import build_from_config
+    from minitune.prepare import prepare_model
 
     model = build_from_config(ModelArgs(preset=preset), seed=0)
     _no_dropout(model)

@@ -19,7 +19,8 @@ from ..cuda_memory import cuda_process_terms
 from ..errors import ModelError
 from ..lm import model_kind, shift_targets
 from ..losses import loss_fn_for
-from ..model import DTYPES, build_from_config, model_config, prepare_model, quantization_config
+from ..model import DTYPES, build_from_config, model_config, quantization_config
+from ..prepare import prepare_model
 from ..presets import hub_preset
 from .ledger import ROLES, Ledger
 from .standins import Bnb8bitState, QuantizedLinear, is_bnb_layer, stand_in_optimizer
