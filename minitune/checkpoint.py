@@ -24,13 +24,11 @@ import errno
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
@@ -38,10 +36,11 @@ from safetensors.torch import load_file, save_file, save_model
 from .device import shards_weights
 from .errors import CheckpointError, DiskFullError
 from .process_memory import format_bytes
+from .rng import rng_state, set_rng_state
 from .state import TrainState
 
 __all__ = ["clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
-           "load_weights", "restore_rng", "rng_state", "save_checkpoint", "set_rng_state", "verify_checkpoint"]
+           "load_weights", "restore_rng", "save_checkpoint", "verify_checkpoint"]
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -104,28 +103,6 @@ def find_latest(output_dir: str | Path) -> Path | None:
     if not candidates:
         return None
     return max(candidates, key=_step_of)  # ties: the first (a step checkpoint before `final`)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG's state on this process (python, numpy, torch, cuda, mps)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
 
 
 def _fsync_tree(path: Path) -> None:

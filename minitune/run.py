@@ -15,7 +15,7 @@ from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from rich.console import Console
 
 from .build import Parts, loop_args, setup, train_loader
-from .checkpoint import find_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import find_latest, save_checkpoint
 from .config import Config, load_config, with_split
 from .errors import RunError
 from .eval_loss import evaluate_during_run
@@ -23,6 +23,7 @@ from .loop import fit
 from .memory import MB, format_bytes, tensor_breakdown
 from .planner import smaller_split
 from .report import summary_table
+from .rng import rng_state, set_rng_state
 from .state import TrainState
 
 __all__ = ["TrainResult", "train"]
