@@ -241,7 +241,7 @@ def setup_accelerator(cfg: Config, device: torch.device, *, project_dir: Path | 
     Raises:
         RunError: a launch mode the config cannot run under (e.g. a quantized model under FSDP).
     """
-    _reset_single_process_state()
+    reset_accelerate_state()
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=cfg.training.mixed_precision,
@@ -365,7 +365,7 @@ def _total_steps(cfg: Config, batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.training.epochs * steps_per_epoch))
 
 
-def _reset_single_process_state() -> None:
+def reset_accelerate_state() -> None:
     """Accelerate keeps one global state per process; a second `train()` in the same Python process
     (a notebook, a test, an embedding codebase) may ask for another precision. Outside a distributed
     launch, start from a clean state."""

@@ -343,7 +343,7 @@ def verify_checkpoint(path: str | Path, num_processes: int = 1) -> dict[str, Any
     return counters
 
 
-def _load_states(path: Path, accelerator: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def load_states(path: Path, accelerator: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
     """This process's optimizer, scheduler and scaler states (the checkpoint already verified).
 
     A file torch cannot read is corrupt; states torch reads but this optimizer refuses (other
@@ -451,7 +451,7 @@ def load_checkpoint(path: str | Path, *, accelerator: Any, model: torch.nn.Modul
     counters = verify_checkpoint(path, accelerator.num_processes if optimizer is not None else 0)
     load_weights(path, accelerator.unwrap_model(model))
     if optimizer is not None:
-        _load_states(path, accelerator, optimizer, scheduler)
+        load_states(path, accelerator, optimizer, scheduler)
     if rng:
         restore_rng(path, accelerator=accelerator)
     state = TrainState.from_dict(counters)

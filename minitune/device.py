@@ -115,7 +115,7 @@ def _bnb_version() -> str | None:
 
 
 @functools.cache
-def _bnb_backend(device_type: str) -> frozenset[str] | None:
+def bnb_backend(device_type: str) -> frozenset[str] | None:
     """Names of the ops the installed bitsandbytes implements for `device_type`, read from its
     `backends/<type>/ops.py` without importing it; None when it ships no backend for that device.
 
@@ -161,7 +161,7 @@ def capabilities(device: torch.device | str) -> Capabilities:
         # CPU: bf16 autocast works; Accelerate silently ignores fp16 autocast on CPU
         bf16, fp16 = True, False
         fast = _cpu_has_fast_bf16()
-    ops = _bnb_backend(device.type) if version is not None else None
+    ops = bnb_backend(device.type) if version is not None else None
     layers = ops is not None
     optimizers = layers and "optimizer_update_8bit_blockwise" in ops
     if version is None:

@@ -152,7 +152,7 @@ def fit(
             log_now = (state.step + 1) % args.log_every == 0 or state.step + 1 >= args.max_steps
             extra = module_grad_norms(model) if args.module_grad_norms and log_now else {}
             bad, agreed = _check_step(accelerator, loss, grad_norm, items, stop)  # the step's host sync
-            if not _skip_or_step(accelerator, optimizer, state, bad, args.max_bad_steps, logger):
+            if not skip_or_step(accelerator, optimizer, state, bad, args.max_bad_steps, logger):
                 if state.stop_reason != "nonfinite" and stop.now(agreed):
                     state.stop_reason = "signal"
                     save_now()
@@ -287,7 +287,7 @@ def _check_step(accelerator: Any, loss: torch.Tensor, grad_norm: torch.Tensor, i
     return (loss_bad, grad_bad), agreed
 
 
-def _skip_or_step(accelerator: Any, optimizer: torch.optim.Optimizer, state: TrainState, bad: tuple[bool, bool],
+def skip_or_step(accelerator: Any, optimizer: torch.optim.Optimizer, state: TrainState, bad: tuple[bool, bool],
                   max_bad_steps: int, logger: Any) -> bool:
     """Step the optimizer unless the loss or gradient is not finite; True if the step counts.
 

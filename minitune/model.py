@@ -218,17 +218,17 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
             model.config.save_pretrained(tmp)
             save_model(model, os.path.join(tmp, "model.safetensors"))
             del model, head
-            quantized = _from_pretrained(tmp, args, qconf, device, kind=kind)
+            quantized = from_pretrained(tmp, args, qconf, device, kind=kind)
         if own_head is not None:
             _untie_lm_head_if_configured(quantized, args)
             out = quantized.get_output_embeddings()
             if out.weight is not quantized.get_input_embeddings().weight:
                 out.weight.data.copy_(own_head.to(out.weight.device, out.weight.dtype))
         return quantized
-    return _from_pretrained(resolve_path(args.name_or_path, "model.name_or_path"), args, qconf, device)
+    return from_pretrained(resolve_path(args.name_or_path, "model.name_or_path"), args, qconf, device)
 
 
-def _from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.device | None, kind: str | None = None):
+def from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.device | None, kind: str | None = None):
     kind = kind or resolve_kind(args)
     kwargs: dict[str, Any] = {"dtype": DTYPES[args.dtype], "trust_remote_code": args.trust_remote_code}
     if args.gguf_file:

@@ -65,7 +65,7 @@ class RunLogger:
         if self.trackers:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if self._bar is not None:
-            self._bar.update(step, _postfix(metrics))
+            self._bar.update(step, progress_postfix(metrics))
 
     def message(self, text: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -92,7 +92,7 @@ def _round(v: Any) -> Any:
     return v
 
 
-def _postfix(m: dict[str, Any]) -> str:
+def progress_postfix(m: dict[str, Any]) -> str:
     parts = [f"loss {m['loss']:.4f}" if "loss" in m else ""]
     if "eval_loss" in m:
         parts.append(f"eval {m['eval_loss']:.4f}")

@@ -45,7 +45,7 @@ def mac(monkeypatch):
     monkeypatch.setattr(dev, "_macos_at_least", lambda major: major <= 14)
     monkeypatch.setattr(dev, "_bnb_version", lambda: "0.50.2")
     backends = {"mps": MPS_OPS_0_50}
-    monkeypatch.setattr(dev, "_bnb_backend", lambda kind: backends.get(kind))
+    monkeypatch.setattr(dev, "bnb_backend", lambda kind: backends.get(kind))
     return backends
 
 
@@ -66,18 +66,18 @@ def test_cpu_capabilities_with_installed_bitsandbytes():
     caps = dev.capabilities("cpu")
     assert caps.bf16 and not caps.fp16_autocast and not caps.paged_optimizers
     # the installed bitsandbytes (0.50) ships a CPU backend, with the 8-bit optimizer kernel
-    ops = dev._bnb_backend("cpu")
+    ops = dev.bnb_backend("cpu")
     assert ops is not None and "quantize_blockwise" in ops
     assert caps.bnb_layers and caps.bnb_optimizers == ("optimizer_update_8bit_blockwise" in ops)
 
 
 def test_installed_bitsandbytes_backends_are_read_without_importing_it():
-    code = ("import sys; from minitune import device; ops = device._bnb_backend('mps'); "
+    code = ("import sys; from minitune import device; ops = device.bnb_backend('mps'); "
             "print(sorted(ops) if ops else None, 'bitsandbytes' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")  # importing bitsandbytes takes seconds; reading its files does not
     assert "quantize_4bit" in out  # the installed 0.50 quantizes 4-bit on MPS
-    assert dev._bnb_backend("no-such-device") is None
+    assert dev.bnb_backend("no-such-device") is None
 
 
 def test_cpu_refuses_fp16_autocast_and_allows_bf16():

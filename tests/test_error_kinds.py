@@ -11,10 +11,10 @@ import torch
 import transformers
 
 from minitune import planner
-from minitune.checkpoint import _load_states
+from minitune.checkpoint import load_states
 from minitune.config import ModelArgs
 from minitune.errors import CheckpointError, ModelError, PlanError
-from minitune.model import _from_pretrained
+from minitune.model import from_pretrained as load_pretrained
 from minitune.planner import planning
 
 from .conftest import tiny_config
@@ -34,7 +34,7 @@ def test_model_loading_wraps_only_missing_or_bad_files(raised, shown_as_user_err
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     expected = ModelError if shown_as_user_error else type(raised)
     with pytest.raises(expected) as info:
-        _from_pretrained("some/model", ModelArgs(name_or_path="some/model", kind="causal", dtype="float32"), None, None, "causal")
+        load_pretrained("some/model", ModelArgs(name_or_path="some/model", kind="causal", dtype="float32"), None, None, "causal")
     assert (info.type is ModelError) == shown_as_user_error
 
 
@@ -70,15 +70,15 @@ def test_an_optimizer_state_of_another_setup_is_not_called_corrupt(tmp_path):
     accelerator = SimpleNamespace(process_index=0, scaler=None)
     torch.save({"optimizer": _optimizer([3, 4]).state_dict(), "scheduler": None, "scaler": None},
                tmp_path / "training_state_0.pt")
-    _load_states(tmp_path, accelerator, _optimizer([3, 4]), None)  # fits: no error
+    load_states(tmp_path, accelerator, _optimizer([3, 4]), None)  # fits: no error
     with pytest.raises(CheckpointError, match="intact") as info:
-        _load_states(tmp_path, accelerator, _optimizer([3, 4, 5]), None)  # another parameter set
+        load_states(tmp_path, accelerator, _optimizer([3, 4, 5]), None)  # another parameter set
     assert "delete" not in str(info.value) and "keep the folder" in str(info.value)
     # a truncated file is corrupt
     blob = (tmp_path / "training_state_0.pt").read_bytes()
     (tmp_path / "training_state_0.pt").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError, match="is corrupt"):
-        _load_states(tmp_path, accelerator, _optimizer([3, 4]), None)
+        load_states(tmp_path, accelerator, _optimizer([3, 4]), None)
 
 
 def test_an_internal_failure_while_restoring_keeps_its_type(tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_an_internal_failure_while_restoring_keeps_its_type(tmp_path, monkeypatc
 
     monkeypatch.setattr(opt, "load_state_dict", broken)
     with pytest.raises(AttributeError):
-        _load_states(tmp_path, accelerator, opt, None)
+        load_states(tmp_path, accelerator, opt, None)
 
 
 def test_every_error_class_is_declared_once_under_one_base():

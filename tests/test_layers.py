@@ -125,3 +125,15 @@ def test_evaluation_does_not_import_the_training_stack():
     loaded = {m.removeprefix("minitune.") for m in eval(out.strip().splitlines()[-1])}
     assert "evaluate" in loaded
     assert not loaded & {"build", "run", "loop", "planner", "optim", "memory", "resume", "run_folder"}, sorted(loaded)
+
+
+def test_no_test_or_benchmark_imports_a_private_name():
+    """Tests and benchmarks use what the package offers: `from minitune... import _name` is refused."""
+    repo = PACKAGE.parent
+    found = []
+    for path in sorted([*(repo / "tests").glob("*.py"), *(repo / "bench").glob("*.py"), *(repo / "examples").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "minitune":
+                found += [f"{path.relative_to(repo)}:{node.lineno} {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == [], found

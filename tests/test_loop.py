@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from minitune.build import _reset_single_process_state
+from minitune.build import reset_accelerate_state
 from minitune.eval_loss import evaluate_loss
 from minitune.loop import LoopArgs, fit
 from minitune.losses import count_items, default_loss
@@ -50,7 +50,7 @@ def _batches(n: int, rows: int = 4, seed: int = 0) -> list[dict]:
 
 def _setup(sgd: bool = False) -> tuple[Accelerator, TwoLayer, torch.optim.Optimizer]:
     """A fresh Accelerator, the model (seed 0) and AdamW (SGD where the gradient's scale must show)."""
-    _reset_single_process_state()
+    reset_accelerate_state()
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = TwoLayer()
@@ -263,7 +263,7 @@ def test_a_nonfinite_step_under_deepspeed_stops_at_once():
     after the fact, so the run stops at the first one instead of claiming a skip and training on."""
     from types import SimpleNamespace
 
-    from minitune.loop import _skip_or_step
+    from minitune.loop import skip_or_step
 
     class EngineOptimizer:  # accelerate's DeepSpeedOptimizerWrapper: step is a no-op, the engine reports skips
         step_was_skipped = False
@@ -279,13 +279,13 @@ def test_a_nonfinite_step_under_deepspeed_stops_at_once():
     for kind, stops in (("DistributedType.DEEPSPEED", True), ("DistributedType.MULTI_CPU", False)):
         accelerator = SimpleNamespace(distributed_type=kind, scaler=None)
         state = TrainState()
-        assert not _skip_or_step(accelerator, EngineOptimizer(), state, (False, True), 5, logger)
+        assert not skip_or_step(accelerator, EngineOptimizer(), state, (False, True), 5, logger)
         assert (state.stop_reason == "nonfinite") == stops and state.skipped_steps == 1
     assert "cannot be skipped" in said[0] and "cannot be skipped" not in said[1]
     # the fp16 engine skipped the update itself (its loss scaler): that is a real skip, the run goes on
     fp16 = EngineOptimizer()
     fp16.step_was_skipped = True
     state = TrainState()
-    _skip_or_step(SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", scaler=None), fp16, state,
+    skip_or_step(SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", scaler=None), fp16, state,
                   (False, True), 5, logger)
     assert state.stop_reason == "" and state.skipped_steps == 1

@@ -91,7 +91,7 @@ def test_trim_log_refuses_a_damaged_line_in_the_middle(tmp_path):
 
 
 def test_progress_line_names_the_unit_it_prints():
-    from minitune.report import _postfix
+    from minitune.report import progress_postfix
 
     # the mem/*_mb values are MiB (2**20 bytes): the line says so
-    assert _postfix({"loss": 1.0, "mem/peak_rss_mb": 2792.4}).endswith("peak 2792 MiB")
+    assert progress_postfix({"loss": 1.0, "mem/peak_rss_mb": 2792.4}).endswith("peak 2792 MiB")

@@ -87,12 +87,12 @@ def _optimizer_args():
 def _run_minitune(model, batches: list[dict], grad_accum: int, loss: str = "full") -> dict:
     from accelerate import Accelerator
 
-    from minitune.build import _reset_single_process_state
+    from minitune.build import reset_accelerate_state
     from minitune.loop import fit
     from minitune.losses import loss_fn_for
     from minitune.optim import build_optimizer, build_scheduler
 
-    _reset_single_process_state()
+    reset_accelerate_state()
     accelerator = Accelerator(cpu=True)
     optimizer = build_optimizer(model, _optimizer_args(), accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -116,9 +116,9 @@ def _run_trainer(model, batches: list[dict], grad_accum: int, tmp_path) -> dict:
     from torch.utils.data import DataLoader
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from minitune.build import _reset_single_process_state
+    from minitune.build import reset_accelerate_state
 
-    _reset_single_process_state()
+    reset_accelerate_state()
     micro: list[torch.Tensor] = []
     seen: dict = {"loss": [], "grad_norm": [], "lr": [], "num_items": []}
 
