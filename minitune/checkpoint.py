@@ -40,7 +40,7 @@ from .rng import rng_state, set_rng_state
 from .state import TrainState
 
 __all__ = ["clean_debris", "find_latest", "is_complete", "list_checkpoints", "load_checkpoint",
-           "load_weights", "restore_rng", "save_checkpoint", "verify_checkpoint"]
+           "load_weights", "restore_rng", "save_checkpoint", "verify_checkpoint", "weights_in"]
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -297,6 +297,17 @@ def _save(path: Path, *, accelerator: Any, model: torch.nn.Module, optimizer: An
     return path
 
 
+def weights_in(path: str | Path) -> tuple[str | None, list[Path]]:
+    """What weights a checkpoint folder holds, decided here only: ('lora', [adapter_model.safetensors]),
+    ('full', its model*.safetensors shards), or (None, []) (minitune writes safetensors only)."""
+    path = Path(path)
+    adapter = path / "adapter_model.safetensors"
+    if adapter.is_file():
+        return "lora", [adapter]
+    files = sorted(path.glob("model*.safetensors"))
+    return ("full", files) if files else (None, [])
+
+
 def verify_checkpoint(path: str | Path, num_processes: int = 1) -> dict[str, Any]:
     """Check that `path` is a complete, readable checkpoint without loading it; return its counters.
 
@@ -320,8 +331,7 @@ def verify_checkpoint(path: str | Path, num_processes: int = 1) -> dict[str, Any
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint '{path}' has a missing or unreadable trainer_state.json "
                               f"({type(e).__name__}); delete that folder and resume from an earlier one") from None
-    weights = [path / "adapter_model.safetensors"] if (path / "adapter_model.safetensors").exists() \
-        else sorted(path.glob("model*.safetensors"))
+    _, weights = weights_in(path)
     if not weights:
         raise CheckpointError(f"checkpoint '{path}' holds no weights (adapter_model.safetensors or "
                               "model.safetensors); delete that folder and resume from an earlier one")
@@ -394,15 +404,14 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
         CheckpointError: unreadable weights, or weights of another model / adapter layout.
     """
     path = Path(path)
-    adapter = path / "adapter_model.safetensors"
+    kind, files = weights_in(path)
     try:
-        if adapter.is_file():
+        if kind == "lora":
             from peft import set_peft_model_state_dict  # lazy: peft imports bitsandbytes; plain modules need neither
 
-            result = set_peft_model_state_dict(model, load_file(adapter))
+            result = set_peft_model_state_dict(model, load_file(files[0]))
             missing = [k for k in result.missing_keys if "lora_" in k]
         else:
-            files = sorted(path.glob("model*.safetensors"))
             if not files:
                 raise CheckpointError(f"checkpoint '{path}' holds no weights (adapter_model.safetensors or "
                                       "model.safetensors); delete that folder and resume from an earlier one")

@@ -19,7 +19,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoTokenizer
 
-from ..checkpoint import MARKER, load_weights
+from ..checkpoint import MARKER, load_weights, weights_in
 from ..config import Config, QuantizationArgs, load_config
 from ..data import Collator, generation_prompt, load_rows, make_dataloader, tokenize, user_prompt
 from ..device import setup_device
@@ -30,14 +30,6 @@ from .merge import merge_adapter
 from .results import EvalResult, to_markdown
 from .scoring import OnBatch, compare
 from .sheet import key_path_for, sheet_path_in, write_sheet
-
-
-def _weights_kind(path: Path) -> str | None:
-    if (path / "adapter_model.safetensors").is_file() or (path / "adapter_model.bin").is_file():
-        return "lora"
-    if any(path.glob("model*.safetensors")):
-        return "full"
-    return None
 
 
 def load_checkpoint_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -55,7 +47,7 @@ def load_checkpoint_config(path: str | Path, overrides: Sequence[str] = ()) -> C
         raise CheckpointError(f"checkpoint '{path}' is a file, not a folder: {hint}")
     if not (path / "config.yaml").is_file():
         raise CheckpointError(f"'{path}' is not a minitune checkpoint (no config.yaml): {hint}")
-    if _weights_kind(path) is None:
+    if weights_in(path)[0] is None:
         if (path / "final").is_dir() or any(path.glob("checkpoint-*")):
             raise CheckpointError(f"'{path}' is a run folder, not a checkpoint: give {path / 'final'} "
                                   "or one of its checkpoint-NNNNNN folders")
@@ -283,7 +275,7 @@ def _check_request(path: Path, out: Path, merge_to: str | Path | None) -> str | 
         m = Path(merge_to)
         if m.exists() and (not m.is_dir() or any(m.iterdir())):
             raise EvalError(f"--merge-to '{m}' exists and is not an empty folder: choose a new folder")
-    method = _weights_kind(path)
+    method = weights_in(path)[0]
     if merge_to is not None and method != "lora":
         raise EvalError("--merge-to needs a LoRA checkpoint: a full fine-tuning checkpoint already is a standalone model")
     return method
