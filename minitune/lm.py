@@ -1,8 +1,10 @@
-"""Three facts about a language model, each decided here and nowhere else.
+"""Facts about a language model and its batches, each decided here and nowhere else.
 
+    IGNORE                        the label of a position without a target (-100)
     model_kind(config)            'causal' or 'seq2seq'
     shift_targets(labels, kind)   the tokens the model predicts: causal LMs predict labels[1:]
     unwrap(model)                 the module inside DDP / torch.compile wrappers
+    ensure_pad_token(tokenizer)   the pad token (EOS where a tokenizer has none)
 
 Only torch is imported: the loop, the losses and the memory estimate use these without transformers.
 """
@@ -15,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["count_targets", "model_kind", "shift_targets", "unwrap"]
+from .errors import DataError
+
+__all__ = ["IGNORE", "count_targets", "ensure_pad_token", "model_kind", "shift_targets", "unwrap"]
 
 IGNORE = -100  # label of a position without a target (padding, masked prompt)
 
@@ -81,3 +85,19 @@ def unwrap(model: nn.Module, *, keep_compiled: bool = False) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def ensure_pad_token(tokenizer: Any) -> int:
+    """Give a tokenizer without a pad token (GPT-2) its EOS as pad token; return the pad id.
+
+    Padding never reaches the loss (its labels are -100) nor attention (mask 0), so EOS is a safe pad.
+
+    Raises:
+        DataError: the tokenizer has neither a pad nor an EOS token.
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise DataError("the tokenizer has no pad token and no EOS token: add one with "
+                            "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.pad_token_id

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 from .config import Config, ModelArgs, QuantizationArgs, resolve_path
 from .device import resolve_precision
 from .errors import ModelError
-from .lm import model_kind
+from .lm import ensure_pad_token, model_kind
 from .presets import PRESETS, preset_config
 
 __all__ = [
@@ -69,8 +69,7 @@ def load_tokenizer(args: ModelArgs) -> Any:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is missing
         raise _offline_hint("tokenizer", name, e) from None
-    if tok.pad_token is None:  # causal tokenizers often have none; padding is masked out of the loss
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok)  # causal tokenizers often have none; padding is masked out of the loss
     return tok
 
 

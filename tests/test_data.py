@@ -19,7 +19,6 @@ from minitune.data import (
     Collator,
     LengthGroupedSampler,
     build_data,
-    ensure_pad_token,
     estimate_padding,
     load_rows,
     make_dataloader,
@@ -28,6 +27,7 @@ from minitune.data import (
     tokenize,
 )
 from minitune.errors import DataError
+from minitune.lm import ensure_pad_token
 
 ROOT = Path(__file__).resolve().parents[1]
 QUOTES = ROOT / "data" / "english_quotes.jsonl"

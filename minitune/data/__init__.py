@@ -23,7 +23,6 @@ from .batching import (
     Collator,
     LengthGroupedSampler,
     SeededRandomSampler,
-    ensure_pad_token,
     estimate_padding,
     make_dataloader,
 )
@@ -42,7 +41,6 @@ __all__ = [
     "build_data",
     "check_chat_template",
     "conversation",
-    "ensure_pad_token",
     "estimate_padding",
     "generation_prompt",
     "load_rows",

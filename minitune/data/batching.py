@@ -8,24 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import DataError
-from ..lm import IGNORE
-
-
-def ensure_pad_token(tokenizer: Any) -> int:
-    """Give a tokenizer without a pad token (GPT-2) its EOS as pad token; return the pad id.
-
-    Padding never reaches the loss (its labels are -100) nor attention (mask 0), so EOS is a safe pad.
-
-    Raises:
-        DataError: the tokenizer has neither a pad nor an EOS token.
-    """
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise DataError("the tokenizer has no pad token and no EOS token: add one with "
-                            "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.pad_token_id
+from ..lm import IGNORE, ensure_pad_token
 
 
 def _round_up(n: int, multiple: int | None) -> int:

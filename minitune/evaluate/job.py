@@ -24,7 +24,7 @@ from ..config import Config, QuantizationArgs, load_config
 from ..data import Collator, generation_prompt, load_rows, make_dataloader, tokenize, user_prompt
 from ..device import setup_device
 from ..errors import CheckpointError, DataError, EvalError
-from ..lm import model_kind
+from ..lm import ensure_pad_token, model_kind
 from ..model import load_model, load_tokenizer, resolve_kind
 from .merge import merge_adapter
 from .results import EvalResult, to_markdown
@@ -93,8 +93,7 @@ def _load_tokenizer(path: Path, cfg: Config) -> Any:
             raise CheckpointError(f"the tokenizer saved in '{path}' does not load ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); restore its tokenizer files, or "
                                   "delete them (tokenizer*.json) to use the config's model.tokenizer") from None
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        ensure_pad_token(tok)
         return tok
     return load_tokenizer(cfg.model)
 

@@ -13,9 +13,9 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import GenerationArgs
-from ..data import ensure_pad_token, stop_token_ids
+from ..data import stop_token_ids
 from ..errors import DataError
-from ..lm import model_kind
+from ..lm import ensure_pad_token, model_kind
 from ..losses import default_loss
 from ..metrics import detect_kind, task_scores
 
