@@ -18,6 +18,7 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
+from .config import DTYPES as DTYPE_NAMES
 from .config import Config, ModelArgs, QuantizationArgs, resolve_path
 from .device import resolve_precision
 from .errors import ModelError
@@ -32,7 +33,7 @@ __all__ = [
     "resolve_kind",
 ]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names the config accepts, as torch dtypes
 
 
 def _offline_hint(what: str, name: str, err: Exception) -> ModelError:
