@@ -99,8 +99,7 @@ def setup(cfg: Config) -> Parts:
     """
     malloc = tune_malloc()  # first: every allocation from here on is placed under these settings
     cfg, where = dev.setup_device(cfg)
-    problems = _tracker_problems(cfg.logging.trackers)
-    if problems:
+    if problems := _tracker_problems(cfg.logging.trackers):
         raise ConfigError(problems)
     resume_from, cfg = resolve_resume(cfg)
     out = check_output_dir(cfg)
@@ -112,11 +111,7 @@ def setup(cfg: Config) -> Parts:
     tokenizer = load_tokenizer(cfg.model)
     data = setup_data(cfg, tokenizer)
     baseline = rss_bytes()  # the process before the model loads: libraries, tokenizer, data
-    profiler = None  # logging.memory=false: no sampler, no records, no measured peak (the prediction stays)
-    if cfg.logging.memory:
-        profiler = MemoryProfiler(accelerator.device, window_steps=TRACE_STEPS,
-                                  phases_every=cfg.logging.memory_phases_every or cfg.logging.log_every).start()
-        profiler.phase("start")
+    profiler = _start_profiler(cfg, accelerator.device)
     try:  # a failure from here on (bad weights, a checkpoint that does not fit) stops the sampler thread
         model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
         release_free_memory()  # loading's temporaries (file buffers, dequantized copies) go back to the system
@@ -128,11 +123,7 @@ def setup(cfg: Config) -> Parts:
             model = torch.compile(model)
 
         set_seed(t.seed)  # data order and dropout do not depend on how much randomness loading used
-        loader = train_loader(cfg, data)
-        eval_loader = None
-        if data.validation is not None and len(data.validation):
-            eval_loader = make_dataloader(data.validation, data.collator, batch_size=t.batch_size, shuffle=False,
-                                          seed=t.seed, num_workers=cfg.data.num_workers)
+        loader, eval_loader = train_loader(cfg, data), _eval_loader(cfg, data)
         optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
         if profiler is not None:  # the window the prediction is compared with: the first TRACE_STEPS steps
             optimizer.register_step_post_hook(lambda *_: profiler.optimizer_stepped())
@@ -153,10 +144,9 @@ def setup(cfg: Config) -> Parts:
         logger = RunLogger(accelerator, out if cfg.logging.jsonl else None, total_steps, progress=cfg.logging.progress,
                            initial_step=state.step, trackers=bool(cfg.logging.trackers), append=resume_from is not None,
                            first_record={"precision": dataclasses.asdict(where.precision)})
-        parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer, scheduler, profiler,
-                      logger, loss_fn, prep, predicted, total_steps, out,
-                      resume_from,
-                      state, process, malloc)
+        parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer,
+                      scheduler, profiler, logger, loss_fn, prep, predicted, total_steps, out, resume_from, state,
+                      process, malloc)
         _startup_lines(parts)
         if profiler is not None:
             profiler.training_starts()  # what loading held is recorded apart from the training peak
@@ -314,6 +304,25 @@ def train_loader(cfg: Config, data: DataBundle) -> Any:
     t = cfg.training
     return make_dataloader(data.train, data.collator, batch_size=t.batch_size, shuffle=True, seed=t.seed,
                            group_by_length=cfg.data.group_by_length, num_workers=cfg.data.num_workers)
+
+
+def _start_profiler(cfg: Config, device: torch.device) -> MemoryProfiler | None:
+    """The memory profiler, sampling from before the model loads (None with logging.memory=false: no
+    sampler, no records, no measured peak; the prediction stays)."""
+    if not cfg.logging.memory:
+        return None
+    profiler = MemoryProfiler(device, window_steps=TRACE_STEPS,
+                              phases_every=cfg.logging.memory_phases_every or cfg.logging.log_every).start()
+    profiler.phase("start")
+    return profiler
+
+
+def _eval_loader(cfg: Config, data: DataBundle) -> Any:
+    """The validation batches, in order (None without validation rows)."""
+    if data.validation is None or not len(data.validation):
+        return None
+    return make_dataloader(data.validation, data.collator, batch_size=cfg.training.batch_size, shuffle=False,
+                           seed=cfg.training.seed, num_workers=cfg.data.num_workers)
 
 
 def loop_args(cfg: Config, total_steps: int) -> LoopArgs:

@@ -215,8 +215,7 @@ def _positive_int(text: str) -> int:
 _DECODING = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "stop")
 
 
-def main_eval(argv: Sequence[str] | None = None) -> int:
-    """`eval.py -p CHECKPOINT [options] [section.key=value ...]`, or `eval.py --scores SHEET.csv`."""
+def _eval_parser() -> _Parser:
     parser = _Parser(
         prog="eval.py",
         description="Compare a fine-tuned checkpoint with its base model on the held-out data: perplexity, "
@@ -248,6 +247,12 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scores", metavar="SHEET", help="summarize a filled-in sheet (with its key) and exit")
     parser.add_argument("--key", help="the sheet's key file (default: <sheet>_key.csv beside it)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the checkpoint's config")
+    return parser
+
+
+def main_eval(argv: Sequence[str] | None = None) -> int:
+    """`eval.py -p CHECKPOINT [options] [section.key=value ...]`, or `eval.py --scores SHEET.csv`."""
+    parser = _eval_parser()
     args = parser.parse_args(argv)
     if args.scores is None and not args.path:
         parser.error("give -p CHECKPOINT (e.g. runs/smollm2-quotes/final), or --scores SHEET.csv")

@@ -187,13 +187,8 @@ def evaluate_checkpoint(
     comparison = compare(model, loader, tokenizer, prompts, base=base, references=references,
                          shown=shown, gen=cfg.generation, chat=cfg.data.chat_template, seed=seed,
                          batch_size=bs, progress=progress)
-    files: dict[str, str] = {}
     out.mkdir(parents=True, exist_ok=True)
-    if sheet and comparison["generations"]:
-        s = sheet_path_in(out, comparison["generations"], seed=seed)
-        if not s.exists() and not key_path_for(s).exists():  # both there: this very sheet, kept as it is
-            write_sheet(comparison["generations"], s, seed=seed)
-        files.update(sheet=str(s), key=str(key_path_for(s)))
+    files = _write_sheet(out, comparison["generations"], seed) if sheet and comparison["generations"] else {}
     if merge_to is not None:
         if cfg.quantization.mode != "none":  # merge into an unquantized copy of the base: a quantized merge is lossy
             del model, base
@@ -201,20 +196,12 @@ def evaluate_checkpoint(
                                               str(path))
         files["merged"] = str(merge_adapter(model, merge_to, tokenizer=tokenizer))
 
-    data_info = {
-        "path": cfg.data.path,
-        "split": (f"split '{cfg.data.validation_split}'" if cfg.data.validation_split
-                  else f"{cfg.data.validation_fraction:g} of split '{cfg.data.split}' held out (seed 0)"),
-        "rows": len(rows),
-        "examples": len(examples),
-        "prompt": cfg.data.prompt,
-        "response": cfg.data.response,
-    }
     generation = {"prompts": "file " + str(prompts_file) if prompts_file else f"{len(prompts)} held-out rows",
                   **dataclasses.asdict(cfg.generation), "seed": seed, "chat_template": cfg.data.chat_template,
                   "decoding": "sampling" if cfg.generation.temperature > 0 else "greedy"}
-    result = EvalResult(str(path), method or "", data_info, comparison["perplexity"], comparison["generations"],
-                        generation, str(device), time.perf_counter() - t0, files, comparison.get("task", {}))
+    result = EvalResult(str(path), method or "", _data_info(cfg, rows, examples), comparison["perplexity"],
+                        comparison["generations"], generation, str(device), time.perf_counter() - t0, files,
+                        comparison.get("task", {}))
     json_path, md_path = out / "eval.json", out / "eval.md"
     result.files.update(json=str(json_path), markdown=str(md_path))
     json_path.write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
@@ -223,6 +210,24 @@ def evaluate_checkpoint(
     if report is not None:  # after eval.json, which the report is drawn from
         result.files["report"] = str(report)
     return result
+
+
+def _write_sheet(out: Path, generations: list[dict[str, Any]], seed: int) -> dict[str, str]:
+    """The blind sheet of these generations in `out` (named by its contents: a scored one is never
+    replaced) and its key."""
+    sheet = sheet_path_in(out, generations, seed=seed)
+    if not sheet.exists() and not key_path_for(sheet).exists():  # both there: this very sheet, kept as it is
+        write_sheet(generations, sheet, seed=seed)
+    return {"sheet": str(sheet), "key": str(key_path_for(sheet))}
+
+
+def _data_info(cfg: Config, rows: Any, examples: Any) -> dict[str, Any]:
+    """Which data the evaluation ran on, as eval.json and eval.md report it."""
+    d = cfg.data
+    return {"path": d.path,
+            "split": (f"split '{d.validation_split}'" if d.validation_split
+                      else f"{d.validation_fraction:g} of split '{d.split}' held out (seed 0)"),
+            "rows": len(rows), "examples": len(examples), "prompt": d.prompt, "response": d.response}
 
 
 def _report_after_eval(path: Path, out: Path, cfg: Config) -> Path | None:
