@@ -239,7 +239,7 @@ def _eval_parser() -> _Parser:
     decoding.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size (default 3)")
     decoding.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice, sampling and sheet order")
-    parser.add_argument("--out", help="folder for eval.json, eval.md and the sheet (default: the checkpoint folder)")
+    parser.add_argument("--out", help="folder for eval.json, eval.md and the sheet (default: <run>/eval/<checkpoint>/)")
     parser.add_argument("--no-sheet", action="store_true", help="do not write the human-evaluation sheet")
     parser.add_argument("--merge-to", metavar="DIR", help="also write the merged model (base + LoRA) to DIR")
     parser.add_argument("--device", choices=choices_of("training", "device"), help="override training.device")
