@@ -23,9 +23,12 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from .config import SEED_MAX, choices_of, describe, describe_configs, generation_args
+from .config import SEED_MAX, choices_of, describe, describe_configs, generation_args, load_config
 from .errors import ConfigError, MinituneError, one_line
+from .run_data import TABLE_COLUMNS, load_run, run_labels, table_rows
+from .run_report import write_report
 
 __all__ = ["main", "main_eval", "main_plan", "main_report", "main_train"]
 
@@ -107,7 +110,7 @@ def main_train(argv: Sequence[str] | None = None) -> int:
         parser.error("give --config NAME or FILE (e.g. smollm2-quotes; see --list-configs) and/or section.key=value "
                      "overrides")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .run import train
+    from .run import train  # here: torch and the training stack load when a run starts, not for --help
 
     return run_cli(lambda: train(args.config, args.overrides))
 
@@ -145,8 +148,7 @@ def _run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a plan never downloads: uncached hub models use their preset
 
     def plan_it() -> None:
-        from .config import load_config
-        from .planner import format_plan, parse_size, plan
+        from .planner import format_plan, parse_size, plan  # here: the planner loads torch and transformers
 
         budget = parse_size(args.budget) if args.budget else None
         cfg = load_config(args.config, args.overrides)
@@ -170,11 +172,6 @@ def main_report(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def report() -> None:
-        from rich.table import Table
-
-        from .run_data import TABLE_COLUMNS, load_run, run_labels, table_rows
-        from .run_report import write_report
-
         png, html = write_report(args.runs, out=args.out)
         runs = [load_run(r) for r in args.runs]
         table = Table(title="final figures", title_justify="left")
@@ -269,12 +266,12 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     console = Console()
 
     def scores() -> None:
-        from .evaluate import render_scores, summarize_scores
+        from .evaluate import render_scores, summarize_scores  # here: evaluation loads torch and transformers
 
         render_scores(summarize_scores(args.scores, args.key), console)
 
     def evaluate() -> None:
-        from .evaluate import evaluate_checkpoint, render_result
+        from .evaluate import evaluate_checkpoint, render_result  # here: as above
 
         overrides = list(args.overrides) + ([f"training.device={args.device}"] if args.device else [])
         overrides += [f"generation.{key}={json.dumps(value)}" for key, value in decoding_flags.items()]

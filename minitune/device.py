@@ -133,7 +133,7 @@ def bnb_backend(device_type: str) -> frozenset[str] | None:
 
 def fused_adamw_devices() -> set[str]:
     try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # private: may be absent
 
         return set(_get_fused_kernels_supported_devices())
     except Exception:  # pragma: no cover - older or newer torch without the helper

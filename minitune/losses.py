@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 from .config import LOSSES
@@ -193,8 +194,6 @@ def _probe_batch(inner: nn.Module, config: Any) -> dict:
 
 
 def _holds_values(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
     return not (t.is_meta or is_fake(t))
 
 

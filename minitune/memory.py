@@ -351,7 +351,7 @@ class AllocatorTrace:
         self._events: list[tuple[int, int]] = []  # (time ns, +/- bytes) of blocks allocated in the trace
 
     def __enter__(self) -> AllocatorTrace:
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile  # here: kineto loads only when a trace starts
 
         # kineto (behind the profiler) logs a line at every start and stop unless told otherwise;
         # it reads this when the first profile starts (a value set by the user is kept)

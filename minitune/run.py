@@ -24,6 +24,7 @@ from .memory import MB, format_bytes, tensor_breakdown
 from .planner import smaller_split
 from .report import summary_table
 from .rng import rng_state, set_rng_state
+from .run_report import try_write_report
 from .state import TrainState
 
 __all__ = ["TrainResult", "train"]
@@ -172,8 +173,6 @@ def _report(parts: Parts) -> None:
     if not (parts.cfg.logging.report and parts.cfg.logging.jsonl and parts.logger.records
             and parts.accelerator.is_main_process):
         return
-    from .run_report import try_write_report  # matplotlib loads only here
-
     png = try_write_report(parts.out)
     if png is not None:
         print(f"report: {png} (and report.html)", flush=True)
@@ -286,7 +285,7 @@ def measured_process_peak(profiler: Any) -> tuple[int, str] | None:
             return profiler.window_process_peak, f"peak RSS sampled, loading and steps 1-{profiler.window_steps}"
         return profiler.peak_bytes(), "peak RSS sampled, whole run"
     if profiler.kind == "mps":
-        import resource
+        import resource  # Unix only
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "peak RSS of the process (ru_maxrss)"
     return torch.cuda.max_memory_reserved(profiler.device), "peak reserved (without the CUDA context)"

@@ -26,6 +26,7 @@ from ..device import setup_device
 from ..errors import CheckpointError, DataError, EvalError
 from ..lm import ensure_pad_token, model_kind
 from ..model import load_model, load_tokenizer, resolve_kind
+from ..run_report import try_write_report
 from .merge import merge_adapter
 from .results import EvalResult, to_markdown
 from .scoring import OnBatch, compare
@@ -236,8 +237,6 @@ def _report_after_eval(path: Path, out: Path, cfg: Config) -> Path | None:
     beside eval.json. A failure to draw is one warning line."""
     if not cfg.logging.report:
         return None
-    from ..run_report import try_write_report  # matplotlib loads only here
-
     run = path.parent
     in_run = (out.resolve() == eval_dir_for(path).resolve() and path.name == "final"
               and (run / "log.jsonl").is_file())

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import convert_outputs_to_fp32
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers.quantizers import AutoHfQuantizer
 
 from ..config import Config
 from ..cuda_memory import cuda_process_terms
@@ -89,8 +92,6 @@ def _accelerate_forward(model: nn.Module, mixed_precision: str, device_type: str
     """Wrap the forward as `accelerator.prepare` does: autocast, and outputs converted to fp32."""
     if mixed_precision not in ("bf16", "fp16"):
         return
-    from accelerate.utils import convert_outputs_to_fp32
-
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
     forward = model.forward
 
@@ -179,8 +180,6 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
         Whatever the model's own code raises on fake tensors (a custom architecture that reads tensor
         values); `build.predict_run` turns that into a warning and a run without a prediction.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     t = cfg.training
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = _fake_copy(model, mode, device_type).train()  # as the loop trains: dropout on
@@ -299,8 +298,6 @@ def meta_model(cfg: Config) -> tuple[nn.Module, Any, str]:
     with torch.device("meta"):
         base = build_from_config(args, seed=cfg.training.seed)
         if cfg.quantization.mode != "none":
-            from transformers.quantizers import AutoHfQuantizer
-
             quantizer = AutoHfQuantizer.from_config(quantization_config(cfg.quantization), pre_quantized=False)
             quantizer.preprocess_model(model=base, dtype=DTYPES[args.dtype], device_map={"": "cpu"})
     t = cfg.training
