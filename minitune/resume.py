@@ -55,7 +55,7 @@ RESUME_REFUSED = frozenset({
     "data.path", "data.split", "data.validation_split", "data.validation_fraction", "data.prompt", "data.response",
     "data.mask_prompt", "data.chat_template", "data.system_prompt", "data.assistant_only_loss", "data.add_eos",
     "data.max_length", "data.max_target_length", "data.packing", "data.group_by_length", "data.max_samples",
-    "data.fix_text",
+    "data.fix_text", "data.pad_to_multiple_of",
     "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps",
     "optimizer.scheduler", "optimizer.warmup_steps", "optimizer.warmup_ratio", "optimizer.fused",
     "training.batch_size", "training.grad_accum", "training.seed", "training.max_grad_norm",

@@ -193,8 +193,10 @@ def test_pinned_losses(tmp_path):
     assert _losses(tmp_path / "run") == pytest.approx(PINNED, abs=1e-4)
 
 
-# torch 2.13.0 CPU, transformers 5.23.0, peft 0.21.2, recorded from this configuration (fp32, no autocast)
-PINNED = [10.4426, 10.3087, 9.81526, 9.05715, 7.89575, 6.13407]
+# torch 2.13.0 CPU, transformers 5.23.0, peft 0.21.2, recorded from this configuration (fp32, no autocast).
+# Re-recorded when data.pad_to_multiple_of=8 became the default: LoRA dropout draws its mask over the
+# padded width, so steps 2-6 draw other masks (with lora.dropout=0 the losses agree to 1e-5)
+PINNED = [10.4426, 10.3346, 9.7557, 8.6886, 7.55644, 6.02688]
 
 
 def test_adapter_loads_with_peft(tmp_path, monkeypatch):

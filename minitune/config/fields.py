@@ -179,6 +179,11 @@ class DataArgs:
     max_target_length: int = _f(128, "Seq2seq: maximum target tokens.", valid=POSITIVE)
     packing: bool = _f(False, "Causal LM: concatenate examples into full `max_length` blocks.")
     group_by_length: bool = _f(False, "Batch examples of similar length together to cut padding.")
+    pad_to_multiple_of: int = _f(8, "Pad each batch's width up to a multiple of this (never past data.max_length; 0: "
+                                 "to its longest example). Fewer distinct batch shapes: the CPU matmul kernels "
+                                 "(oneDNN) keep a cache entry per shape, so RSS stops growing once each width is seen "
+                                 "(docs/memory.md). Pads are masked: the loss does not change.",
+                                 valid=NON_NEGATIVE, hint="0: pad to the longest example")
     max_samples: int | None = _f(None, "Use at most this many training examples (after the split).",
                                  valid=POSITIVE, hint="or unset")
     fix_text: bool = _f(False, "Repair mojibake ('Donâ€™t' -> 'Don’t') in every text value of the train and "

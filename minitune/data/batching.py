@@ -11,8 +11,10 @@ from torch.utils.data import DataLoader
 from ..lm import IGNORE, ensure_pad_token
 
 
-def _round_up(n: int, multiple: int | None) -> int:
-    return n if not multiple else -(-n // multiple) * multiple
+def _round_up(n: int, multiple: int | None, cap: int | None = None) -> int:
+    """`n` rounded up to a multiple of `multiple`, but not past `cap` (unless `n` itself is past it)."""
+    up = n if not multiple else -(-n // multiple) * multiple
+    return max(n, min(up, cap)) if cap else up
 
 
 class Collator:
@@ -25,13 +27,19 @@ class Collator:
     Args:
         tokenizer: gives the pad id (see :func:`ensure_pad_token`, which this calls).
         seq2seq: labels are targets of their own length rather than aligned with ``input_ids``.
-        pad_to_multiple_of: round the widths up (e.g. 8 for tensor cores).
+        pad_to_multiple_of: round the widths up (e.g. 8 for tensor cores; ``data.pad_to_multiple_of``:
+            fewer distinct batch shapes, so the CPU kernels' per-shape caches stay small).
+        max_width: with `pad_to_multiple_of`, never round the input width past this (``data.max_length``:
+            the widest batch stays the one the memory planner simulates).
+        max_label_width: the same for seq2seq labels (``data.max_target_length``).
     """
 
-    def __init__(self, tokenizer: Any, *, seq2seq: bool, pad_to_multiple_of: int | None = None):
+    def __init__(self, tokenizer: Any, *, seq2seq: bool, pad_to_multiple_of: int | None = None,
+                 max_width: int | None = None, max_label_width: int | None = None):
         self.pad_token_id = ensure_pad_token(tokenizer)
         self.seq2seq = seq2seq
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_width, self.max_label_width = max_width, max_label_width
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return self.collate(features)
@@ -41,8 +49,9 @@ class Collator:
         directly to look at a run's first batches without taking them from the run's loader)."""
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
         labels = [torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long) for f in features]
-        width = _round_up(max((len(x) for x in ids), default=0), self.pad_to_multiple_of)
-        label_width = _round_up(max((len(x) for x in labels), default=0), self.pad_to_multiple_of)
+        width = _round_up(max((len(x) for x in ids), default=0), self.pad_to_multiple_of, self.max_width)
+        label_width = _round_up(max((len(x) for x in labels), default=0), self.pad_to_multiple_of,
+                                self.max_label_width)
         if not self.seq2seq:
             label_width = width
         input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)

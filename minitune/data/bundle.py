@@ -67,4 +67,6 @@ def build_data(args: DataArgs, tokenizer: Any, *, seq2seq: bool, batch_size: int
         "validation_rows": val_stats["rows"],
         "validation_tokens": val_stats["tokens"],
     }
-    return DataBundle(train, validation, raw_validation, Collator(tokenizer, seq2seq=seq2seq), stats)
+    collator = Collator(tokenizer, seq2seq=seq2seq, pad_to_multiple_of=args.pad_to_multiple_of or None,
+                        max_width=args.max_length, max_label_width=args.max_target_length if seq2seq else None)
+    return DataBundle(train, validation, raw_validation, collator, stats)
