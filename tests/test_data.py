@@ -323,6 +323,23 @@ def test_collator_pads_to_a_multiple(gpt2):
     assert ensure_pad_token(gpt2) == gpt2.eos_token_id
 
 
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_pad_to_multiple_of_bounds_the_batch_widths(gpt2, multiple):
+    """data.pad_to_multiple_of reaches the run's collator: every batch width is a multiple, or
+    data.max_length itself (never wider: the planner simulates that width), so a run sees at most
+    max_length / multiple + 1 shapes (each new one costs RSS in the CPU kernels' caches)."""
+    args = quotes(max_samples=300, max_length=60, pad_to_multiple_of=multiple)
+    data = build_data(args, gpt2, seq2seq=False, batch_size=4)
+    widths = [b["input_ids"].shape[1] for b in make_dataloader(data.train, data.collator, batch_size=4,
+                                                                 shuffle=True, seed=0)]
+    assert all(w % multiple == 0 or w == 60 for w in widths) and max(widths) <= 60
+    assert len(set(widths)) <= 60 // multiple + 1
+    plain = build_data(quotes(max_samples=300, max_length=60), gpt2, seq2seq=False, batch_size=4)
+    plain_widths = {b["input_ids"].shape[1] for b in make_dataloader(plain.train, plain.collator, batch_size=4,
+                                                                       shuffle=True, seed=0)}
+    assert len(plain_widths) > 60 // multiple + 1  # the data has more widths than that without it
+
+
 # ------------------------------------------------------------------------------------ loaders
 
 
