@@ -42,6 +42,11 @@ __all__ = ["LossFn", "auto_chunk_size", "chunked_loss", "chunking_problem", "cou
            "default_loss", "linear_cross_entropy", "loss_fn_for"]
 
 AUTO_CHUNK_BYTES = 256 * 2**20  # chunk_size=0: this much fp32 logits per chunk
+# The output layer's matmuls run on a multiple of this many rows (zero rows added, their loss and
+# gradient dropped): the number of target positions differs from batch to batch, and the CPU
+# kernels (oneDNN) keep a cache entry per shape, so unrounded counts grew RSS step after step
+# (about 1 MiB a step on opt-125m, docs/memory.md). At most ROW_MULTIPLE - 1 rows more per chunk.
+ROW_MULTIPLE = 16
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
 
@@ -315,6 +320,14 @@ def _matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _pad_rows(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`h` and `t` with zero rows (target 0) added up to a multiple of ROW_MULTIPLE rows."""
+    pad = -h.size(0) % ROW_MULTIPLE
+    if not pad:
+        return h, t
+    return nn.functional.pad(h, (0, 0, 0, pad)), nn.functional.pad(t, (0, pad))
+
+
 def _head_cross_entropy(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
 
@@ -347,6 +360,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         b = bias.to(dtype) if bias is not None else None
         for start in range(0, h.size(0), chunk_size):
             hc, tc = h[start: start + chunk_size].to(dtype), t[start: start + chunk_size]
+            n = hc.size(0)
+            hc, tc = _pad_rows(hc, tc)  # n rounded up to ROW_MULTIPLE: few distinct matmul shapes
             with torch.autocast(h.device.type, enabled=False):
                 logits = nn.functional.linear(hc, w, b)
             lf = logits.float()
@@ -356,16 +371,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target = lf.gather(1, tc.unsqueeze(1)).squeeze(1)
             top = lf.amax(dim=-1, keepdim=True)
             total = lf.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            loss += (total.log() + top - target.unsqueeze(1)).sum()
+            loss += (total.log() + top - target.unsqueeze(1))[:n].sum()
             if not (want_h or want_w or want_b):
                 continue
-            # d loss / d logits = softmax(logits) - one_hot(t)
+            # d loss / d logits = softmax(logits) - one_hot(t); nothing on the added rows
             g = lf.div_(total)
-            g[torch.arange(g.size(0), device=g.device), tc] -= 1
+            g[torch.arange(n, device=g.device), tc[:n]] -= 1
+            g[n:] = 0
             gc = g.to(dtype)  # the matmuls run in the dtype the forward matmul ran in
             del logits, lf
             if want_h:
-                grad_h[start: start + chunk_size] = gc @ w
+                grad_h[start: start + n] = (gc @ w)[:n]
             if want_w:
                 grad_w += (gc.t() @ hc).float()
             if want_b:
