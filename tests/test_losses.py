@@ -113,6 +113,33 @@ def test_no_grad_evaluation_and_empty_targets():
     loss_sum.backward()  # still part of the graph
 
 
+def test_output_layer_runs_on_few_row_counts_with_the_same_loss_and_gradients(monkeypatch):
+    """The number of target positions differs per batch; the output layer's matmuls see it rounded up
+    to ROW_MULTIPLE (each new shape costs RSS in the CPU kernels' cache), and the added rows change
+    neither the loss nor the gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    rows: set[int] = set()
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: rows.add(x.shape[0]) or linear(x, w, b))
+    for n in range(1, 41):
+        h = torch.randn(n, 8, requires_grad=True)
+        t = torch.randint(0, 50, (n,))
+        loss = linear_cross_entropy(h, head, t)
+        loss.backward()
+        h_ref = h.detach().clone().requires_grad_(True)
+        w_ref = head.weight.detach().clone().requires_grad_(True)
+        b_ref = head.bias.detach().clone().requires_grad_(True)
+        ref = torch.nn.functional.cross_entropy(linear(h_ref, w_ref, b_ref), t, reduction="sum")
+        ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(head.weight.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head.bias.grad, b_ref.grad, rtol=1e-5, atol=1e-5)
+        head.zero_grad(set_to_none=True)
+    assert rows == {16, 32, 48}  # 40 target counts, 3 shapes
+
+
 def test_bf16_autocast_close_to_default():
     """Under bf16 autocast the chunked loss matches the full one and fp32 closely enough to tell the
     right targets from targets off by one position. The output layer is scaled up (tied to the
