@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.malloc == "minitune" else "-glibc-default"
     stem = args.out or RESULTS / f"soak-{args.job}-cpu-{date}{suffix}"
     meta = {"job": args.job, "date": date, "steps": args.steps, "malloc": args.malloc, "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "baseline_mb": baseline / MB,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads", "baseline_mb": baseline / MB,
             "command": "python bench/soak.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
     rows: list[dict] = []
     started = time.perf_counter()
