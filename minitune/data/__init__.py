@@ -26,7 +26,7 @@ from .batching import (
     estimate_padding,
     make_dataloader,
 )
-from .bundle import DataBundle, build_data
+from .bundle import DataBundle, build_data, collator_for
 from .chat import apply_chat, check_chat_template, conversation, generation_prompt, stop_token_ids, user_prompt
 from .sources import load_rows, repair_text
 from .templates import render
@@ -40,6 +40,7 @@ __all__ = [
     "apply_chat",
     "build_data",
     "check_chat_template",
+    "collator_for",
     "conversation",
     "estimate_padding",
     "generation_prompt",

@@ -67,6 +67,11 @@ def build_data(args: DataArgs, tokenizer: Any, *, seq2seq: bool, batch_size: int
         "validation_rows": val_stats["rows"],
         "validation_tokens": val_stats["tokens"],
     }
-    collator = Collator(tokenizer, seq2seq=seq2seq, pad_to_multiple_of=args.pad_to_multiple_of or None,
-                        max_width=args.max_length, max_label_width=args.max_target_length if seq2seq else None)
-    return DataBundle(train, validation, raw_validation, collator, stats)
+    return DataBundle(train, validation, raw_validation, collator_for(args, tokenizer, seq2seq=seq2seq), stats)
+
+
+def collator_for(args: DataArgs, tokenizer: Any, *, seq2seq: bool) -> Collator:
+    """The collator a config's data section asks for: widths padded to data.pad_to_multiple_of, never
+    past data.max_length (training and evaluation batch alike)."""
+    return Collator(tokenizer, seq2seq=seq2seq, pad_to_multiple_of=args.pad_to_multiple_of or None,
+                    max_width=args.max_length, max_label_width=args.max_target_length if seq2seq else None)

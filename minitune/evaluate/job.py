@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from ..checkpoint import MARKER, load_weights, weights_in
 from ..config import Config, QuantizationArgs, load_config
-from ..data import Collator, generation_prompt, load_rows, make_dataloader, tokenize, user_prompt
+from ..data import collator_for, generation_prompt, load_rows, make_dataloader, tokenize, user_prompt
 from ..device import setup_device
 from ..errors import CheckpointError, DataError, EvalError
 from ..lm import ensure_pad_token, model_kind
@@ -174,7 +174,8 @@ def evaluate_checkpoint(
     seq2seq = checkpoint_model_kind(path, cfg) == "seq2seq"
     rows, examples, tokenizer = _held_out(path, cfg, seq2seq, max_samples)
     bs = batch_size or cfg.training.batch_size
-    loader = make_dataloader(examples, Collator(tokenizer, seq2seq=seq2seq), batch_size=bs, shuffle=False, seed=seed)
+    loader = make_dataloader(examples, collator_for(cfg.data, tokenizer, seq2seq=seq2seq), batch_size=bs,
+                             shuffle=False, seed=seed)
     if prompts_file:
         shown, references = _prompts_from_file(prompts_file), None
         prompts = [user_prompt(text, cfg.data, tokenizer) for text in shown]
