@@ -41,11 +41,12 @@ from accelerate.utils.memory import should_reduce_batch_size
 
 from minitune.build import setup_accelerator, setup_model
 from minitune.config import Config, DataArgs, LoraArgs, ModelArgs, OptimizerArgs, QuantizationArgs, TrainingArgs
+from minitune.cpu_allocator import AllocatorTrace
 from minitune.device import optimizer_name_for, setup_device
 from minitune.lm import model_kind
 from minitune.loop import LoopArgs, fit
 from minitune.losses import loss_fn_for
-from minitune.memory import AllocatorTrace, MemoryProfiler, tensor_breakdown
+from minitune.memory import MemoryProfiler, tensor_breakdown
 from minitune.model import load_model
 from minitune.optim import build_optimizer
 from minitune.planner import MicroBatch, simulate

@@ -391,7 +391,7 @@ def markdown(data: dict) -> str:
              f"Peak = **{lab}**, over the training steps (warm-up included; loading is recorded apart, "
              "`peak_all_mb` in the CSV). "
              + ("On CPU: the bytes PyTorch's CPU allocator holds, from the torch profiler's allocation and release "
-                "events (`minitune.memory.AllocatorTrace`), counted from before the model loads; RSS is in the CSV "
+                "events (`minitune.cpu_allocator.AllocatorTrace`), counted from before the model loads; RSS is in the CSV "
                 "(`rss_peak_train_mb`). Quantized cells copy the unquantized tensors the loader leaves mapped from "
                 "the temporary checkpoint file into allocator memory, as a model loaded from a real file would hold "
                 "them once touched (see bench/README.md)." if data["kind"] == "cpu" else ""),

@@ -12,7 +12,7 @@ advice   configs over a budget set 15% under their predicted peak: `minitune.pla
 
 Each run is a cell of the memory benchmark (`bench/cell.py`, its own process, random token batches
 of the planned shape: every position a target); on CPU the peak is what the CPU allocator holds
-(`minitune.memory.AllocatorTrace`). Writes bench/results/plan-check-<device>-<date>.{md,json}.
+(`minitune.cpu_allocator.AllocatorTrace`). Writes bench/results/plan-check-<device>-<date>.{md,json}.
 """
 
 from __future__ import annotations

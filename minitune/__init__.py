@@ -50,7 +50,7 @@ _EXPORTS = {
     "load_model": "model",
     "load_tokenizer": "model",
     "MemoryProfiler": "memory",
-    "AllocatorTrace": "memory",
+    "AllocatorTrace": "cpu_allocator",
     "tensor_breakdown": "memory",
     "plan": "planner",
     "simulate": "planner",

@@ -2,7 +2,7 @@
 
     core      errors, lm, config, device, presets           facts and settings, no torch state
     parts     data, model, losses, optim, state, checkpoint,  the pieces a loop is built from
-              memory, process_memory, cuda_memory, metrics, report,
+              memory, process_memory, cuda_memory, cpu_allocator, metrics, report,
               eval_loss, interrupt, prepare, rng
     loop      loop                                          `fit`: runs the parts
     assembly  build, run_folder, resume, run, planner,       builds the parts from a config,
@@ -25,7 +25,7 @@ PACKAGE = Path(minitune.__file__).parent
 LAYERS = {
     "core": ("errors", "lm", "config", "device", "presets"),
     "parts": ("data", "model", "losses", "optim", "state", "checkpoint", "memory", "process_memory",
-              "cuda_memory", "metrics", "report", "eval_loss", "interrupt", "prepare", "rng"),
+              "cuda_memory", "cpu_allocator", "metrics", "report", "eval_loss", "interrupt", "prepare", "rng"),
     "loop": ("loop",),
     "assembly": ("build", "run_folder", "resume", "run", "planner", "evaluate", "run_data", "run_plots", "run_report",
                  "cli", "__main__"),
@@ -137,3 +137,4 @@ def test_no_test_or_benchmark_imports_a_private_name():
                 found += [f"{path.relative_to(repo)}:{node.lineno} {a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == [], found
+

@@ -4,7 +4,8 @@ from unittest import mock
 import torch
 from torch import nn
 
-from minitune.memory import MB, AllocatorTrace, MemoryProfiler, format_bytes, tensor_breakdown
+from minitune.cpu_allocator import AllocatorTrace
+from minitune.memory import MB, MemoryProfiler, format_bytes, tensor_breakdown
 
 
 def _tiny():
