@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file, save_model
 
 from .device import shards_weights
 from .errors import CheckpointError, DiskFullError
+from .files import fsync_dir, fsync_tree, remove_folder
 from .process_memory import format_bytes
 from .rng import rng_state, set_rng_state
 from .state import TrainState
@@ -103,36 +104,6 @@ def find_latest(output_dir: str | Path) -> Path | None:
     if not candidates:
         return None
     return max(candidates, key=_step_of)  # ties: the first (a step checkpoint before `final`)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [path, *[p for p in path.rglob("*") if p.is_dir()]]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    """Delete a checkpoint folder so that no moment of the deletion leaves a complete-looking one."""
-    trash = path.parent / f".trash-{path.name}"
-    if trash.exists():
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def clean_debris(output_dir: str | Path) -> None:
@@ -280,19 +251,19 @@ def _save(path: Path, *, accelerator: Any, model: torch.nn.Module, optimizer: An
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / MARKER).write_text("ok\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old = path.parent / f".old-{path.name}"
         if path.exists():  # replacing `final` (e.g. after resuming): keep it until the new one is in
             if old.exists():
-                _remove(old)
+                remove_folder(old)
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old.exists():
-            _remove(old)
+            remove_folder(old)
         if keep_last and _STEP_DIR.match(path.name):
             for stale in list_checkpoints(path.parent)[:-keep_last]:
-                _remove(stale)
+                remove_folder(stale)
     accelerator.wait_for_everyone()
     return path
 

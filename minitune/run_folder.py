@@ -14,6 +14,7 @@ from typing import Any
 from .checkpoint import clean_debris
 from .config import Config
 from .errors import RunError
+from .files import write_atomic
 
 __all__ = ["check_output_dir", "prepare_output_dir", "trim_log"]
 
@@ -103,6 +104,4 @@ def trim_log(log: Path, step: int) -> None:
             raise RunError(f"'{log}' line {number} is not a JSON object; fix or delete that line and resume again")
         if record.get("step", 0) <= step:
             kept.append(line)
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, log)
+    write_atomic(log, "".join(f"{line}\n" for line in kept).encode())

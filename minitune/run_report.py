@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ReportError
+from .files import write_atomic
 from .run_data import TABLE_COLUMNS, RunData, first_line, fmt_value, load_run, run_labels, table_rows
 from .run_plots import draw
 
@@ -62,15 +63,9 @@ def write_report(runs: str | Path | Sequence[str | Path], out: str | Path | None
     fig.savefig(buffer, format="png", metadata={"Software": None})
     png = buffer.getvalue()
     png_path, html_path = out / "report.png", out / "report.html"
-    _write_atomic(png_path, png)
-    _write_atomic(html_path, _html(data, labels, png).encode("utf-8"))
+    write_atomic(png_path, png)
+    write_atomic(html_path, _html(data, labels, png).encode("utf-8"))
     return png_path, html_path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def try_write_report(folder: str | Path, say: Any = None) -> Path | None:

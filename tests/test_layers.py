@@ -3,7 +3,7 @@
     core      errors, lm, config, device, presets           facts and settings, no torch state
     parts     data, model, losses, optim, state, checkpoint,  the pieces a loop is built from
               memory, process_memory, cuda_memory, cpu_allocator, metrics, report,
-              eval_loss, interrupt, prepare, rng
+              eval_loss, interrupt, prepare, rng, files
     loop      loop                                          `fit`: runs the parts
     assembly  build, run_folder, resume, run, planner,       builds the parts from a config,
               evaluate, run_data, run_plots, run_report,     runs, plans, evaluates and reports
@@ -25,7 +25,7 @@ PACKAGE = Path(minitune.__file__).parent
 LAYERS = {
     "core": ("errors", "lm", "config", "device", "presets"),
     "parts": ("data", "model", "losses", "optim", "state", "checkpoint", "memory", "process_memory",
-              "cuda_memory", "cpu_allocator", "metrics", "report", "eval_loss", "interrupt", "prepare", "rng"),
+              "cuda_memory", "cpu_allocator", "metrics", "report", "eval_loss", "interrupt", "prepare", "rng", "files"),
     "loop": ("loop",),
     "assembly": ("build", "run_folder", "resume", "run", "planner", "evaluate", "run_data", "run_plots", "run_report",
                  "cli", "__main__"),
