@@ -138,3 +138,23 @@ def test_no_test_or_benchmark_imports_a_private_name():
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == [], found
 
+
+MAX_MODULE_LINES = 460  # "about 450": one concern a module
+MAX_FUNCTION_LINES = 60  # statements of a function, its docstring left out
+
+
+def test_modules_and_functions_stay_small():
+    too_long = []
+    for module, source in _sources().items():
+        lines = source.count("\n")
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{module}: {lines} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = node.body[0]
+                has_doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str)
+                start = first.end_lineno + 1 if has_doc and len(node.body) > 1 else first.lineno
+                if node.end_lineno - start + 1 > MAX_FUNCTION_LINES:
+                    too_long.append(f"{module}.{node.name}: {node.end_lineno - start + 1} lines")
+    assert too_long == [], too_long
