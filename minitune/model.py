@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
 from .config import DTYPES as DTYPE_NAMES
-from .config import Config, ModelArgs, QuantizationArgs, resolve_path
+from .config import Config, ModelArgs, QuantizationArgs, looks_like_path, resolve_path
 from .device import resolve_precision
 from .errors import ModelError
 from .lm import ensure_pad_token, model_kind
@@ -39,7 +39,7 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names the c
 def _offline_hint(what: str, name: str, err: Exception) -> ModelError:
     """The error for a model or tokenizer that did not load: a path that does not exist, a hub id
     that is not cached offline, or what the loader said."""
-    if not os.path.exists(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
+    if not os.path.exists(name) and looks_like_path(name):
         return ModelError(f"{what} '{name}' does not exist (relative paths start from {os.getcwd()}): check the "
                           "path, or give a hub id such as owner/name")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -196,6 +196,12 @@ def resolve_path(value: str, key: str) -> str:
     return str(folder / inside) if inside else str(folder)
 
 
+def looks_like_path(value: str) -> bool:
+    """Whether a model, tokenizer or data value that does not exist was meant as a path, not a hub id
+    ('owner/name'): it starts with /, . or ~, has more than one /, or a backslash."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value
+
+
 def shipped_configs() -> dict[str, Path]:
     """The configs shipped with minitune, by name (the file name without .yaml), sorted by name."""
     return {p.stem: p for p in sorted(CONFIGS.glob("*.yaml"))}

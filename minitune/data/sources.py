@@ -12,7 +12,7 @@ from typing import Any
 import datasets
 import ftfy
 
-from ..config import DataArgs, resolve_path
+from ..config import DataArgs, looks_like_path, resolve_path
 from ..errors import DataError
 
 logger = logging.getLogger("minitune.data")
@@ -165,8 +165,7 @@ def _repair_rows(rows: datasets.Dataset, count: dict[str, int]) -> datasets.Data
 
 def _looks_local(path: str) -> bool:
     """Whether a missing `path` was meant as a file (and is not a hub id such as 'owner/name')."""
-    return (Path(path).suffix.lower() in BUILDERS or path.startswith(("/", ".", "~"))
-            or path.count("/") > 1 or "\\" in path)
+    return Path(path).suffix.lower() in BUILDERS or looks_like_path(path)
 
 
 def load_rows(args: DataArgs) -> tuple[datasets.Dataset, datasets.Dataset | None]:
