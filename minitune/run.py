@@ -17,11 +17,14 @@ from rich.console import Console
 from .build import Parts, loop_args, setup, train_loader
 from .checkpoint import find_latest, save_checkpoint
 from .config import Config, load_config, with_split
+from .device import capabilities
 from .errors import RunError
 from .eval_loss import evaluate_during_run
+from .lm import unwrap
 from .loop import fit
 from .memory import MB, format_bytes, tensor_breakdown
 from .planner import smaller_split
+from .planner.advice import candidates, overrides_text
 from .report import summary_table
 from .rng import rng_state, set_rng_state
 from .run_report import try_write_report
@@ -222,22 +225,11 @@ def _out_of_memory(err: BaseException, parts: Parts) -> RunError:
     peak = profiler.peak_bytes() if profiler is not None else 0
     if peak:
         now += f"peak so far {format_bytes(peak)}; "
-    knobs = []
-    split = smaller_split(t.batch_size, t.grad_accum)
-    if split:
-        knobs.append(f"training.batch_size={split[0]} training.grad_accum={split[1]} (the same examples per step)")
-    if not t.gradient_checkpointing:
-        knobs.append("training.gradient_checkpointing=true")
-    if cfg.optimizer.name in ("adamw", "paged_adamw32bit"):
-        knobs.append("optimizer.name=adamw8bit")
-    if not cfg.lora.enabled:
-        knobs.append("lora.enabled=true")
-    elif cfg.quantization.mode != "4bit":
-        knobs.append("quantization.mode=4bit")
-    if cfg.data.max_length > 128:
-        knobs.append(f"data.max_length={cfg.data.max_length // 2}")
+    # the planner's list of changes that lower a peak, cheapest first (`minitune plan` simulates each)
+    vocab = int(getattr(getattr(unwrap(parts.model), "config", None), "vocab_size", 0) or 0)
+    knobs = [f"{overrides_text(over)}: {what}" for what, over, *_ in candidates(cfg, capabilities(device), vocab)]
     return RunError(f"out of memory at step {state.step + 1} (micro-batch {t.batch_size} x up to "
-                    f"{cfg.data.max_length} tokens): {now}try {', '.join(knobs) or 'a smaller model'}")
+                    f"{cfg.data.max_length} tokens): {now}try {'; '.join(knobs) or 'a smaller model'}")
 
 
 def _out_of_memory_loading(cfg: Config) -> RunError:

@@ -163,7 +163,8 @@ def test_out_of_memory_split_keeps_an_odd_batch(tmp_path, monkeypatch):
     patch_forward(monkeypatch, {1}, "oom")
     with pytest.raises(RunError) as e:
         train(fault_config(tmp_path / "run", training={"batch_size": 5, "grad_accum": 1}))
-    assert "training.batch_size=1 training.grad_accum=5 (the same examples per step)" in str(e.value)
+    assert "training.batch_size=1 training.grad_accum=5: micro-batch 1 x accumulation 5 (same examples per step)" \
+        in str(e.value)
 
 
 def test_auto_batch_size_halves_until_a_step_fits(tmp_path, monkeypatch, capsys):

@@ -32,6 +32,11 @@ def smaller_split(batch_size: int, grad_accum: int) -> tuple[int, int] | None:
     return (smaller, grad_accum * batch_size // smaller) if smaller else None
 
 
+def overrides_text(overrides: dict[str, Any]) -> str:
+    """Overrides as a user types them: `training.gradient_checkpointing=true training.batch_size=4`."""
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
+
+
 def candidates(cfg: Config, caps: Capabilities, vocab: int) -> list[tuple[str, dict[str, Any], float, bool]]:
     """(what, overrides, speed cost, changes the result) for each change that applies to `cfg`."""
     t, out = cfg.training, []
