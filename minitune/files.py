@@ -11,19 +11,17 @@ __all__ = ["fsync_dir", "fsync_tree", "remove_folder", "write_atomic"]
 
 
 def fsync_tree(path: Path) -> None:
+    """Flush every file under `path`, then every folder (so the new names are durable too)."""
     for p in sorted(path.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     for d in [path, *[p for p in path.rglob("*") if p.is_dir()]]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(d)
 
 
 def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
