@@ -30,6 +30,7 @@ from .checkpoint import restore_rng, save_checkpoint
 from .config import Config
 from .data import DataBundle, build_data, make_dataloader
 from .errors import ConfigError, RunError
+from .launch import check_processes
 from .lm import model_kind
 from .loop import LoopArgs
 from .losses import LossFn, loss_fn_for
@@ -239,7 +240,7 @@ def setup_accelerator(cfg: Config, device: torch.device, *, project_dir: Path | 
         log_with=cfg.logging.trackers or None,
         project_dir=str(project_dir) if project_dir is not None else None,
     )
-    problems = dev.check_processes(accelerator, quantized=cfg.quantization.mode != "none",
+    problems = check_processes(accelerator, quantized=cfg.quantization.mode != "none",
                                    grad_accum=cfg.training.grad_accum)
     if problems:
         raise RunError("; ".join(problems))

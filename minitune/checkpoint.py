@@ -33,9 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
-from .device import shards_weights
 from .errors import CheckpointError, DiskFullError
 from .files import fsync_dir, fsync_tree, remove_folder
+from .launch import shards_weights
 from .process_memory import format_bytes
 from .rng import rng_state, set_rng_state
 from .state import TrainState

@@ -1,6 +1,6 @@
 """The one place that knows what each device supports: CUDA, MPS or CPU.
 
-Everything else asks this module (`capabilities`, `check`, `check_processes`) instead of branching
+Everything else asks this module (`capabilities`, `check`; the launch: `launch.py`) instead of branching
 on device types, so the loop stays free of device and precision special cases.
 
 What is supported where (with the installed torch and bitsandbytes):
@@ -46,9 +46,8 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["Capabilities", "DeviceChoice", "Precision", "capabilities", "check", "check_processes", "choose_precision",
-           "engine", "optimizer_name_for", "resolve_device", "resolve_precision", "setup_device", "shards_weights",
-           "steps_in_backward"]
+__all__ = ["Capabilities", "DeviceChoice", "Precision", "capabilities", "check", "choose_precision", "optimizer_name_for",
+           "resolve_device", "resolve_precision", "setup_device"]
 
 
 @dataclass(frozen=True)
@@ -340,60 +339,6 @@ def check(cfg: Any, device: torch.device | str) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def check_processes(accelerator: Any, quantized: bool = False, grad_accum: int = 1) -> list[str]:
-    """Problems with how `accelerate launch` set up this process, found before the model loads.
-
-    Catches a multi-process launch in which each process trains alone (every process would write
-    the same run); an FSDP or DeepSpeed config that Accelerate did not apply (FSDP needs GPUs: on
-    CPU it would quietly run as DDP); DeepSpeed with minitune's own gradient accumulation (the
-    engine steps at every backward through Accelerate); and, on CUDA, a process whose device is not
-    its own GPU (with `quantized`, bitsandbytes would quantize every process's copy onto that GPU);
-    and a quantized model under FSDP.
-
-    Args:
-        accelerator: the run's Accelerator (or anything with its `num_processes`,
-            `local_process_index`, `device` and `distributed_type`).
-        quantized: the model will be loaded with bitsandbytes layers, placed on `accelerator.device`.
-        grad_accum: training.grad_accum.
-
-    Returns:
-        One line per problem, naming the fix.
-    """
-    problems: list[str] = []
-    kind = engine(accelerator)
-    for wanted, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
-        if os.environ.get(env, "false").lower() == "true" and kind != wanted:
-            problems.append(f"the accelerate config asks for {wanted} but Accelerate set up {kind} on "
-                            f"{accelerator.device} ({wanted} needs GPUs); on CPU launch with "
-                            "configs/accelerate/cpu-2proc.yaml")
-    if kind == "FSDP" and quantized:
-        problems.append("a quantized model (quantization.mode 8bit/4bit) under FSDP: minitune places bitsandbytes "
-                        "layers whole on each process's GPU and does not set up FSDP for them; set "
-                        "quantization.mode=none, or launch with DDP (configs/accelerate/multi-gpu-ddp.yaml)")
-    if kind == "DEEPSPEED" and grad_accum > 1:
-        problems.append(f"training.grad_accum={grad_accum} under DeepSpeed, whose engine steps at every backward "
-                        "in minitune's loop: set training.grad_accum=1 (raise training.batch_size or the number "
-                        "of processes instead)")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes == 1:
-        problems.append(f"launched as one of {launched} processes, but Accelerate set this one up alone on "
-                        f"{accelerator.device} (each process would train and write the same run); on CPU launch "
-                        "with configs/accelerate/cpu-2proc.yaml (`--multi_gpu`, not `--cpu`) and "
-                        "training.device=cpu or auto")
-    device = torch.device(accelerator.device)
-    if device.type == "cuda" and accelerator.num_processes > 1:
-        count = torch.cuda.device_count()
-        expected = accelerator.local_process_index % max(1, count)
-        if device.index is not None and device.index != expected:
-            problems.append(f"process {accelerator.local_process_index} runs on {device} instead of cuda:{expected}; "
-                            "launch with `accelerate launch` and do not set training.device to a fixed GPU")
-        elif quantized and int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) > count:
-            problems.append(f"{os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes)} processes share {count} "
-                            "GPU(s) on this machine: with a quantized model each process needs its own GPU; set "
-                            "--num_processes to at most the number of GPUs")
-    return problems
-
-
 def optimizer_name_for(name: str, device: torch.device | str) -> str:
     """The optimizer that actually runs: paged ones fall back to unpaged where paging is impossible."""
     if name.startswith("paged_") and not capabilities(device).paged_optimizers:
@@ -440,18 +385,3 @@ def setup_device(cfg: Any) -> tuple[Any, DeviceChoice]:
     return cfg, DeviceChoice(device, precision, notes)
 
 
-def engine(accelerator: Any) -> str:
-    """The distributed engine a launch runs under, as one name: 'NO', 'MULTI_CPU', 'MULTI_GPU', 'FSDP',
-    'DEEPSPEED', ... (Accelerate's `DistributedType`; 'NO' for anything without one)."""
-    return str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
-
-
-def shards_weights(accelerator: Any) -> bool:
-    """FSDP and DeepSpeed shard the weights: every process joins in gathering them (a collective)."""
-    return engine(accelerator) in ("FSDP", "DEEPSPEED")
-
-
-def steps_in_backward(accelerator: Any) -> bool:
-    """DeepSpeed: Accelerate's `backward` runs the engine's backward and step (the optimizer's `step`
-    is a no-op), so the loop sees a step's loss and gradient only after its update."""
-    return engine(accelerator) == "DEEPSPEED"

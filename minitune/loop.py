@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .device import steps_in_backward
 from .eval_loss import evaluate_during_run
 from .interrupt import StopFlag
+from .launch import steps_in_backward
 from .losses import LossFn, default_loss
 from .optim import clip_grad_norm, module_grad_norms
 from .state import TrainState

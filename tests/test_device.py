@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from minitune import device as dev
+from minitune import launch
 from minitune.config import load_config
 from minitune.errors import ConfigError
 
@@ -212,40 +213,40 @@ def _accelerator(device, *, num_processes=2, local_process_index=0):
 def test_check_processes_each_process_on_its_own_gpu(cuda, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert dev.check_processes(_accelerator("cuda:1", local_process_index=1), quantized=True) == []
-    (problem,) = dev.check_processes(_accelerator("cuda:0", local_process_index=1), quantized=True)
+    assert launch.check_processes(_accelerator("cuda:1", local_process_index=1), quantized=True) == []
+    (problem,) = launch.check_processes(_accelerator("cuda:0", local_process_index=1), quantized=True)
     assert "process 1 runs on cuda:0 instead of cuda:1" in problem
     # more processes than GPUs: fine for a full-precision model, not for quantized copies
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert dev.check_processes(_accelerator("cuda:1", num_processes=4, local_process_index=3)) == []
-    (problem,) = dev.check_processes(_accelerator("cuda:1", num_processes=4, local_process_index=3), quantized=True)
+    assert launch.check_processes(_accelerator("cuda:1", num_processes=4, local_process_index=3)) == []
+    (problem,) = launch.check_processes(_accelerator("cuda:1", num_processes=4, local_process_index=3), quantized=True)
     assert "4 processes share 2 GPU(s)" in problem
 
 
 def test_check_processes_catches_a_launch_where_each_process_trains_alone(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    (problem,) = dev.check_processes(_accelerator("cpu", num_processes=1))
+    (problem,) = launch.check_processes(_accelerator("cpu", num_processes=1))
     assert "launched as one of 2 processes" in problem and "cpu-2proc.yaml" in problem
-    assert dev.check_processes(_accelerator("cpu", num_processes=2)) == []
+    assert launch.check_processes(_accelerator("cpu", num_processes=2)) == []
     monkeypatch.delenv("WORLD_SIZE")
-    assert dev.check_processes(_accelerator("cpu", num_processes=1)) == []
+    assert launch.check_processes(_accelerator("cpu", num_processes=1)) == []
 
 
 def test_check_processes_refuses_fsdp_or_deepspeed_that_accelerate_did_not_apply(monkeypatch):
     cpu_ddp = _accelerator("cpu")
     cpu_ddp.distributed_type = "DistributedType.MULTI_CPU"
-    assert dev.check_processes(cpu_ddp) == []
+    assert launch.check_processes(cpu_ddp) == []
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # an FSDP config launched on CPU runs as DDP
-    (problem,) = dev.check_processes(cpu_ddp)
+    (problem,) = launch.check_processes(cpu_ddp)
     assert "asks for FSDP but Accelerate set up MULTI_CPU" in problem and "cpu-2proc.yaml" in problem
 
 
 def test_deepspeed_needs_grad_accum_1():
     ds = _accelerator("cpu")
     ds.distributed_type = "DistributedType.DEEPSPEED"
-    assert dev.check_processes(ds, grad_accum=1) == []
-    (problem,) = dev.check_processes(ds, grad_accum=4)
+    assert launch.check_processes(ds, grad_accum=1) == []
+    (problem,) = launch.check_processes(ds, grad_accum=4)
     assert "training.grad_accum=4 under DeepSpeed" in problem and "set training.grad_accum=1" in problem
 
 
@@ -357,6 +358,6 @@ def test_shipped_configs_leave_precision_to_auto_and_run_on_a_t4(cuda, name):
 def test_a_quantized_model_under_fsdp_is_refused():
     fsdp = _accelerator("cpu")
     fsdp.distributed_type = "DistributedType.FSDP"
-    assert dev.check_processes(fsdp, quantized=False) == []
-    (problem,) = dev.check_processes(fsdp, quantized=True)
+    assert launch.check_processes(fsdp, quantized=False) == []
+    (problem,) = launch.check_processes(fsdp, quantized=True)
     assert "quantized model" in problem and "under FSDP" in problem and "quantization.mode=none" in problem

@@ -1,6 +1,6 @@
 """The dependency rule: imports point down the layers, never up.
 
-    core      errors, lm, config, device, presets           facts and settings, no torch state
+    core      errors, lm, config, device, launch, presets   facts and settings, no torch state
     parts     data, model, losses, optim, state, checkpoint,  the pieces a loop is built from
               memory, process_memory, cuda_memory, cpu_allocator, metrics, report,
               eval_loss, interrupt, prepare, rng, files
@@ -23,7 +23,7 @@ import minitune
 
 PACKAGE = Path(minitune.__file__).parent
 LAYERS = {
-    "core": ("errors", "lm", "config", "device", "presets"),
+    "core": ("errors", "lm", "config", "device", "launch", "presets"),
     "parts": ("data", "model", "losses", "optim", "state", "checkpoint", "memory", "process_memory",
               "cuda_memory", "cpu_allocator", "metrics", "report", "eval_loss", "interrupt", "prepare", "rng", "files"),
     "loop": ("loop",),
