@@ -41,8 +41,10 @@ def tiny_config(preset: str = "tiny-llama", output_dir: str | Path = "runs/test"
         "data": {"path": QUOTES, "prompt": "{quote} ->: ", "response": "{tags}", "max_length": 48,
                  "max_target_length": 16, "max_samples": 64, "validation_fraction": 0.1},
         "optimizer": {"lr": 3e-3, "scheduler": "constant"},
+        # eval_batches: the final evaluation reads 2 batches, not the 251 held-out rows (about 60% of a
+        # tiny run's time); a test that compares with the whole held-out split sets eval_batches=0
         "training": {"output_dir": str(output_dir), "max_steps": 8, "batch_size": 4, "seed": 0,
-                     "mixed_precision": "no"},
+                     "mixed_precision": "no", "eval_batches": 2},
         # no report.png per test run (a second or two each); tests/test_run_report.py turns it on
         "logging": {"progress": "none", "report": False},
     }

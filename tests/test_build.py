@@ -36,7 +36,8 @@ def test_setup_device_checks_the_config_against_the_device():
 
 def test_loop_args_take_the_training_and_logging_sections():
     cfg = load_config(tiny_config(training={"grad_accum": 3, "max_grad_norm": 0.5, "eval_every": 4, "save_every": 2,
-                                            "max_bad_steps": 7}, logging={"log_every": 5, "module_grad_norms": True}))
+                                            "max_bad_steps": 7, "eval_batches": 0},
+                                  logging={"log_every": 5, "module_grad_norms": True}))
     assert loop_args(cfg, 11) == LoopArgs(max_steps=11, grad_accum=3, max_grad_norm=0.5, log_every=5, eval_every=4,
                                           eval_batches=0, save_every=2, max_bad_steps=7, module_grad_norms=True)
 

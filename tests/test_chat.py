@@ -206,7 +206,8 @@ def test_a_chat_run_trains_and_evaluates_with_the_same_rendering(tmp_path):
 
     cfg = tiny_config("tiny-llama", tmp_path / "run", model={"tokenizer": SMOL},
                       data={"chat_template": True, "prompt": "Tags for: {quote}", "system_prompt": "Tag it.",
-                            "max_length": 64, "validation_fraction": 0.012})
+                            "max_length": 64, "validation_fraction": 0.012},
+                      training={"eval_batches": 0})  # the whole held-out split, as eval.py measures
     result = train(cfg)
     ev = evaluate_checkpoint(result.checkpoint, ["generation.max_new_tokens=4"], out_dir=tmp_path / "ev", num_prompts=2)
     # the held-out loss eval measures is the one training measured: the same rendering and mask

@@ -116,13 +116,15 @@ def test_generate_is_batched_greedy_and_seeded():
 
 
 SMALL_HOLDOUT = {"validation_fraction": 0.012}  # 30 held-out rows keep these tests fast
+WHOLE_EVAL = {"eval_batches": 0}  # the final eval loss over all of them, as eval.py measures it
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A tiny LoRA run (8 steps) with its final eval loss over the whole held-out split."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    result = train(tiny_config("tiny-llama", out, lora={"target_modules": ["all-linear"]}, data=SMALL_HOLDOUT))
+    result = train(tiny_config("tiny-llama", out, lora={"target_modules": ["all-linear"]}, data=SMALL_HOLDOUT,
+                               training=WHOLE_EVAL))
     return result
 
 
@@ -163,7 +165,8 @@ def test_lora_checkpoint_against_training_eval_loss(lora_run, tmp_path):
     ("tiny-gpt-neo", {"lora": {"target_modules": ["all-linear"]}, "quantization": {"mode": "4bit"}}),
 ], ids=["full-ft-llama", "lora-t5", "lora-4bit-gpt-neo"])
 def test_other_checkpoint_kinds_against_training_eval_loss(preset, sections, tmp_path):
-    cfg = tiny_config(preset, tmp_path / "run", data={"max_samples": 16, **SMALL_HOLDOUT}, training={"max_steps": 4})
+    cfg = tiny_config(preset, tmp_path / "run", data={"max_samples": 16, **SMALL_HOLDOUT},
+                      training={"max_steps": 4, **WHOLE_EVAL})
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     ev = _check_checkpoint(train(cfg), tmp_path, preset, sections.get("quantization"))
