@@ -22,7 +22,7 @@ from minitune.model import load_tokenizer
 from minitune.resume import resolve_resume
 from minitune.run_folder import check_output_dir
 
-from .conftest import tiny_config
+from .conftest import measured_config, tiny_config
 
 
 def test_setup_device_checks_the_config_against_the_device():
@@ -93,7 +93,7 @@ def test_setup_data_and_model_follow_the_model_kind(preset):
 
 
 def test_setup_builds_every_part(tmp_path):
-    cfg = load_config(tiny_config(output_dir=tmp_path / "run", training={"max_steps": 3}))
+    cfg = load_config(measured_config(output_dir=tmp_path / "run", training={"max_steps": 3}))
     parts = setup(cfg)
     try:
         assert isinstance(parts, Parts) and parts.total_steps == 3 and parts.state.step == 0

@@ -19,7 +19,7 @@ from minitune.config import ModelArgs, OptimizerArgs, QuantizationArgs
 from minitune.errors import ConfigError
 from minitune.run import train
 
-from .conftest import REPO, simulated, tiny_config
+from .conftest import REPO, measured_config, simulated, tiny_config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)}
@@ -78,7 +78,7 @@ def test_memory_phases_every(tmp_path, monkeypatch):
     names: list[str] = []
     original = MemoryProfiler.phase
     monkeypatch.setattr(MemoryProfiler, "phase", lambda self, name: (names.append(name), original(self, name))[1])
-    train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 6}, logging={"memory_phases_every": 3}))
+    train(measured_config("tiny-llama", tmp_path / "run", training={"max_steps": 6}, logging={"memory_phases_every": 3}))
     assert names.count("forward") == names.count("backward") == names.count("optimizer") == 2  # steps 3 and 6
     phases = json.loads((tmp_path / "run" / "memory.json").read_text())["phases"]
     assert {"start", "load", "lora", "forward", "backward", "optimizer"} <= set(phases)

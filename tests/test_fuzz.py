@@ -45,7 +45,7 @@ import minitune.run  # noqa: E402,F401
 from minitune import cli  # noqa: E402
 from minitune.config import SECTIONS  # noqa: E402
 
-from .conftest import GPT2, QUOTES, tiny_config  # noqa: E402
+from .conftest import GPT2, QUOTES, measured_config  # noqa: E402
 
 # examples per target: default run / slow mode
 DEFAULT = {"config_yaml": 40, "config_text": 40, "overrides": 40, "full_run": 4, "data": 25, "chat": 25, "checkpoint": 12,
@@ -193,7 +193,7 @@ def plausible(section: str, key: str):
 
 
 def base_config(out: Path) -> dict:
-    return tiny_config("tiny-llama", out, data={"max_samples": 16, "path": QUOTES},
+    return measured_config("tiny-llama", out, data={"max_samples": 16, "path": QUOTES},
                        model={"tokenizer": GPT2}, training={"max_steps": 2})
 
 
@@ -361,7 +361,7 @@ def test_fuzz_full_runs(mode, fake_run, workdir):
         out = workdir / f"full-{next(counter)}"
         shutil.copytree(fake_run, out)
         try:
-            doc = tiny_config("tiny-llama", out, data={"max_samples": 8},
+            doc = measured_config("tiny-llama", out, data={"max_samples": 8},
                               training={"max_steps": 2, "overwrite": True, "eval_batches": 1})
             for key, value in edits:
                 section, name = key.split(".")
@@ -579,7 +579,7 @@ def real_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("fuzz-ckpt") / "run"
     with contextlib.redirect_stdout(io.StringIO()):
-        train(tiny_config("tiny-llama", out, data={"max_samples": 8},
+        train(measured_config("tiny-llama", out, data={"max_samples": 8},
                           training={"max_steps": 2, "save_every": 1, "keep_last": 1, "eval_batches": 1}))
     return out
 
@@ -644,7 +644,7 @@ def test_fuzz_checkpoints(mode, real_run, workdir):
                 argv = ["-p", str(run_dir / which), "--no-progress", "--num-prompts", "1", "--max-samples", "2"]
                 o = run(cli.main_eval, argv, stop="load_model")
             else:
-                cfg_file.write_text(yaml.safe_dump(tiny_config("tiny-llama", run_dir, data={"max_samples": 8},
+                cfg_file.write_text(yaml.safe_dump(measured_config("tiny-llama", run_dir, data={"max_samples": 8},
                                                                training={"max_steps": 3})))
                 resume = str(run_dir / which) if entry == "resume" else "auto"
                 # auto-full: past the weights, into load_checkpoint and one more step

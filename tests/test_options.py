@@ -17,7 +17,7 @@ from minitune.evaluate import evaluate_checkpoint
 from minitune.run import train
 from minitune.run_folder import trim_log
 
-from .conftest import tiny_config
+from .conftest import measured_config, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_jsonl_false_writes_no_log_and_memory_false_records_no_memory(quiet_run,
     assert not any(k.startswith("mem/") for k in quiet_run.state.last), quiet_run.state.last
     assert set(quiet_run.memory) == {"predicted"} and quiet_run.memory["predicted"]["total"] > 0
     # the same run with both on (the defaults) writes both
-    on = train(tiny_config("tiny-llama", tmp_path / "on", training={"max_steps": 2}))
+    on = train(measured_config("tiny-llama", tmp_path / "on", training={"max_steps": 2}))
     assert len((tmp_path / "on" / "log.jsonl").read_text().splitlines()) == 2
     assert any(k.startswith("mem/") for k in on.state.last)
     assert json.loads((tmp_path / "on" / "memory.json").read_text())["baseline_mb"] > 0

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from minitune.errors import ConfigError
 from minitune.run import train
 
-from .conftest import tiny_config
+from .conftest import measured_config
 
 ARCHS = ("tiny-llama", "tiny-t5")  # causal, seq2seq
 DTYPES = ("float32", "bfloat16", "float16")
@@ -71,7 +71,7 @@ def cell_config(cell: tuple, out) -> dict:
     arch, dtype, mixed, loss, quant, checkpointing = cell
     mode, _, compute = quant.partition("-")
     # 4 examples, batch 4: every step sees the same batch, so its loss must fall if the step trained
-    return tiny_config(
+    return measured_config(
         arch, out,
         model={"dtype": dtype},
         quantization={"mode": mode, **({"compute_dtype": compute} if compute else {})},

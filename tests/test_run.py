@@ -11,7 +11,7 @@ import pytest
 from minitune import eval_loss
 from minitune.run import TrainResult, train
 
-from .conftest import slow_evaluations, tiny_config
+from .conftest import measured_config, slow_evaluations, tiny_config
 
 
 def _losses(run_dir) -> list[float]:
@@ -90,7 +90,7 @@ def test_a_failed_run_stops_its_memory_sampler(tmp_path, monkeypatch, where):
     monkeypatch.setattr(build if where == "setup" else run, "setup_model" if where == "setup" else "fit", boom)
     before = _samplers()
     with pytest.raises(RuntimeError, match="boom"):
-        train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 1}))
+        train(measured_config("tiny-llama", tmp_path / "run", training={"max_steps": 1}))
     assert _samplers() == before
 
 

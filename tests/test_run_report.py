@@ -17,7 +17,7 @@ from minitune.errors import ReportError
 from minitune.run_data import load_run, run_labels, table_rows
 from minitune.run_plots import draw
 from minitune.run_report import write_report
-from tests.conftest import tiny_config
+from tests.conftest import measured_config, tiny_config
 
 
 def panels(fig) -> dict:
@@ -50,7 +50,7 @@ def finished_run(tmp_path_factory):
     from minitune.run import train
 
     out = tmp_path_factory.mktemp("report") / "run"
-    train(tiny_config("tiny-llama", out, training={"max_steps": 3, "eval_every": 1, "eval_batches": 1},
+    train(measured_config("tiny-llama", out, training={"max_steps": 3, "eval_every": 1, "eval_batches": 1},
                       logging={"progress": "none", "module_grad_norms": True, "report": True}))
     return out
 
@@ -186,8 +186,8 @@ def test_a_run_that_fails_after_its_first_step_still_leaves_a_report(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 4},
-                          logging={"progress": "none", "report": True}), on_step=fail_at_step_2)
+        train(measured_config("tiny-llama", tmp_path / "run", training={"max_steps": 4},
+                              logging={"progress": "none", "report": True}), on_step=fail_at_step_2)
     p = panels(draw([load_run(tmp_path / "run")]))
     assert p["loss"]["loss"] == logged(tmp_path / "run", "loss") and p["loss"]["loss"][0] == [1, 2]
     assert (tmp_path / "run" / "report.png").is_file() and not (tmp_path / "run" / "memory.json").exists()
