@@ -334,7 +334,7 @@ def test_pad_to_multiple_of_bounds_the_batch_widths(gpt2, multiple):
                                                                  shuffle=True, seed=0)]
     assert all(w % multiple == 0 or w == 60 for w in widths) and max(widths) <= 60
     assert len(set(widths)) <= 60 // multiple + 1
-    plain = build_data(quotes(max_samples=300, max_length=60), gpt2, seq2seq=False, batch_size=4)
+    plain = build_data(quotes(max_samples=300, max_length=60, pad_to_multiple_of=0), gpt2, seq2seq=False, batch_size=4)
     plain_widths = {b["input_ids"].shape[1] for b in make_dataloader(plain.train, plain.collator, batch_size=4,
                                                                        shuffle=True, seed=0)}
     assert len(plain_widths) > 60 // multiple + 1  # the data has more widths than that without it
