@@ -27,7 +27,7 @@ from minitune.planner.advice import candidates
 from minitune.planner.ledger import Ledger
 from minitune.run import off_component, train
 
-from .conftest import REPO, tiny_config
+from .conftest import REPO, measured_config, tiny_config
 
 ARCHITECTURES = ["tiny-llama", "tiny-opt", "tiny-bloom", "tiny-gpt-neo", "tiny-t5"]
 
@@ -41,7 +41,7 @@ def _error(result) -> float:
 def test_prediction_matches_the_allocator_for_each_architecture(tmp_path, preset):
     # a real run on real data (padding, masked prompts): the summary's prediction for steps 1-2
     # against the CPU allocator's exact account of the same steps
-    res = train(tiny_config(preset, tmp_path / "run", training={"max_steps": 2}))
+    res = train(measured_config(preset, tmp_path / "run", training={"max_steps": 2}))
     assert res.memory["training_peak_kind"] == "held by the CPU allocator, steps 1-2"
     assert abs(_error(res)) <= 0.02, (preset, res.memory["predicted"], res.memory["training_peak_mb"])
 
@@ -58,7 +58,7 @@ def test_prediction_matches_the_allocator_for_each_architecture(tmp_path, preset
 ], ids=["4bit-checkpointing-accum", "full-adam8-fullloss", "full", "bf16-autocast", "bf16-weights", "8bit-adam8",
         "all-linear-bf16"])
 def test_prediction_matches_the_allocator_for_each_method(tmp_path, settings):
-    cfg = tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 2})
+    cfg = measured_config("tiny-llama", tmp_path / "run", training={"max_steps": 2})
     for section, values in settings.items():
         cfg.setdefault(section, {}).update(values)
     res = train(cfg)

@@ -14,7 +14,7 @@ from minitune.memory import MB
 from minitune.planner import format_plan, plan
 from minitune.process_memory import rss_bytes
 
-from .conftest import tiny_config
+from .conftest import measured_config, tiny_config
 
 
 def test_cpu_process_peak_is_baseline_plus_tensors_plus_overhead():
@@ -63,7 +63,7 @@ def test_fits_is_decided_on_the_process_peak():
 def test_a_run_records_and_shows_its_process_peak(tmp_path, capsys):
     from minitune.run import train
 
-    result = train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 2}))
+    result = train(measured_config("tiny-llama", tmp_path / "run", training={"max_steps": 2}))
     memory = json.loads((tmp_path / "run" / "memory.json").read_text())
     pred = memory["predicted"]
     assert pred["process_peak"] == sum(pred["process_terms"].values())
