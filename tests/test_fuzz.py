@@ -743,7 +743,7 @@ def test_fuzz_eval_arguments(mode, real_run, workdir):
 def test_the_property_fails_on_an_internal_failure_shown_as_bad_input(bug, fake_run, workdir, monkeypatch):
     """An internal failure inside the planner's simulation must not pass the property as bad input
     (exit 2, one `error:` line): it keeps its traceback, so `check` fails on it."""
-    import minitune.planner
+    import minitune.planner.planning
 
     cfg_file = workdir / "plan-bug.yaml"
     cfg_file.write_text(yaml.safe_dump(base_config(fake_run)))
@@ -751,7 +751,7 @@ def test_the_property_fails_on_an_internal_failure_shown_as_bad_input(bug, fake_
     def broken(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(minitune.planner, "simulate", broken)
+    monkeypatch.setattr(minitune.planner.planning, "simulate", broken)  # what plan() calls
     outcome = run(cli.main, ["plan", "--config", str(cfg_file), "--device", "T4"], stop="_nothing_stops_a_plan")
     assert outcome.rc == "traceback" and type(bug).__name__ in outcome.err, outcome
     with pytest.raises(AssertionError):
