@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any
 
@@ -42,7 +43,9 @@ def check_fields(section: str, values: Any) -> list[str]:
                 if isinstance(item, str) and not (meta["free_form"] and meta["free_form"] in item):
                     _choice(p, where if i is None else f"{where}[{i}]", item, meta["choices"])
         valid = meta.get("valid")
-        if valid and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in valid:
+        kind = float if str(f.type).startswith("float") else int  # a value of another type was reported when read
+        number = isinstance(value, kind) and not isinstance(value, bool) and (kind is int or math.isfinite(value))
+        if valid and number and value not in valid:
             hint = f" ({meta['hint']})" if meta.get("hint") else ""
             p.append(f"{where}={value} must be {valid.reads(isinstance(value, int))}{hint}")
     return p
