@@ -584,6 +584,12 @@ def real_run(tmp_path_factory) -> Path:
     return out
 
 
+def _unfold(path: Path) -> None:
+    """A file that an earlier "folder" damage turned into a folder becomes writable again."""
+    if path.is_dir():
+        shutil.rmtree(path)
+
+
 def _damage(path: Path, op: str, rnd: random.Random, blob: bytes) -> None:
     files = sorted(p for p in path.rglob("*") if p.is_file())
     victim = rnd.choice(files) if files else path / "x"
@@ -605,13 +611,14 @@ def _damage(path: Path, op: str, rnd: random.Random, blob: bytes) -> None:
     elif op == "foreign":
         name = rnd.choice(["model.safetensors", "README.md", "checkpoint-999999", "COMPLETE", ".hidden",
                            "adapter_model.bin", "training_state_1.pt", "pytorch_model.bin", "config.json"])
-        if (path / name).is_dir():  # an earlier "folder" damage
-            shutil.rmtree(path / name)
+        _unfold(path / name)
         (path / name).write_bytes(blob)
     elif op == "state":
+        _unfold(path / "trainer_state.json")
         (path / "trainer_state.json").write_text(json.dumps(rnd.choice([[], {}, {"step": "x"}, {"step": -1},
                                                                         {"step": 10**30}, {"step": None}, 7])))
     elif op == "config":
+        _unfold(path / "config.yaml")
         (path / "config.yaml").write_bytes(blob if rnd.random() < 0.5 else b"model: {preset: nope}\n")
     elif op == "empty":
         shutil.rmtree(path)
