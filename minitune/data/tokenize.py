@@ -160,20 +160,11 @@ def _causal_batch(batch: dict[str, list], args: DataArgs, tokenizer: Any, count:
         ids = list(ids)
         if (args.add_eos or args.packing) and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
-        if limit is not None and len(ids) > limit:
-            count["truncated"] += 1
-            cut_lengths["source"].append(len(ids))
-            ids = ids[:limit]
-        labels = list(ids)
-        if prompt_ids is not None:
+        ids, labels = _cut(ids, list(ids), limit, count, cut_lengths)
+        if prompt_ids is not None:  # masked: the response may have been cut away
             n = common_prefix(prompt_ids[i], ids)
             labels[:n] = [IGNORE] * n
-            if all(t == IGNORE for t in shift_targets(labels, "causal")):
-                count["no_target"] += 1  # the response was cut away: nothing to learn
-                continue
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["length"].append(len(ids))
+        _keep(out, ids, labels, count, need_target=prompt_ids is not None)
     return out
 
 
@@ -187,17 +178,30 @@ def _chat_batch(batch: dict[str, list], args: DataArgs, tokenizer: Any, count: d
             count["empty"] += 1
             continue
         ids, labels = chat_example(tokenizer, turns, args.assistant_only_loss)
-        if not args.packing and len(ids) > args.max_length:
-            count["truncated"] += 1
-            cut_lengths["source"].append(len(ids))
-            ids, labels = ids[: args.max_length], labels[: args.max_length]
-        if all(t == IGNORE for t in shift_targets(labels, "causal")):
-            count["no_target"] += 1  # no assistant turn, or it was cut away: nothing to learn
-            continue
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["length"].append(len(ids))
+        ids, labels = _cut(ids, labels, None if args.packing else args.max_length, count, cut_lengths)
+        _keep(out, ids, labels, count, need_target=True)  # no assistant turn, or it was cut away
     return out
+
+
+def _cut(ids: list[int], labels: list[int], limit: int | None, count: dict[str, int],
+         cut_lengths: dict[str, list[int]]) -> tuple[list[int], list[int]]:
+    """A causal example cut to `limit` tokens (None: as it is), counted as truncated if it was cut."""
+    if limit is None or len(ids) <= limit:
+        return ids, labels
+    count["truncated"] += 1
+    cut_lengths["source"].append(len(ids))
+    return ids[:limit], labels[:limit]
+
+
+def _keep(out: dict[str, list], ids: list[int], labels: list[int], count: dict[str, int], *,
+          need_target: bool) -> None:
+    """Add a causal example to `out`, unless `need_target` and no label is left to learn from."""
+    if need_target and all(t == IGNORE for t in shift_targets(labels, "causal")):
+        count["no_target"] += 1
+        return
+    out["input_ids"].append(ids)
+    out["labels"].append(labels)
+    out["length"].append(len(ids))
 
 
 def _seq2seq_batch(batch: dict[str, list], args: DataArgs, tokenizer: Any, count: dict[str, int],
