@@ -36,6 +36,7 @@ from .interrupt import StopFlag
 from .launch import steps_in_backward
 from .losses import LossFn, default_loss
 from .optim import clip_grad_norm, module_grad_norms
+from .report import report_step, say
 from .state import TrainState
 
 __all__ = ["LoopArgs", "fit"]
@@ -176,7 +177,7 @@ def fit(
                     metrics["eval_loss"] = evaluate_during_run(accelerator, model, eval_loader, state,
                                                                max_batches=args.eval_batches, loss_fn=loss_fn)
                 state.eval_losses.append((state.step, metrics["eval_loss"]))
-            if metrics and _report(state, metrics, logger, on_step):
+            if metrics and report_step(state, metrics, logger, on_step):
                 state.stop_reason = "callback"
             if stop.now(agreed):  # a signal may have come while logging
                 state.stop_reason = "signal"
@@ -310,14 +311,14 @@ def skip_or_step(accelerator: Any, optimizer: torch.optim.Optimizer, state: Trai
         state.skipped_steps += 1
         state.bad_streak += 1
         state.stop_reason = "nonfinite"
-        _say(logger, accelerator, f"step {state.step + 1}: non-finite {'loss' if loss_bad else 'gradient'} under "
+        say(logger, accelerator, f"step {state.step + 1}: non-finite {'loss' if loss_bad else 'gradient'} under "
              "DeepSpeed, whose engine already applied the update inside backward (it cannot be skipped): stopping")
         return False
     optimizer.zero_grad(set_to_none=True)
     state.skipped_steps += 1
     if loss_bad or scaler is None or scaler.get_scale() < 1:  # genuine: a scale < 1 still overflowing
         state.bad_streak += 1
-        _say(logger, accelerator, f"step {state.step + 1}: non-finite {'loss' if loss_bad else 'gradient'}, "
+        say(logger, accelerator, f"step {state.step + 1}: non-finite {'loss' if loss_bad else 'gradient'}, "
              f"step skipped ({state.bad_streak} in a row, stopping at {max_bad_steps})")
     else:
         state.scaler_skips += 1
@@ -429,23 +430,6 @@ def _log_metrics(accelerator: Any, state: TrainState, tally: _Tally, clock: _Clo
         metrics.update(profiler.step(state.step))
     tally.reset(state)
     return metrics
-
-
-def _report(state: TrainState, metrics: dict, logger: Any, on_step: Callable | None) -> bool:
-    """Hand a logged step's metrics to the logger and the callback; True if the callback asks to stop."""
-    metrics.setdefault("step", state.step)
-    state.last = metrics
-    if logger is not None:
-        logger.log(state.step, metrics)
-    return on_step is not None and bool(on_step(state, metrics))
-
-
-def _say(logger: Any, accelerator: Any, text: str) -> None:
-    """A line for the user, through the logger (which keeps the progress bar intact) if there is one."""
-    if logger is not None and hasattr(logger, "message"):
-        logger.message(text)
-    else:
-        accelerator.print(text)
 
 
 def _len(loader: Any) -> int:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from tqdm.auto import tqdm
 
-__all__ = ["RunLogger", "summary_table"]
+__all__ = ["RunLogger", "report_step", "say", "summary_table"]
 
 
 class RunLogger:
@@ -84,6 +84,23 @@ class RunLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def report_step(state: Any, metrics: dict, logger: Any, on_step: Any) -> bool:
+    """Hand a logged step's metrics to the logger and the callback; True if the callback asks to stop."""
+    metrics.setdefault("step", state.step)
+    state.last = metrics
+    if logger is not None:
+        logger.log(state.step, metrics)
+    return on_step is not None and bool(on_step(state, metrics))
+
+
+def say(logger: Any, accelerator: Any, text: str) -> None:
+    """A line for the user, through the logger (which keeps the progress bar intact) if there is one."""
+    if logger is not None and hasattr(logger, "message"):
+        logger.message(text)
+    else:
+        accelerator.print(text)
 
 
 def _round(v: Any) -> Any:
