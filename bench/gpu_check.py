@@ -47,7 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-PARTS = ("auto", "matrix", "optimizers", "memory", "trainer", "process")
+# in order of what a short GPU lease should settle first (the results are written after every part)
+PARTS = ("process", "auto", "matrix", "optimizers", "memory", "trainer")
 BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "lion8bit", "paged_lion8bit")
 
 if str(REPO) not in sys.path:
@@ -291,6 +292,15 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(args: argparse.Namespace, rows: list[dict], header: str) -> None:
+    (args.out / f"{args.name}.md").write_text(markdown(rows, header))
+    with open(args.out / f"{args.name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["part", "name", "status", "detail", "peak_mb", "predicted_mb", "seconds"],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
@@ -320,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     t0 = time.perf_counter()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (dry run)"
+    command = f"python bench/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     with tempfile.TemporaryDirectory(prefix="minitune-gpu-check-") as tmp:
-        for part in parts:
+        for i, part in enumerate(parts):
             print(f"== {part}", flush=True)
             folder = Path(tmp) / part
             folder.mkdir()
@@ -333,17 +345,13 @@ def main(argv: list[str] | None = None) -> int:
             for r in new:
                 print(f"  {r['name']}: {r['status']} {r.get('detail', '')}", flush=True)
             rows += new
-    failed = [r for r in rows if str(r["status"]).startswith("FAILED")]
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (dry run)"
-    header = (f"# GPU check ({today}, {gpu}, torch {torch.__version__}, {platform.machine()})\n\n"
-              f"`python bench/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}` in "
-              f"{(time.perf_counter() - t0) / 60:.1f} min: {len(rows)} checks, {len(failed)} failed.")
-    (args.out / f"{args.name}.md").write_text(markdown(rows, header))
-    with open(args.out / f"{args.name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["part", "name", "status", "detail", "peak_mb", "predicted_mb", "seconds"],
-                           extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+            # after every part: a run cut short by its time limit keeps what it measured
+            failed = [r for r in rows if str(r["status"]).startswith("FAILED")]
+            done = "" if i == len(parts) - 1 else f" (parts run so far: {', '.join(parts[:i + 1])})"
+            header = (f"# GPU check ({today}, {gpu}, torch {torch.__version__}, {platform.machine()})\n\n"
+                      f"`{command}` in {(time.perf_counter() - t0) / 60:.1f} min: {len(rows)} checks, "
+                      f"{len(failed)} failed{done}.")
+            write_results(args, rows, header)
     print(markdown(rows, header))
     return 1 if failed else 0
 
