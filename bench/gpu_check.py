@@ -17,7 +17,13 @@ Parts:
 4. `trainer`: bench/compare_trainer.py on the GPU (minitune vs transformers.Trainer, each side with
    its default settings).
 5. `auto`: what precision `auto` chooses on this GPU, and the default tiny run with it.
-6. `process`: the process's device memory against the planner's CUDA terms
+6. `speed`: achieved FLOP/s and MFU (the fraction of this GPU's bf16 matmul peak, probed with
+   8192^3 products, and of the data sheet's 989 TFLOP/s) for bloom-560m LoRA r16 and gpt-neo-1.3B
+   QLoRA r16, bf16, packed 8 x 256 blocks (every position a token: no padding to argue about).
+   FLOP per token: 2 x the matmul weights forward (every linear layer and the LM head), 2 x again
+   for the activation gradients through the frozen weights (no weight gradients), 2 x again when
+   checkpointing recomputes; attention 12 x layers x block x hidden. `--dry-run`: tiny-llama on CPU.
+7. `process`: the process's device memory against the planner's CUDA terms
    (`minitune.cuda_memory.cuda_process_terms`): each job trains in a fresh process, which reads
    `torch.cuda.mem_get_info()` (the driver's view) right after creating its CUDA context and again
    after training (the caching allocator keeps its peak reserve cached), with
@@ -48,7 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 # in order of what a short GPU lease should settle first (the results are written after every part)
-PARTS = ("process", "auto", "matrix", "optimizers", "memory", "trainer")
+PARTS = ("process", "speed", "auto", "matrix", "optimizers", "memory", "trainer")
 BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "lion8bit", "paged_lion8bit")
 
 if str(REPO) not in sys.path:
@@ -274,6 +280,96 @@ def part_process(args: argparse.Namespace, tmp: Path) -> list[dict]:
             continue
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(_process_row(name, out["predicted"], out["measured"], time.perf_counter() - t0))
+    return rows
+
+
+# jobs of the `speed` part: bf16 weights, LoRA r16, packed 8 x 256 blocks
+SPEED_JOBS = {
+    "bloom-560m LoRA r16 bf16 8x256": {"model": {"preset": "bloom-560m"},
+                                       "lora": {"target_modules": ["query_key_value"]}},
+    "gpt-neo-1.3b QLoRA r16 bf16 8x256": {"model": {"preset": "gpt-neo-1.3b"}, "quantization": {"mode": "4bit"},
+                                          "lora": {"target_modules": ["q_proj", "v_proj"]}},
+}
+DATASHEET_BF16 = 989e12  # H100/H200 SXM dense bf16, FLOP/s
+
+
+def matmul_peak(device: str, n: int, dtype) -> float:
+    """FLOP/s of an n x n x n product on `device` (mean of 10 after 3 warm-ups)."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    return 10 * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def flop_per_token(preset: str, block: int, checkpointing: bool) -> tuple[float, str]:
+    """FLOP per trained token of a LoRA job on a frozen base (the adapters' own FLOPs left out), and how."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minitune.presets import preset_config
+
+    hf = preset_config(preset)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    # every matmul weight: nn.Linear and GPT-2 style Conv1D (2-d weights that are not embeddings)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    lm_head = model.get_output_embeddings()
+    weights = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and id(p) not in embeddings)
+    if lm_head is not None and id(lm_head.weight) in embeddings:  # tied: the head is a matmul all the same
+        weights += lm_head.weight.numel()
+    passes = 3 if checkpointing else 2  # forward + activation gradients (+ the recomputed forward)
+    layers, hidden = hf.num_hidden_layers, hf.hidden_size
+    attention = 12 * layers * block * hidden * (1.5 if checkpointing else 1)
+    total = 2 * passes * weights + attention
+    return total, f"{2 * passes} x {weights / 1e6:,.0f} M matmul weights + attention 12 x {layers} x {block} x {hidden}"
+
+
+def part_speed(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    import statistics
+
+    import torch
+
+    from tests.conftest import tiny_config
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    peak = matmul_peak(device, 8192 if cuda else 1024, torch.bfloat16)
+    rows = [{"part": "speed", "name": f"bf16 matmul peak on {device}", "status": "info",
+             "detail": f"{peak / 1e12:,.1f} TFLOP/s measured" + (f"; data sheet {DATASHEET_BF16 / 1e12:,.0f}" if cuda else "")}]
+    jobs = {"tiny-llama LoRA (dry run)": {}} if args.dry_run else SPEED_JOBS
+    block, steps, warmup = (32, 4, 2) if args.dry_run else (256, 20, 5)
+    for name, sections in jobs.items():
+        cfg = tiny_config("tiny-llama", tmp / name.split()[0], **sections)
+        cfg["model"]["dtype"] = "bfloat16"
+        cfg["lora"].update(r=16, alpha=32, dropout=0.0)
+        cfg["data"].update(packing=True, max_length=block, max_samples=None)
+        cfg["training"].update(device="auto", batch_size=8, max_steps=steps, eval_every=0, mixed_precision="no")
+        t0 = time.perf_counter()
+        try:
+            from minitune.run import train
+
+            train(cfg)
+            log = [json.loads(x) for x in (Path(cfg["training"]["output_dir"]) / "log.jsonl").read_text().splitlines()]
+            tokens_per_s = statistics.median(r["tokens"] / r["step_time_s"] for r in log[warmup:])
+            per_token, how = flop_per_token(cfg["model"]["preset"], block, bool(cfg["training"].get("gradient_checkpointing")))
+            achieved = tokens_per_s * per_token
+            detail = (f"{tokens_per_s:,.0f} tokens/s (median of steps {warmup + 1}-{len(log)}), {achieved / 1e12:,.1f} "
+                      f"TFLOP/s = {achieved / peak:.1%} of the measured peak"
+                      + (f", {achieved / DATASHEET_BF16:.1%} of the data sheet" if cuda else "") + f"; FLOP/token {how}")
+            rows.append({"part": "speed", "name": name, "status": "measured", "detail": detail,
+                         "seconds": time.perf_counter() - t0})
+        except Exception as e:  # recorded, so that the other job still runs
+            traceback.print_exc()
+            rows.append({"part": "speed", "name": name, "status": f"FAILED: {type(e).__name__}",
+                         "detail": str(e).splitlines()[0][:200] if str(e) else "", "seconds": time.perf_counter() - t0})
     return rows
 
 
