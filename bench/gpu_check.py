@@ -94,7 +94,7 @@ def _train_row(part: str, name: str, cfg: dict, expect_refusal: str = "") -> dic
                       f"{result.precision.mixed_precision}",
             # the training peak of steps 1-2 (max_memory_allocated on CUDA) and the prediction for the same steps
             "peak_mb": result.memory.get("training_peak_mb"),
-            "predicted_mb": (result.memory.get("predicted") or {}).get("total", 0) / 2**20}
+            "predicted_mb": ((result.memory.get("predicted") or {}).get("total") or 0) / 2**20 or None}
 
 
 def part_auto(args: argparse.Namespace, tmp: Path) -> list[dict]:

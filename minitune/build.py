@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ class Parts:
     state: TrainState
     process: ProcessPeak | None = None  # the predicted peak of the whole process (None without a prediction)
     malloc: str = ""  # what `tune_malloc` did
+    startup: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds of each phase of `setup`
 
     def save(self, state: TrainState) -> Path:
         """Save `state` as out/checkpoint-NNNNNN (what `fit` calls every training.save_every steps)."""
@@ -82,6 +84,18 @@ class Parts:
                         keep_last=self.cfg.training.keep_last)
         self.logger.message(f"saved {path}")
         return path
+
+
+class _Laps:
+    """The seconds between marks: the time before step 1, phase by phase (`Parts.startup`)."""
+
+    def __init__(self) -> None:
+        self.last, self.seconds = time.perf_counter(), {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self.last, 3)
+        self.last = now
 
 
 def setup(cfg: Config) -> Parts:
@@ -99,6 +113,7 @@ def setup(cfg: Config) -> Parts:
             load where the input alone shows it.
     """
     malloc = tune_malloc()  # first: every allocation from here on is placed under these settings
+    laps = _Laps()
     cfg, where = dev.setup_device(cfg)
     if problems := _tracker_problems(cfg.logging.trackers):
         raise ConfigError(problems)
@@ -109,17 +124,15 @@ def setup(cfg: Config) -> Parts:
         accelerator.print(f"warning: {note}")
     t = cfg.training
     set_seed(t.seed)
+    laps.mark("setup")  # device, precision, resume checks, the output folder, the accelerator
     tokenizer = load_tokenizer(cfg.model)
     data = setup_data(cfg, tokenizer)
+    laps.mark("data")
     baseline = rss_bytes()  # the process before the model loads: libraries, tokenizer, data
     profiler = _start_profiler(cfg, accelerator.device)
     try:  # a failure from here on (bad weights, a checkpoint that does not fit) stops the sampler thread
-        model, prep = setup_model(cfg, accelerator.device, on_phase=profiler.phase if profiler is not None else None)
-        release_free_memory()  # loading's temporaries (file buffers, dequantized copies) go back to the system
-        loss_fn = loss_fn_for(t.loss, t.loss_chunk_size, model)  # chunked only where it gives the model's loss
-        predicted = predict_run(cfg, model, data, accelerator.device, loss_fn)
-        process = (process_peak(accelerator.device.type, predicted.total, baseline=baseline, cuda_terms=predicted.cuda)
-                   if predicted is not None else None)
+        model, prep, loss_fn, predicted, process = _model_and_prediction(cfg, accelerator.device, data, profiler,
+                                                                         baseline, laps)
         if t.compile:
             model = torch.compile(model)
 
@@ -142,12 +155,13 @@ def setup(cfg: Config) -> Parts:
             cfg.save(out / "config.yaml")
         if cfg.logging.trackers:
             accelerator.init_trackers("minitune", config=_flat(cfg.to_dict()))
+        laps.mark("prepare")  # loaders, optimizer, accelerate's prepare, a resumed state, the output folder
         logger = RunLogger(accelerator, out if cfg.logging.jsonl else None, total_steps, progress=cfg.logging.progress,
                            initial_step=state.step, trackers=bool(cfg.logging.trackers), append=resume_from is not None,
-                           first_record={"precision": dataclasses.asdict(where.precision)})
+                           first_record={"precision": dataclasses.asdict(where.precision), "startup_s": laps.seconds})
         parts = Parts(cfg, accelerator, where.precision, model, tokenizer, data, loader, eval_loader, optimizer,
                       scheduler, profiler, logger, loss_fn, prep, predicted, total_steps, out, resume_from, state,
-                      process, malloc)
+                      process, malloc, laps.seconds)
         _startup_lines(parts)
         if profiler is not None:
             profiler.training_starts()  # what loading held is recorded apart from the training peak
@@ -158,6 +172,23 @@ def setup(cfg: Config) -> Parts:
             profiler.stop()
         raise
     return parts
+
+
+def _model_and_prediction(cfg: Config, device: torch.device, data: DataBundle, profiler: MemoryProfiler | None,
+                          baseline: int, laps: _Laps) -> tuple:
+    """The loaded and prepared model, its report and loss, and the predicted training and process
+    peaks (None, None with logging.memory=false: the prediction is what the measurement is compared
+    with, so without one the simulation is not worth its seconds; `minitune plan` predicts on demand)."""
+    t = cfg.training
+    model, prep = setup_model(cfg, device, on_phase=profiler.phase if profiler is not None else None)
+    release_free_memory()  # loading's temporaries (file buffers, dequantized copies) go back to the system
+    loss_fn = loss_fn_for(t.loss, t.loss_chunk_size, model)  # chunked only where it gives the model's loss
+    laps.mark("load")
+    predicted = predict_run(cfg, model, data, device, loss_fn) if cfg.logging.memory else None
+    process = (process_peak(device.type, predicted.total, baseline=baseline, cuda_terms=predicted.cuda)
+               if predicted is not None else None)
+    laps.mark("plan")
+    return model, prep, loss_fn, predicted, process
 
 
 # The measured training peak that the prediction is compared with covers this many optimizer

@@ -252,8 +252,8 @@ def _memory_rows(profiler: Any, predicted: Any) -> list[tuple[str, str]]:
     """The summary's memory rows: the training peak measured and predicted, and, when they differ
     by more than 5%, the component of the prediction that was off."""
     guess = f"{format_bytes(predicted.total)} predicted" if predicted is not None else "no prediction"
-    if profiler is None:
-        return [("peak memory", f"not measured (logging.memory=false), {guess}")]
+    if profiler is None:  # logging.memory=false: neither measured nor predicted
+        return [("peak memory", "not measured or predicted (logging.memory=false; `minitune plan` predicts)")]
     peak, what = profiler.training_peak()
     text = f"{format_bytes(peak)} measured ({what}), {guess} for the same steps"
     error = (predicted.total - peak) / peak if predicted is not None and peak else None
@@ -319,6 +319,13 @@ def off_component(predicted: Any, measured: dict[str, int], peak: int) -> str:
             "measured (the peak less the weights, gradients and optimizer state)")
 
 
+def _startup_text(seconds: dict[str, float]) -> str:
+    """'6.2 s before step 1: setup 0.4, data 1.1, load 3.0, plan 1.2, prepare 0.5' (step 1's own time,
+    compilation included, is log.jsonl's step_time_s of step 1)."""
+    return (f"{sum(seconds.values()):.1f} s before step 1: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+            if seconds else "-")
+
+
 def _summary_rows(parts: Parts, result: TrainResult, elapsed: float) -> list[tuple[str, str]]:
     """The closing table's rows; `elapsed`: this session's wall time from the loop's start to the final checkpoint."""
     profiler, predicted, prep, accelerator = parts.profiler, parts.predicted, parts.prep, parts.accelerator
@@ -334,6 +341,7 @@ def _summary_rows(parts: Parts, result: TrainResult, elapsed: float) -> list[tup
         ("time", f"{elapsed:.1f} s this session (whole run: {spent})" if parts.resume_from
                  else f"{elapsed:.1f} s ({spent})"),
         ("tokens/s", f"{result.tokens_per_s:,.0f} (training time only)" if result.tokens_per_s else "-"),
+        ("startup", _startup_text(parts.startup)),
         *memory_rows,
         ("trainable", prep.trainable_line),
         ("device", f"{accelerator.device} x{accelerator.num_processes}"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 
 import pytest
 
@@ -72,6 +73,22 @@ def test_tokens_per_s_is_over_training_time_and_evaluation_time_is_reported(tmp_
     summary = capsys.readouterr().out
     assert f"evaluation {result.eval_seconds:.1f} s" in summary
     assert f"{result.tokens_per_s:,.0f} (training time only)" in summary
+
+
+def test_time_before_step_1_is_split_by_phase_in_the_summary_and_log(tmp_path, monkeypatch, capsys):
+    """A tokenizer that takes 0.3 s more shows up in the `data` phase, in log.jsonl's first record and
+    in the summary; with logging.memory=false the planner's simulation is not run at all."""
+    from minitune import build
+
+    real = build.load_tokenizer
+    monkeypatch.setattr(build, "load_tokenizer", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])
+    monkeypatch.setattr(build, "simulate", lambda *a, **k: pytest.fail("simulated with logging.memory=false"))
+    result = train(tiny_config("tiny-llama", tmp_path / "run", training={"max_steps": 1}))
+    first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    phases = first["startup_s"]
+    assert list(phases) == ["setup", "data", "load", "plan", "prepare"]
+    assert phases["data"] >= 0.3 and phases["plan"] < 0.05 and result.memory == {"predicted": None}
+    assert f"{sum(phases.values()):.1f} s before step 1" in capsys.readouterr().out  # the summary's startup row
 
 
 def _samplers() -> int:

@@ -264,7 +264,8 @@ class LoggingArgs:
     jsonl: bool = _f(True, "Write per-step records to <output_dir>/log.jsonl.")
     trackers: list[str] = _f([], "Accelerate trackers, e.g. [tensorboard].", choices=TRACKERS)
     memory: bool = _f(True, "Record memory at every logged step, by phase, and the measured peak (cheap); "
-                            "false: none of it, no memory.json (the predicted peak is still shown).")
+                            "false: none of it, no memory.json and no prediction (the planner's simulation "
+                            "is skipped; `minitune plan` predicts).")
     memory_phases_every: int = _f(0, "Record forward/backward/optimizer memory phases every N steps (0: at log steps).",
                                   valid=NON_NEGATIVE)
     module_grad_norms: bool = _f(False, "Log per-module lora_A / lora_B gradient norms.")
