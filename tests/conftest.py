@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,32 @@ GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")
 T5_TOK = str(REPO / "tests/fixtures/tokenizers/t5_test_sentencepiece")
 QUOTES = str(REPO / "data/english_quotes.jsonl")
 XSUM = str(REPO / "tests/fixtures/xsum_sample.json")
+
+
+@dataclass
+class CliResult:
+    """What a command printed and returned (the fields of subprocess.CompletedProcess it is used for)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(main: Callable[[list[str]], int], argv: list[str], capsys, monkeypatch) -> CliResult:
+    """Run a CLI entry point (`minitune.cli.main_train`, `main_eval`, `main`, ...) in this process as
+    its script runs it: from the repository root, argparse's exits counted as exit codes, stdout and
+    stderr captured. Each `python train.py ...` subprocess pays ~6 s of imports on 2 cores; the
+    scripts themselves are two lines (`sys.exit(main_...())`), each run once as a real process by
+    the test of its entry point. An exception that escapes `main` fails the test with its traceback,
+    as it would print one in the process."""
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()  # what the test printed before
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse: --help exits 0, a usage error 2
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return CliResult(code, out.out, out.err)
 
 
 def simulated(t: Any) -> bool:

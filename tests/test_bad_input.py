@@ -8,7 +8,7 @@ config). Cases whose error is found after the output-folder check also pass `tra
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -18,22 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from minitune import device
 from minitune.checkpoint import find_latest
+from minitune.cli import main_train
 from minitune.run import train
 
-from .conftest import REPO, tiny_config
+from .conftest import REPO, cli_in_process, tiny_config
 
 # Runs train.py's entry point with minitune.device.capabilities patched (a machine without
 # bitsandbytes support, or without bf16).
-WITH_CAPS = r"""
-import dataclasses, json, os, sys
-import minitune.device as device
-real, patch = device.capabilities, json.loads(os.environ["CAPS"])
-device.capabilities = lambda d: dataclasses.replace(real(d), **patch)
-from minitune.cli import main_train
-sys.exit(main_train(sys.argv[1:]))
-"""
-
 OVERWRITE = "training.overwrite=true"
 
 # id -> (overrides, capabilities patch or None, what the error line must say)
@@ -98,7 +91,7 @@ def truncate(path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, existing_run, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, existing_run, tmp_path, capsys, monkeypatch):
     overrides, caps, expected = CASES[case]
     run = tmp_path / "run"
     shutil.copytree(existing_run, run)
@@ -118,12 +111,10 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, existing_run, tm
     before = snapshot(run)
 
     args = ["--config", str(cfg_file), *(o.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)) for o in overrides)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    if caps is None:
-        cmd = [sys.executable, "train.py", *args]
-    else:
-        cmd, env["CAPS"] = [sys.executable, "-c", WITH_CAPS, *args], json.dumps(caps)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if caps is not None:  # a device without these capabilities
+        real = device.capabilities
+        monkeypatch.setattr(device, "capabilities", lambda d: dataclasses.replace(real(d), **caps))
+    proc = cli_in_process(main_train, args, capsys, monkeypatch)
 
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -131,3 +122,18 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, existing_run, tm
     assert len(errors) == 1, proc.stderr[-3000:]
     assert expected in errors[0]
     assert snapshot(run) == before  # no checkpoint, log or config touched
+
+
+def test_train_py_exits_2_with_one_error_line_as_a_process(existing_run, tmp_path):
+    """The cases above call train.py's `main_train` in this process; this one runs the script itself:
+    the exit code and the output a shell sees."""
+    run = shutil.copytree(existing_run, tmp_path / "run")
+    before = snapshot(run)
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump(run_config(run)))
+    proc = subprocess.run([sys.executable, "train.py", "--config", str(cfg_file), "training.batchsize=2"], cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "unknown key 'training.batchsize' (did you mean 'batch_size'?)" in error
+    assert snapshot(run) == before
