@@ -34,14 +34,16 @@ from minitune.evaluate import (
 from minitune.model import load_model, load_tokenizer
 from minitune.run import train
 
-from .conftest import GPT2, QUOTES, REPO, T5_TOK, tiny_config
+from .conftest import GPT2, QUOTES, REPO, T5_TOK, CliResult, cli_in_process, tiny_config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _eval_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "eval.py"), *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def eval_cli(capsys, monkeypatch):
+    """eval.py's entry point `main_eval`, called in this process (conftest.cli_in_process);
+    test_cli_end_to_end_with_merge runs the script itself."""
+    return lambda *args: cli_in_process(main_eval, list(args), capsys, monkeypatch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def _fill(sheet: Path, score, skip: int | None = None) -> None:
         writer.writerows(rows)
 
 
-def test_sheet_and_scores_round_trip(tmp_path):
+def test_sheet_and_scores_round_trip(tmp_path, eval_cli):
     sheet, key = write_sheet(_generations(12), tmp_path / "sheet.csv", seed=1)
     with open(sheet, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -299,7 +301,7 @@ def test_sheet_and_scores_round_trip(tmp_path):
     with pytest.raises(EvalError, match="never replaced"):
         write_sheet(_generations(12), sheet)  # a filled-in sheet is never overwritten
 
-    result = _eval_cli("--scores", str(sheet), "--key", str(key))
+    result = eval_cli("--scores", str(sheet), "--key", str(key))
     assert result.returncode == 0, result.stderr
     assert "4.00" in result.stdout and "1.50" in result.stdout
 
@@ -393,8 +395,13 @@ def test_bad_scores_are_one_line_errors(tmp_path):
 
 
 def test_cli_end_to_end_with_merge(lora_run, tmp_path):
-    result = _eval_cli("-p", str(lora_run.checkpoint), "--out", str(tmp_path / "ev"), "--max-samples", "8",
-                       "--num-prompts", "2", "--max-new-tokens", "4", "--merge-to", str(tmp_path / "merged"))
+    """The real-process check of eval.py: the script itself runs in a subprocess (the other CLI tests
+    call its `main_eval` in this process), its exit code and output as a shell sees them."""
+    result = subprocess.run([sys.executable, str(REPO / "eval.py"), "-p", str(lora_run.checkpoint),
+                             "--out", str(tmp_path / "ev"), "--max-samples", "8", "--num-prompts", "2",
+                             "--max-new-tokens", "4", "--merge-to", str(tmp_path / "merged")],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in result.stderr + result.stdout
     assert result.returncode == 0, result.stderr
     assert "perplexity" in result.stdout and "fine-tuned" in result.stdout
     saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
@@ -406,32 +413,32 @@ def test_cli_end_to_end_with_merge(lora_run, tmp_path):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
-def _error(result: subprocess.CompletedProcess, text: str) -> None:
+def _error(result: CliResult, text: str) -> None:
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and text in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_cli_path_that_is_not_a_checkpoint(tmp_path):
-    _error(_eval_cli("-p", str(tmp_path)), "is not a minitune checkpoint")
-    _error(_eval_cli("-p", str(tmp_path / "nope")), "does not exist")
+def test_cli_path_that_is_not_a_checkpoint(tmp_path, eval_cli):
+    _error(eval_cli("-p", str(tmp_path)), "is not a minitune checkpoint")
+    _error(eval_cli("-p", str(tmp_path / "nope")), "does not exist")
 
 
-def test_cli_base_model_not_available_offline(lora_run, tmp_path):
+def test_cli_base_model_not_available_offline(lora_run, tmp_path, eval_cli):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(lora_run.checkpoint, ckpt)
     text = (ckpt / "config.yaml").read_text().replace("preset: tiny-llama", "preset: null")
     text = text.replace("name_or_path: null", "name_or_path: nobody-here/not-a-cached-model")
     (ckpt / "config.yaml").write_text(text)
-    _error(_eval_cli("-p", str(ckpt)), "not in the local Hugging Face cache")
+    _error(eval_cli("-p", str(ckpt)), "not in the local Hugging Face cache")
 
 
-def test_cli_data_without_the_template_columns(lora_run, tmp_path):
+def test_cli_data_without_the_template_columns(lora_run, tmp_path, eval_cli):
     data = tmp_path / "plain.jsonl"
     data.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(30)))
-    _error(_eval_cli("-p", str(lora_run.checkpoint), "--data", str(data)), "uses column 'quote'")
+    _error(eval_cli("-p", str(lora_run.checkpoint), "--data", str(data)), "uses column 'quote'")
 
 
-def test_cli_empty_held_out_split(lora_run):
-    _error(_eval_cli("-p", str(lora_run.checkpoint), "data.validation_fraction=0"), "no held-out rows")
+def test_cli_empty_held_out_split(lora_run, eval_cli):
+    _error(eval_cli("-p", str(lora_run.checkpoint), "data.validation_fraction=0"), "no held-out rows")
