@@ -10,10 +10,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from minitune.cli import main_train
 from minitune.config import shipped_configs
 from minitune.run import train
 
-from .conftest import REPO, tiny_config
+from .conftest import REPO, cli_in_process, tiny_config
 
 
 def _losses(run_dir) -> list[float]:
@@ -237,16 +238,22 @@ def test_full_finetuning_checkpoint_is_a_transformers_model(tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
 
 
-def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, cwd=cwd,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """train.py's entry point `main_train`, called in this process (conftest.cli_in_process);
+    test_cli_end_to_end runs the script itself."""
+    return lambda *args: cli_in_process(main_train, list(args), capsys, monkeypatch)
 
 
 def test_cli_end_to_end(tmp_path):
+    """The real-process check of train.py: the script itself runs in a subprocess (the other CLI tests
+    call its `main_train` in this process), its exit code and output as a shell sees them."""
     out = tmp_path / "cli"
     # a shipped config by name, from outside the repo: its data and tokenizer are found in the package
-    proc = _cli("--config", "tiny-llama", f"training.output_dir={out}", "training.max_steps=3",
-                "logging.progress=tqdm", cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "tiny-llama",
+                           f"training.output_dir={out}", "training.max_steps=3", "logging.progress=tqdm"],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trainable params:" in proc.stdout and "peak memory" in proc.stdout
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
@@ -254,8 +261,8 @@ def test_cli_end_to_end(tmp_path):
     assert (out / "memory.json").exists()
 
 
-def test_cli_lists_the_shipped_configs():
-    proc = _cli("--list-configs")
+def test_cli_lists_the_shipped_configs(cli):
+    proc = cli("--list-configs")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     for name, path in shipped_configs().items():  # name, then the first line of the header comment
@@ -264,8 +271,8 @@ def test_cli_lists_the_shipped_configs():
     assert f"files in {REPO / 'minitune/configs'}" in proc.stdout
 
 
-def test_cli_unknown_config_is_one_error_line_and_exit_2(tmp_path):
-    proc = _cli("--config", "bloomz", f"training.output_dir={tmp_path}/x")
+def test_cli_unknown_config_is_one_error_line_and_exit_2(tmp_path, cli):
+    proc = cli("--config", "bloomz", f"training.output_dir={tmp_path}/x")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert "did you mean 'bloom'?" in line
@@ -273,9 +280,9 @@ def test_cli_unknown_config_is_one_error_line_and_exit_2(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_config_errors_exit_2_before_loading(tmp_path):
-    proc = _cli("--config", "configs/tiny-llama.yaml", f"training.output_dir={tmp_path}/x", "lora.r=0",
-                "optimizer.lr=-1", "training.batchsize=4")
+def test_cli_config_errors_exit_2_before_loading(tmp_path, cli):
+    proc = cli("--config", "configs/tiny-llama.yaml", f"training.output_dir={tmp_path}/x", "lora.r=0",
+               "optimizer.lr=-1", "training.batchsize=4")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     for fragment in ["lora.r=0", "optimizer.lr=-1.0", "did you mean 'batch_size'"]:
@@ -283,7 +290,7 @@ def test_cli_config_errors_exit_2_before_loading(tmp_path):
     assert not (tmp_path / "x").exists()  # nothing was created
 
 
-def test_fp16_on_cpu_is_refused(tmp_path):
-    proc = _cli("--config", "configs/tiny-llama.yaml", f"training.output_dir={tmp_path}/x",
-                "training.mixed_precision=fp16")
+def test_fp16_on_cpu_is_refused(tmp_path, cli):
+    proc = cli("--config", "configs/tiny-llama.yaml", f"training.output_dir={tmp_path}/x",
+               "training.mixed_precision=fp16")
     assert proc.returncode == 2 and "silently ignored on cpu" in proc.stderr
