@@ -26,14 +26,20 @@ train: setup
 eval: setup
 	$(BIN)/python eval.py -p runs/smollm2-quotes/final $(ARGS)
 
+# pytest-xdist worker processes (this machine and CI have 2 cores; TEST_WORKERS=0: one process).
+# worksteal: contiguous shares of the tests (a module's fixtures are built once or twice), and an
+# idle worker takes tests from the other's share
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist worksteal
+
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(ARGS)
 
 test-slow: setup  # exit code 5 (no slow test selected) is not a failure
-	$(BIN)/python -m pytest -q -m slow $(ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -q -m slow $(XDIST) $(ARGS) || [ $$? -eq 5 ]
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m "" $(ARGS)
+	$(BIN)/python -m pytest -q -m "" $(XDIST) $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
