@@ -194,6 +194,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_plan_command_answers_for_a_hub_model_offline():
+    """The real-process check of `python -m minitune` (minitune/__main__.py): the command itself runs
+    in a subprocess, as a shell runs it; the other tests of the command call `minitune.cli.main`
+    (or train.py's `main_train`) in this process."""
     # configs/bloom.yaml names bigscience/bloomz-560m, not in any cache here: planned from its preset
     proc = _cli("plan", "--config", "bloom", "--device", "T4", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
