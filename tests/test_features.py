@@ -15,17 +15,21 @@ import pytest
 import torch
 from torch import nn
 
+from minitune.cli import main_eval, main_train
 from minitune.config import ModelArgs, OptimizerArgs, QuantizationArgs
 from minitune.errors import ConfigError
 from minitune.run import train
 
-from .conftest import REPO, measured_config, simulated, tiny_config
+from .conftest import REPO, cli_in_process, measured_config, simulated, tiny_config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)}
 
 
 def _run(*args, timeout=300):
+    """A script as a real process (the slow tests); train.py's and eval.py's entry points are called
+    in this process (conftest.cli_in_process), their scripts run as processes in test_train and
+    test_evaluate."""
     return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -33,12 +37,12 @@ def _log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_help_config_lists_every_key_with_its_default_and_help():
+def test_help_config_lists_every_key_with_its_default_and_help(capsys, monkeypatch):
     import dataclasses
 
     from minitune.config import Config
 
-    proc = _run("train.py", "--help-config")
+    proc = cli_in_process(main_train, ["--help-config"], capsys, monkeypatch)
     assert proc.returncode == 0, proc.stderr
     listed: dict[str, dict[str, str]] = {}
     for line in proc.stdout.splitlines():
@@ -222,19 +226,20 @@ def checkpoint(tmp_path_factory):
     return train(tiny_config("tiny-llama", out, training={"max_steps": 2})).checkpoint
 
 
-def test_eval_prompts_split_and_no_sheet(checkpoint, tmp_path):
+def test_eval_prompts_split_and_no_sheet(checkpoint, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first prompt ->: \nsecond prompt ->: \n")
-    proc = _run("eval.py", "-p", str(checkpoint), "--out", str(tmp_path / "ev"), "--prompts", str(prompts),
-                "--split", "train", "--max-samples", "5", "--max-new-tokens", "3", "--no-sheet")
+    proc = cli_in_process(main_eval, ["-p", str(checkpoint), "--out", str(tmp_path / "ev"), "--prompts", str(prompts),
+                                      "--split", "train", "--max-samples", "5", "--max-new-tokens", "3", "--no-sheet"],
+                          capsys, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert [g["prompt"] for g in saved["generations"]] == ["first prompt ->: ", "second prompt ->: "]
     assert saved["data"]["rows"] == 5
     assert not list((tmp_path / "ev").glob("human_eval*"))
     # --split train reads the training rows: held out by default, these are others
-    held_out = _run("eval.py", "-p", str(checkpoint), "--out", str(tmp_path / "ev2"), "--max-samples", "5",
-                    "--num-prompts", "0", "--no-sheet")
+    held_out = cli_in_process(main_eval, ["-p", str(checkpoint), "--out", str(tmp_path / "ev2"), "--max-samples", "5",
+                                          "--num-prompts", "0", "--no-sheet"], capsys, monkeypatch)
     assert held_out.returncode == 0, held_out.stderr[-2000:]
     other = json.loads((tmp_path / "ev2" / "eval.json").read_text())
     assert other["perplexity"]["tuned"]["tokens"] != saved["perplexity"]["tuned"]["tokens"]
