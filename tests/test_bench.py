@@ -99,7 +99,9 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     with open(tmp_path / "dry.csv") as f:
         rows = list(csv.DictReader(f))
     parts = {r["part"] for r in rows}
-    assert parts == {"auto", "matrix", "optimizers", "memory", "trainer", "process"}
+    assert parts == {"auto", "matrix", "optimizers", "memory", "trainer", "process", "speed"}
+    (speed,) = [r for r in rows if r["part"] == "speed" and r["status"] == "measured"]
+    assert "tokens/s" in speed["detail"] and "of the measured peak" in speed["detail"]
     assert not [r for r in rows if r["status"].startswith("FAILED")]
     assert sum(r["status"] == "trained" for r in rows) >= 5  # auto, 2 matrix cells, 2 optimizer runs
     assert any(r["part"] == "memory" and r["status"] == "ok" for r in rows)
@@ -117,3 +119,4 @@ def test_precision_bench_dry_run(tmp_path):
         ("fp32", "float32", "no", "1.0")
     assert auto["status"] == "ok" and float(auto["tokens_per_s"]) > 0 and float(auto["eval_loss"]) > 0
     assert "python bench/precision.py --dry-run" in (tmp_path / "p.md").read_text()
+
