@@ -120,3 +120,26 @@ def test_precision_bench_dry_run(tmp_path):
     assert auto["status"] == "ok" and float(auto["tokens_per_s"]) > 0 and float(auto["eval_loss"]) > 0
     assert "python bench/precision.py --dry-run" in (tmp_path / "p.md").read_text()
 
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-bloom", "tiny-opt", "tiny-gpt-neo"])
+def test_speed_flop_count_matches_torchs_flop_counter(preset):
+    """gpu_check's FLOP per token of a LoRA step (forward + activation gradients through frozen weights,
+    attention) against torch's own count of one such step: a frozen model whose input embeddings need
+    a gradient, as the first LoRA layer's do."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    from minitune.presets import preset_config
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    hf = preset_config(preset)
+    model = AutoModelForCausalLM.from_config(hf).requires_grad_(False)
+    batch, block = 2, 64
+    embeds = model.get_input_embeddings()(torch.randint(0, hf.vocab_size, (batch, block))).detach().requires_grad_()
+    with FlopCounterMode(display=False) as counted:
+        model(inputs_embeds=embeds).logits.float().sum().backward()
+    assumed, _ = check.flop_per_token(preset, block, False)
+    assert counted.get_total_flops() / (batch * block) == pytest.approx(assumed, rel=0.01)
