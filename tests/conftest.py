@@ -131,13 +131,36 @@ def tiny(tmp_path):
     return make
 
 
-def pytest_terminal_summary(terminalreporter):
-    """One line per fuzz target that ran (tests/test_fuzz.py): examples tried and their outcomes."""
+_WORKER_FUZZ_COUNTS: list[dict[str, dict[str, int]]] = []  # under pytest-xdist: each worker's fuzz counts
+
+
+def _fuzz_counts() -> dict[str, dict[str, int]]:
     fuzz = sys.modules.get("tests.test_fuzz")
-    if fuzz is None or not fuzz.COUNTS:
+    return {target: dict(counts) for target, counts in fuzz.COUNTS.items()} if fuzz is not None else {}
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: its counts go to the controller
+        session.config.workeroutput["fuzz_counts"] = _fuzz_counts()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook, called in the controller as each worker ends
+def pytest_testnodedown(node, error):
+    _WORKER_FUZZ_COUNTS.append(getattr(node, "workeroutput", {}).get("fuzz_counts", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per fuzz target that ran (tests/test_fuzz.py): examples tried and their outcomes,
+    summed over pytest-xdist's workers."""
+    merged: dict[str, dict[str, int]] = {}
+    for counts in [_fuzz_counts(), *_WORKER_FUZZ_COUNTS]:
+        for target, outcomes in counts.items():
+            for outcome, n in outcomes.items():
+                merged.setdefault(target, {})[outcome] = merged.get(target, {}).get(outcome, 0) + n
+    if not merged:
         return
-    total = sum(sum(c.values()) for c in fuzz.COUNTS.values())
+    total = sum(sum(c.values()) for c in merged.values())
     terminalreporter.write_sep("-", f"fuzz: {total} examples")
-    for target, counts in sorted(fuzz.COUNTS.items()):
+    for target, counts in sorted(merged.items()):
         outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
         terminalreporter.write_line(f"fuzz {target}: {sum(counts.values())} examples ({outcomes})")
