@@ -131,6 +131,15 @@ def tiny(tmp_path):
     return make
 
 
+def pytest_collection_modifyitems(config, items):
+    """The precision matrix's many short cells last. `make test` runs 2 pytest-xdist workers with
+    `--dist load`, which hands out the first tests in turn and the rest as workers free up: the long
+    tests (the slow suite's fuzzing, GGUF jobs, benchmark smoke runs) start at once on both workers
+    and the short cells fill in around them, instead of one long test starting last while the other
+    worker idles."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_precision.py"))  # stable: else as collected
+
+
 _WORKER_FUZZ_COUNTS: list[dict[str, dict[str, int]]] = []  # under pytest-xdist: each worker's fuzz counts
 
 
