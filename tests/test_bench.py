@@ -20,6 +20,7 @@ def _grid_module():
     return module
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: a grid run and each cell in a process of its own
 def test_one_tiny_cell_writes_tables_and_plots(tmp_path):
     # with the full loss, batch 20000 x 16 tokens asks for 64 GB of logits at once: the CPU allocator
     # refuses, the cell is recorded as OOM and the grid goes on
@@ -108,6 +109,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     assert (tmp_path / "dry-trainer.md").stat().st_size and (tmp_path / "dry-memory.md").stat().st_size
 
 
+@pytest.mark.slow  # ~23 s on 2 cores: each job in a process of its own
 def test_precision_bench_dry_run(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "precision.py"), "--dry-run", "--jobs", "bloom-560m",
                            "--precisions", "fp32,auto", "--out", str(tmp_path), "--name", "p"],
