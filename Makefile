@@ -27,21 +27,22 @@ eval: setup
 	$(BIN)/python eval.py -p runs/smollm2-quotes/final $(ARGS)
 
 # pytest-xdist worker processes (this machine and CI have 2 cores; TEST_WORKERS=0: one process).
-# load: the first tests handed out in turn, the rest as workers free up (tests/conftest.py puts the
-# precision matrix's short cells last, so the long tests start at once on both workers); a
-# module's fixtures may be built once per worker. (With worksteal, CI on 2 cores on 2026-12-04 took
-# 23.6 min for the slow suite, 9 of them for its last 8% of tests.)
+# Measured with `bash .ci/run` on 2 quiet cores, 2026-12-04: the default tests take 328 s with
+# `--dist load` (the first tests handed out in turn, the rest as workers free up; tests/conftest.py
+# puts the precision cells last); the slow tests 1,414 s with `--dist worksteal` (each worker a
+# contiguous half, an idle one takes from the other's; before two ~25 s bench tests joined them)
+# and 1,799 s with load (which interleaves modules on a worker: their module fixtures may be rebuilt).
 TEST_WORKERS ?= 2
-XDIST = -n $(TEST_WORKERS) --dist load
+XDIST = -n $(TEST_WORKERS)
 
 test: setup
-	$(BIN)/python -m pytest -q $(XDIST) $(ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) --dist load $(ARGS)
 
 test-slow: setup  # exit code 5 (no slow test selected) is not a failure
-	$(BIN)/python -m pytest -q -m slow $(XDIST) $(ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -q -m slow $(XDIST) --dist worksteal $(ARGS) || [ $$? -eq 5 ]
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m "" $(XDIST) $(ARGS)
+	$(BIN)/python -m pytest -q -m "" $(XDIST) --dist worksteal $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
