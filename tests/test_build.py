@@ -20,7 +20,6 @@ from minitune.errors import ConfigError
 from minitune.loop import LoopArgs
 from minitune.model import load_tokenizer
 from minitune.resume import resolve_resume
-from minitune.run_folder import check_output_dir
 
 from .conftest import measured_config, tiny_config
 
@@ -67,17 +66,6 @@ def test_resume_with_auto_batch_size_takes_the_checkpoints_split_without_mutatin
     assert path == ckpt
     assert (resumed.training.batch_size, resumed.training.grad_accum) == (2, 4)
     assert (cfg.training.batch_size, cfg.training.grad_accum) == (8, 1)
-
-
-def test_check_output_dir_refuses_a_folder_with_a_run(tmp_path):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "log.jsonl").write_text("")
-    from minitune.errors import RunError
-
-    with pytest.raises(RunError, match="already holds a run"):
-        check_output_dir(load_config(tiny_config(output_dir=tmp_path / "run")))
-    assert check_output_dir(load_config(tiny_config(output_dir=tmp_path / "new"))) == tmp_path / "new"
-    assert not (tmp_path / "new").exists()  # checking creates nothing
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-t5"])
