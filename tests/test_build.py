@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from minitune.build import (
     Parts,
@@ -19,7 +18,6 @@ from minitune.device import setup_device
 from minitune.errors import ConfigError
 from minitune.loop import LoopArgs
 from minitune.model import load_tokenizer
-from minitune.resume import resolve_resume
 
 from .conftest import measured_config, tiny_config
 
@@ -47,25 +45,6 @@ def test_with_split_returns_a_new_config():
     assert (smaller.training.batch_size, smaller.training.grad_accum) == (2, 4)
     assert (cfg.training.batch_size, cfg.training.grad_accum) == (8, 1)
     assert smaller.model == cfg.model and smaller.training.seed == cfg.training.seed
-
-
-def test_resume_with_auto_batch_size_takes_the_checkpoints_split_without_mutating(tmp_path):
-    run = tmp_path / "run"
-    ckpt = run / "checkpoint-000001"
-    ckpt.mkdir(parents=True)
-    saved = load_config(tiny_config(output_dir=run, training={"batch_size": 2, "grad_accum": 4}))
-    saved.save(ckpt / "config.yaml")
-    (ckpt / "trainer_state.json").write_text('{"step": 1, "num_processes": 1}')
-    save_file({"w": torch.zeros(1)}, ckpt / "adapter_model.safetensors")  # only its header is read here
-    for stem in ("training_state_0.pt", "rng_state_0.pt"):
-        (ckpt / stem).write_bytes(b"")
-    (ckpt / "COMPLETE").write_text("")
-    cfg = load_config(tiny_config(output_dir=run, training={"batch_size": 8, "auto_batch_size": True,
-                                                            "resume": str(ckpt)}))
-    path, resumed = resolve_resume(cfg)
-    assert path == ckpt
-    assert (resumed.training.batch_size, resumed.training.grad_accum) == (2, 4)
-    assert (cfg.training.batch_size, cfg.training.grad_accum) == (8, 1)
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-t5"])

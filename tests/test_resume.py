@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from minitune.build import setup
 from minitune.checkpoint import clean_debris, find_latest, list_checkpoints
 from minitune.config import Config, load_config
 from minitune.errors import CheckpointError
-from minitune.resume import RESUME_FREE, RESUME_REFUSED
+from minitune.resume import RESUME_FREE, RESUME_REFUSED, resolve_resume
 from minitune.run import train
 
 from .conftest import simulated, tiny_config
@@ -295,3 +295,22 @@ def test_load_checkpoint_without_optimizer_gives_weights_and_counters(reference,
     (half / "COMPLETE").unlink()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         load_checkpoint(half, accelerator=Accelerator(cpu=True), model=model, rng=False)
+
+
+def test_resume_with_auto_batch_size_takes_the_checkpoints_split_without_mutating(tmp_path):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoint-000001"
+    ckpt.mkdir(parents=True)
+    saved = load_config(tiny_config(output_dir=run, training={"batch_size": 2, "grad_accum": 4}))
+    saved.save(ckpt / "config.yaml")
+    (ckpt / "trainer_state.json").write_text('{"step": 1, "num_processes": 1}')
+    save_file({"w": torch.zeros(1)}, ckpt / "adapter_model.safetensors")  # only its header is read here
+    for stem in ("training_state_0.pt", "rng_state_0.pt"):
+        (ckpt / stem).write_bytes(b"")
+    (ckpt / "COMPLETE").write_text("")
+    cfg = load_config(tiny_config(output_dir=run, training={"batch_size": 8, "auto_batch_size": True,
+                                                            "resume": str(ckpt)}))
+    path, resumed = resolve_resume(cfg)
+    assert path == ckpt
+    assert (resumed.training.batch_size, resumed.training.grad_accum) == (2, 4)
+    assert (cfg.training.batch_size, cfg.training.grad_accum) == (8, 1)
