@@ -92,9 +92,10 @@ def _train_row(part: str, name: str, cfg: dict, expect_refusal: str = "") -> dic
     return {"part": part, "name": name, "status": status, "seconds": time.perf_counter() - t0,
             "detail": f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; weights {result.precision.dtype}, autocast "
                       f"{result.precision.mixed_precision}",
-            # the training peak of steps 1-2 (max_memory_allocated on CUDA) and the prediction for the same steps
+            # the training peak of steps 1-2 (max_memory_allocated on CUDA) and the prediction for the same
+            # steps; neither with logging.memory=false (tiny_config), which `markdown` shows as "-"
             "peak_mb": result.memory.get("training_peak_mb"),
-            "predicted_mb": ((result.memory.get("predicted") or {}).get("total") or 0) / 2**20 or None}
+            "predicted_mb": predicted["total"] / 2**20 if (predicted := result.memory.get("predicted")) else None}
 
 
 def part_auto(args: argparse.Namespace, tmp: Path) -> list[dict]:
