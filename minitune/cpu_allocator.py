@@ -104,6 +104,10 @@ class AllocatorTrace:
                 self._events.append((t, size))
             elif ptr in live:
                 self._events.append((t, -live.pop(ptr)))
+        # torch's profile object sits in a reference cycle (its action table holds its own bound
+        # methods), so it lives until the next full garbage collection; the events it holds
+        # (~1.6 KiB each, ~300 MiB for two steps of a 135M model) are let go of here, now
+        self._prof.profiler = None
         self._prof = None
 
     def peak(self, window: str | None = None) -> int:
