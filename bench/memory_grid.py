@@ -196,7 +196,7 @@ def summarize(res: dict, group: str, method: str, label: str) -> dict:
         row["activations_mb"] = b["activations_and_temporaries"]
     for key in ("peak_train_mb", "peak_all_mb", "ratio", "step_s", "tokens_per_s", "load_s", "fp32_cast_mb",
                 "optimizer_used", "wall_s", "file_backed_released_mb", "rss_peak_mb",
-                "process_peak_mb"):
+                "process_peak_mb", "baseline_mb"):
         if key in res:
             row[key] = res[key]
     if "optimizer" in s:
@@ -371,6 +371,27 @@ def _process_error(r: dict) -> str:
     return f"{(r['process_peak_mb'] - r['rss_peak_mb']) / r['rss_peak_mb']:+.1%}"
 
 
+def _rss_over_allocator(r: dict) -> float | None:
+    """The whole run's peak RSS above the pre-load baseline / the allocator's peak (how much more the
+    process held than its tensors), or None."""
+    if not r.get("rss_peak_mb") or not r.get("peak_train_mb") or r.get("baseline_mb") is None:
+        return None
+    return (r["rss_peak_mb"] - r["baseline_mb"]) / r["peak_train_mb"]
+
+
+def process_summary(data: dict) -> str:
+    """One line: over the grid's measured cells, the worst RSS-over-allocator ratio and the worst
+    error of process_peak against the peak RSS."""
+    rows = [r for r in data["rows"] if r["group"] == "grid" and _rss_over_allocator(r) is not None]
+    if not rows:
+        return ""
+    waste = max(rows, key=_rss_over_allocator)
+    off = max(rows, key=lambda r: abs(r["process_peak_mb"] - r["rss_peak_mb"]) / r["rss_peak_mb"])
+    return (f"**The whole process over {len(rows)} grid cells: peak RSS above the baseline is at most "
+            f"{_rss_over_allocator(waste):.2f}x the allocator's peak ({waste['model']} / {waste['method']}); "
+            f"process_peak against the peak RSS: worst {_process_error(off)} ({off['model']} / {off['method']}).**")
+
+
 def worst_case(data: dict) -> str:
     """One line: the prediction's largest error over every measured cell (grid and knob rows)."""
     rows = [r for r in data["rows"] if r.get("predicted_mb") and r.get("peak_train_mb")]  # grid and knob rows
@@ -402,20 +423,25 @@ def markdown(data: dict) -> str:
              + ". Predicted = `minitune.planner.simulate` (the same model, optimizer and loss on fake tensors); "
              "ratio = measured / predicted; error = (predicted - measured) / measured. "
              "Breakdown (`tensor_breakdown` at the peak): frozen weights | trainable weights + gradients | "
-             "optimizer state | activations and temporaries (= peak minus the tensors).", ""]
+             "optimizer state | activations and temporaries (= peak minus the tensors)."
+             + (" RSS = the cell's whole-run peak RSS (sampled every 10 ms, loading included); process_peak = "
+                "`minitune.process_memory.process_peak` (RSS before loading + predicted tensors + the allocator's "
+                "overhead); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak, "
+                "what the process held beyond its tensors (the cell traces every step: a run traces two)."
+                if data["kind"] == "cpu" else ""), ""]
     head = ("| model | method | batch x seq | status | trainable | trainable % | peak MiB | predicted MiB | ratio "
-            "| error | RSS MiB | process_peak MiB | RSS vs process | weights | train+grads | optim | activ. | s/step "
-            "| tokens/s |")
-    sep = "|" + "---|" * 19
+            "| error | RSS MiB | process_peak MiB | RSS vs process | RSS above baseline / peak | weights | train+grads "
+            "| optim | activ. | s/step | tokens/s |")
+    sep = "|" + "---|" * 20
     lines += ["## Grid", "", head, sep]
     for r in (r for r in data["rows"] if r["group"] == "grid"):
         lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']}x{r['seq_len']} | {r['status']} | "
                      f"{_f(r.get('trainable_params'), ',d')} | {_f(r.get('trainable_pct'), '.2f')} | "
                      f"{_f(r.get('peak_train_mb'))} | {_f(r.get('predicted_mb'))} | {_f(r.get('ratio'), '.3f')} | "
                      f"{_error(r)} | {_f(r.get('rss_peak_mb'))} | {_f(r.get('process_peak_mb'))} | "
-                     f"{_process_error(r)} | {_f(r.get('weights_mb'))} | {_f(r.get('trainable_grads_mb'))} | {_f(r.get('optimizer_mb'))} | "
+                     f"{_process_error(r)} | {_f(_rss_over_allocator(r), '.2f')} | {_f(r.get('weights_mb'))} | {_f(r.get('trainable_grads_mb'))} | {_f(r.get('optimizer_mb'))} | "
                      f"{_f(r.get('activations_mb'))} | {_f(r.get('step_s'), '.3f')} | {_f(r.get('tokens_per_s'), '.0f')} |")
-    lines += ["", worst_case(data)]
+    lines += ["", worst_case(data), "", process_summary(data)]
     notes = [r for r in data["rows"] if r.get("note")]
     for r in notes:
         lines.append(f"\n- {r['model']} / {r['method']}: {r['note']}")

@@ -56,6 +56,19 @@ def test_one_tiny_cell_writes_tables_and_plots(tmp_path):
     assert "| tiny-llama | LoRA | 20000x16 | OOM |" in md
 
 
+def test_the_grid_says_how_far_the_process_is_above_its_tensors():
+    grid = _grid_module()
+    cell = {"group": "grid", "model": "m", "status": "ok", "baseline_mb": 500.0}
+    rows = [{**cell, "method": "a", "rss_peak_mb": 1100.0, "peak_train_mb": 400.0, "process_peak_mb": 1000.0},
+            {**cell, "method": "b", "rss_peak_mb": 800.0, "peak_train_mb": 250.0, "process_peak_mb": 840.0},
+            {**cell, "method": "oom", "status": "OOM"}]
+    line = grid.process_summary({"rows": rows})
+    # a: (1100 - 500) / 400 = 1.50 (the worst); b: 1.20. process_peak: a -9.1%, b +5.0%
+    assert "over 2 grid cells" in line and "at most 1.50x the allocator's peak (m / a)" in line, line
+    assert "worst -9.1% (m / a)" in line, line
+    assert grid.process_summary({"rows": rows[2:]}) == ""
+
+
 def test_failed_and_slow_cells_are_recorded_not_raised():
     grid = _grid_module()
     res = grid.run_cell({"model": "no-such-preset"}, timeout=120)
