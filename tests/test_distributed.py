@@ -40,14 +40,23 @@ def _recorder(seen: list):
 
 
 if __name__ == "__main__":  # the launched worker: train each config in turn, in the same process group
+    import gc
+
     from accelerate import PartialState
+    from torch.nn.parallel import DistributedDataParallel
 
     from minitune import data
     from minitune.run import train
 
     record_dir, *configs = sys.argv[1:]
-    # train() ends by destroying the process group; keep it for the next run (one launch is cheaper)
-    destroy, PartialState.destroy_process_group = PartialState.destroy_process_group, lambda self, group=None: None
+    # train() ends by destroying the process group; keep it for the next run (one launch is cheaper),
+    # and count the DDP models still alive at that moment (one keeps the group past its destruction)
+    alive_at_destroy: list[int] = []
+
+    def keep_group(self, group=None):
+        alive_at_destroy.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+
+    destroy, PartialState.destroy_process_group = PartialState.destroy_process_group, keep_group
     collate = data.Collator.__call__
     for i, config in enumerate(configs):
         batches: list = []
@@ -56,7 +65,8 @@ if __name__ == "__main__":  # the launched worker: train each config in turn, in
         result = train(config)
         Path(record_dir, f"run{i}-rank{os.environ['RANK']}.json").write_text(json.dumps({
             "world_size": int(os.environ["WORLD_SIZE"]), "num_processes": PartialState().num_processes,
-            "batches": batches, "step": result.state.step, "eval_loss": result.metrics.get("eval_loss")}))
+            "batches": batches, "step": result.state.step, "eval_loss": result.metrics.get("eval_loss"),
+            "ddp_models_alive_at_destroy": alive_at_destroy[-1]}))
     destroy(PartialState())
     sys.exit(0)
 
@@ -146,6 +156,9 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, monkeypatch):
 
     # both processes ran, in one process group of 2
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["num_processes"] for r in ranks] == [2, 2]
+    # each run let go of its DDP model before ending the group (else the group outlives its
+    # destruction, and the interpreter's teardown can abort a finished process)
+    assert [r["ddp_models_alive_at_destroy"] for run in (ranks, ranks_resumed, ranks_4bit) for r in run] == [0] * 6
     # each process got its own shard: every other batch of the one seeded order (both epochs and
     # the evaluation), so together they saw exactly what the single process saw, nothing twice
     assert ranks[0]["batches"] == single_batches[0::2]

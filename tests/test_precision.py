@@ -93,11 +93,12 @@ def check_cell(cell: tuple, tmp_path, monkeypatch) -> None:
     # the census below comes from the run's own model and optimizer: the memory measurements and
     # the planner's simulation (about 40% of a tiny cell's time) are not what a cell checks
     cfg["logging"]["memory"] = False
-    built = []
+    built = []  # (model, optimizer) as setup built them (the run lets go of its model at the end)
 
     def setup_and_keep(config):
-        built.append(setup(config))
-        return built[-1]
+        parts = setup(config)
+        built.append((parts.model, parts.optimizer))
+        return parts
 
     monkeypatch.setattr(minitune.run, "setup", setup_and_keep)
     expected_refusal = refused_on_cpu(cell)
@@ -119,8 +120,8 @@ def check_cell(cell: tuple, tmp_path, monkeypatch) -> None:
     state = torch.load(result.checkpoint / "training_state_0.pt", weights_only=False)["optimizer"]["state"]
     assert {v.dtype for s in state.values() for v in s.values() if torch.is_tensor(v) and v.ndim} == {torch.float32}
     # the frozen weights really are in the asked dtype, and quantized where asked (the tensors' census)
-    parts = built[-1]
-    census = tensor_breakdown(unwrap(parts.model), parts.optimizer)
+    model, optimizer = built[-1]
+    census = tensor_breakdown(unwrap(model), optimizer)
     frozen = {k.split("/", 1)[1]: v for k, v in census.items() if k.startswith("frozen_weights/") and v}
     assert f"torch.{dtype}" in frozen, frozen
     if quant == "8bit":
