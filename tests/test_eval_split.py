@@ -56,6 +56,10 @@ if __name__ == "__main__":  # the launched worker
             loss = evaluate_loss(accelerator, model, loader, max_batches=limit, loss_fn=loss_fn)
             record[f"{kind}-{limit}"] = {"loss": loss, "forwards": forwards[0]}
     Path(sys.argv[1], f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
+    # the DDP model holds the process group: let go of it first (as minitune.run does), or the group
+    # outlives end_training and the interpreter's teardown can abort the process
+    del model
+    accelerator.free_memory()
     accelerator.end_training()
     sys.exit(0)
 
