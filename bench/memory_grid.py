@@ -364,14 +364,14 @@ def _error(r: dict) -> str:
     return f"{100 * (r['predicted_mb'] - r['peak_train_mb']) / r['peak_train_mb']:+.1f}%"
 
 
-def _process_error(r: dict) -> str:
+def process_error(r: dict) -> str:
     """(process_peak - peak RSS) / peak RSS of a cell, or '-'."""
     if not r.get("rss_peak_mb") or not r.get("process_peak_mb"):
         return "-"
     return f"{(r['process_peak_mb'] - r['rss_peak_mb']) / r['rss_peak_mb']:+.1%}"
 
 
-def _rss_over_allocator(r: dict) -> float | None:
+def rss_over_allocator(r: dict) -> float | None:
     """The whole run's peak RSS above the pre-load baseline / the allocator's peak (how much more the
     process held than its tensors), or None."""
     if not r.get("rss_peak_mb") or not r.get("peak_train_mb") or r.get("baseline_mb") is None:
@@ -382,14 +382,14 @@ def _rss_over_allocator(r: dict) -> float | None:
 def process_summary(data: dict) -> str:
     """One line: over the grid's measured cells, the worst RSS-over-allocator ratio and the worst
     error of process_peak against the peak RSS."""
-    rows = [r for r in data["rows"] if r["group"] == "grid" and _rss_over_allocator(r) is not None]
+    rows = [r for r in data["rows"] if r["group"] == "grid" and rss_over_allocator(r) is not None]
     if not rows:
         return ""
-    waste = max(rows, key=_rss_over_allocator)
+    waste = max(rows, key=rss_over_allocator)
     off = max(rows, key=lambda r: abs(r["process_peak_mb"] - r["rss_peak_mb"]) / r["rss_peak_mb"])
     return (f"**The whole process over {len(rows)} grid cells: peak RSS above the baseline is at most "
-            f"{_rss_over_allocator(waste):.2f}x the allocator's peak ({waste['model']} / {waste['method']}); "
-            f"process_peak against the peak RSS: worst {_process_error(off)} ({off['model']} / {off['method']}).**")
+            f"{rss_over_allocator(waste):.2f}x the allocator's peak ({waste['model']} / {waste['method']}); "
+            f"process_peak against the peak RSS: worst {process_error(off)} ({off['model']} / {off['method']}).**")
 
 
 def worst_case(data: dict) -> str:
@@ -439,7 +439,7 @@ def markdown(data: dict) -> str:
                      f"{_f(r.get('trainable_params'), ',d')} | {_f(r.get('trainable_pct'), '.2f')} | "
                      f"{_f(r.get('peak_train_mb'))} | {_f(r.get('predicted_mb'))} | {_f(r.get('ratio'), '.3f')} | "
                      f"{_error(r)} | {_f(r.get('rss_peak_mb'))} | {_f(r.get('process_peak_mb'))} | "
-                     f"{_process_error(r)} | {_f(_rss_over_allocator(r), '.2f')} | {_f(r.get('weights_mb'))} | {_f(r.get('trainable_grads_mb'))} | {_f(r.get('optimizer_mb'))} | "
+                     f"{process_error(r)} | {_f(rss_over_allocator(r), '.2f')} | {_f(r.get('weights_mb'))} | {_f(r.get('trainable_grads_mb'))} | {_f(r.get('optimizer_mb'))} | "
                      f"{_f(r.get('activations_mb'))} | {_f(r.get('step_s'), '.3f')} | {_f(r.get('tokens_per_s'), '.0f')} |")
     lines += ["", worst_case(data), "", process_summary(data)]
     notes = [r for r in data["rows"] if r.get("note")]

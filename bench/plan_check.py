@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cell import DEFAULTS, cell_config  # noqa: E402  (bench/ is not a package)
-from memory_grid import RESULTS, cell_env, device_info, run_cell  # noqa: E402
+from memory_grid import RESULTS, cell_env, device_info, process_error, rss_over_allocator, run_cell  # noqa: E402
 
 from minitune.config import load_config  # noqa: E402
 from minitune.planner import plan  # noqa: E402
@@ -71,7 +71,10 @@ def _measured(spec: dict, timeout: float) -> dict:
     row = {"status": res.get("status"), "spec": {k: v for k, v in spec.items() if DEFAULTS.get(k) != v}}
     if res.get("status") == "ok":
         row.update(measured_mb=res["peak_train_mb"], predicted_mb=res["predicted"]["total"] / MB,
-                   load_mb=res.get("peak_all_mb"), step_s=res.get("step_s"))
+                   load_mb=res.get("peak_all_mb"), step_s=res.get("step_s"),
+                   # the whole process (CPU): peak RSS, the RSS before loading, and process_peak
+                   rss_peak_mb=res.get("rss_peak_mb"), baseline_mb=res.get("baseline_mb"),
+                   process_peak_mb=res.get("process_peak_mb"), peak_train_mb=res["peak_train_mb"])
         row["ratio"] = row["measured_mb"] / row["predicted_mb"]
     return row
 
@@ -122,12 +125,18 @@ def markdown(data: dict) -> str:
              "`minitune.planner.simulate` of the same model and settings. error = (predicted - measured) / measured.",
              ""]
     if data.get("outside"):
-        lines += ["## Configs outside the grid", "", "| config | status | measured MiB | predicted MiB | ratio | error |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Configs outside the grid", "",
+                  "RSS = the run's whole-process peak RSS (sampled every 10 ms, loading included); process_peak = "
+                  "`minitune.process_memory.process_peak` (RSS before loading + predicted tensors + the allocator's "
+                  "overhead); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak.", "",
+                  "| config | status | measured MiB | predicted MiB | ratio | error | RSS MiB | process_peak MiB "
+                  "| RSS vs process | RSS above baseline / peak |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in data["outside"]:
             err = (r["predicted_mb"] - r["measured_mb"]) / r["measured_mb"] if r.get("measured_mb") else None
             lines.append(f"| {r['config']} | {r['status']} | {_f(r.get('measured_mb'))} | {_f(r.get('predicted_mb'))} | "
-                         f"{_f(r.get('ratio'), '.3f')} | {_f(100 * err if err is not None else None, '+.1f')}% |")
+                         f"{_f(r.get('ratio'), '.3f')} | {_f(100 * err if err is not None else None, '+.1f')}% | "
+                         f"{_f(r.get('rss_peak_mb'))} | {_f(r.get('process_peak_mb'))} | {process_error(r)} | "
+                         f"{_f(rss_over_allocator(r), '.2f')} |")
     if data.get("advice"):
         lines += ["", f"## Advice that is checked (budget = {UNDER:.0%} of the predicted peak)", "",
                   "| config | budget MiB | measured before MiB | planner's first suggestion | predicted after MiB | "
