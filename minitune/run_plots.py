@@ -52,6 +52,7 @@ def draw(runs: Sequence[RunData], labels: Sequence[str] | None = None) -> Any:
     step with the predicted and measured training peaks, the memory phases and eval.json's scores.
     Several runs: the same series overlaid, one colour per run, and their final figures in a table.
     """
+    # here: matplotlib is a heavy import, paid only by a run that draws its report
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
