@@ -26,12 +26,12 @@ train: setup
 eval: setup
 	$(BIN)/python eval.py -p runs/smollm2-quotes/final $(ARGS)
 
-# pytest-xdist worker processes (this machine and CI have 2 cores; TEST_WORKERS=0: one process).
-# Measured with `bash .ci/run` on 2 quiet cores, 2026-12-04: the default tests take 328 s with
-# `--dist load` (the first tests handed out in turn, the rest as workers free up; tests/conftest.py
-# puts the precision cells last); the slow tests 1,414 s with `--dist worksteal` (each worker a
-# contiguous half, an idle one takes from the other's; before two ~25 s bench tests joined them)
-# and 1,799 s with load (which interleaves modules on a worker: their module fixtures may be rebuilt).
+# pytest-xdist worker processes (this machine and CI have 2 cores; TEST_WORKERS=0: one process;
+# tests/conftest.py gives each worker cores/workers math threads). `bash .ci/run` on a fresh clone,
+# 2 quiet cores, 2026-12-04 at 48a34db: the default tests 239 s with `--dist load` (the first tests
+# handed out in turn, the rest as workers free up; conftest puts the precision cells last), the
+# slow ones 907 s with `--dist worksteal` (each worker a contiguous half, an idle one takes from the
+# other's; at e8f5712, before the threads fix: 1,414 s worksteal, 1,799 s load), the whole CI 1,205 s.
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS)
 
