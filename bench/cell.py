@@ -224,6 +224,9 @@ def run_cell(spec: dict) -> dict:
         with trace.window("train") if trace is not None else contextlib.nullcontext():
             fit(accelerator, model, optimizer, batches, LoopArgs(max_steps=n, log_every=1, grad_accum=s["grad_accum"]),
                 profiler=profiler, on_step=on_step, loss_fn=loss_fn_for(s["loss"], s["loss_chunk_size"]))
+        # the whole run's peak RSS, read before this cell's own trace (loading and every step, where a
+        # run traces two steps) turns its events into results: those are the benchmark's, not the run's
+        rss_peak = profiler.peak_bytes() if profiler is not None else None
         if trace is not None:
             trace.__exit__(None, None, None)
     except Exception as e:
@@ -278,7 +281,7 @@ def run_cell(spec: dict) -> dict:
         )
         if profiler.kind == "cpu":  # the whole process: peak RSS of the cell against minitune's process_peak
             process = process_peak("cpu", predicted["total"], baseline=baseline)
-            result.update(rss_peak_mb=profiler.peak_bytes() / MB, process_peak_mb=process.total / MB,
+            result.update(rss_peak_mb=rss_peak / MB, process_peak_mb=process.total / MB,
                           process_terms_mb={k: v / MB for k, v in process.terms.items()})
     return result
 
