@@ -427,7 +427,8 @@ def markdown(data: dict) -> str:
              + (" RSS = the cell's whole-run peak RSS (sampled every 10 ms, loading included); process_peak = "
                 "`minitune.process_memory.process_peak` (RSS before loading + predicted tensors + the allocator's "
                 "overhead); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak, "
-                "what the process held beyond its tensors (the cell traces every step: a run traces two)."
+                "what the process held beyond its tensors (the cell's trace records every step, where a run's records "
+                "two; the RSS is read before that trace is read back)."
                 if data["kind"] == "cpu" else ""), ""]
     head = ("| model | method | batch x seq | status | trainable | trainable % | peak MiB | predicted MiB | ratio "
             "| error | RSS MiB | process_peak MiB | RSS vs process | RSS above baseline / peak | weights | train+grads "
