@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Any
 
 import torch
 import transformers
 from safetensors import SafetensorError
-from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
@@ -206,19 +204,20 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
         model = build_from_config(args, seed=seed)
         if qconf is None:
             return model
-        # bitsandbytes quantizes while loading weights: round-trip the random model through disk.
-        kind = model_kind(model.config)
+        # bitsandbytes quantizes while loading weights: the random model's own state dict goes through
+        # from_pretrained (no file: its tensors are read in place, so loading peaks where the build did
+        # and nothing stays mapped from a temporary file)
         head = model.get_output_embeddings()
         # an output layer of its own (flan-t5): the reload ties it to the input embedding again
         own_head = head.weight.detach() if head is not None and head.weight is not model.get_input_embeddings().weight \
             else None
-        with tempfile.TemporaryDirectory(prefix="minitune-init-") as tmp:
-            # Written by hand, not with save_pretrained: under torch.distributed transformers writes
-            # only on rank 0, and every process needs its own copy to quantize.
-            model.config.save_pretrained(tmp)
-            save_model(model, os.path.join(tmp, "model.safetensors"))
-            del model, head
-            quantized = from_pretrained(tmp, args, qconf, device, kind=kind)
+        cls, config, state = type(model), model.config, model.state_dict()
+        del model, head
+        try:
+            quantized = cls.from_pretrained(None, config=config, state_dict=state, **_pretrained_kwargs(args, qconf, device))
+        finally:
+            del state
+        _disable_cpu_bf16_4bit_path(quantized)
         if own_head is not None:
             _untie_lm_head_if_configured(quantized, args)
             out = quantized.get_output_embeddings()
@@ -228,8 +227,8 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
     return from_pretrained(resolve_path(args.name_or_path, "model.name_or_path"), args, qconf, device)
 
 
-def from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.device | None, kind: str | None = None):
-    kind = kind or resolve_kind(args)
+def _pretrained_kwargs(args: ModelArgs, qconf: Any, device: torch.device | None) -> dict[str, Any]:
+    """`from_pretrained`'s keyword arguments for `args` (dtype, GGUF file, attention, quantization)."""
     kwargs: dict[str, Any] = {"dtype": DTYPES[args.dtype], "trust_remote_code": args.trust_remote_code}
     if args.gguf_file:
         kwargs["gguf_file"] = args.gguf_file
@@ -238,6 +237,12 @@ def from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.device
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": device if device is not None else "cpu"}
+    return kwargs
+
+
+def from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.device | None, kind: str | None = None):
+    kind = kind or resolve_kind(args)
+    kwargs = _pretrained_kwargs(args, qconf, device)
     try:
         model = _auto_class(kind).from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable or truncated files, an id not in

@@ -26,9 +26,12 @@ def _losses(run_dir) -> list[float]:
 # own 4-bit losses were 10.84-10.83, next to it). The same run unquantized (a run that silently
 # skipped quantization) logs 14.6089, 14.5221, 14.9419, 14.7967 (this config without `quantization`):
 # 0.014-0.26 away from the pins. t5: recorded before the builders/loop redesign and unchanged by it;
-# re-recorded when the quotes data was repaired (data/SOURCES.md).
+# re-recorded when the quotes data was repaired (data/SOURCES.md). 4-bit re-recorded 2026-12-04 when
+# quantized presets began loading from a state dict instead of a file: the quantized weights are
+# identical (checked to 0.0), but loading draws from the RNG differently, so the LoRA adapters start
+# elsewhere (first loss unchanged, the adapters' B being zero); was 14.6942, 14.7794, 14.7479, 14.8109.
 PINNED = {
-    "4bit-llama": ("tiny-llama", {"quantization": {"mode": "4bit"}}, [14.6942, 14.7794, 14.7479, 14.8109]),
+    "4bit-llama": ("tiny-llama", {"quantization": {"mode": "4bit"}}, [14.6942, 14.7894, 14.7568, 14.8090]),
     "t5": ("tiny-t5", {}, [21.5357, 21.0393, 21.2754, 20.7769]),
 }
 
