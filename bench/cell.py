@@ -12,8 +12,8 @@ no padding): `batch_size x seq_len` inputs, and for seq2seq models `seq_len` tar
 
 Memory: on CPU, `peak_train_mb` is the highest number of bytes the CPU allocator holds during the
 training steps (warm-up included), counted from before the model loads (`AllocatorTrace`, exact);
-`peak_all_mb` covers loading too (a random-init quantized model goes through a temporary fp32
-copy). RSS above the baseline taken once every library is imported is kept beside it
+`peak_all_mb` covers loading too (a random-init quantized model is built in its unquantized dtype
+first). RSS above the baseline taken once every library is imported is kept beside it
 (`rss_peak_train_mb`). On CUDA the peak is `max_memory_allocated` (baseline 0).
 
 Writes one JSON object to the result path: status ('ok', 'OOM' or 'error: ...'), the settings,
@@ -114,35 +114,6 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _rss_file_mb() -> float | None:
-    """File-backed resident memory of this process (Linux), in MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _copy_off_checkpoint_file(model) -> int:
-    """Copy the plain (non-quantized) tensors of a model loaded by `from_pretrained` into ordinary
-    memory; returns how many. The loader leaves them as views of the memory-mapped safetensors
-    file, which then stays mapped, and every page the quantization read stays in the RSS as
-    file-backed memory (for minitune's random-init path, a deleted temporary file). A random-init
-    unquantized model never had such a mapping, so without this copy the quantized cells would
-    carry hundreds of MiB of reclaimable page cache that the others do not."""
-    n = 0
-    with torch.no_grad():
-        for module in model.modules():
-            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                if t.is_floating_point() and type(t) in (torch.Tensor, torch.nn.Parameter):
-                    t.data = t.data.clone()
-                    n += 1
-    return n
-
-
 def run_cell(spec: dict) -> dict:
     """Build and run one cell; returns the result dict (raises on errors other than out-of-memory)."""
     s = {**DEFAULTS, **spec}
@@ -165,13 +136,6 @@ def run_cell(spec: dict) -> dict:
         model = load_model(cfg.model, cfg.quantization, device=dev, seed=s["seed"])
         if profiler is not None:
             profiler.phase("load")
-        if s["quant"] != "none" and dev.type == "cpu":
-            before = _rss_file_mb()
-            result["copied_off_file"] = _copy_off_checkpoint_file(model)
-            _trim_heap()
-            after = _rss_file_mb()
-            if before is not None and after is not None:
-                result["file_backed_released_mb"] = before - after
         seq2seq = model_kind(model) == "seq2seq"
         stage = "prepare"
         model, report = setup_model(cfg, dev, base=model)

@@ -195,7 +195,7 @@ def summarize(res: dict, group: str, method: str, label: str) -> dict:
         row["optimizer_mb"] = b["optimizer_state"]
         row["activations_mb"] = b["activations_and_temporaries"]
     for key in ("peak_train_mb", "peak_all_mb", "ratio", "step_s", "tokens_per_s", "load_s", "fp32_cast_mb",
-                "optimizer_used", "wall_s", "file_backed_released_mb", "rss_peak_mb",
+                "optimizer_used", "wall_s", "rss_peak_mb",
                 "process_peak_mb", "baseline_mb"):
         if key in res:
             row[key] = res[key]
@@ -413,9 +413,7 @@ def markdown(data: dict) -> str:
              "`peak_all_mb` in the CSV). "
              + ("On CPU: the bytes PyTorch's CPU allocator holds, from the torch profiler's allocation and release "
                 "events (`minitune.cpu_allocator.AllocatorTrace`), counted from before the model loads; RSS is in the CSV "
-                "(`rss_peak_train_mb`). Quantized cells copy the unquantized tensors the loader leaves mapped from "
-                "the temporary checkpoint file into allocator memory, as a model loaded from a real file would hold "
-                "them once touched (see bench/README.md)." if data["kind"] == "cpu" else ""),
+                "(`rss_peak_train_mb`)." if data["kind"] == "cpu" else ""),
              f"Each cell: its own process, random token batches, {data['warmup']} warm-up step(s) then "
              f"{data['steps']} timed; step time and tokens/s are means over the timed steps (tokens: inputs, "
              "plus targets for seq2seq); " + ("training.loss=auto, the default: the chunked cross-entropy for every "
@@ -512,7 +510,7 @@ def markdown(data: dict) -> str:
 CSV_FIELDS = ["group", "knob", "model", "method", "method_key", "batch_size", "seq_len", "status", "trainable_params",
               "total_params", "trainable_pct", "peak_train_mb", "peak_all_mb", "predicted_mb", "ratio", "weights_mb",
               "trainable_grads_mb", "optimizer_mb", "activations_mb", "fp32_cast_mb", "optimizer_used", "step_s",
-              "tokens_per_s", "load_s", "wall_s", "file_backed_released_mb", "note"]
+              "tokens_per_s", "load_s", "wall_s", "note"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
