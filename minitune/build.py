@@ -38,7 +38,7 @@ from .losses import LossFn, loss_fn_for
 from .memory import MB, MemoryProfiler, format_bytes
 from .model import load_model, load_tokenizer, resolve_kind
 from .optim import build_optimizer, build_scheduler
-from .planner import MicroBatch, Prediction, simulate
+from .planner import MicroBatch, Prediction, load_peak, simulate
 from .prepare import PreparationReport, prepare_model
 from .process_memory import ProcessPeak, process_peak, release_free_memory, rss_bytes, tune_malloc
 from .report import RunLogger
@@ -185,7 +185,8 @@ def _model_and_prediction(cfg: Config, device: torch.device, data: DataBundle, p
     loss_fn = loss_fn_for(t.loss, t.loss_chunk_size, model)  # chunked only where it gives the model's loss
     laps.mark("load")
     predicted = predict_run(cfg, model, data, device, loss_fn) if cfg.logging.memory else None
-    process = (process_peak(device.type, predicted.total, baseline=baseline, cuda_terms=predicted.cuda)
+    process = (process_peak(device.type, predicted.total, baseline=baseline, cuda_terms=predicted.cuda,
+                           loading=predicted.loading)
                if predicted is not None else None)
     laps.mark("plan")
     return model, prep, loss_fn, predicted, process
@@ -210,8 +211,10 @@ def predict_run(cfg: Config, model: nn.Module, data: DataBundle, device: torch.d
     """
     try:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        return simulate(model, cfg, steps=_first_steps(cfg, data, model_kind(model)), device_type=device.type,
-                        cuda_capability=capability, loss_fn=loss_fn)
+        predicted = simulate(model, cfg, steps=_first_steps(cfg, data, model_kind(model)), device_type=device.type,
+                             cuda_capability=capability, loss_fn=loss_fn)
+        predicted.loading = load_peak(cfg).bytes if device.type != "cuda" else 0  # on CUDA it loads in host memory
+        return predicted
     except Exception as e:  # the planner must never stop a run: say why there is no prediction
         warnings.warn(f"no memory prediction for this model ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''})", stacklevel=2)

@@ -14,12 +14,15 @@ Two things live here, the one place for each:
    `MINITUNE_MALLOC=default` in the environment leaves glibc as it is (to measure the difference).
    `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
 
-2. `process_peak(kind, tensors, baseline)`: the peak the operating system (or driver) will see,
-   as named byte terms and their sum:
+2. `process_peak(kind, tensors, baseline, loading)`: the peak the operating system (or driver) will
+   see, as named byte terms and their sum:
        CPU, MPS  baseline            RSS before the model loads: Python, torch, the tokenizer, the data
-                 tensors             the allocator's peak (the planner's prediction)
+                 tensors             the allocator's training peak (the planner's prediction)
                  allocator_overhead  what the process holds beyond its tensors at the peak (malloc
                                      headers and page rounding, the math libraries' buffers)
+                 loading_above_training  where loading the model holds more than training will
+                                     (`planner.loading.load_peak`: an fp32 build cast or quantized,
+                                     a file converted): the difference, so the sum is the higher peak
        CUDA      tensors + cuda_context (a flat 1 GiB for the context, cuBLAS workspaces and the
                  caching allocator's unused blocks: not modelled term by term yet)
 """
@@ -168,7 +171,7 @@ def allocator_overhead(tensors: int) -> int:
 
 
 def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
-                 cuda_terms: dict[str, int] | None = None) -> ProcessPeak:
+                 cuda_terms: dict[str, int] | None = None, loading: int = 0) -> ProcessPeak:
     """The peak the operating system (CPU, MPS: RSS, unified memory) or the driver (CUDA) will see.
 
     Args:
@@ -179,6 +182,8 @@ def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
         cuda_terms: CUDA: the simulation's process terms (`planner.Prediction.cuda`, from
             `cuda_memory.cuda_process_terms`: context, cuBLAS workspaces, tensors in blocks, the caching
             allocator's reserve); without them the tensors plus a flat CUDA_CONTEXT.
+        loading: CPU/MPS: what loading the model holds at its peak, above the baseline
+            (`planner.loading.load_peak`; 0: not known). On CUDA the model loads in host memory.
 
     Returns:
         The ProcessPeak with its terms.
@@ -188,4 +193,8 @@ def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
     if kind == "cuda":
         return ProcessPeak(kind, {"tensors": int(tensors), "cuda_context": CUDA_CONTEXT})
     base = rss_bytes() if baseline is None else int(baseline)
-    return ProcessPeak(kind, {"baseline": base, "tensors": int(tensors), "allocator_overhead": allocator_overhead(tensors)})
+    terms = {"baseline": base, "tensors": int(tensors), "allocator_overhead": allocator_overhead(tensors)}
+    training = terms["tensors"] + terms["allocator_overhead"]
+    if loading > training:  # measured: loading's RSS is its tensors to within ~5 MiB (no math-library buffers yet)
+        terms["loading_above_training"] = int(loading) - training
+    return ProcessPeak(kind, terms)

@@ -26,6 +26,69 @@ def test_cpu_process_peak_is_baseline_plus_tensors_plus_overhead():
     assert pm.process_peak("mps", 300 * MB, baseline=500 * MB).total == p.total  # unified memory: the same terms
 
 
+def test_loading_counts_only_where_it_holds_more_than_training():
+    overhead = pm.allocator_overhead(300 * MB)
+    below = pm.process_peak("cpu", 300 * MB, baseline=500 * MB, loading=300 * MB + overhead)
+    assert "loading_above_training" not in below.terms  # training's peak is the higher, or equal
+    above = pm.process_peak("cpu", 300 * MB, baseline=500 * MB, loading=900 * MB)
+    over = 900 * MB - 300 * MB - overhead
+    assert above.terms["loading_above_training"] == over and above.total == 500 * MB + 900 * MB
+    assert pm.process_peak("cuda", 300 * MB, loading=900 * MB).total == 300 * MB + pm.CUDA_CONTEXT  # host memory
+
+
+@pytest.mark.parametrize(("preset", "dtype", "quant"), [
+    ("tiny-llama", "float32", "none"), ("tiny-opt", "bfloat16", "none"), ("tiny-t5", "float32", "none"),
+    ("tiny-opt", "float32", "8bit"), ("tiny-llama", "float32", "4bit"),
+])
+def test_load_peak_of_a_random_init_model_is_the_allocators_peak_while_it_loads(preset, dtype, quant):
+    import torch
+
+    from minitune.cpu_allocator import AllocatorTrace
+    from minitune.model import load_model
+    from minitune.planner import load_peak
+
+    if quant != "none":
+        pytest.importorskip("bitsandbytes")
+    cfg = load_config(tiny_config(preset, model={"dtype": dtype}, quantization={"mode": quant, "compute_dtype": dtype}))
+    with AllocatorTrace() as trace:
+        model = load_model(cfg.model, cfg.quantization, device=torch.device("cpu"))
+    predicted = load_peak(cfg)
+    assert predicted.bytes == trace.peak(), predicted.how
+    held = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in
+                                                      [*model.parameters(), *model.buffers()]}.values())
+    if preset != "tiny-t5" and quant == "none":  # tied output layers: built, then dropped by the tie
+        assert predicted.bytes > held
+
+
+def test_load_peak_of_a_safetensors_folder_follows_its_stored_dtype(tmp_path):
+    from minitune.model import load_model
+    from minitune.planner import load_peak
+
+    model = load_model(load_config(tiny_config("tiny-opt")).model)
+    model.save_pretrained(tmp_path)  # float32
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    size = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+
+    def peak(dtype, quant="none"):
+        return load_peak(load_config(tiny_config(model={"preset": None, "name_or_path": str(tmp_path), "dtype": dtype},
+                                                 quantization={"mode": quant, "compute_dtype": "float32"}))).bytes
+
+    assert peak("float32") == weights  # views of the mapped file
+    assert peak("bfloat16") == size + weights // 2  # the file's pages beside the converted weights
+    assert peak("float32", "8bit") == size
+
+
+def test_a_plan_counts_loading_where_it_holds_the_peak():
+    # opt-125m, fp32, LoRA, one example of 8 tokens: building the model (its output layer made, then
+    # tied to the embedding: 147 MiB) holds more than a training step
+    cfg = load_config(tiny_config(model={"preset": "opt-125m"}, training={"batch_size": 1}, data={"max_length": 8}))
+    p = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
+    assert p.prediction.loading > p.prediction.total + pm.allocator_overhead(p.prediction.total)
+    assert p.process.total == 200 * MB + p.prediction.loading and "loading_above_training" in p.process.terms
+    assert p.to_dict()["predicted"]["loading"] == p.prediction.loading
+    assert "predicted loading peak" in format_plan(p)
+
+
 def test_the_default_baseline_is_this_process_now():
     now = rss_bytes()
     base = pm.process_peak("cpu", 0).terms["baseline"]

@@ -6,6 +6,7 @@
     devices.py     targets: named GPUs and Macs, this machine, sizes   ledger.py     storages counted by role
     standins.py    bitsandbytes layers and optimizers as they allocate  simulation.py the model on fake tensors, simulate
     advice.py      the changes that lower a peak, simulated             planning.py   plan, Plan, format_plan
+    loading.py     what loading the model holds at its peak (load_peak), per way of loading
 
 How the prediction is made: the model is built on the meta device the way `build.setup_model`
 builds it (the transformers class from its config, bitsandbytes layers placed by transformers' own
@@ -36,8 +37,9 @@ from __future__ import annotations
 
 from .advice import smaller_split
 from .devices import DEVICES, Target, parse_size, target
+from .loading import LoadPeak, load_peak
 from .planning import Plan, format_plan, plan, predict
 from .simulation import MicroBatch, Prediction, meta_model, simulate, worst_case_steps
 
-__all__ = ["DEVICES", "MicroBatch", "Plan", "Prediction", "Target", "format_plan", "meta_model", "parse_size", "plan",
-           "predict", "simulate", "smaller_split", "target", "worst_case_steps"]
+__all__ = ["DEVICES", "LoadPeak", "MicroBatch", "Plan", "Prediction", "Target", "format_plan", "load_peak", "meta_model",
+           "parse_size", "plan", "predict", "simulate", "smaller_split", "target", "worst_case_steps"]

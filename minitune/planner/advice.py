@@ -11,7 +11,7 @@ from ..config import Config, load_config
 from ..device import Capabilities
 from ..losses import auto_chunk_size
 from .devices import Target
-from .simulation import Prediction, meta_model, simulate
+from .simulation import Prediction
 
 # Changes that lower the peak, each with the step time it is expected to cost (x the current step),
 # and whether it changes what is trained. Costs are estimates: gradient checkpointing recomputes the
@@ -89,10 +89,11 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return load_config(cfg, nested)
 
 
-def combination(cfg: Config, tg: Target, useful: list[Suggestion], whole: Any) -> Suggestion | None:
+def combination(cfg: Config, tg: Target, useful: list[Suggestion], whole: Any, predict: Any) -> Suggestion | None:
     """No single change fits: add the changes that lower the peak, cheapest first, until it fits;
     then drop, most expensive first, every one it still fits without. `whole(prediction)` is the
-    ProcessPeak of a prediction (what fitting is decided on)."""
+    ProcessPeak of a prediction (what fitting is decided on); `predict(config)` the Prediction of a
+    changed config."""
 
     def fits(pred: Prediction | None) -> bool:
         return pred is not None and whole(pred).total <= tg.budget
@@ -100,7 +101,7 @@ def combination(cfg: Config, tg: Target, useful: list[Suggestion], whole: Any) -
     def peak_of(chosen: list[Suggestion]) -> Prediction | None:
         changed = with_overrides(cfg, {k: v for s in chosen for k, v in s.overrides.items()})
         try:
-            return simulate(meta_model(changed)[0], changed, device_type=tg.kind, cuda_capability=tg.capability)
+            return predict(changed)
         except Exception:  # changes that cannot be combined on this model: never the answer
             return None
 

@@ -15,6 +15,7 @@ from ..errors import PlanError
 from ..process_memory import ProcessPeak, format_bytes, process_peak
 from .advice import Suggestion, candidates, combination, with_overrides
 from .devices import Target, target
+from .loading import load_peak
 from .simulation import Prediction, meta_model, simulate
 
 
@@ -37,7 +38,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         tg = self.target
-        process = self.process or process_peak(tg.kind, self.prediction.total, cuda_terms=self.prediction.cuda)
+        process = self.process or process_peak(tg.kind, self.prediction.total, cuda_terms=self.prediction.cuda,
+                                                  loading=self.prediction.loading)
         return {
             "device": tg.name, "device_kind": tg.kind, "memory_bytes": tg.memory, "budget_bytes": tg.budget,
             "budget_note": tg.note, "precision": dataclasses.asdict(self.precision),
@@ -75,7 +77,7 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
     resolved, precision = resolve_precision(cfg, tg.caps.device, caps=tg.caps)
     model, _, note = meta_model(resolved)
     try:
-        prediction = simulate(model, resolved, device_type=tg.kind, cuda_capability=tg.capability)
+        prediction = _predicted(resolved, tg, model)
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, ValueError, IndexError) as e:  # the model's own code on fake tensors (torch's
@@ -88,7 +90,7 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         baseline = process_peak(tg.kind, 0).terms.get("baseline")
 
     def whole(pred: Prediction) -> ProcessPeak:
-        return process_peak(tg.kind, pred.total, baseline=baseline, cuda_terms=pred.cuda)
+        return process_peak(tg.kind, pred.total, baseline=baseline, cuda_terms=pred.cuda, loading=pred.loading)
 
     process = whole(prediction)
     result = Plan(tg, precision, prediction, process.total <= tg.budget, notes=[note] if note else [], process=process)
@@ -101,8 +103,8 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         needs_model = any(k.split(".")[0] in ("quantization", "lora") or k == "training.gradient_checkpointing"
                           for k in over)
         try:
-            m = meta_model(changed)[0] if needs_model else model
-            changed_prediction = simulate(m, changed, device_type=tg.kind, cuda_capability=tg.capability)
+            changed_prediction = (_predicted(changed, tg) if needs_model
+                                  else _predicted(changed, tg, model, loading=prediction.loading))
         except Exception as e:  # a change this model cannot take (e.g. no checkpointing support): not offered
             result.notes.append(f"not offered: {what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
             continue
@@ -113,17 +115,29 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         tried.append(Suggestion(what, over, peak, total <= tg.budget, cost, changes, total))
     fitting = sorted((s for s in tried if s.fits), key=lambda s: (s.changes_result, s.speed))
     lowering = [s for s in tried if s.peak < prediction.total]
+    def predicted(changed: Config) -> Prediction:  # a combination of changes
+        return _predicted(changed, tg)
+
     if not any(not s.changes_result for s in fitting):  # first: changes that keep what is trained, together
-        combo = combination(resolved, tg, [s for s in lowering if not s.changes_result], whole)
+        combo = combination(resolved, tg, [s for s in lowering if not s.changes_result], whole, predicted)
         fitting = ([combo] if combo is not None else []) + fitting
     if not fitting:
-        combo = combination(resolved, tg, lowering, whole)
+        combo = combination(resolved, tg, lowering, whole, predicted)
         if combo is not None:
             fitting = [combo]
         else:
             result.notes.append("no combination of the changes below fits: choose a smaller model or a larger device")
     result.suggestions = fitting + sorted((s for s in tried if not s.fits), key=lambda s: s.peak)
     return result
+
+
+def _predicted(cfg: Config, tg: Target, model: Any = None, *, loading: int | None = None) -> Prediction:
+    """The Prediction of the resolved `cfg` on `tg` (its meta model unless `model` is given), with what
+    loading holds (CPU/MPS: the same memory as training's; on CUDA the model loads in host memory)."""
+    pred = simulate(model if model is not None else meta_model(cfg)[0], cfg, device_type=tg.kind,
+                    cuda_capability=tg.capability)
+    pred.loading = loading if loading is not None else load_peak(cfg).bytes if tg.kind != "cuda" else 0
+    return pred
 
 
 def format_plan(p: Plan) -> str:
@@ -137,7 +151,7 @@ def format_plan(p: Plan) -> str:
                  + f", accumulation {s['grad_accum']}, every position a target (the most a batch can need); "
                  f"optimizer {s['optimizer']}")
     lines.append("")
-    process = p.process or process_peak(tg.kind, pred.total, cuda_terms=pred.cuda)
+    process = p.process or process_peak(tg.kind, pred.total, cuda_terms=pred.cuda, loading=pred.loading)
     lines.append(f"predicted process peak{format_bytes(process.total):>19}   "
                  f"({'RSS' if tg.kind != 'cuda' else 'device memory'}: what fits is decided on)")
     for name, value in process.terms.items():
@@ -146,6 +160,8 @@ def format_plan(p: Plan) -> str:
     lines.append(f"predicted tensor peak{format_bytes(pred.total):>20}   (the allocator's, in the {pred.peak_phase} pass)")
     for role, value in pred.breakdown.items():
         lines.append(f"  {role:<28}{format_bytes(value):>11}")
+    if pred.loading:
+        lines.append(f"predicted loading peak{format_bytes(pred.loading):>19}   (the allocator's, while the model loads)")
     lines.append("per phase (highest):")
     for phase, value in pred.phases.items():
         lines.append(f"  {phase:<28}{format_bytes(value):>11}")

@@ -149,6 +149,8 @@ class Prediction:
     shape: dict[str, Any]  # what was simulated: the largest micro-batch, accumulation, precision, optimizer
     # CUDA only: the process's device memory beyond the tensors (`cuda_memory.cuda_process_terms`)
     cuda: dict[str, int] = field(default_factory=dict)
+    # what loading the model holds at its peak (`loading.load_peak`); 0: not predicted
+    loading: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,17 +270,13 @@ def _ordered(breakdown: dict[str, int]) -> dict[str, int]:
     return {k: breakdown[k] for k in [*weights, *(r for r in ROLES if r in breakdown)]}
 
 
-def meta_model(cfg: Config) -> tuple[nn.Module, Any, str]:
-    """The model `setup_model` would build for the resolved `cfg`, on the meta device (no weights).
-
-    Returns:
-        (model, PreparationReport, note): the note says when a hub id that is not cached was planned
-        from the preset with its shapes.
+def planned_args(cfg: Config) -> tuple[Any, str]:
+    """The model section a plan builds from, and a note when it differs from `cfg.model`: a hub id not
+    in the local cache is planned from the preset with its shapes, flash-attn as sdpa.
 
     Raises:
-        ModelError: the model's config cannot be read and no preset has its shapes; bad LoRA targets.
+        ModelError: the model's config cannot be read and no preset has its shapes.
     """
-
     args, note = cfg.model, ""
     try:
         model_config(args)
@@ -295,6 +293,20 @@ def meta_model(cfg: Config) -> tuple[nn.Module, Any, str]:
         args = dataclasses.replace(args, attn_implementation="sdpa")
         note = "; ".join(filter(None, [note, f"model.attn_implementation={cfg.model.attn_implementation} is "
                                        "planned with sdpa's memory (the same tensors kept for backward)"]))
+    return args, note
+
+
+def meta_model(cfg: Config) -> tuple[nn.Module, Any, str]:
+    """The model `setup_model` would build for the resolved `cfg`, on the meta device (no weights).
+
+    Returns:
+        (model, PreparationReport, note): the note says when a hub id that is not cached was planned
+        from the preset with its shapes.
+
+    Raises:
+        ModelError: the model's config cannot be read and no preset has its shapes; bad LoRA targets.
+    """
+    args, note = planned_args(cfg)
     with torch.device("meta"):
         base = build_from_config(args, seed=cfg.training.seed)
         if cfg.quantization.mode != "none":
