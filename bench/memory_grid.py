@@ -26,8 +26,9 @@ does (`minitune.process_memory.tune_malloc`): without it glibc raises its mmap t
 first large frees and keeps later freed tensors in its heap, so RSS drifts upwards step after step
 by whatever the allocator keeps, not what training holds (`--malloc default` turns it off to see
 that). The column "RSS vs process" is the cell's whole-run peak RSS against
-`minitune.process_memory.process_peak` (the RSS before loading + the predicted tensors + the
-allocator's overhead): (predicted - measured) / measured.
+`minitune.process_memory.process_peak` (the RSS before loading + the higher of the predicted
+training tensors with the allocator's overhead and loading's predicted peak, `planner.load_peak`):
+(predicted - measured) / measured.
 
 Writes bench/results/<device>-<date>.{md,csv,json} and -peak.png, -steps.png, -alpha.png.
 """
@@ -423,8 +424,8 @@ def markdown(data: dict) -> str:
              "Breakdown (`tensor_breakdown` at the peak): frozen weights | trainable weights + gradients | "
              "optimizer state | activations and temporaries (= peak minus the tensors)."
              + (" RSS = the cell's whole-run peak RSS (sampled every 10 ms, loading included); process_peak = "
-                "`minitune.process_memory.process_peak` (RSS before loading + predicted tensors + the allocator's "
-                "overhead); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak, "
+                "`minitune.process_memory.process_peak` (RSS before loading + the higher of the predicted training "
+                "tensors with the allocator's overhead and loading's predicted peak); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak, "
                 "what the process held beyond its tensors (the cell's trace records every step, where a run's records "
                 "two; the RSS is read before that trace is read back)."
                 if data["kind"] == "cpu" else ""), ""]

@@ -127,8 +127,8 @@ def markdown(data: dict) -> str:
     if data.get("outside"):
         lines += ["## Configs outside the grid", "",
                   "RSS = the run's whole-process peak RSS (sampled every 10 ms, loading included); process_peak = "
-                  "`minitune.process_memory.process_peak` (RSS before loading + predicted tensors + the allocator's "
-                  "overhead); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak.", "",
+                  "`minitune.process_memory.process_peak` (RSS before loading + the higher of the predicted training "
+                  "tensors with the allocator's overhead and loading's predicted peak); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak.", "",
                   "| config | status | measured MiB | predicted MiB | ratio | error | RSS MiB | process_peak MiB "
                   "| RSS vs process | RSS above baseline / peak |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in data["outside"]:
