@@ -30,13 +30,13 @@ from . import device as dev
 from .checkpoint import restore_rng, save_checkpoint
 from .config import Config
 from .data import DataBundle, build_data, make_dataloader
-from .errors import ConfigError, RunError
+from .errors import ConfigError, DataError, RunError
 from .launch import check_processes
-from .lm import model_kind
+from .lm import PACKING_MODEL_TYPES, model_kind
 from .loop import LoopArgs
 from .losses import LossFn, loss_fn_for
 from .memory import MB, MemoryProfiler, format_bytes
-from .model import load_model, load_tokenizer, resolve_kind
+from .model import load_model, load_tokenizer, model_config, resolve_kind
 from .optim import build_optimizer, build_scheduler
 from .planner import MicroBatch, Prediction, load_peak, simulate
 from .prepare import PreparationReport, prepare_model
@@ -296,6 +296,12 @@ def setup_data(cfg: Config, tokenizer: Any) -> DataBundle:
         ModelError: the model's config (which says causal or seq2seq) cannot be read.
     """
     seq2seq = resolve_kind(cfg.model) == "seq2seq"
+    if cfg.data.packing and not seq2seq:
+        model_type = model_config(cfg.model).model_type
+        if model_type not in PACKING_MODEL_TYPES:
+            raise DataError(f"data.packing needs a model whose attention keeps packed examples apart; {model_type} "
+                            "models' attention ignores the per-example positions, so examples would see each other: "
+                            f"set data.packing=false (packing works for {', '.join(sorted(PACKING_MODEL_TYPES))})")
     return build_data(cfg.data, tokenizer, seq2seq=seq2seq)
 
 

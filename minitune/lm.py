@@ -19,9 +19,15 @@ from torch import nn
 
 from .errors import DataError
 
-__all__ = ["IGNORE", "count_targets", "ensure_pad_token", "model_kind", "shift_targets", "unwrap"]
+__all__ = ["IGNORE", "PACKING_MODEL_TYPES", "count_targets", "ensure_pad_token", "model_kind", "shift_targets", "unwrap"]
 
 IGNORE = -100  # label of a position without a target (padding, masked prompt)
+
+# Model types whose attention keeps packed examples apart (`data.packing`): given restarting position
+# ids and no attention mask, their transformers code builds a block-diagonal causal mask, so each
+# example's loss is what it is alone (tests/test_data.py checks each type to 1e-5). OPT's and BLOOM's
+# code builds its mask without the positions (examples would see each other): not in it.
+PACKING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neo"})
 
 
 def model_kind(config: Any) -> str:

@@ -39,7 +39,7 @@ from .config import LOSSES
 from .lm import count_targets, model_kind, shift_targets, unwrap
 
 __all__ = ["LossFn", "auto_chunk_size", "chunked_loss", "chunking_problem", "count_items", "decoder_inputs",
-           "default_loss", "linear_cross_entropy", "loss_fn_for"]
+           "default_loss", "linear_cross_entropy", "loss_fn_for", "model_inputs"]
 
 AUTO_CHUNK_BYTES = 256 * 2**20  # chunk_size=0: this much fp32 logits per chunk
 # The output layer's matmuls run on a multiple of this many rows (zero rows added, their loss and
@@ -49,6 +49,14 @@ AUTO_CHUNK_BYTES = 256 * 2**20  # chunk_size=0: this much fp32 logits per chunk
 ROW_MULTIPLE = 16
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model is called with: the batch without its labels, and a packed batch (it has
+    `position_ids`, `data.packing`) without its attention mask: transformers builds the per-example,
+    block-diagonal causal mask from restarting positions only when no mask is given."""
+    packed = "position_ids" in batch
+    return {k: v for k, v in batch.items() if k != "labels" and not (packed and k == "attention_mask")}
 
 
 def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,13 +74,13 @@ def default_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Ten
         loss = out if torch.is_tensor(out) else out["loss"]
         return loss, torch.ones((), device=loss.device)
     kind = model_kind(config)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)
     if kind == "seq2seq":
         inputs["decoder_input_ids"] = decoder_inputs(model, labels)
     # Shift the labels, not the logits: `logits[:, :-1]` cannot be flattened without a copy of the
     # whole batch x seq x vocab tensor (and its gradient); the last position simply gets no target.
     targets = shift_targets(labels, kind, keep_length=True)
-    logits = model(**inputs).logits
+    logits = model(**inputs, use_cache=False).logits  # a cache would also stop per-example masks (packing)
     loss_sum = nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
@@ -258,7 +266,7 @@ def _chunked(model: nn.Module, batch: dict, *, chunk_size: int) -> tuple[torch.T
     config = inner.config
     head = inner.get_output_embeddings()
 
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)
     kind = model_kind(config)
     if kind == "seq2seq":
         inputs["decoder_input_ids"] = decoder_inputs(inner, labels)

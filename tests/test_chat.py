@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from minitune.config import DataArgs, GenerationArgs, ModelArgs, QuantizationArgs, load_config
 from minitune.data import generation_prompt, stop_token_ids, tokenize, user_prompt
-from minitune.errors import ConfigError, DataError
+from minitune.errors import DataError
 from minitune.evaluate import generate
 from minitune.evaluate.scoring import cut_at
 from minitune.lm import IGNORE as IGNORE_INDEX
@@ -141,9 +141,8 @@ def test_refused_combinations():
     with pytest.raises(DataError, match="data.chat_template is for causal LMs"):
         tokenize(datasets.Dataset.from_list([ROW]), DataArgs(path="x", chat_template=True, prompt="{quote}"),
                  AutoTokenizer.from_pretrained(SMOL), seq2seq=True)
-    with pytest.raises(ConfigError, match="data.packing and data.chat_template"):
-        load_config(tiny_config(data={"chat_template": True, "packing": True}))
-    load_config(tiny_config(data={"chat_template": True, "packing": True, "assistant_only_loss": False}))
+    # packing keeps each conversation a segment with its labels (tests/test_data.py): no longer refused
+    load_config(tiny_config(data={"chat_template": True, "packing": True}))
 
 
 def test_stop_tokens_include_the_end_of_turn(smol):

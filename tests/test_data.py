@@ -22,6 +22,7 @@ from minitune.data import (
     estimate_padding,
     load_rows,
     make_dataloader,
+    pack,
     render,
     repair_text,
     tokenize,
@@ -288,19 +289,89 @@ def test_seq2seq_t5_keeps_eos_when_truncating(t5):
     assert (batch["labels"] != -100).sum().item() == bundle.stats["target_tokens"]
 
 
-def test_packing_cuts_full_blocks_covering_every_token(gpt2):
-    args = quotes(max_samples=50, packing=True, max_length=64)
+def test_packing_keeps_each_example_a_segment_with_its_labels_and_positions(gpt2):
+    args = quotes(max_samples=50, packing=True, max_length=256, mask_prompt=True)
     rows, _ = load_rows(args)
     packed = tokenize(rows, args, gpt2, seq2seq=False)
-    blocks = list(packed["input_ids"])
-    assert all(len(b) == 64 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 64
-    assert list(packed["labels"]) == blocks
-    stream = []
-    for row in rows:
-        stream += gpt2(render(args.prompt, row) + render(args.response, row))["input_ids"] + [gpt2.eos_token_id]
-    assert [t for b in blocks for t in b] == stream
+    alone = tokenize(rows, quotes(max_samples=50, max_length=10_000, mask_prompt=True), gpt2, seq2seq=False)
+    assert len(packed) < len(alone) and all(0 < n <= 256 for n in packed["length"])
+    # every token kept, in order; each example (or, past 256 tokens, each 256-token piece) a segment
+    # whose positions restart at 0 and whose first label is -100; its other labels as alone
+    assert [t for r in packed["input_ids"] for t in r] == [t for r in alone["input_ids"] for t in r]
+    segments = [(ids[start: start + 256], labels[start: start + 256])
+                for ids, labels in zip(alone["input_ids"], alone["labels"], strict=True) for start in range(0, len(ids), 256)]
+    found = []
+    for ids, labels, positions in zip(packed["input_ids"], packed["labels"], packed["position_ids"], strict=True):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        assert positions == [p for a, b in zip(starts, starts[1:], strict=False) for p in range(b - a)]
+        found += [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:], strict=False)]
+    assert [ids for ids, _ in found] == [ids for ids, _ in segments]
+    assert [labels for _, labels in found] == [[-100, *labels[1:]] for _, labels in segments]
+    assert any(-100 in labels[1:] for _, labels in found)  # the prompt masks are kept
     with pytest.raises(DataError, match="packing is for causal"):
         tokenize(rows, args, gpt2, seq2seq=True)
+
+
+def _small(config_class: str, **kw):
+    import transformers
+
+    shape = dict(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return getattr(transformers, config_class)(**{**shape, **kw})
+
+
+PACKING_CONFIGS = {  # one small config per model type minitune packs for (minitune.lm.PACKING_MODEL_TYPES)
+    "llama": lambda: _small("LlamaConfig"), "mistral": lambda: _small("MistralConfig"),
+    "qwen2": lambda: _small("Qwen2Config"), "qwen3": lambda: _small("Qwen3Config", head_dim=8),
+    "gemma": lambda: _small("GemmaConfig", head_dim=8),
+    "gpt_neo": lambda: _small("GPTNeoConfig", num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                              window_size=8),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(PACKING_CONFIGS))
+def test_a_packed_batch_gives_each_example_the_loss_it_has_alone(model_type):
+    from transformers import AutoModelForCausalLM
+
+    from minitune.lm import PACKING_MODEL_TYPES
+    from minitune.losses import model_inputs
+
+    assert set(PACKING_CONFIGS) == PACKING_MODEL_TYPES
+    config = PACKING_CONFIGS[model_type]()
+    assert config.model_type == model_type
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n, prompt in ((7, 3), (12, 5), (5, 0), (9, 4)):  # lengths, masked prompt tokens
+        ids = torch.randint(3, 1000, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "length": n})
+    packed = pack(datasets.Dataset.from_list(examples), 20)
+    assert len(packed) == 2  # 7 + 12, then 5 + 9: two rows, each padded to 20 in the batch
+    collator = Collator(AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2"), seq2seq=False)
+
+    def token_losses(batch):
+        logits = model(**model_inputs(batch), use_cache=False).logits.float()
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
+                                                   reduction="none")
+        return losses[targets != -100]
+
+    with torch.no_grad():
+        together = token_losses(collator.collate(list(packed)))
+        apart = torch.cat([token_losses(collator.collate([e])) for e in examples])
+    assert together.shape == apart.shape == ((7 - 3) + (12 - 5) + (5 - 1) + (9 - 4),)  # targets: after the prompt
+    torch.testing.assert_close(together, apart, atol=1e-5, rtol=0)
+
+
+def test_packing_is_refused_for_a_model_whose_attention_would_mix_examples(gpt2):
+    from minitune.build import setup_data
+    from minitune.config import load_config
+
+    from .conftest import tiny_config
+
+    with pytest.raises(DataError, match="data.packing needs a model whose attention keeps packed examples apart; opt"):
+        setup_data(load_config(tiny_config("tiny-opt", data={"packing": True})), gpt2)
 
 
 def test_all_too_long_is_an_error_and_some_too_long_a_warning(gpt2, caplog):

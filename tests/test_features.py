@@ -201,12 +201,17 @@ def _recorded_batches(monkeypatch) -> list[tuple[int, int]]:
     return seen
 
 
-def test_packing_fills_every_position_through_train(tmp_path, monkeypatch):
-    seen = _recorded_batches(monkeypatch)
-    result = train(tiny_config("tiny-llama", tmp_path / "run", data={"packing": True, "max_length": 32},
-                               training={"max_steps": 3, "batch_size": 2}))
-    assert seen and all(n == real == 2 * 32 for n, real in seen[:3]), seen[:3]
-    assert result.state.tokens == 3 * 2 * 32
+def test_packing_cuts_padding_through_train(tmp_path, monkeypatch):
+    padding = {}
+    for packing in (False, True):
+        seen = _recorded_batches(monkeypatch)
+        result = train(tiny_config("tiny-llama", tmp_path / str(packing), data={"packing": packing, "max_length": 128,
+                                                                                "mask_prompt": True},
+                                   training={"max_steps": 3, "batch_size": 2}))
+        monkeypatch.undo()
+        assert result.state.tokens == sum(real for _, real in seen[:3])  # real tokens counted, not positions
+        padding[packing] = sum(n - real for n, real in seen[:3]) / sum(n for n, _ in seen[:3])
+    assert padding[True] < padding[False] / 2, padding
 
 
 def test_length_grouping_cuts_padding_through_train(tmp_path, monkeypatch):

@@ -506,8 +506,6 @@ def test_fuzz_data_files(mode, workdir, tokenizers):
         folder.mkdir()
         try:
             path = data.draw(data_files(folder))
-            if knobs["packing"] and knobs["mask_prompt"]:  # refused by the config alone: test something deeper
-                knobs["mask_prompt"] = False
             overrides = {"model": {"preset": "tiny-t5" if seq2seq else "tiny-llama"},
                          "data": {**knobs, "path": str(path)}}
 

@@ -49,13 +49,14 @@ def test_prediction_matches_the_allocator_for_each_architecture(tmp_path, preset
 @pytest.mark.parametrize("settings", [
     {"quantization": {"mode": "4bit"}, "training": {"gradient_checkpointing": True, "grad_accum": 2}},
     {"lora": {"enabled": False}, "optimizer": {"name": "adamw8bit"}, "training": {"loss": "full"}},
+    {"data": {"packing": True, "mask_prompt": True, "max_length": 128}},
     pytest.param({"lora": {"enabled": False}}, marks=pytest.mark.slow),
     pytest.param({"training": {"mixed_precision": "bf16"}}, marks=pytest.mark.slow),
     pytest.param({"model": {"dtype": "bfloat16"}}, marks=pytest.mark.slow),
     pytest.param({"quantization": {"mode": "8bit"}, "optimizer": {"name": "adamw8bit"}}, marks=pytest.mark.slow),
     pytest.param({"lora": {"target_modules": ["all-linear"]}, "training": {"mixed_precision": "bf16"}},
                  marks=pytest.mark.slow),
-], ids=["4bit-checkpointing-accum", "full-adam8-fullloss", "full", "bf16-autocast", "bf16-weights", "8bit-adam8",
+], ids=["4bit-checkpointing-accum", "full-adam8-fullloss", "packing", "full", "bf16-autocast", "bf16-weights", "8bit-adam8",
         "all-linear-bf16"])
 def test_prediction_matches_the_allocator_for_each_method(tmp_path, settings):
     cfg = measured_config("tiny-llama", tmp_path / "run", training={"max_steps": 2})

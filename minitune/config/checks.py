@@ -109,11 +109,6 @@ def _data_problems(c: Config) -> list[str]:
     d = c.data
     if not d.path:
         p.append("data.path is not set: give a dataset (hub id or local file), e.g. data/english_quotes.jsonl")
-    if d.packing and d.mask_prompt:
-        p.append("data.packing and data.mask_prompt cannot be combined: packing ignores example boundaries")
-    if d.packing and d.chat_template and d.assistant_only_loss:
-        p.append("data.packing and data.chat_template (with data.assistant_only_loss) cannot be combined: packing "
-                 "ignores turn boundaries; set data.packing=false, or data.assistant_only_loss=false")
     if d.chat_template and c.model.kind == "seq2seq":
         p.append("data.chat_template is for causal LMs (chat templates render one token stream): set "
                  "data.chat_template=false and use data.prompt / data.response for a seq2seq model")

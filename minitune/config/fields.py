@@ -177,7 +177,8 @@ class DataArgs:
                        "ends each turn itself).")
     max_length: int = _f(256, "Maximum tokens per example (source length for seq2seq).", valid=POSITIVE)
     max_target_length: int = _f(128, "Seq2seq: maximum target tokens.", valid=POSITIVE)
-    packing: bool = _f(False, "Causal LM: concatenate examples into full `max_length` blocks.")
+    packing: bool = _f(False, "Causal LM: pack examples into rows of up to `max_length` tokens, each example "
+                               "masked apart (its own positions and labels), instead of padding them.")
     group_by_length: bool = _f(False, "Batch examples of similar length together to cut padding.")
     pad_to_multiple_of: int = _f(8, "Pad each batch's width up to a multiple of this (never past data.max_length; 0: "
                                  "to its longest example). Fewer distinct batch shapes: the CPU matmul kernels "

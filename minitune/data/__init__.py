@@ -30,7 +30,7 @@ from .bundle import DataBundle, build_data, collator_for
 from .chat import apply_chat, check_chat_template, conversation, generation_prompt, stop_token_ids, user_prompt
 from .sources import load_rows, repair_text
 from .templates import render
-from .tokenize import tokenize
+from .tokenize import pack, tokenize
 
 __all__ = [
     "Collator",
@@ -46,6 +46,7 @@ __all__ = [
     "generation_prompt",
     "load_rows",
     "make_dataloader",
+    "pack",
     "render",
     "repair_text",
     "stop_token_ids",

@@ -22,7 +22,9 @@ class Collator:
 
     Returns ``input_ids`` (padded with the pad id), ``attention_mask`` and ``labels`` (padded with
     -100). For seq2seq the labels have their own width; the model builds ``decoder_input_ids``
-    from them.
+    from them. Packed rows (``data.packing``) also give ``position_ids``, restarting at 0 for each
+    example and for the padding; the loss then calls the model without the attention mask (kept to
+    count tokens), so transformers masks attention per example from the positions.
 
     Args:
         tokenizer: gives the pad id (see :func:`ensure_pad_token`, which this calls).
@@ -61,7 +63,14 @@ class Collator:
             input_ids[i, : len(x)] = x
             attention_mask[i, : len(x)] = 1
             label_batch[i, : len(y)] = y
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_batch}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_batch}
+        if features and "position_ids" in features[0]:
+            positions = torch.zeros((len(ids), width), dtype=torch.long)
+            for i, f in enumerate(features):  # the padding: a segment of its own
+                positions[i, : len(f["position_ids"])] = torch.as_tensor(f["position_ids"])
+                positions[i, len(f["position_ids"]):] = torch.arange(width - len(f["position_ids"]))
+            batch["position_ids"] = positions
+        return batch
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

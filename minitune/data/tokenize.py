@@ -10,7 +10,6 @@ from dataclasses import asdict
 from typing import Any
 
 import datasets
-import numpy as np
 
 from ..config import DataArgs
 from ..errors import DataError
@@ -42,9 +41,10 @@ def _fingerprint(rows: datasets.Dataset, args: DataArgs, tokenizer: Any, seq2seq
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _features() -> datasets.Features:
+def _features(packed: bool = False) -> datasets.Features:
     ids = datasets.List(datasets.Value("int32"))
-    return datasets.Features({"input_ids": ids, "labels": ids, "length": datasets.Value("int32")})
+    return datasets.Features({"input_ids": ids, "labels": ids, **({"position_ids": ids} if packed else {}),
+                              "length": datasets.Value("int32")})
 
 
 def _count_targets(labels: list[int], seq2seq: bool) -> int:
@@ -126,7 +126,7 @@ def tokenize(
     )
     _check_counts(count, cut_lengths, args, len(out), seq2seq)
     if args.packing:
-        out = _pack(out, args.max_length)
+        out = pack(out, args.max_length)
     count["rows"] = len(out)
     count["tokens"] = sum(out["length"])
     count["target_tokens"] = sum(_count_targets(labels, seq2seq) for labels in out["labels"])
@@ -153,7 +153,7 @@ def _causal_batch(batch: dict[str, list], args: DataArgs, tokenizer: Any, count:
     if not fulls:
         return out
     eos = tokenizer.eos_token_id
-    limit = None if args.packing else args.max_length  # packing cuts the stream, not the examples
+    limit = None if args.packing else args.max_length  # packing cuts long examples into pieces, not away
     full_ids = tokenizer(fulls, verbose=False)["input_ids"]
     prompt_ids = tokenizer(prompts, verbose=False)["input_ids"] if args.mask_prompt else None
     for i, ids in enumerate(full_ids):
@@ -273,13 +273,36 @@ def _check_counts(count: dict[str, int], cut_lengths: dict[str, list[int]], args
                        count["empty"], count["no_target"])
 
 
-def _pack(ds: datasets.Dataset, block: int) -> datasets.Dataset:
-    """Concatenate every example's ids and cut the stream into blocks of `block` tokens.
+def pack(ds: datasets.Dataset, block: int) -> datasets.Dataset:
+    """Pack the examples, in order, into rows of at most `block` tokens, each example a segment of its own.
 
-    Every token is kept: the remainder is a last, shorter block (the collator pads it).
+    A segment keeps its labels (a masked prompt, the turns outside the loss) and gets its own positions
+    (0, 1, ...): from position ids that restart, transformers builds a block-diagonal causal mask, so a
+    token attends within its own example only, and the first label of each segment is -100, so no
+    example predicts the next one's first token. Each example then has exactly the loss it has alone
+    (`tests/test_data.py`). An example goes into the current row if it fits, else it starts the next
+    row; one longer than `block` is cut into `block`-token pieces, each a segment. Every token is kept.
     """
-    stream = np.fromiter((t for ids in ds["input_ids"] for t in ids), dtype=np.int32)
-    blocks = [stream[i: i + block].tolist() for i in range(0, len(stream), block)]
-    return datasets.Dataset.from_dict(
-        {"input_ids": blocks, "labels": blocks, "length": [len(b) for b in blocks]}, features=_features()
-    )
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": []}
+    ids_row: list[int] = []
+    labels_row: list[int] = []
+    positions: list[int] = []
+
+    def close_row() -> None:
+        if ids_row:
+            rows["input_ids"].append(ids_row[:])
+            rows["labels"].append(labels_row[:])
+            rows["position_ids"].append(positions[:])
+            rows["length"].append(len(ids_row))
+            ids_row.clear(), labels_row.clear(), positions.clear()
+
+    for ids, labels in zip(ds["input_ids"], ds["labels"], strict=True):
+        for start in range(0, len(ids), block):
+            piece = ids[start: start + block]
+            if len(ids_row) + len(piece) > block:
+                close_row()
+            ids_row.extend(piece)
+            labels_row.extend([IGNORE, *labels[start + 1: start + len(piece)]])
+            positions.extend(range(len(piece)))
+    close_row()
+    return datasets.Dataset.from_dict(rows, features=_features(packed=True))

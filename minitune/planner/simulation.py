@@ -121,7 +121,8 @@ class MicroBatch:
         targets = int((shift_targets(labels, kind) != -100).sum()) if labels is not None else None
         return cls(int(ids.shape[0]), int(ids.shape[1]),
                    int(labels.shape[1]) if kind == "seq2seq" and labels is not None else None, targets,
-                   padded=mask is not None and not bool(mask.all()))
+                   # packed rows (position ids): transformers builds the per-example mask, as for padding
+                   padded="position_ids" in batch or (mask is not None and not bool(mask.all())))
 
     @property
     def tokens(self) -> int:
