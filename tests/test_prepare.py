@@ -4,6 +4,7 @@ on tiny models built from presets."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 
 import pytest
@@ -73,3 +74,20 @@ def test_gradient_checkpointing_reentrant_enables_input_grads():
     assert report.gradient_checkpointing and report.input_grads
     model2 = build_from_config(ModelArgs(preset="tiny-llama"))
     assert not prepare_for_training(model2, gradient_checkpointing=True).input_grads
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-opt", "tiny-bloom", "tiny-gpt-neo", "tiny-t5"])
+def test_fp32_norms_compute_in_fp32_and_return_the_weights_dtype(preset):
+    # each cast norm of a bf16 model gives its fp32 reference's output (the same weights in fp32, on
+    # the bf16 input upcast) rounded once to bf16: the norm's math in fp32, its output in bf16
+    model = build_from_config(ModelArgs(preset=preset, dtype="bfloat16"))
+    reference = dict(copy.deepcopy(model).float().named_modules())
+    report = prepare_for_training(model, fp32_norms="norms")
+    assert report.fp32_cast_modules
+    g = torch.Generator().manual_seed(0)
+    for name in report.fp32_cast_modules:
+        module = dict(model.named_modules())[name]
+        x = (3 * torch.randn(2, 5, module.weight.shape[-1], generator=g) + 1).to(torch.bfloat16)
+        out = module(x)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, reference[name](x.float()).to(torch.bfloat16)), name
