@@ -3,10 +3,11 @@
 
     python bench/norms_ab.py                                   # the default job and opt-125m, 2 runs each
     python bench/norms_ab.py --jobs opt-125m --repeats 3 --steps 16
+    python bench/norms_ab.py --jobs default,opt-125m,bloom-560m,gpt-neo-125m,flan-t5-small   # every family
 
 Per run: the median `step_time_s` of log.jsonl over the steps after `--warmup` (training time only:
 no loading, evaluation or saving). Per job: the median over runs of each setting and the ratio
-norms / none. Results: bench/results/norms-ab-cpu-<date>.{md,csv}, with the command.
+norms / none. Results: bench/results/norms-ab-cpu-<date>[-<tag>].{md,csv}, with the command.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")
+T5 = str(REPO / "tests/fixtures/tokenizers/t5_test_sentencepiece")
 # job -> (--config, overrides); every job with bf16 frozen weights (where fp32 norms cost anything)
 JOBS = {
     "default": ("smollm2-quotes", []),
@@ -33,6 +35,11 @@ JOBS = {
     "bloom-560m": ("tiny-llama", ["model.preset=bloom-560m", f"model.tokenizer={GPT2}", "model.dtype=bfloat16",
                                   "lora.target_modules=[query_key_value]", "training.batch_size=8",
                                   "data.max_length=256", "data.max_samples=400"]),
+    "gpt-neo-125m": ("tiny-llama", ["model.preset=gpt-neo-125m", f"model.tokenizer={GPT2}", "model.dtype=bfloat16",
+                                    "training.batch_size=8", "data.max_length=128", "data.max_samples=400"]),
+    "flan-t5-small": ("tiny-llama", ["model.preset=flan-t5-small", f"model.tokenizer={T5}", "model.dtype=bfloat16",
+                                     "training.batch_size=8", "data.max_length=128", "data.max_target_length=32",
+                                     "data.max_samples=400"]),
 }
 
 
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the median")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--tag", default="", help="added to the results' file name (norms-ab-cpu-<date>-<tag>)")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="minitune-norms-") as tmp:
@@ -83,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['job']} | {r['none_s']:.3f} | {r['norms_s']:.3f} | {r['ratio']:.3f} | {r['none_runs']} | "
               f"{r['norms_runs']} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"norms-ab-cpu-{today}.md").write_text("\n".join(lines) + "\n")
-    with open(args.out / f"norms-ab-cpu-{today}.csv", "w", newline="") as f:
+    name = f"norms-ab-cpu-{today}" + (f"-{args.tag}" if args.tag else "")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    with open(args.out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
