@@ -206,6 +206,23 @@ def test_fix_text_repairs_every_string_of_train_and_validation_rows_when_asked(t
     assert "data.fix_text: repaired 5 of 12 text values in the train and validation rows" in caplog.text
 
 
+def test_fix_text_leaves_columns_without_text_as_read(tmp_path):
+    # found by tests/test_fuzz.py: a struct of nulls under a NUL-named field cannot make the round
+    # trip through Python back into Arrow; only the columns that hold text are repaired now
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Don\u00e2\u20ac\u2122t {i}", "x": {"\u0000": None}, "n": i}) + "\n"
+                            for i in range(3)))
+    train, _ = load_rows(DataArgs(path=str(path), prompt="{text}", response="", fix_text=True,
+                                  validation_fraction=0.0))
+    assert train.column_names == ["text", "x", "n"]
+    assert train["text"] == [f"Don\u2019t {i}" for i in range(3)] and train["n"] == [0, 1, 2]
+    # the same field holding text: that column is left as read, with a warning; the rest repaired
+    path.write_text("".join(json.dumps({"text": "Don\u00e2\u20ac\u2122t", "x": {"\u0000": "a"}}) + "\n" for _ in range(2)))
+    train, _ = load_rows(DataArgs(path=str(path), prompt="{text}", response="", fix_text=True,
+                                  validation_fraction=0.0))
+    assert train["text"] == ["Don\u2019t"] * 2 and len(train["x"]) == 2
+
+
 def test_shipped_quotes_are_repaired(caplog):
     """data/english_quotes.jsonl was repaired with data/fix_text.py (see data/SOURCES.md)."""
     text = QUOTES.read_text(encoding="utf-8")

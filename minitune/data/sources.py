@@ -154,13 +154,47 @@ def _repair_batch(batch: dict[str, list], count: dict[str, int]) -> dict[str, li
     return {column: [_repair_value(v, count) for v in values] for column, values in columns_of(batch).items()}
 
 
+def _has_text(feature: Any) -> bool:
+    """Whether a column's feature holds strings, also inside lists and structs."""
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("string", "large_string")
+    if isinstance(feature, dict):
+        return any(_has_text(f) for f in feature.values())
+    inner = getattr(feature, "feature", None)  # List, LargeList, Sequence
+    return inner is not None and _has_text(inner)
+
+
+def _nul_named(feature: Any) -> bool:
+    """Whether a struct inside a column's feature has a field name with a NUL character (Arrow
+    reads such a name, but cannot take it back from Python: the column cannot be rewritten)."""
+    if isinstance(feature, dict):
+        return any("\x00" in k or _nul_named(f) for k, f in feature.items())
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _nul_named(inner)
+
+
 def _repair_rows(rows: datasets.Dataset, count: dict[str, int]) -> datasets.Dataset:
-    """`rows` with :func:`repair_text` applied to every string, also inside list and struct columns."""
+    """`rows` with :func:`repair_text` applied to every string, also inside list and struct columns.
+    Only the columns that hold text go through the repair (and back into Arrow): the others stay as
+    read, whatever their types (a struct of nulls under an odd field name cannot make the round trip),
+    and so do text columns with a NUL in a field name, with a warning."""
+    text = [c for c, f in rows.features.items() if _has_text(f)]
+    kept = [c for c in text if _nul_named(rows.features[c])]
+    if kept:
+        logger.warning("data.fix_text: column(s) %s left as read: a field name in them has a NUL character", kept)
+        text = [c for c in text if c not in kept]
+    if not text:
+        return rows
     key = f"{rows._fingerprint} repair_text ftfy {ftfy.__version__}"
+    part = rows.select_columns(text)
     # keep_in_memory and no cache: the function always runs, so the count is right
-    return rows.map(_repair_batch, fn_kwargs={"count": count}, batched=True, features=rows.features,
-                    keep_in_memory=True, load_from_cache_file=False,
-                    new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16], desc="fix_text")
+    fixed = part.map(_repair_batch, fn_kwargs={"count": count}, batched=True, features=part.features,
+                     keep_in_memory=True, load_from_cache_file=False,
+                     new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16], desc="fix_text")
+    if len(text) == len(rows.column_names):
+        return fixed
+    rest = rows.remove_columns(text)
+    return datasets.concatenate_datasets([rest, fixed], axis=1).select_columns(rows.column_names)
 
 
 def _looks_local(path: str) -> bool:
