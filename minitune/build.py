@@ -213,7 +213,7 @@ def predict_run(cfg: Config, model: nn.Module, data: DataBundle, device: torch.d
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         predicted = simulate(model, cfg, steps=_first_steps(cfg, data, model_kind(model)), device_type=device.type,
                              cuda_capability=capability, loss_fn=loss_fn)
-        predicted.loading = load_peak(cfg).bytes if device.type != "cuda" else 0  # on CUDA it loads in host memory
+        predicted.loading = load_peak(cfg).bytes  # process_peak decides where it counts (not on CUDA)
         return predicted
     except Exception as e:  # the planner must never stop a run: say why there is no prediction
         warnings.warn(f"no memory prediction for this model ({type(e).__name__}: "

@@ -103,8 +103,9 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         needs_model = any(k.split(".")[0] in ("quantization", "lora") or k == "training.gradient_checkpointing"
                           for k in over)
         try:
-            changed_prediction = (_predicted(changed, tg) if needs_model
-                                  else _predicted(changed, tg, model, loading=prediction.loading))
+            changes_loading = any(k.startswith("quantization.") for k in over)  # LoRA, checkpointing: the same load
+            changed_prediction = _predicted(changed, tg, None if needs_model else model,
+                                            loading=None if changes_loading else prediction.loading)
         except Exception as e:  # a change this model cannot take (e.g. no checkpointing support): not offered
             result.notes.append(f"not offered: {what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
             continue
@@ -133,10 +134,10 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
 
 def _predicted(cfg: Config, tg: Target, model: Any = None, *, loading: int | None = None) -> Prediction:
     """The Prediction of the resolved `cfg` on `tg` (its meta model unless `model` is given), with what
-    loading holds (CPU/MPS: the same memory as training's; on CUDA the model loads in host memory)."""
+    loading holds (`process_peak` decides where it counts)."""
     pred = simulate(model if model is not None else meta_model(cfg)[0], cfg, device_type=tg.kind,
                     cuda_capability=tg.capability)
-    pred.loading = loading if loading is not None else load_peak(cfg).bytes if tg.kind != "cuda" else 0
+    pred.loading = loading if loading is not None else load_peak(cfg).bytes
     return pred
 
 
@@ -161,7 +162,8 @@ def format_plan(p: Plan) -> str:
     for role, value in pred.breakdown.items():
         lines.append(f"  {role:<28}{format_bytes(value):>11}")
     if pred.loading:
-        lines.append(f"predicted loading peak{format_bytes(pred.loading):>19}   (the allocator's, while the model loads)")
+        lines.append(f"predicted loading peak{format_bytes(pred.loading):>19}   (the allocator's, while the model loads"
+                     + (", in host memory)" if tg.kind == "cuda" else ")"))
     lines.append("per phase (highest):")
     for phase, value in pred.phases.items():
         lines.append(f"  {phase:<28}{format_bytes(value):>11}")
