@@ -24,13 +24,12 @@ opt-125m folder loaded as bf16 716 MiB predicted vs 741 RSS, 8-bit 477 vs 450; t
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..config import Config, resolve_path
 from ..model import build_from_config
@@ -65,13 +64,12 @@ def _weight_files(name: str) -> list[Path]:
 
 
 def _stored_dtypes(files: list[Path]) -> set[str]:
-    """The dtypes of the floating-point tensors in safetensors files (from their headers only)."""
+    """The dtypes of the floating-point tensors in safetensors files (their headers: no data read)."""
     dtypes = set()
     for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))}
+        with safe_open(f, framework="pt") as fh:
+            names = fh.keys()  # noqa: SIM118  (a safe_open handle is not iterable)
+            dtypes |= {d for d in (fh.get_slice(k).get_dtype() for k in names) if d.startswith(("F", "BF"))}
     return dtypes
 
 
