@@ -15,11 +15,12 @@ process's own memory while `model.load_model` runs, above the RSS it had before.
     anything else                 (.bin files, a hub id not in the local cache) the weights in the
                                   load dtype.
 
-Measured on this CPU (2026-12-04, `load_model` alone; allocator from `AllocatorTrace`, RSS above the
-baseline from `ru_maxrss`): random init is exact in allocator bytes (opt-125m fp32 625.0 MiB, flan-t5-
-small 419.1, bloom-560m 3,113.2, the same for their 8-bit and 4-bit loads), RSS within 1%; an fp32
-opt-125m folder loaded as bf16 716 MiB predicted vs 741 RSS, 8-bit 477 vs 450; the default job's GGUF
-(SmolLM2-135M Q4_1, bf16) 513 vs 553.
+Checked: random init is exact in allocator bytes
+(`tests/test_process_memory.py::test_load_peak_of_a_random_init_model_is_the_allocators_peak_while_it_loads`;
+the memory grid's `peak_all_mb`, `python bench/memory_grid.py --parts grid`: opt-125m fp32 625.0 MiB,
+flan-t5-small 419.1, bloom-560m 3,113.2, the same for their 8-bit and 4-bit loads). The rules for
+files and GGUF are only checked for their arithmetic (`test_load_peak_of_a_safetensors_folder_...`),
+not yet against a measured load by a benchmark.
 """
 
 from __future__ import annotations
