@@ -1,6 +1,6 @@
 """The ledger: a dispatch mode that sees every storage a simulated step creates, from allocation to
 release, and counts it by role (weights, adapters, gradients, optimizer state, activations,
-logits/loss, temporaries) and by phase."""
+logits/loss, temporaries) and by phase; and the FLOPs of every operation torch has a formula for."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 from torch.utils.weak import WeakIdKeyDictionary
 
+aten = torch.ops.aten
 ROLES = ("adapters", "trainable weights", "gradients", "optimizer_state", "activations", "logits/loss", "temporaries")
 
 
@@ -23,6 +25,12 @@ class Ledger(TorchDispatchMode):
     allocation up (512 bytes: the CUDA caching allocator's smallest block). Two operations have
     data-dependent results and are answered without data: `nonzero` (the micro-batch's number of
     target positions, given in `targets`; every position when unknown) and reading a scalar (`.item()`: True for booleans, so masks are taken as all ones, 1 otherwise).
+
+    `flops` sums the FLOPs of the operations it sees by torch's own formulas
+    (`torch.utils.flop_counter.flop_registry`: matmuls, convolutions, the CUDA attention kernels),
+    and the CPU attention kernel's by the same formula as CUDA's flash kernel. Unlike
+    `FlopCounterMode`, it never decomposes an operation to count it: the simulated step runs (and
+    allocates) exactly as it would uncounted.
     """
 
     def __init__(self, granule: int = 1, *, fake: bool = True, trace: bool = False) -> None:
@@ -42,6 +50,7 @@ class Ledger(TorchDispatchMode):
         self.peak_phase = "setup"
         self.peak_roles: dict[str, int] = {}
         self.phase_peaks: dict[str, int] = {}
+        self.flops = 0
         self._info: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def count(self, t: torch.Tensor, role: str | None = None) -> None:
@@ -93,4 +102,17 @@ class Ledger(TorchDispatchMode):
         else:
             out = func(*args, **(kwargs or {}))
         tree_map_only(torch.Tensor, self.count, out)
+        self.flops += _flops(func, args, kwargs or {}, out)
         return out
+
+
+def _flops(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """The FLOPs of one operation: torch's formula where it has one; CPU attention as flash attention."""
+    packet = func._overloadpacket
+    if packet in flop_registry:
+        return flop_registry[packet](*args, **kwargs, out_val=out)
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu:  # (query, key, value, ...)
+        return sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)
+    if packet is aten._scaled_dot_product_flash_attention_for_cpu_backward:  # (grad_out, query, key, value, ...)
+        return sdpa_backward_flop_count(args[0].shape, args[1].shape, args[2].shape, args[3].shape)
+    return 0

@@ -152,6 +152,9 @@ class Prediction:
     cuda: dict[str, int] = field(default_factory=dict)
     # what loading the model holds at its peak (`loading.load_peak`); 0: not predicted
     loading: int = 0
+    # FLOP of one optimizer step: its matmuls and attention products, forward, backward and
+    # recomputation, as the simulation runs them (`Ledger.flops`; mean over the steps simulated)
+    flops: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,7 +210,8 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
     breakdown = {k: v for k, v in ledger.peak_roles.items() if v or not k.startswith("weights/")}
     cuda = cuda_process_terms(ledger.trace, capability=cuda_capability or (8, 0)) if ledger.trace is not None else {}
     return Prediction(ledger.peak, ledger.peak_phase, _ordered(breakdown),
-                      {k: v for k, v in ledger.phase_peaks.items() if k != "setup"}, _shape(steps, cfg, optimizer), cuda)
+                      {k: v for k, v in ledger.phase_peaks.items() if k != "setup"}, _shape(steps, cfg, optimizer), cuda,
+                      flops=ledger.flops / len(steps))
 
 
 def _count_parameters(fake: nn.Module, ledger: Ledger) -> None:
