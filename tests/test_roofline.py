@@ -1,4 +1,5 @@
-"""The roofline: the simulated step's FLOPs against torch's own count of the real step."""
+"""The roofline: the simulated step's FLOPs against torch's own count of the real step, the memory-
+bound bytes, the device peaks (probed live, data sheets) and the step time at those peaks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minitune.config import LoraArgs, load_config
 from minitune.losses import loss_fn_for
-from minitune.planner import MicroBatch, simulate
+from minitune.planner import MicroBatch, simulate, target
+from minitune.planner.advice import with_overrides
+from minitune.planner.roofline import DATASHEETS, Peak, memory_bytes, peak_for, probe, step_seconds
 from minitune.prepare import prepare_model
 
 from .conftest import tiny_config
@@ -80,3 +83,48 @@ def test_checkpointing_adds_the_recomputed_forward():
     plain = simulate(_model("llama", True, False), cfg, steps=steps).flops
     recomputed = simulate(_model("llama", True, True), cfg, steps=steps).flops
     assert plain * 1.2 < recomputed < plain * 1.5  # LoRA: 3 passes over frozen weights become about 4
+
+
+def test_memory_bytes_count_dequantization_and_the_update():
+    model = _model("llama", True, False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert memory_bytes(model, 1, checkpointing=False, optimizer="adamw") == 28 * trainable
+    assert memory_bytes(model, 3, checkpointing=True, optimizer="adamw8bit") == 16 * trainable
+
+
+def test_step_seconds_adds_compute_and_memory_time():
+    peak = Peak(flops=1e12, bandwidth=1e10, source="test")
+    assert step_seconds(2e12, 5e9, peak) == pytest.approx(2.5)
+
+
+def test_the_cpu_probe_measures_a_plausible_peak():
+    peak = probe("cpu", torch.float32)
+    assert 1e9 < peak.flops < 1e14 and 1e8 < peak.bandwidth < 1e13
+    assert "probed on this CPU" in peak.source and peak is probe("cpu", torch.float32)  # once per process
+
+
+def test_named_gpus_use_their_data_sheet_and_apple_has_none():
+    t4 = peak_for(target("T4"), half=True)
+    assert t4.flops == DATASHEETS["T4"][0] and "data sheet of the T4" in t4.source
+    assert peak_for(target("H100"), half=False).flops == DATASHEETS["H100"][1]
+    assert peak_for(target("M4-16"), half=True) is None
+
+
+def test_plan_prints_the_step_at_the_peak_and_prices_each_change_by_it(tmp_path):
+    from minitune.planner import format_plan, plan
+
+    cfg = load_config(tiny_config("tiny-llama", lora={"enabled": False}, training={"batch_size": 8},
+                                  data={"max_length": 128}))
+    first = plan(cfg, "cpu", suggest=False, baseline=0)
+    assert first.step_seconds == pytest.approx(step_seconds(first.prediction.flops, first.prediction.moved, first.peak))
+    assert "step time at the peak" in format_plan(first)
+    tight = plan(cfg, "cpu", budget=int(first.process.total * 0.8), baseline=0)
+    by_change = {next(iter(s.overrides)): s for s in tight.suggestions}
+    for key, s in by_change.items():  # each price: the changed step at the same peaks x this one
+        changed = plan(with_overrides(cfg, s.overrides), first.target, suggest=False, baseline=0)
+        expected = step_seconds(changed.prediction.flops, changed.prediction.moved, tight.peak) / tight.step_seconds
+        assert s.speed == pytest.approx(expected, abs=0.006), key
+    assert by_change["training.gradient_checkpointing"].speed > 1.0  # the blocks' forward again (the output layer is most of this model)
+    assert by_change["training.batch_size"].speed == pytest.approx(1.0, abs=0.01)  # the same FLOPs, split
+    assert by_change["data.max_length"].speed < 0.6  # half the positions
+    assert plan(cfg, "M4-16", suggest=False).to_dict()["step"]["seconds_at_peak"] is None

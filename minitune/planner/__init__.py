@@ -7,6 +7,7 @@
     standins.py    bitsandbytes layers and optimizers as they allocate  simulation.py the model on fake tensors, simulate
     advice.py      the changes that lower a peak, simulated             planning.py   plan, Plan, format_plan
     loading.py     what loading the model holds at its peak (load_peak), per way of loading
+    roofline.py    the step at the device's peaks: FLOPs and memory-bound bytes over probed or data-sheet rates
 
 How the prediction is made: the model is built on the meta device the way `build.setup_model`
 builds it (the transformers class from its config, bitsandbytes layers placed by transformers' own

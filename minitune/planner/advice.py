@@ -3,7 +3,6 @@ state, checkpointing, quantization, LoRA, shorter sequences), each simulated, wi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,13 +12,11 @@ from ..losses import auto_chunk_size
 from .devices import Target
 from .simulation import Prediction
 
-# Changes that lower the peak, each with the step time it is expected to cost (x the current step),
-# and whether it changes what is trained. Costs are estimates: gradient checkpointing recomputes the
-# forward pass (~4/3; 1.4x measured in bench/results/cpu-2026-11-25.md); bitsandbytes layers
-# dequantize each weight on every forward and backward.
+# Changes that lower the peak, and whether each changes what is trained. What each costs in step
+# time is the roofline's answer for the changed step (`planning.plan`: `roofline.step_seconds`).
 _CHANGES = (
-    ("fused", 1.0, False), ("split", 1.05, False), ("chunk", 1.02, False), ("optimizer8", 1.02, False), ("checkpointing", 1.35, False),
-    ("4bit", 1.3, True), ("8bit", 1.6, True), ("lora", 0.8, True), ("seq", 0.5, True),
+    ("fused", False), ("split", False), ("chunk", False), ("optimizer8", False), ("checkpointing", False),
+    ("4bit", True), ("8bit", True), ("lora", True), ("seq", True),
 )
 
 
@@ -37,10 +34,10 @@ def overrides_text(overrides: dict[str, Any]) -> str:
     return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
 
 
-def candidates(cfg: Config, caps: Capabilities, vocab: int) -> list[tuple[str, dict[str, Any], float, bool]]:
-    """(what, overrides, speed cost, changes the result) for each change that applies to `cfg`."""
+def candidates(cfg: Config, caps: Capabilities, vocab: int) -> list[tuple[str, dict[str, Any], bool]]:
+    """(what, overrides, changes the result) for each change that applies to `cfg`."""
     t, out = cfg.training, []
-    for key, cost, changes in _CHANGES:
+    for key, changes in _CHANGES:
         if key == "fused" and cfg.optimizer.name == "adamw" and not cfg.optimizer.fused and caps.fused_adamw:
             # torch documents fused as its fastest implementation: no cost expected
             over, what = {"optimizer.fused": True}, "fused AdamW (no for-each temporaries)"
@@ -66,7 +63,7 @@ def candidates(cfg: Config, caps: Capabilities, vocab: int) -> list[tuple[str, d
             over, what = {"data.max_length": cfg.data.max_length // 2}, f"sequences of {cfg.data.max_length // 2} tokens (longer ones truncated)"
         else:
             continue
-        out.append((what, over, cost, changes))
+        out.append((what, over, changes))
     return out
 
 
@@ -76,7 +73,7 @@ class Suggestion:
     overrides: dict[str, Any]
     peak: int
     fits: bool
-    speed: float  # expected step time x the current one
+    speed: float  # step time at the device's peak x the current one's (`roofline.step_seconds`)
     changes_result: bool
     process_peak: int = 0  # the whole process with this change (what `fits` is decided on)
 
@@ -89,11 +86,11 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return load_config(cfg, nested)
 
 
-def combination(cfg: Config, tg: Target, useful: list[Suggestion], whole: Any, predict: Any) -> Suggestion | None:
+def combination(cfg: Config, tg: Target, useful: list[Suggestion], whole: Any, predict: Any, speed: Any) -> Suggestion | None:
     """No single change fits: add the changes that lower the peak, cheapest first, until it fits;
     then drop, most expensive first, every one it still fits without. `whole(prediction)` is the
     ProcessPeak of a prediction (what fitting is decided on); `predict(config)` the Prediction of a
-    changed config."""
+    changed config; `speed(prediction)` its step time x the current one's."""
 
     def fits(pred: Prediction | None) -> bool:
         return pred is not None and whole(pred).total <= tg.budget
@@ -119,6 +116,5 @@ def combination(cfg: Config, tg: Target, useful: list[Suggestion], whole: Any, p
         without = peak_of(rest)
         if fits(without):
             chosen, peak = rest, without
-    speed = math.prod(s.speed for s in chosen)
     return Suggestion(" + ".join(s.what for s in chosen), {k: v for s in chosen for k, v in s.overrides.items()},
-                      peak.total, True, round(speed, 2), any(s.changes_result for s in chosen), whole(peak).total)
+                      peak.total, True, round(speed(peak), 2), any(s.changes_result for s in chosen), whole(peak).total)

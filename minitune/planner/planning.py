@@ -16,6 +16,7 @@ from ..process_memory import ProcessPeak, format_bytes, process_peak
 from .advice import Suggestion, candidates, combination, with_overrides
 from .devices import Target, target
 from .loading import load_peak
+from .roofline import Peak, half_precision, peak_for, step_seconds
 from .simulation import Prediction, meta_model, simulate
 
 
@@ -35,6 +36,12 @@ class Plan:
     suggestions: list[Suggestion] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     process: ProcessPeak | None = None  # the whole process at the peak: what `fits` is decided on
+    peak: Peak | None = None  # the device's matmul peak and bandwidth (None: no figure for this device)
+
+    @property
+    def step_seconds(self) -> float | None:
+        """The planned step at the device's peaks (`roofline.step_seconds`): the least it can take."""
+        return step_seconds(self.prediction.flops, self.prediction.moved, self.peak) if self.peak else None
 
     def to_dict(self) -> dict[str, Any]:
         tg = self.target
@@ -46,6 +53,9 @@ class Plan:
             "predicted": self.prediction.to_dict(), **process.to_dict(), "fits": self.fits,
             "headroom_bytes": tg.budget - process.total,
             "suggestions": [dataclasses.asdict(s) for s in self.suggestions], "notes": self.notes,
+            "step": {"flops": self.prediction.flops, "memory_bound_bytes": self.prediction.moved,
+                     "seconds_at_peak": self.step_seconds, "peak_flops": self.peak and self.peak.flops,
+                     "bandwidth": self.peak and self.peak.bandwidth, "peak_source": self.peak and self.peak.source},
         }
 
 
@@ -93,12 +103,27 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         return process_peak(tg.kind, pred.total, baseline=baseline, cuda_terms=pred.cuda, loading=pred.loading)
 
     process = whole(prediction)
-    result = Plan(tg, precision, prediction, process.total <= tg.budget, notes=[note] if note else [], process=process)
-    if result.fits or not suggest:
-        return result
+    peak = peak_for(tg, half_precision(resolved))
+    result = Plan(tg, precision, prediction, process.total <= tg.budget, notes=[note] if note else [], process=process,
+                  peak=peak)
+    if not result.fits and suggest:
+        result.suggestions = _advice(result, resolved, model, whole)
+    return result
+
+
+def _advice(result: Plan, resolved: Config, model: Any, whole: Any) -> list[Suggestion]:
+    """The changes that lower the peak, each simulated and priced by the roofline: those that fit
+    first (keeping what is trained, then the cheapest), then the rest; notes go to `result.notes`."""
+    tg, prediction = result.target, result.prediction
     tried: list[Suggestion] = []
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
-    for what, over, cost, changes in candidates(resolved, tg.caps, vocab):
+    # a change's cost: its step at the device's peaks x the current one's (FLOPs alone without a figure)
+    rates = result.peak or Peak(1.0, float("inf"), "")
+
+    def speed(pred: Prediction) -> float:
+        return step_seconds(pred.flops, pred.moved, rates) / step_seconds(prediction.flops, prediction.moved, rates)
+
+    for what, over, changes in candidates(resolved, tg.caps, vocab):
         changed = with_overrides(resolved, over)
         needs_model = any(k.split(".")[0] in ("quantization", "lora") or k == "training.gradient_checkpointing"
                           for k in over)
@@ -109,27 +134,26 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         except Exception as e:  # a change this model cannot take (e.g. no checkpointing support): not offered
             result.notes.append(f"not offered: {what} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
             continue
-        peak = changed_prediction.total
-        if "optimizer.fused" in over and peak >= prediction.total:  # advice only where it saves memory
+        lowered = changed_prediction.total
+        if "optimizer.fused" in over and lowered >= prediction.total:  # advice only where it saves memory
             continue
         total = whole(changed_prediction).total
-        tried.append(Suggestion(what, over, peak, total <= tg.budget, cost, changes, total))
+        tried.append(Suggestion(what, over, lowered, total <= tg.budget, round(speed(changed_prediction), 2), changes, total))
     fitting = sorted((s for s in tried if s.fits), key=lambda s: (s.changes_result, s.speed))
     lowering = [s for s in tried if s.peak < prediction.total]
     def predicted(changed: Config) -> Prediction:  # a combination of changes
         return _predicted(changed, tg)
 
     if not any(not s.changes_result for s in fitting):  # first: changes that keep what is trained, together
-        combo = combination(resolved, tg, [s for s in lowering if not s.changes_result], whole, predicted)
+        combo = combination(resolved, tg, [s for s in lowering if not s.changes_result], whole, predicted, speed)
         fitting = ([combo] if combo is not None else []) + fitting
     if not fitting:
-        combo = combination(resolved, tg, lowering, whole, predicted)
+        combo = combination(resolved, tg, lowering, whole, predicted, speed)
         if combo is not None:
             fitting = [combo]
         else:
             result.notes.append("no combination of the changes below fits: choose a smaller model or a larger device")
-    result.suggestions = fitting + sorted((s for s in tried if not s.fits), key=lambda s: s.peak)
-    return result
+    return fitting + sorted((s for s in tried if not s.fits), key=lambda s: s.peak)
 
 
 def _predicted(cfg: Config, tg: Target, model: Any = None, *, loading: int | None = None) -> Prediction:
@@ -151,6 +175,12 @@ def format_plan(p: Plan) -> str:
                  + (f" -> {s['target_len']} target tokens" if s.get("target_len") else "")
                  + f", accumulation {s['grad_accum']}, every position a target (the most a batch can need); "
                  f"optimizer {s['optimizer']}")
+    if p.step_seconds is not None:
+        lines.append(f"step time at the peak: {p.step_seconds:,.3g} s at least ({pred.flops / 1e12:,.3g} TFLOP"
+                     + (f" + {format_bytes(int(pred.moved))} memory-bound" if pred.moved else "")
+                     + f"; {p.peak.source}); real steps are slower (bench/speed.py measures by how much)")
+    else:
+        lines.append(f"step: {pred.flops / 1e12:,.3g} TFLOP (no peak known for {tg.name}: no step time)")
     lines.append("")
     process = p.process or process_peak(tg.kind, pred.total, cuda_terms=pred.cuda, loading=pred.loading)
     lines.append(f"predicted process peak{format_bytes(process.total):>19}   "
@@ -175,7 +205,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"does not fit: {format_bytes(-room)} over the budget")
         fitting = [x for x in p.suggestions if x.fits]
         if fitting:
-            lines.append("changes that make it fit, cheapest first (expected step time x now):")
+            lines.append("changes that make it fit, cheapest first (step time at the peak x now's):")
             for x in fitting:
                 lines.append(f"  {x.what:<58} process {format_bytes(x.process_peak or x.peak):>10}  x{x.speed:.2f}"
                              + ("  (changes what is trained)" if x.changes_result else ""))

@@ -26,6 +26,7 @@ from ..model import DTYPES, build_from_config, model_config, quantization_config
 from ..prepare import prepare_model
 from ..presets import hub_preset
 from .ledger import ROLES, Ledger
+from .roofline import memory_bytes
 from .standins import Bnb8bitState, QuantizedLinear, is_bnb_layer, stand_in_optimizer
 
 
@@ -155,6 +156,9 @@ class Prediction:
     # FLOP of one optimizer step: its matmuls and attention products, forward, backward and
     # recomputation, as the simulation runs them (`Ledger.flops`; mean over the steps simulated)
     flops: float = 0.0
+    # bytes one optimizer step moves in memory-bound work: dequantization, the optimizer update
+    # (`roofline.memory_bytes`)
+    moved: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,7 +215,9 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
     cuda = cuda_process_terms(ledger.trace, capability=cuda_capability or (8, 0)) if ledger.trace is not None else {}
     return Prediction(ledger.peak, ledger.peak_phase, _ordered(breakdown),
                       {k: v for k, v in ledger.phase_peaks.items() if k != "setup"}, _shape(steps, cfg, optimizer), cuda,
-                      flops=ledger.flops / len(steps))
+                      flops=ledger.flops / len(steps),
+                      moved=memory_bytes(model, sum(map(len, steps)) / len(steps), checkpointing=t.gradient_checkpointing,
+                                         optimizer=cfg.optimizer.name))
 
 
 def _count_parameters(fake: nn.Module, ledger: Ledger) -> None:
