@@ -18,11 +18,11 @@ Parts:
    its default settings).
 5. `auto`: what precision `auto` chooses on this GPU, and the default tiny run with it.
 6. `speed`: achieved FLOP/s and MFU (the fraction of this GPU's bf16 matmul peak, probed with
-   8192^3 products, and of the data sheet's 989 TFLOP/s) for bloom-560m LoRA r16 and gpt-neo-1.3B
-   QLoRA r16, bf16, packed 8 x 256 blocks (every position a token: no padding to argue about).
-   FLOP per token: 2 x the matmul weights forward (every linear layer and the LM head), 2 x again
-   for the activation gradients through the frozen weights (no weight gradients), 2 x again when
-   checkpointing recomputes; attention 12 x layers x block x hidden. `--dry-run`: tiny-llama on CPU.
+   8192^3 products by `minitune.planner.roofline.probe`, and of its data sheet's) for bloom-560m
+   LoRA r16 and gpt-neo-1.3B QLoRA r16, bf16, 8 x 256 tokens (gpt-neo: packed blocks; BLOOM cannot
+   pack, so each quote twelve times over, cut at 256). FLOP per token: the run's own planner count of
+   its first two steps (`predicted.flops` in memory.json: every matmul and attention product of
+   forward, backward and recomputation) over their tokens. `--dry-run`: tiny-llama on CPU.
 7. `process`: the process's device memory against the planner's CUDA terms
    (`minitune.cuda_memory.cuda_process_terms`): each job trains in a fresh process, which reads
    `torch.cuda.mem_get_info()` (the driver's view) right after creating its CUDA context and again
@@ -284,53 +284,15 @@ def part_process(args: argparse.Namespace, tmp: Path) -> list[dict]:
     return rows
 
 
-# jobs of the `speed` part: bf16 weights, LoRA r16, packed 8 x 256 blocks
+# jobs of the `speed` part: bf16 weights, LoRA r16, 8 x 256 tokens (packed where the model can:
+# BLOOM's attention mask ignores position ids, so its rows are each quote twelve times over, cut at 256)
 SPEED_JOBS = {
     "bloom-560m LoRA r16 bf16 8x256": {"model": {"preset": "bloom-560m"},
-                                       "lora": {"target_modules": ["query_key_value"]}},
+                                       "lora": {"target_modules": ["query_key_value"]},
+                                       "data": {"packing": False, "prompt": " ".join(["{quote}"] * 12) + " ->: "}},
     "gpt-neo-1.3b QLoRA r16 bf16 8x256": {"model": {"preset": "gpt-neo-1.3b"}, "quantization": {"mode": "4bit"},
                                           "lora": {"target_modules": ["q_proj", "v_proj"]}},
 }
-DATASHEET_BF16 = 989e12  # H100/H200 SXM dense bf16, FLOP/s
-
-
-def matmul_peak(device: str, n: int, dtype) -> float:
-    """FLOP/s of an n x n x n product on `device` (mean of 10 after 3 warm-ups)."""
-    import torch
-
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync()
-    return 10 * 2 * n**3 / (time.perf_counter() - t0)
-
-
-def flop_per_token(preset: str, block: int, checkpointing: bool) -> tuple[float, str]:
-    """FLOP per trained token of a LoRA job on a frozen base (the adapters' own FLOPs left out), and how."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from minitune.presets import preset_config
-
-    hf = preset_config(preset)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
-    # every matmul weight: nn.Linear and GPT-2 style Conv1D (2-d weights that are not embeddings)
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    lm_head = model.get_output_embeddings()
-    weights = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and id(p) not in embeddings)
-    if lm_head is not None and id(lm_head.weight) in embeddings:  # tied: the head is a matmul all the same
-        weights += lm_head.weight.numel()
-    passes = 3 if checkpointing else 2  # forward + activation gradients (+ the recomputed forward)
-    layers, hidden = hf.num_hidden_layers, hf.hidden_size
-    attention = 12 * layers * block * hidden * (1.5 if checkpointing else 1)
-    total = 2 * passes * weights + attention
-    return total, f"{2 * passes} x {weights / 1e6:,.0f} M matmul weights + attention 12 x {layers} x {block} x {hidden}"
 
 
 def part_speed(args: argparse.Namespace, tmp: Path) -> list[dict]:
@@ -338,35 +300,46 @@ def part_speed(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
     import torch
 
+    from minitune.build import TRACE_STEPS
+    from minitune.planner.roofline import DATASHEETS, datasheet_name, probe
     from tests.conftest import tiny_config
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    peak = matmul_peak(device, 8192 if cuda else 1024, torch.bfloat16)
+    measured = probe(device, torch.bfloat16)
+    sheet_name = datasheet_name(torch.cuda.get_device_name()) if cuda else None
+    sheet = DATASHEETS[sheet_name][0] if sheet_name else None
+    peak = measured.flops
     rows = [{"part": "speed", "name": f"bf16 matmul peak on {device}", "status": "info",
-             "detail": f"{peak / 1e12:,.1f} TFLOP/s measured" + (f"; data sheet {DATASHEET_BF16 / 1e12:,.0f}" if cuda else "")}]
+             "detail": f"{peak / 1e12:,.1f} TFLOP/s measured ({measured.source})"
+                       + (f"; data sheet of the {sheet_name} {sheet / 1e12:,.0f}" if sheet else "")}]
     jobs = {"tiny-llama LoRA (dry run)": {}} if args.dry_run else SPEED_JOBS
     block, steps, warmup = (32, 4, 2) if args.dry_run else (256, 20, 5)
     for name, sections in jobs.items():
         cfg = tiny_config("tiny-llama", tmp / name.split()[0], **sections)
         cfg["model"]["dtype"] = "bfloat16"
         cfg["lora"].update(r=16, alpha=32, dropout=0.0)
-        cfg["data"].update(packing=True, max_length=block, max_samples=None)
+        cfg["data"].update(packing=sections.get("data", {}).get("packing", True), max_length=block, max_samples=None)
         cfg["training"].update(device="auto", batch_size=8, max_steps=steps, eval_every=0, mixed_precision="no")
+        cfg["logging"]["memory"] = True  # memory.json's prediction carries the FLOPs of steps 1-2
         t0 = time.perf_counter()
         try:
             from minitune.run import train
 
             train(cfg)
             log = [json.loads(x) for x in (Path(cfg["training"]["output_dir"]) / "log.jsonl").read_text().splitlines()]
+            log = [r for r in log if "tokens_per_s" in r]  # the training steps' records
             # each record's tokens_per_s: the tokens of its logging window over the window's time (its
-            # "tokens" is the running total); packed blocks have no padding, so every position counts
+            # "tokens" is the running total of real tokens)
             tokens_per_s = statistics.median(r["tokens_per_s"] for r in log[warmup:])
-            per_token, how = flop_per_token(cfg["model"]["preset"], block, bool(cfg["training"].get("gradient_checkpointing")))
+            # FLOP per token: the run's planner count of steps 1-2 (memory.json) over their tokens
+            predicted = json.loads((Path(cfg["training"]["output_dir"]) / "memory.json").read_text())["predicted"]
+            per_token = predicted["flops"] * TRACE_STEPS / log[TRACE_STEPS - 1]["tokens"]
             achieved = tokens_per_s * per_token
             detail = (f"{tokens_per_s:,.0f} tokens/s (median of steps {warmup + 1}-{len(log)}), {achieved / 1e12:,.1f} "
                       f"TFLOP/s = {achieved / peak:.1%} of the measured peak"
-                      + (f", {achieved / DATASHEET_BF16:.1%} of the data sheet" if cuda else "") + f"; FLOP/token {how}")
+                      + (f", {achieved / sheet:.1%} of the data sheet" if sheet else "")
+                      + f"; {per_token / 1e9:,.2f} GFLOP/token (the planner's count of steps 1-2)")
             rows.append({"part": "speed", "name": name, "status": "measured", "detail": detail,
                          "seconds": time.perf_counter() - t0})
         except Exception as e:  # recorded, so that the other job still runs

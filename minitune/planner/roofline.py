@@ -30,9 +30,9 @@ DATASHEETS: dict[str, tuple[float, float, float]] = {
     "RTX4090": (165.2e12, 82.6e12, 1008e9),
 }
 
-# the probe's product: 2048 x 1024 @ 1024 x 4096, large enough for the CPU's matrix units to run
-# at full speed, small enough to take a few milliseconds
-_PROBE = (2048, 1024, 4096)
+# the probe's product: on CPU 2048 x 1024 @ 1024 x 4096, large enough for the matrix units to run at
+# full speed, small enough to take a few milliseconds; a GPU needs 8192^3 to fill its tensor cores
+_PROBE = {"cpu": (2048, 1024, 4096), "cuda": (8192, 8192, 8192)}
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def peak_for(target: Any, half: bool) -> Peak | None:
         return probe("cpu", torch.bfloat16 if half else torch.float32)
     if target.kind != "cuda":
         return None
-    name = target.name if target.name in DATASHEETS else _datasheet_name(target.name)
+    name = target.name if target.name in DATASHEETS else datasheet_name(target.name)
     if name is None:
         return None
     half_flops, fp32_flops, bandwidth = DATASHEETS[name]
@@ -91,7 +91,7 @@ def peak_for(target: Any, half: bool) -> Peak | None:
                 f"TFLOP/s, {bandwidth / 1e9:,.0f} GB/s")
 
 
-def _datasheet_name(device_name: str) -> str | None:
+def datasheet_name(device_name: str) -> str | None:
     """The DATASHEETS key a CUDA device name matches ('NVIDIA H100 80GB HBM3' -> 'H100'), else None."""
     squeezed = device_name.upper().replace(" ", "").replace("GEFORCE", "")
     for key in sorted(DATASHEETS, key=len, reverse=True):
@@ -104,10 +104,10 @@ def _datasheet_name(device_name: str) -> str | None:
 
 @functools.cache
 def probe(device: str, dtype: torch.dtype) -> Peak:
-    """This machine's peak, measured: the best of 5 timed 2048 x 1024 @ 1024 x 4096 products in
-    `dtype` (after 3 warm-ups), and the best of 5 copies of a 64 MiB tensor (read + write). About
-    half a second on CPU; once per process."""
-    m, k, n = _PROBE
+    """This machine's peak, measured: the best of 5 timed products in `dtype` (after 3 warm-ups;
+    CPU 2048 x 1024 @ 1024 x 4096, CUDA 8192^3), and the best of 5 copies of a 64 MiB tensor (read +
+    write). About half a second on CPU; once per process (`probe.__wrapped__` measures again)."""
+    m, k, n = _PROBE.get(device, _PROBE["cpu"])
     a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = float("inf")

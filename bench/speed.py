@@ -1,0 +1,170 @@
+"""Speed against the hardware: each job's achieved FLOP/s and its fraction of this machine's peak.
+
+    python bench/speed.py                                   # both jobs (~6 min on 2 cores)
+    python bench/speed.py --jobs default --steps 20 --tag packing data.packing=true   # one job, a variant
+
+Per job, one `minitune.train` run in its own process (evaluation and checkpoints off), then:
+- the peak: `minitune.planner.roofline.probe` in the step's dtype (a 2048 x 1024 @ 1024 x 4096
+  product, best of 5) before and after the job; the higher of the two counts (a probe taken while
+  something else shares the cores reads low);
+- tokens/s: the median over the logged steps after `--warmup` of the run's own tokens_per_s
+  (attention-mask tokens: padding is not counted);
+- FLOP per token: what the run's own planner simulation counted for its first two steps (their
+  real batch shapes: `memory.json`'s `predicted.flops`, every matmul and attention product of
+  forward, backward and recomputation as torch's flop formulas count them; the output layer only on
+  the positions the loss reads), over those steps' tokens. Padding is computed, so it is in the
+  FLOPs: achieved FLOP/s = tokens/s x FLOP per token is what the hardware did, useful or not;
+- the target, from #25: bloom-560m 8 x 256 at least 35% of the bf16 peak, the default job 12%.
+
+Writes bench/results/speed-cpu-<date>[-<tag>].{md,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+# name: (config, overrides, target fraction of the peak)
+JOBS: dict[str, tuple[str, list[str], float]] = {
+    "default": ("smollm2-quotes", [], 0.12),  # make train: SmolLM2-135M GGUF, LoRA r16, 8 x <=128 chat examples
+    # #25's bloom job: bloom-560m (random init, the real shapes), bf16 weights, LoRA r16 on
+    # query_key_value, 8 x 256 tokens: each quote twelve times over, cut at 256 (BLOOM cannot pack)
+    # smoke tests of this script (tests/test_bench.py)
+    "tiny-llama": ("tiny-llama", ["data.max_samples=64"], 0.0),
+    "bloom-560m": ("bloom", ["model.name_or_path=null", "model.preset=bloom-560m", "model.dtype=bfloat16",
+                             "model.tokenizer=" + str(REPO / "tests/fixtures/tokenizers/gpt2"),
+                             "quantization.mode=none", "lora.dropout=0.0", "data.max_length=256",
+                             "data.prompt=" + " ".join(["{quote}"] * 12) + " ->: ", "data.max_samples=400",
+                             "training.batch_size=8", "training.grad_accum=1",
+                             "training.gradient_checkpointing=false"], 0.35),
+}
+
+
+def run_job(name: str, steps: int, warmup: int, extra: list[str], out_dir: Path) -> dict:
+    """Train the job in this process and measure it (called in a child process: `--child`)."""
+    import torch
+
+    from minitune.build import TRACE_STEPS
+    from minitune.config import load_config
+    from minitune.device import resolve_precision
+    from minitune.planner.roofline import half_precision, probe
+    from minitune.run import train
+
+    config, overrides, target = JOBS[name]
+    overrides = [*overrides, f"training.max_steps={steps}", "training.eval_every=0", "training.save_every=0",
+                 "training.overwrite=true", f"training.output_dir={out_dir}", "logging.log_every=1",
+                 "logging.progress=none", "logging.report=false", "logging.memory=true", "training.device=cpu", *extra]
+    cfg, _ = resolve_precision(load_config(REPO / "configs" / f"{config}.yaml", overrides), torch.device("cpu"))
+    dtype = torch.bfloat16 if half_precision(cfg) else torch.float32
+    before = probe.__wrapped__("cpu", dtype)
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    after = probe.__wrapped__("cpu", dtype)
+    log = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()]
+    steps_log = [r for r in log if "tokens_per_s" in r and "step" in r]
+    timed = steps_log[warmup:]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
+    step_s = statistics.median(r["step_time_s"] for r in timed)
+    examples = cfg.training.batch_size * cfg.training.grad_accum
+    tokens_at = {r["step"]: r["tokens"] for r in steps_log}
+    first, last = timed[0]["step"], timed[-1]["step"]
+    per_example = (tokens_at[last] - tokens_at.get(first - 1, 0)) / (examples * (last - first + 1))
+    predicted = json.loads((out_dir / "memory.json").read_text())["predicted"]  # steps 1-2, simulated
+    simulated = min(TRACE_STEPS, len(steps_log))
+    per_token = predicted["flops"] * simulated / tokens_at[simulated]
+    peak = max(before, after, key=lambda p: p.flops)
+    achieved = tokens_per_s * per_token
+    return {"job": name, "config": config, "overrides": " ".join(extra), "dtype": str(dtype).removeprefix("torch."),
+            "steps": steps, "warmup": warmup, "tokens_per_s": tokens_per_s, "step_s": step_s,
+            "tokens_per_example": round(per_example, 1),
+            "flop_per_token": per_token, "achieved_gflops": achieved / 1e9,
+            "peak_gflops": peak.flops / 1e9, "peak_before_gflops": before.flops / 1e9,
+            "peak_after_gflops": after.flops / 1e9, "fraction": achieved / peak.flops,
+            "target": target, "wall_s": round(wall, 1)}
+
+
+def write(rows: list[dict], meta: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# Speed against this machine's peak: cpu, {meta['date']}", "",
+             f"Command: `{meta['command']}`  ", f"Code: commit {meta['commit']}  ",
+             f"Machine: {meta['machine']}; torch {meta['torch']}; load average {meta['load_before']} before, "
+             f"{meta['load_after']} after", "",
+             "Peak: `minitune.planner.roofline.probe` in the job's dtype before and after the job, the higher "
+             "counted. Tokens/s: median of the run's logged tokens_per_s after the warm-up steps (real tokens, "
+             "no padding). FLOP/token: the run's own planner count of its first two steps (`predicted.flops` in "
+             "memory.json: their real shapes, padding included; forward, backward through the frozen weights, "
+             "adapters' gradients, recomputation, attention; the output layer on the loss's positions) over "
+             "their tokens. Achieved = tokens/s x FLOP/token: what the hardware computed, padding included.", "",
+             "| job | dtype | tokens/s | s/step | tokens/example | GFLOP/token | achieved GFLOP/s | peak GFLOP/s "
+             "(before / after) | of the peak | target | |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ok = "met" if r["fraction"] >= r["target"] else "NOT met"
+        lines.append(f"| {r['job']}{' ' + r['overrides'] if r['overrides'] else ''} | {r['dtype']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['step_s']:.2f} | {r['tokens_per_example']:.0f} | {r['flop_per_token'] / 1e9:.3f} | "
+                     f"{r['achieved_gflops']:,.0f} | {r['peak_gflops']:,.0f} ({r['peak_before_gflops']:,.0f} / "
+                     f"{r['peak_after_gflops']:,.0f}) | {r['fraction']:.1%} | {r['target']:.0%} | {ok} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", default="default,bloom-560m", help=f"comma-separated, from {', '.join(JOBS)}")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2, help="logged steps left out of the median")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--out", type=Path, default=None, help="output stem (default bench/results/speed-cpu-<date>[-<tag>])")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="section.key=value settings for every job")
+    args = ap.parse_args(argv)
+    if args.child:  # one job, in this process: its result as the last line of stdout
+        with tempfile.TemporaryDirectory(prefix="minitune-speed-") as tmp:
+            print(json.dumps(run_job(args.child, args.steps, args.warmup, args.overrides, Path(tmp) / "run")))
+        return 0
+    import torch
+
+    date = dt.date.today().isoformat()
+    meta = {"date": date, "command": "python bench/speed.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=REPO).stdout.strip(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
+            "load_before": f"{os.getloadavg()[0]:.1f}"}
+    rows = []
+    for name in args.jobs.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps),
+                               "--warmup", str(args.warmup), *args.overrides], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"error: job {name} failed (exit {proc.returncode})")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{name}: {rows[-1]['tokens_per_s']:,.0f} tokens/s, {rows[-1]['achieved_gflops']:,.0f} GFLOP/s = "
+              f"{rows[-1]['fraction']:.1%} of {rows[-1]['peak_gflops']:,.0f}", flush=True)
+    meta["load_after"] = f"{os.getloadavg()[0]:.1f}"
+    stem = args.out or RESULTS / f"speed-cpu-{date}{'-' + args.tag if args.tag else ''}"
+    write(rows, meta, stem)
+    print(f"wrote {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
