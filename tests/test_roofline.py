@@ -88,8 +88,9 @@ def test_checkpointing_adds_the_recomputed_forward():
 def test_memory_bytes_count_dequantization_and_the_update():
     model = _model("llama", True, False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert memory_bytes(model, 1, checkpointing=False, optimizer="adamw") == 28 * trainable
-    assert memory_bytes(model, 3, checkpointing=True, optimizer="adamw8bit") == 16 * trainable
+    assert memory_bytes(model, 1, checkpointing=False, optimizer="adamw") == 92 * trainable
+    assert memory_bytes(model, 1, checkpointing=False, optimizer="adamw", fused=True) == 40 * trainable
+    assert memory_bytes(model, 3, checkpointing=True, optimizer="adamw8bit") == 28 * trainable
 
 
 def test_step_seconds_adds_compute_and_memory_time():
@@ -128,3 +129,19 @@ def test_plan_prints_the_step_at_the_peak_and_prices_each_change_by_it(tmp_path)
     assert by_change["training.batch_size"].speed == pytest.approx(1.0, abs=0.01)  # the same FLOPs, split
     assert by_change["data.max_length"].speed < 0.6  # half the positions
     assert plan(cfg, "M4-16", suggest=False).to_dict()["step"]["seconds_at_peak"] is None
+
+
+def test_a_quantized_base_is_dequantized_for_each_pass_of_each_micro_batch(tmp_path):
+    from minitune.device import resolve_precision
+    from minitune.planner import meta_model
+
+    cfg, _ = resolve_precision(load_config(tiny_config("tiny-llama", tmp_path, quantization={"mode": "4bit"})),
+                               torch.device("cpu"))
+    model, _, _ = meta_model(cfg)
+    packed = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert packed  # the attention and MLP projections
+    elements = sum(m.in_features * m.out_features for m in packed)
+    update = memory_bytes(model, 1, checkpointing=False, optimizer="adamw") - 2 * elements * 4.5
+    assert update == 92 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # forward, backward and the recomputed forward, each micro-batch: read 4 bits, write and read 16
+    assert memory_bytes(model, 2, checkpointing=True, optimizer="adamw") == 2 * 3 * elements * 4.5 + update

@@ -45,18 +45,26 @@ class Peak:
 
 
 def half_precision(cfg: Any) -> bool:
-    """Whether the step's matmuls run in 16 bits: 16-bit weights, autocast, or a quantized base
-    (bitsandbytes computes in bf16/fp16)."""
+    """Whether the step's matmuls run in 16 bits: 16-bit weights, autocast, or a 4-bit base with a
+    16-bit compute dtype (an 8-bit base computes in its input's dtype: the other weights')."""
     return (cfg.model.dtype in ("bfloat16", "float16") or cfg.training.mixed_precision in ("bf16", "fp16")
-            or cfg.quantization.mode != "none")
+            or (cfg.quantization.mode == "4bit" and cfg.quantization.compute_dtype in ("bfloat16", "float16")))
 
 
-def memory_bytes(model: nn.Module, micro_batches: int, *, checkpointing: bool, optimizer: str) -> float:
+# bytes the update moves per trainable parameter (fp32), clipping's norm and scaling included (12):
+# torch's AdamW, for-loop or for-each, runs weight decay (8), the first moment's lerp (12), the
+# second's mul and addcmul (20), sqrt, division and eps for the denominator (24), and addcdiv into
+# the weight (16); the fused kernel reads weight, gradient and both moments and writes three (28);
+# bitsandbytes' 8-bit kernel the same with 1-byte moments (16)
+_UPDATE_BYTES = {"adamw": 80 + 12, "fused": 28 + 12, "8bit": 16 + 12}
+
+
+def memory_bytes(model: nn.Module, micro_batches: float, *, checkpointing: bool, optimizer: str,
+                 fused: bool = False) -> float:
     """Bytes one optimizer step moves in memory-bound work: every quantized weight dequantized to 16
     bits for each pass over it (forward, backward, and the recomputed forward with checkpointing; per
     micro-batch): the packed weight read, the 16-bit copy written and read again; and the optimizer's
-    update: AdamW reads weight, gradient and both moments and writes weight and moments (7 x 4 bytes
-    a trainable parameter; bitsandbytes' 8-bit moments take 1 byte each: 16)."""
+    update of each trainable parameter (`_UPDATE_BYTES`)."""
     passes = 2 + checkpointing
     dequantized = 0.0
     for module in model.modules():
@@ -64,7 +72,8 @@ def memory_bytes(model: nn.Module, micro_batches: int, *, checkpointing: bool, o
         if bits:
             dequantized += module.in_features * module.out_features * (bits / 8 + 4)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return micro_batches * passes * dequantized + trainable * (16 if "8bit" in optimizer else 28)
+    update = _UPDATE_BYTES["8bit" if "8bit" in optimizer else "fused" if fused else "adamw"]
+    return micro_batches * passes * dequantized + trainable * update
 
 
 def step_seconds(flops: float, moved: float, peak: Peak) -> float:

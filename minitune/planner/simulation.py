@@ -217,7 +217,7 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
                       {k: v for k, v in ledger.phase_peaks.items() if k != "setup"}, _shape(steps, cfg, optimizer), cuda,
                       flops=ledger.flops / len(steps),
                       moved=memory_bytes(model, sum(map(len, steps)) / len(steps), checkpointing=t.gradient_checkpointing,
-                                         optimizer=cfg.optimizer.name))
+                                         optimizer=cfg.optimizer.name, fused=bool(cfg.optimizer.fused)))
 
 
 def _count_parameters(fake: nn.Module, ledger: Ledger) -> None:
