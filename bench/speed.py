@@ -2,6 +2,7 @@
 
     python bench/speed.py                                   # both jobs (~6 min on 2 cores)
     python bench/speed.py --jobs default --steps 20 --tag packing data.packing=true   # one job, a variant
+    python bench/speed.py --grid bench/results/cpu-2026-12-04.csv   # `minitune plan`'s step time vs the grid's
 
 Per job, one `minitune.train` run in its own process (evaluation and checkpoints off), then:
 - the peak: `minitune.planner.roofline.probe` in the step's dtype (a 2048 x 1024 @ 1024 x 4096
@@ -16,7 +17,14 @@ Per job, one `minitune.train` run in its own process (evaluation and checkpoints
   FLOPs: achieved FLOP/s = tokens/s x FLOP per token is what the hardware did, useful or not;
 - the target, from #25: bloom-560m 8 x 256 at least 35% of the bf16 peak, the default job 12%.
 
-Writes bench/results/speed-cpu-<date>[-<tag>].{md,csv}.
+`--grid CSV` runs nothing: for each cell of a memory-grid result (bench/memory_grid.py) it builds
+the cell's config (bench/cell.py), takes the planner's FLOPs and memory-bound bytes of one step
+(`minitune.planner.simulate`) and the step time at this CPU's probed peak
+(`roofline.step_seconds`, what `minitune plan` prints), and sets it beside the step time the grid
+measured: how far real steps are from the roofline, and whether the plan's price of each change
+(its step over LoRA's) has the measured order.
+
+Writes bench/results/speed-cpu-<date>[-<tag>].{md,csv} (`--grid`: speed-cpu-<date>-plan-vs-grid.md).
 """
 
 from __future__ import annotations
@@ -126,6 +134,59 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def plan_vs_grid(grid_csv: Path, meta: dict, stem: Path) -> None:
+    """The plan's step time at the probed peak beside each grid cell's measured step time."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from cell import DEFAULTS, cell_config
+    from memory_grid import METHODS
+
+    from minitune.lm import model_kind
+    from minitune.planner import meta_model, simulate, worst_case_steps
+    from minitune.planner.roofline import half_precision, probe, step_seconds
+
+    with open(grid_csv) as f:
+        cells = [r for r in csv.DictReader(f) if r["group"] == "grid" and r["status"] == "ok"]
+    rows = []
+    for c in cells:
+        spec = {**DEFAULTS, **METHODS[c["method_key"]][1], "model": c["model"], "batch_size": int(c["batch_size"]),
+                "seq_len": int(c["seq_len"]), "device": "cpu"}
+        cfg = cell_config(spec)
+        model, _, _ = meta_model(cfg)
+        pred = simulate(model, cfg, steps=worst_case_steps(cfg, seq2seq=model_kind(model) == "seq2seq"))
+        peak = probe("cpu", torch.bfloat16 if half_precision(cfg) else torch.float32)
+        at_peak = step_seconds(pred.flops, pred.moved, peak)
+        rows.append({"model": c["model"], "method": c["method"], "key": c["method_key"], "flops": pred.flops,
+                     "moved": pred.moved, "at_peak": at_peak, "measured": float(c["step_s"]),
+                     "peak": peak.source})
+    lora = {r["model"]: r for r in rows if r["key"] == "lora"}
+    lines = [f"# `minitune plan`'s step time against the grid's measured: cpu, {meta['date']}", "",
+             f"Command: `{meta['command']}`  ", f"Code: commit {meta['commit']}  ",
+             f"Machine: {meta['machine']}; torch {meta['torch']}; load average {meta['load_before']}", "",
+             f"Grid: `{grid_csv.relative_to(REPO) if grid_csv.is_relative_to(REPO) else grid_csv}` (its own "
+             "command and machine state are in its .md; the cells run with the memory profiler on). Peaks, "
+             "probed now: " + "; ".join(sorted({r['peak'] for r in rows})) + ".", "",
+             "At the peak = the planner's FLOPs of one step at the probed matmul peak + its memory-bound "
+             "bytes (dequantization, the optimizer update) at the probed copy bandwidth: the step time "
+             "`minitune plan` prints. Measured / at the peak: how many times slower the real step is. "
+             "Price = the step over the same model's LoRA step, planned and measured.", "",
+             "| model | method | GFLOP/step | memory-bound MiB | at the peak s | measured s | measured / at the peak "
+             "| price planned | price measured |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base = lora.get(r["model"])
+        planned = r["at_peak"] / base["at_peak"] if base else float("nan")
+        measured = r["measured"] / base["measured"] if base else float("nan")
+        lines.append(f"| {r['model']} | {r['method']} | {r['flops'] / 1e9:,.1f} | {r['moved'] / 2**20:,.0f} | "
+                     f"{r['at_peak']:.3f} | {r['measured']:.3f} | {r['measured'] / r['at_peak']:.1f}x | "
+                     f"x{planned:.2f} | x{measured:.2f} |")
+    slow = [r["measured"] / r["at_peak"] for r in rows]
+    lines += ["", f"Real steps take {min(slow):.1f}x to {max(slow):.1f}x the step at the peak "
+              f"(median {statistics.median(slow):.1f}x) over {len(rows)} cells."]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", default="default,bloom-560m", help=f"comma-separated, from {', '.join(JOBS)}")
@@ -134,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", type=Path, default=None, help="output stem (default bench/results/speed-cpu-<date>[-<tag>])")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--grid", type=Path, default=None, help="a memory-grid CSV: the plan's step time beside its cells'")
     ap.add_argument("overrides", nargs="*", help="section.key=value settings for every job")
     args = ap.parse_args(argv)
     if args.child:  # one job, in this process: its result as the last line of stdout
@@ -148,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                                      cwd=REPO).stdout.strip(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
             "load_before": f"{os.getloadavg()[0]:.1f}"}
+    if args.grid:
+        stem = args.out or RESULTS / f"speed-cpu-{date}-plan-vs-grid"
+        plan_vs_grid(args.grid.resolve(), meta, stem)
+        print(f"wrote {stem}.md")
+        return 0
     rows = []
     for name in args.jobs.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps),
