@@ -13,7 +13,9 @@ the optimizer settings (torch AdamW, same decay groups, `optim="adamw_torch"` fo
 whose default on torch >= 2.8 is the fused kernel), schedule and clipping. Precision: by default
 each side's own (`--precision defaults`: minitune's `auto`, which is bf16 weights on a CPU with
 AVX512-BF16 and bf16 on an Ampere+ GPU, against Trainer's fp32 without bf16/fp16 flags);
-`--precision no|bf16|fp16` gives both sides fp32 weights with that autocast (a like-for-like loop race).
+`--precision no|bf16|fp16` gives both sides fp32 weights with that autocast, and `--precision
+bf16-weights` both sides bf16 weights without autocast (what `auto` picks on this CPU): the
+like-for-like loop races.
 
 Measured per run, over the steps after `--warmup`: tokens/s (real tokens: attention-mask ones,
 plus target tokens for seq2seq; the same batches on both sides, so the ratio is a time ratio),
@@ -131,7 +133,11 @@ def job_config(row: str, variant: str, args: argparse.Namespace) -> dict:
 def precision_settings(side: str, precision: str) -> dict:
     """'defaults': each side as a new user gets it: minitune's `auto` (bf16 weights on a CPU with
     AVX512-BF16, bf16 on an Ampere+ GPU, ...) against Trainer's fp32 weights without bf16/fp16 flags.
-    'no' / 'bf16' / 'fp16': both sides fp32 weights with that autocast (the like-for-like loop race)."""
+    'no' / 'bf16' / 'fp16': both sides fp32 weights with that autocast; 'bf16-weights': both sides bf16
+    weights (LoRA adapters fp32, as `prepare_model` keeps them) without autocast (the like-for-like
+    loop races)."""
+    if precision == "bf16-weights":
+        return {"model": {"dtype": "bfloat16"}, "training": {"mixed_precision": "no"}}
     if precision == "defaults":
         if side == "minitune":
             return {"model": {"dtype": "auto"}, "training": {"mixed_precision": "auto"}}
@@ -405,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=0, help="override every row's batch size")
     p.add_argument("--max-length", type=int, default=0, help="override every row's data.max_length")
     p.add_argument("--chunk-size", type=int, default=0, help="training.loss_chunk_size of chunked runs (0: auto)")
-    p.add_argument("--precision", default="defaults", choices=["defaults", "no", "bf16", "fp16"],
-                   help="'defaults': each side's own (minitune auto, Trainer fp32); else both sides fp32 weights "
-                        "with this training.mixed_precision")
+    p.add_argument("--precision", default="defaults", choices=["defaults", "no", "bf16", "fp16", "bf16-weights"],
+                   help="'defaults': each side's own (minitune auto, Trainer fp32); 'bf16-weights': both sides bf16 "
+                        "weights, no autocast; else both sides fp32 weights with this training.mixed_precision")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default). One by "
                    "default: on a shared machine, OpenMP threads that wait for each other make wall times erratic")

@@ -269,12 +269,15 @@ def test_compile_trains_like_eager(tmp_path):
 
 
 @pytest.mark.slow  # two processes per side, tiny model
-def test_compare_trainer_smoke(tmp_path):
+@pytest.mark.parametrize("precision", ["defaults", "bf16-weights"])
+def test_compare_trainer_smoke(tmp_path, precision):
     proc = _run("bench/compare_trainer.py", "--rows", "tiny-llama", "--variants", "trainer,minitune", "--repeats", "1",
-                "--steps", "2", "--warmup", "1", "--samples", "40", "--out", str(tmp_path / "cmp"), timeout=600)
+                "--steps", "2", "--warmup", "1", "--samples", "40", "--precision", precision,
+                "--out", str(tmp_path / "cmp"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "cmp.md").read_text()
     assert "| tiny-llama | trainer |" in md and "| tiny-llama | minitune |" in md
+    assert f"precision {precision}" in md
 
 
 @pytest.mark.slow  # the default job (SmolLM2-135M from its GGUF file), 2 steps instead of 40
