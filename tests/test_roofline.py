@@ -12,7 +12,7 @@ from minitune.config import LoraArgs, load_config
 from minitune.losses import loss_fn_for
 from minitune.planner import MicroBatch, simulate, target
 from minitune.planner.advice import with_overrides
-from minitune.planner.roofline import DATASHEETS, Peak, memory_bytes, peak_for, probe, step_seconds
+from minitune.planner.roofline import DATASHEETS, Peak, datasheet_name, memory_bytes, peak_for, probe, step_seconds
 from minitune.prepare import prepare_model
 
 from .conftest import tiny_config
@@ -109,6 +109,10 @@ def test_named_gpus_use_their_data_sheet_and_apple_has_none():
     assert t4.flops == DATASHEETS["T4"][0] and "data sheet of the T4" in t4.source
     assert peak_for(target("H100"), half=False).flops == DATASHEETS["H100"][1]
     assert peak_for(target("M4-16"), half=True) is None
+    names = {"NVIDIA H100 80GB HBM3": "H100", "NVIDIA H200": "H200", "Tesla T4": "T4", "NVIDIA L4": "L4",
+             "NVIDIA A100-SXM4-80GB": "A100-80", "NVIDIA A100-PCIE-40GB": "A100-40",
+             "NVIDIA GeForce RTX 4090": "RTX4090", "NVIDIA L40S": None, "NVIDIA A10G": None}
+    assert {n: datasheet_name(n) for n in names} == names
 
 
 def test_plan_prints_the_step_at_the_peak_and_prices_each_change_by_it(tmp_path):

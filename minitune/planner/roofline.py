@@ -9,6 +9,7 @@ what `bench/speed.py` measures runs against (achieved FLOP/s, the fraction of th
 from __future__ import annotations
 
 import functools
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -101,12 +102,14 @@ def peak_for(target: Any, half: bool) -> Peak | None:
 
 
 def datasheet_name(device_name: str) -> str | None:
-    """The DATASHEETS key a CUDA device name matches ('NVIDIA H100 80GB HBM3' -> 'H100'), else None."""
-    squeezed = device_name.upper().replace(" ", "").replace("GEFORCE", "")
-    for key in sorted(DATASHEETS, key=len, reverse=True):
-        if key.split("-")[0] in squeezed:
-            if key.startswith("A100"):
-                return "A100-80" if "80G" in squeezed else "A100-40"
+    """The DATASHEETS key a CUDA device name matches as a whole word ('NVIDIA H100 80GB HBM3' ->
+    'H100', 'NVIDIA GeForce RTX 4090' -> 'RTX4090'; an L40S is not an L4), else None."""
+    name = re.sub(r"RTX\s+", "RTX", device_name.upper())
+    for key in DATASHEETS:
+        model = key.split("-")[0]
+        if re.search(rf"(?<![A-Z0-9]){model}(?![A-Z0-9])", name):
+            if model == "A100":
+                return "A100-80" if "80G" in name else "A100-40"
             return key
     return None
 
