@@ -1,6 +1,6 @@
 """Speed against the hardware: each job's achieved FLOP/s and its fraction of this machine's peak.
 
-    python bench/speed.py                                   # both jobs (~6 min on 2 cores)
+    python bench/speed.py                                   # both jobs (~16 min on 2 cores, 11 of it bloom-560m)
     python bench/speed.py --jobs default --steps 20 --tag packing data.packing=true   # one job, a variant
     python bench/speed.py --grid bench/results/cpu-2026-12-04.csv   # `minitune plan`'s step time vs the grid's
 
