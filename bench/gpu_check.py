@@ -300,7 +300,9 @@ def part_speed(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
     import torch
 
-    from minitune.build import TRACE_STEPS
+    sys.path.insert(0, str(Path(__file__).parent))
+    from speed import flop_per_token
+
     from minitune.planner.roofline import DATASHEETS, datasheet_name, probe
     from tests.conftest import tiny_config
 
@@ -332,9 +334,7 @@ def part_speed(args: argparse.Namespace, tmp: Path) -> list[dict]:
             # each record's tokens_per_s: the tokens of its logging window over the window's time (its
             # "tokens" is the running total of real tokens)
             tokens_per_s = statistics.median(r["tokens_per_s"] for r in log[warmup:])
-            # FLOP per token: the run's planner count of steps 1-2 (memory.json) over their tokens
-            predicted = json.loads((Path(cfg["training"]["output_dir"]) / "memory.json").read_text())["predicted"]
-            per_token = predicted["flops"] * TRACE_STEPS / log[TRACE_STEPS - 1]["tokens"]
+            per_token = flop_per_token(Path(cfg["training"]["output_dir"]))  # bench/speed.py's count
             achieved = tokens_per_s * per_token
             detail = (f"{tokens_per_s:,.0f} tokens/s (median of steps {warmup + 1}-{len(log)}), {achieved / 1e12:,.1f} "
                       f"TFLOP/s = {achieved / peak:.1%} of the measured peak"

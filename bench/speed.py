@@ -62,11 +62,23 @@ JOBS: dict[str, tuple[str, list[str], float]] = {
 }
 
 
+def flop_per_token(out_dir: Path) -> float:
+    """FLOP per real token of a finished run in `out_dir`: its planner count of steps 1-2
+    (memory.json's `predicted.flops`, per step; padding included) over those steps' tokens
+    (log.jsonl's running total). Also used by bench/gpu_check.py's speed part."""
+    from minitune.build import TRACE_STEPS
+
+    log = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()]
+    tokens = [r["tokens"] for r in log if "tokens_per_s" in r]
+    predicted = json.loads((out_dir / "memory.json").read_text())["predicted"]
+    simulated = min(TRACE_STEPS, len(tokens))
+    return predicted["flops"] * simulated / tokens[simulated - 1]
+
+
 def run_job(name: str, steps: int, warmup: int, extra: list[str], out_dir: Path) -> dict:
     """Train the job in this process and measure it (called in a child process: `--child`)."""
     import torch
 
-    from minitune.build import TRACE_STEPS
     from minitune.config import load_config
     from minitune.device import resolve_precision
     from minitune.planner.roofline import half_precision, probe
@@ -92,9 +104,7 @@ def run_job(name: str, steps: int, warmup: int, extra: list[str], out_dir: Path)
     tokens_at = {r["step"]: r["tokens"] for r in steps_log}
     first, last = timed[0]["step"], timed[-1]["step"]
     per_example = (tokens_at[last] - tokens_at.get(first - 1, 0)) / (examples * (last - first + 1))
-    predicted = json.loads((out_dir / "memory.json").read_text())["predicted"]  # steps 1-2, simulated
-    simulated = min(TRACE_STEPS, len(steps_log))
-    per_token = predicted["flops"] * simulated / tokens_at[simulated]
+    per_token = flop_per_token(out_dir)
     peak = max(before, after, key=lambda p: p.flops)
     achieved = tokens_per_s * per_token
     return {"job": name, "config": config, "overrides": " ".join(extra), "dtype": str(dtype).removeprefix("torch."),
