@@ -118,7 +118,7 @@ def datasheet_name(device_name: str) -> str | None:
 def probe(device: str, dtype: torch.dtype) -> Peak:
     """This machine's peak, measured: the best of 5 timed products in `dtype` (after 3 warm-ups;
     CPU 2048 x 1024 @ 1024 x 4096, CUDA 8192^3), and the best of 5 copies of a 64 MiB tensor (read +
-    write). About half a second on CPU; once per process (`probe.__wrapped__` measures again)."""
+    write). Once per process (`probe.__wrapped__` measures again)."""
     m, k, n = _PROBE.get(device, _PROBE["cpu"])
     a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
