@@ -11,7 +11,11 @@ Two things live here, the one place for each:
    puts every tensor of 128 KiB or more in its own mapping, returned to the system when freed.
    glibc reads `MALLOC_MMAP_THRESHOLD_` and friends only at process start, so a library cannot set
    them through the environment: `mallopt` (through ctypes) does the same from inside the process.
-   `MINITUNE_MALLOC=default` in the environment leaves glibc as it is (to measure the difference).
+   The price is speed: each mapping is zero-filled by the kernel page by page when first written,
+   so a step's fresh outputs pay page faults (the default job: 1.6x the tokens/s with glibc's own
+   settings, at 24% more peak RSS; bench/results/malloc-cpu-2026-12-05.md).
+   `MINITUNE_MALLOC=default` in the environment leaves glibc as it is: the faster run where memory
+   is plentiful, beyond what `process_peak` predicts.
    `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
 
 2. `process_peak(kind, tensors, baseline, loading)`: the peak the operating system (or driver) will
@@ -99,7 +103,8 @@ def tune_malloc() -> str:
         return _tuned
     libc = _glibc()
     if os.environ.get("MINITUNE_MALLOC", "").lower() == "default":
-        _tuned = "glibc defaults kept (MINITUNE_MALLOC=default)"
+        _tuned = ("glibc defaults kept (MINITUNE_MALLOC=default): faster steps, but RSS stays at the heap's "
+                  "high-water mark, which the predicted process peak does not include")
     elif libc is None:
         _tuned = "unchanged (not glibc)"
     elif libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
