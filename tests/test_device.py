@@ -361,3 +361,25 @@ def test_a_quantized_model_under_fsdp_is_refused():
     assert launch.check_processes(fsdp, quantized=False) == []
     (problem,) = launch.check_processes(fsdp, quantized=True)
     assert "quantized model" in problem and "under FSDP" in problem and "quantization.mode=none" in problem
+
+
+def test_a_launched_cpu_process_on_one_thread_of_several_cores_is_told(monkeypatch):
+    """`accelerate launch` without --num_cpu_threads_per_process gives a CPU process OMP_NUM_THREADS=1:
+    the run says so and how to use every core; a setting that uses them, or no launcher, says nothing."""
+    from minitune import device as dev
+
+    monkeypatch.setattr(dev.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(dev.torch, "get_num_threads", lambda: 1)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    note = dev.cpu_threads_note()
+    assert note is not None and "--num_cpu_threads_per_process 4" in note
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes share the cores: 2 each
+    assert "--num_cpu_threads_per_process 2" in dev.cpu_threads_note()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one core each: nothing to gain
+    assert dev.cpu_threads_note() is None
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")  # not started by accelerate launch: the user's setting
+    assert dev.cpu_threads_note() is None
