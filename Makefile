@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt setup.cfg
 	touch $@
 
 # `accelerate launch` gives the process it starts one math thread on CPU (OMP_NUM_THREADS=1) unless told
-# otherwise: the default job ran at 95 tokens/s with it, 129-131 with both of this machine's cores
+# otherwise: `time make train` ran the default job at 95 tokens/s so, 120 with both of this machine's cores
 CPU_THREADS ?= $(shell $(PY) -c 'import os; print(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())')
 
 train: setup
