@@ -7,13 +7,14 @@ Two things live here, the one place for each:
    each time a large block is freed (up to 32 MiB), so after the first steps the tensors of
    variable-size batches come from the heap, and freed heap memory that is not at its top is kept,
    not returned: RSS grows step after step by what malloc caches, not by what training holds.
-   A fixed threshold of 128 KiB (glibc's own starting value, which `mallopt` stops it from moving)
-   puts every tensor of 128 KiB or more in its own mapping, returned to the system when freed.
+   A fixed threshold of 2 MiB (`mallopt` stops glibc from moving it) puts every tensor of 2 MiB or
+   more in its own mapping, returned to the system when freed; smaller ones are reused from the heap.
    glibc reads `MALLOC_MMAP_THRESHOLD_` and friends only at process start, so a library cannot set
    them through the environment: `mallopt` (through ctypes) does the same from inside the process.
-   The price is speed: each mapping is zero-filled by the kernel page by page when first written,
-   so a step's fresh outputs pay page faults (the default job: 1.6x the tokens/s with glibc's own
-   settings, at 24% more peak RSS; bench/results/malloc-cpu-2026-12-05.md).
+   The threshold trades speed for RSS: each mapping is zero-filled by the kernel page by page when
+   first written, so below it a step's fresh outputs would pay page faults, and above it the heap
+   keeps more of what it freed (the default job at 128 KiB: 128 tokens/s; at 2 MiB: 228, with a
+   peak RSS 16% higher; bench/results/malloc-cpu-2026-12-05.md).
    `MINITUNE_MALLOC=default` in the environment leaves glibc as it is: the faster run where memory
    is plentiful, beyond what `process_peak` predicts.
    `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
@@ -48,7 +49,11 @@ KiB, MiB, GiB = 2**10, 2**20, 2**30
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 128 * KiB  # glibc's default starting value; mallopt fixes it there
+# tensors of 2 MiB or more get their own mapping, returned when freed; smaller ones come from the heap,
+# whose reuse spares their page faults (the default job, 30 steps, the threshold fixed through glibc's
+# own variable: 128 tokens/s at 256 KiB, 133 at 512 KiB, 182 at 1 MiB, 228 at 2 MiB;
+# bench/results/malloc-cpu-2026-12-05.md)
+MMAP_THRESHOLD = 2 * MiB
 TRIM_THRESHOLD = 128 * KiB  # free heap top above this goes back to the system (glibc's default)
 
 # CPU/MPS: beyond its tensors a process holds, at its peak, malloc's headers and page rounding and
