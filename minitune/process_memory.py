@@ -15,8 +15,9 @@ Two things live here, the one place for each:
    first written, so below it a step's fresh outputs would pay page faults, and above it the heap
    keeps more of what it freed (the default job at 128 KiB: 128 tokens/s; at 2 MiB: 228, with a
    peak RSS 16% higher; bench/results/malloc-cpu-2026-12-05.md).
-   `MINITUNE_MALLOC=default` in the environment leaves glibc as it is: the faster run where memory
-   is plentiful, beyond what `process_peak` predicts.
+   `MINITUNE_MALLOC=lean` in the environment fixes it at 128 KiB instead: the least RSS, for a
+   machine where memory is tight, at the page faults' price. `MINITUNE_MALLOC=default` leaves glibc
+   as it is (no faster than 2 MiB, and beyond what `process_peak` predicts).
    `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
 
 2. `process_peak(kind, tensors, baseline, loading)`: the peak the operating system (or driver) will
@@ -42,18 +43,25 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["ProcessPeak", "format_bytes", "process_peak", "release_free_memory", "rss_bytes", "tune_malloc"]
+from .errors import MinituneError
+
+__all__ = ["ProcessPeak", "format_bytes", "malloc_setting", "process_peak", "release_free_memory", "rss_bytes",
+           "tune_malloc"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# tensors of 2 MiB or more get their own mapping, returned when freed; smaller ones come from the heap,
-# whose reuse spares their page faults (the default job, 30 steps, the threshold fixed through glibc's
-# own variable: 128 tokens/s at 256 KiB, 133 at 512 KiB, 182 at 1 MiB, 228 at 2 MiB;
-# bench/results/malloc-cpu-2026-12-05.md)
-MMAP_THRESHOLD = 2 * MiB
+# MINITUNE_MALLOC (environment) -> glibc's mmap threshold, fixed: tensors at or above it get their
+# own mapping, returned when freed; smaller ones come from the heap, whose reuse spares their page
+# faults (the default job, 30 steps, the threshold fixed through glibc's own variable: 128 tokens/s at
+# 256 KiB, 133 at 512 KiB, 182 at 1 MiB, 228 at 2 MiB; bench/results/malloc-cpu-2026-12-05.md).
+#   unset   2 MiB: the speed of glibc's own settings, RSS bounded (the heap keeps its high-water mark)
+#   lean    128 KiB (glibc's starting value): the least RSS, each step paying page faults
+#   default glibc's own (the threshold rises to 32 MiB): neither bounded nor predicted
+MMAP_THRESHOLDS = {"": 2 * MiB, "lean": 128 * KiB}
+MMAP_THRESHOLD = MMAP_THRESHOLDS[""]
 TRIM_THRESHOLD = 128 * KiB  # free heap top above this goes back to the system (glibc's default)
 
 # CPU/MPS: beyond its tensors a process holds, at its peak, malloc's headers and page rounding and
@@ -107,23 +115,39 @@ def tune_malloc() -> str:
     if _tuned is not None:
         return _tuned
     libc = _glibc()
-    if os.environ.get("MINITUNE_MALLOC", "").lower() == "default":
-        _tuned = ("glibc defaults kept (MINITUNE_MALLOC=default): faster steps, but RSS stays at the heap's "
-                  "high-water mark, which the predicted process peak does not include")
+    setting = malloc_setting()
+    if setting == "default":
+        _tuned = ("glibc defaults kept (MINITUNE_MALLOC=default): RSS stays at the heap's high-water mark, "
+                  "which the predicted process peak does not include")
     elif libc is None:
         _tuned = "unchanged (not glibc)"
-    elif libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
-        _tuned = f"glibc mmap threshold fixed at {MMAP_THRESHOLD // KiB} KiB, trim threshold {TRIM_THRESHOLD // KiB} KiB"
+    elif (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLDS[setting])
+          and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        _tuned = (f"glibc mmap threshold fixed at {MMAP_THRESHOLDS[setting] // KiB} KiB, trim threshold "
+                  f"{TRIM_THRESHOLD // KiB} KiB" + (" (MINITUNE_MALLOC=lean)" if setting else ""))
     else:
         _tuned = "unchanged (mallopt refused)"
     return _tuned
+
+
+def malloc_setting() -> str:
+    """MINITUNE_MALLOC from the environment: '' (unset: minitune's settings), 'lean' or 'default'.
+
+    Raises:
+        MinituneError: any other value (named, with the ones there are).
+    """
+    value = os.environ.get("MINITUNE_MALLOC", "").strip().lower()
+    if value not in ("", "lean", "default"):
+        raise MinituneError(f"MINITUNE_MALLOC={value!r} is not a malloc setting: unset it (minitune's, 2 MiB mmap "
+                            "threshold), or set it to 'lean' (the least RSS, slower steps) or 'default' (glibc's own)")
+    return value
 
 
 def release_free_memory() -> None:
     """Return malloc's free memory to the system (glibc `malloc_trim`); nothing elsewhere. Cheap
     (a walk over the free lists): called after loading, which frees large temporaries."""
     libc = _glibc()
-    if libc is not None and os.environ.get("MINITUNE_MALLOC", "").lower() != "default":
+    if libc is not None and malloc_setting() != "default":
         libc.malloc_trim(0)
 
 

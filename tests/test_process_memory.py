@@ -141,8 +141,9 @@ def test_a_run_records_and_shows_its_process_peak(tmp_path, capsys):
 _CHURN = r"""
 import ctypes, os, sys
 sys.path.insert(0, sys.argv[1])
-from minitune.process_memory import MMAP_THRESHOLD, tune_malloc
+from minitune.process_memory import tune_malloc
 print(tune_malloc(), file=sys.stderr)
+size = int(sys.argv[2]) << 10
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -152,7 +153,7 @@ big = libc.malloc(16 << 20); ctypes.memset(big, 1, 16 << 20); libc.free(big)  # 
 before = rss()
 blocks = []
 for i in range(32):  # variable-size "tensors", each followed by a 64 KiB block still alive, as a step leaves them
-    n = MMAP_THRESHOLD + (1 << 20) + i * 4096
+    n = size + i * 4096
     b = libc.malloc(n); ctypes.memset(b, 1, n); blocks.append(b)
     keep = libc.malloc(65536); blocks.append(None); blocks.append(keep)
 for i in range(0, len(blocks), 3):
@@ -162,17 +163,32 @@ print((rss() - before) >> 20)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or pm._glibc() is None, reason="glibc only")
-@pytest.mark.parametrize(("env", "kept_mib"), [({}, (0, 4)), ({"MINITUNE_MALLOC": "default"}, (40, 200))])
-def test_tuned_malloc_returns_freed_tensors_to_the_system(env, kept_mib):
-    """32 blocks just above the tuned mmap threshold (~3 MiB each) freed: with the tuned thresholds
-    the RSS falls back; with glibc's defaults (the threshold raised by the first large free) the heap
-    keeps them."""
+@pytest.mark.parametrize(("env", "block_kib", "kept_mib"), [
+    ({}, 3072, (0, 4)),  # above minitune's 2 MiB threshold: mapped, returned
+    ({}, 1024, (16, 64)),  # below it: the heap keeps them for the next step (the speed)
+    ({"MINITUNE_MALLOC": "lean"}, 1024, (0, 4)),  # above lean's 128 KiB
+    ({"MINITUNE_MALLOC": "default"}, 3072, (40, 200)),  # glibc's threshold, raised by the first large free
+])
+def test_tuned_malloc_returns_freed_tensors_to_the_system(env, block_kib, kept_mib):
+    """32 blocks of about `block_kib` freed between blocks still alive: what the RSS keeps of them
+    under each MINITUNE_MALLOC setting."""
     import os
 
     from .conftest import REPO
 
-    proc = subprocess.run([sys.executable, "-c", _CHURN, str(REPO)], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([sys.executable, "-c", _CHURN, str(REPO), str(block_kib)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr
     kept = int(proc.stdout.strip())
     assert kept_mib[0] <= kept <= kept_mib[1], (kept, proc.stderr)
+
+
+def test_an_unknown_malloc_setting_is_refused_with_the_ones_there_are(monkeypatch):
+    from minitune.errors import MinituneError
+
+    monkeypatch.setenv("MINITUNE_MALLOC", "fast")
+    with pytest.raises(MinituneError, match="MINITUNE_MALLOC='fast'.*'lean'.*'default'"):
+        pm.malloc_setting()
+    monkeypatch.setenv("MINITUNE_MALLOC", " Lean ")
+    assert pm.malloc_setting() == "lean"
+
