@@ -51,7 +51,7 @@ from minitune.model import load_model
 from minitune.optim import build_optimizer
 from minitune.planner import MicroBatch, load_peak, simulate
 from minitune.presets import preset_config
-from minitune.process_memory import process_peak, tune_malloc
+from minitune.process_memory import tune_malloc
 from minitune.run import train
 
 MB = 2**20
@@ -244,7 +244,8 @@ def run_cell(spec: dict) -> dict:
             ratio=train_peak / predicted["total"] if predicted["total"] else math.nan,
         )
         if profiler.kind == "cpu":  # the whole process: peak RSS of the cell against minitune's process_peak
-            process = process_peak("cpu", predicted["total"], baseline=baseline, loading=load_peak(cfg).bytes)
+            prediction.loading = load_peak(cfg).bytes
+            process = prediction.process("cpu", baseline)
             result.update(rss_peak_mb=rss_peak / MB, process_peak_mb=process.total / MB,
                           process_terms_mb={k: v / MB for k, v in process.terms.items()})
     return result

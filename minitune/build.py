@@ -40,7 +40,7 @@ from .model import load_model, load_tokenizer, model_config, resolve_kind
 from .optim import build_optimizer, build_scheduler
 from .planner import MicroBatch, Prediction, load_peak, simulate
 from .prepare import PreparationReport, prepare_model
-from .process_memory import ProcessPeak, process_peak, release_free_memory, rss_bytes, tune_malloc
+from .process_memory import ProcessPeak, release_free_memory, rss_bytes, tune_malloc
 from .report import RunLogger
 from .resume import resolve_resume, restore_run
 from .run_folder import check_output_dir, prepare_output_dir
@@ -185,9 +185,7 @@ def _model_and_prediction(cfg: Config, device: torch.device, data: DataBundle, p
     loss_fn = loss_fn_for(t.loss, t.loss_chunk_size, model)  # chunked only where it gives the model's loss
     laps.mark("load")
     predicted = predict_run(cfg, model, data, device, loss_fn) if cfg.logging.memory else None
-    process = (process_peak(device.type, predicted.total, baseline=baseline, cuda_terms=predicted.cuda,
-                           loading=predicted.loading)
-               if predicted is not None else None)
+    process = predicted.process(device.type, baseline) if predicted is not None else None
     laps.mark("plan")
     return model, prep, loss_fn, predicted, process
 

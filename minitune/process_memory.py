@@ -29,6 +29,8 @@ Two things live here, the one place for each:
                  loading_above_training  where loading the model holds more than training will
                                      (`planner.loading.load_peak`: an fp32 build cast or quantized,
                                      a file converted): the difference, so the sum is the higher peak
+       CPU also  malloc_heap         what glibc's heap keeps beyond the tensors at the peak, a share
+                                     of the step's transient tensors (HEAP_SHARE, per MINITUNE_MALLOC)
        CUDA      tensors + cuda_context (a flat 1 GiB for the context, cuBLAS workspaces and the
                  caching allocator's unused blocks: not modelled term by term yet)
 """
@@ -45,8 +47,8 @@ from dataclasses import dataclass, field
 
 from .errors import MinituneError
 
-__all__ = ["ProcessPeak", "format_bytes", "malloc_setting", "process_peak", "release_free_memory", "rss_bytes",
-           "tune_malloc"]
+__all__ = ["ProcessPeak", "format_bytes", "heap_share", "malloc_setting", "process_peak", "release_free_memory",
+           "rss_bytes", "tune_malloc"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -72,6 +74,14 @@ TRIM_THRESHOLD = 128 * KiB  # free heap top above this goes back to the system (
 # grows with each new batch width after that (about 3 MiB a width on opt-125m, bench/shape_cache.py).
 OVERHEAD_FIXED = 24 * MiB
 OVERHEAD_FRACTION = 0.02
+# CPU: glibc's heap at the peak holds, beyond the live tensors, freed chunks it keeps for reuse:
+# thousands of holes left between chunks still alive (mallinfo2 on the default job, 2 MiB threshold,
+# steps 2-4: 1.4 GiB in use and 0.46-0.53 GiB free inside the heap at the end of the forward pass, where
+# nearly every tensor, even those above the threshold, is carved from the heap's free chunks).
+# Modelled as a share of the step's transient tensors (activations, logits, temporaries), per
+# MINITUNE_MALLOC setting: fitted on the default job's steps 1-2 (0.52 GiB beyond baseline + tensors +
+# overhead, for 0.96 GiB of transient tensors); with lean's 128 KiB threshold the fit above needs none.
+HEAP_SHARE = {"": 0.54, "lean": 0.0}
 CUDA_CONTEXT = GiB  # the CUDA context, cuBLAS workspaces and the caching allocator's unused blocks
 
 _tuned: str | None = None
@@ -204,8 +214,14 @@ def allocator_overhead(tensors: int) -> int:
     return int(OVERHEAD_FIXED + OVERHEAD_FRACTION * tensors)
 
 
+def heap_share() -> float:
+    """The share of a step's transient tensors that glibc's heap keeps beyond them at the peak, under
+    this process's MINITUNE_MALLOC (HEAP_SHARE; glibc's own settings: as minitune's)."""
+    return HEAP_SHARE.get(malloc_setting(), HEAP_SHARE[""])
+
+
 def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
-                 cuda_terms: dict[str, int] | None = None, loading: int = 0) -> ProcessPeak:
+                 cuda_terms: dict[str, int] | None = None, loading: int = 0, transient: int = 0) -> ProcessPeak:
     """The peak the operating system (CPU, MPS: RSS, unified memory) or the driver (CUDA) will see.
 
     Args:
@@ -218,6 +234,9 @@ def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
             allocator's reserve); without them the tensors plus a flat CUDA_CONTEXT.
         loading: CPU/MPS: what loading the model holds at its peak, above the baseline
             (`planner.loading.load_peak`; 0: not known). On CUDA the model loads in host memory.
+        transient: CPU: the step's own tensors at the peak (activations, logits, temporaries:
+            what is freed and allocated again every step), whose share HEAP_SHARE glibc's heap keeps
+            beyond them.
 
     Returns:
         The ProcessPeak with its terms.
@@ -228,7 +247,10 @@ def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
         return ProcessPeak(kind, {"tensors": int(tensors), "cuda_context": CUDA_CONTEXT})
     base = rss_bytes() if baseline is None else int(baseline)
     terms = {"baseline": base, "tensors": int(tensors), "allocator_overhead": allocator_overhead(tensors)}
-    training = terms["tensors"] + terms["allocator_overhead"]
+    heap = int(heap_share() * transient) if kind == "cpu" and _glibc() is not None else 0
+    if heap:
+        terms["malloc_heap"] = heap
+    training = sum(terms.values()) - base
     if loading > training:  # measured: loading's RSS is its tensors to within ~5 MiB (no math-library buffers yet)
         terms["loading_above_training"] = int(loading) - training
     return ProcessPeak(kind, terms)

@@ -112,7 +112,7 @@ def test_fits_is_decided_on_the_process_peak():
     cfg = load_config(tiny_config("tiny-llama"))
     base = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
     tensors, whole = base.prediction.total, base.process.total
-    assert whole == 200 * MB + tensors + pm.allocator_overhead(tensors)
+    assert whole == 200 * MB + tensors + pm.allocator_overhead(tensors) + base.process.terms.get("malloc_heap", 0)
     between = plan(cfg, "cpu", budget=(tensors + whole) // 2, suggest=False, baseline=200 * MB)
     assert not between.fits  # the tensors alone would fit this budget; the process does not
     assert plan(cfg, "cpu", budget=whole, suggest=False, baseline=200 * MB).fits
@@ -192,3 +192,18 @@ def test_an_unknown_malloc_setting_is_refused_with_the_ones_there_are(monkeypatc
     monkeypatch.setenv("MINITUNE_MALLOC", " Lean ")
     assert pm.malloc_setting() == "lean"
 
+
+@pytest.mark.skipif(pm._glibc() is None, reason="glibc's heap only")
+def test_the_heap_term_is_a_share_of_the_transient_tensors_and_lean_has_none(monkeypatch):
+    cfg = load_config(tiny_config("tiny-llama"))
+    monkeypatch.delenv("MINITUNE_MALLOC", raising=False)
+    p = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
+    transient = sum(p.prediction.breakdown.get(k, 0) for k in ("activations", "logits/loss", "temporaries"))
+    assert transient > 0
+    assert p.process.terms["malloc_heap"] == int(pm.HEAP_SHARE[""] * transient)
+    assert "MINITUNE_MALLOC=lean" in format_plan(p)
+    monkeypatch.setenv("MINITUNE_MALLOC", "lean")
+    lean = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
+    assert "malloc_heap" not in lean.process.terms
+    assert lean.process.total == p.process.total - p.process.terms["malloc_heap"]
+    assert "malloc_heap" not in pm.process_peak("mps", 10 * MB, baseline=0, transient=5 * MB).terms  # macOS malloc

@@ -45,8 +45,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         tg = self.target
-        process = self.process or process_peak(tg.kind, self.prediction.total, cuda_terms=self.prediction.cuda,
-                                                  loading=self.prediction.loading)
+        process = self.process or self.prediction.process(tg.kind)
         return {
             "device": tg.name, "device_kind": tg.kind, "memory_bytes": tg.memory, "budget_bytes": tg.budget,
             "budget_note": tg.note, "precision": dataclasses.asdict(self.precision),
@@ -100,7 +99,7 @@ def plan(cfg: Config, device: str | Target = "cpu", *, budget: int | None = None
         baseline = process_peak(tg.kind, 0).terms.get("baseline")
 
     def whole(pred: Prediction) -> ProcessPeak:
-        return process_peak(tg.kind, pred.total, baseline=baseline, cuda_terms=pred.cuda, loading=pred.loading)
+        return pred.process(tg.kind, baseline)
 
     process = whole(prediction)
     peak = peak_for(tg, half_precision(resolved))
@@ -182,12 +181,13 @@ def format_plan(p: Plan) -> str:
     else:
         lines.append(f"step: {pred.flops / 1e12:,.3g} TFLOP (no peak known for {tg.name}: no step time)")
     lines.append("")
-    process = p.process or process_peak(tg.kind, pred.total, cuda_terms=pred.cuda, loading=pred.loading)
+    process = p.process or pred.process(tg.kind)
     lines.append(f"predicted process peak{format_bytes(process.total):>19}   "
                  f"({'RSS' if tg.kind != 'cuda' else 'device memory'}: what fits is decided on)")
+    why = {"baseline": "   (RSS before the model loads)",
+           "malloc_heap": "   (freed memory glibc's heap keeps; MINITUNE_MALLOC=lean: none, slower steps)"}
     for name, value in process.terms.items():
-        lines.append(f"  {name:<28}{format_bytes(value):>11}" + ("   (RSS before the model loads)"
-                                                                 if name == "baseline" else ""))
+        lines.append(f"  {name:<28}{format_bytes(value):>11}" + why.get(name, ""))
     lines.append(f"predicted tensor peak{format_bytes(pred.total):>20}   (the allocator's, in the {pred.peak_phase} pass)")
     for role, value in pred.breakdown.items():
         lines.append(f"  {role:<28}{format_bytes(value):>11}")

@@ -25,6 +25,7 @@ from ..losses import loss_fn_for
 from ..model import DTYPES, build_from_config, model_config, quantization_config
 from ..prepare import prepare_model
 from ..presets import hub_preset
+from ..process_memory import ProcessPeak, process_peak
 from .ledger import ROLES, Ledger
 from .roofline import memory_bytes
 from .standins import Bnb8bitState, QuantizedLinear, is_bnb_layer, stand_in_optimizer
@@ -162,6 +163,13 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def process(self, kind: str, baseline: int | None = None) -> ProcessPeak:
+        """The whole process's predicted peak around these tensors (`process_memory.process_peak`)
+        on a device of `kind`; `baseline`: RSS before loading (default: this process's now)."""
+        transient = sum(v for k, v in self.breakdown.items() if k in ("activations", "logits/loss", "temporaries"))
+        return process_peak(kind, self.total, baseline=baseline, cuda_terms=self.cuda, loading=self.loading,
+                            transient=transient)
 
 
 def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | None = None,
