@@ -11,10 +11,10 @@ Two things live here, the one place for each:
    more in its own mapping, returned to the system when freed; smaller ones are reused from the heap.
    glibc reads `MALLOC_MMAP_THRESHOLD_` and friends only at process start, so a library cannot set
    them through the environment: `mallopt` (through ctypes) does the same from inside the process.
-   The threshold trades speed for RSS: each mapping is zero-filled by the kernel page by page when
-   first written, so below it a step's fresh outputs would pay page faults, and above it the heap
-   keeps more of what it freed (the default job at 128 KiB: 128 tokens/s; at 2 MiB: 228, with a
-   peak RSS 16% higher; bench/results/malloc-cpu-2026-12-05.md).
+   The threshold trades speed for RSS: a tensor at or above it is a fresh mapping, zero-filled by the
+   kernel page by page when first written (page faults, every step); one below it reuses heap memory,
+   which the heap keeps between steps (the default job, 30 steps: 136-150 tokens/s at 128 KiB, 228 at
+   2 MiB with a peak RSS 15% higher; bench/results/malloc-cpu-2026-12-05.md).
    `MINITUNE_MALLOC=lean` in the environment fixes it at 128 KiB instead: the least RSS, for a
    machine where memory is tight, at the page faults' price. `MINITUNE_MALLOC=default` leaves glibc
    as it is (no faster than 2 MiB, and beyond what `process_peak` predicts).
