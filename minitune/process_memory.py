@@ -63,7 +63,6 @@ _M_MMAP_THRESHOLD = -3
 #   lean    128 KiB (glibc's starting value): the least RSS, each step paying page faults
 #   default glibc's own (the threshold rises to 32 MiB): neither bounded nor predicted
 MMAP_THRESHOLDS = {"": 2 * MiB, "lean": 128 * KiB}
-MMAP_THRESHOLD = MMAP_THRESHOLDS[""]
 TRIM_THRESHOLD = 128 * KiB  # free heap top above this goes back to the system (glibc's default)
 
 # CPU/MPS: beyond its tensors a process holds, at its peak, malloc's headers and page rounding and
