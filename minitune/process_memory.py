@@ -29,8 +29,8 @@ Two things live here, the one place for each:
                  loading_above_training  where loading the model holds more than training will
                                      (`planner.loading.load_peak`: an fp32 build cast or quantized,
                                      a file converted): the difference, so the sum is the higher peak
-       CPU also  malloc_heap         what glibc's heap keeps beyond the tensors at the peak, a share
-                                     of the step's transient tensors (HEAP_SHARE, per MINITUNE_MALLOC)
+       CPU also  malloc_heap         what glibc's heap keeps beyond the tensors at the peak: a fixed
+                                     part and a share of the step's transient tensors (`heap_kept`)
        CUDA      tensors + cuda_context (a flat 1 GiB for the context, cuBLAS workspaces and the
                  caching allocator's unused blocks: not modelled term by term yet)
 """
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from .errors import MinituneError
 
-__all__ = ["ProcessPeak", "format_bytes", "heap_share", "malloc_setting", "process_peak", "release_free_memory",
+__all__ = ["ProcessPeak", "format_bytes", "heap_kept", "malloc_setting", "process_peak", "release_free_memory",
            "rss_bytes", "tune_malloc"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -77,10 +77,13 @@ OVERHEAD_FRACTION = 0.02
 # thousands of holes left between chunks still alive (mallinfo2 on the default job, 2 MiB threshold,
 # steps 2-4: 1.4 GiB in use and 0.46-0.53 GiB free inside the heap at the end of the forward pass, where
 # nearly every tensor, even those above the threshold, is carved from the heap's free chunks).
-# Modelled as a share of the step's transient tensors (activations, logits, temporaries), per
-# MINITUNE_MALLOC setting: fitted on the default job's steps 1-2 (0.52 GiB beyond baseline + tensors +
-# overhead, for 0.96 GiB of transient tensors); with lean's 128 KiB threshold the fit above needs none.
-HEAP_SHARE = {"": 0.54, "lean": 0.0}
+# Modelled per MINITUNE_MALLOC setting as a fixed part and a share of the step's transient tensors
+# (activations, logits, temporaries): fitted on the 18 cells of the CPU memory grid and the default
+# job's steps 1-2 (2026-12-05, `python bench/memory_grid.py --parts grid`: what the RSS held beyond
+# baseline + tensors + overhead in training was 115-350 MiB in 17 cells, 796 in one, and did not grow
+# with the transient tensors: 115 MiB for 442 MiB of them, 313 for 2,940; the default job: 529 for 978).
+# With lean's 128 KiB threshold the overhead above needs nothing more.
+HEAP_KEPT = {"": (120 * MiB, 0.2), "lean": (0, 0.0)}
 CUDA_CONTEXT = GiB  # the CUDA context, cuBLAS workspaces and the caching allocator's unused blocks
 
 _tuned: str | None = None
@@ -213,10 +216,14 @@ def allocator_overhead(tensors: int) -> int:
     return int(OVERHEAD_FIXED + OVERHEAD_FRACTION * tensors)
 
 
-def heap_share() -> float:
-    """The share of a step's transient tensors that glibc's heap keeps beyond them at the peak, under
-    this process's MINITUNE_MALLOC (HEAP_SHARE; glibc's own settings: as minitune's)."""
-    return HEAP_SHARE.get(malloc_setting(), HEAP_SHARE[""])
+def heap_kept(transient: int) -> int:
+    """CPU: what glibc's heap keeps beyond the tensors at the peak of a step whose transient tensors
+    are `transient` bytes, under this process's MINITUNE_MALLOC (HEAP_KEPT; glibc's own settings:
+    as minitune's, which is below what they keep). 0 off glibc or without a step."""
+    if not transient or _glibc() is None:
+        return 0
+    fixed, share = HEAP_KEPT.get(malloc_setting(), HEAP_KEPT[""])
+    return int(fixed + share * transient)
 
 
 def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
@@ -234,8 +241,8 @@ def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
         loading: CPU/MPS: what loading the model holds at its peak, above the baseline
             (`planner.loading.load_peak`; 0: not known). On CUDA the model loads in host memory.
         transient: CPU: the step's own tensors at the peak (activations, logits, temporaries:
-            what is freed and allocated again every step), whose share HEAP_SHARE glibc's heap keeps
-            beyond them.
+            what is freed and allocated again every step), from which `heap_kept` predicts what
+            glibc's heap keeps beyond the tensors.
 
     Returns:
         The ProcessPeak with its terms.
@@ -246,7 +253,7 @@ def process_peak(kind: str, tensors: int, *, baseline: int | None = None,
         return ProcessPeak(kind, {"tensors": int(tensors), "cuda_context": CUDA_CONTEXT})
     base = rss_bytes() if baseline is None else int(baseline)
     terms = {"baseline": base, "tensors": int(tensors), "allocator_overhead": allocator_overhead(tensors)}
-    heap = int(heap_share() * transient) if kind == "cpu" and _glibc() is not None else 0
+    heap = heap_kept(transient) if kind == "cpu" else 0
     if heap:
         terms["malloc_heap"] = heap
     training = sum(terms.values()) - base
