@@ -25,10 +25,10 @@ imported, before the model loads). Each cell fixes glibc's mmap threshold as eve
 does (`minitune.process_memory.tune_malloc`): without it glibc raises its mmap threshold after the
 first large frees and keeps later freed tensors in its heap, so RSS drifts upwards step after step
 by whatever the allocator keeps, not what training holds (`--malloc lean` fixes it at 128 KiB instead
-of 2 MiB, `--malloc default` turns it off to see
-that). The column "RSS vs process" is the cell's whole-run peak RSS against
+of 2 MiB, `--malloc default` turns it off to see that). The column "RSS vs process" is the cell's whole-run peak RSS against
 `minitune.process_memory.process_peak` (the RSS before loading + the higher of the predicted
-training tensors with the allocator's overhead and loading's predicted peak, `planner.load_peak`):
+training tensors with the allocator's overhead and glibc's heap, and loading's predicted peak,
+`planner.load_peak`):
 (predicted - measured) / measured.
 
 Writes bench/results/<device>-<date>.{md,csv,json} and -peak.png, -steps.png, -alpha.png.
@@ -426,7 +426,7 @@ def markdown(data: dict) -> str:
              "optimizer state | activations and temporaries (= peak minus the tensors)."
              + (" RSS = the cell's whole-run peak RSS (sampled every 10 ms, loading included); process_peak = "
                 "`minitune.process_memory.process_peak` (RSS before loading + the higher of the predicted training "
-                "tensors with the allocator's overhead and loading's predicted peak); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak, "
+                "tensors with the allocator's overhead and glibc's heap, and loading's predicted peak); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak, "
                 "what the process held beyond its tensors (the cell's trace records every step, where a run's records "
                 "two; the RSS is read before that trace is read back)."
                 if data["kind"] == "cpu" else ""), ""]

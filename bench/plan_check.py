@@ -128,7 +128,7 @@ def markdown(data: dict) -> str:
         lines += ["## Configs outside the grid", "",
                   "RSS = the run's whole-process peak RSS (sampled every 10 ms, loading included); process_peak = "
                   "`minitune.process_memory.process_peak` (RSS before loading + the higher of the predicted training "
-                  "tensors with the allocator's overhead and loading's predicted peak); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak.", "",
+                  "tensors with the allocator's overhead and glibc's heap, and loading's predicted peak); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak.", "",
                   "| config | status | measured MiB | predicted MiB | ratio | error | RSS MiB | process_peak MiB "
                   "| RSS vs process | RSS above baseline / peak |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in data["outside"]:
