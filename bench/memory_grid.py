@@ -24,8 +24,8 @@ CPU memory is the process RSS above its baseline (the RSS once Python and every 
 imported, before the model loads). Each cell fixes glibc's mmap threshold as every minitune run
 does (`minitune.process_memory.tune_malloc`): without it glibc raises its mmap threshold after the
 first large frees and keeps later freed tensors in its heap, so RSS drifts upwards step after step
-by whatever the allocator keeps, not what training holds (`--malloc lean` fixes it at 128 KiB instead
-of 2 MiB, `--malloc default` turns it off to see that). The column "RSS vs process" is the cell's whole-run peak RSS against
+by whatever the allocator keeps, not what training holds (`--malloc fast` fixes it at 2 MiB instead
+of 128 KiB, `--malloc default` turns it off to see that). The column "RSS vs process" is the cell's whole-run peak RSS against
 `minitune.process_memory.process_peak` (the RSS before loading + the higher of the predicted
 training tensors with the allocator's overhead and glibc's heap, and loading's predicted peak,
 `planner.load_peak`):
@@ -111,8 +111,8 @@ MB = 2**20
 def cell_env(malloc: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
-    if malloc in ("lean", "default"):
-        env["MINITUNE_MALLOC"] = malloc  # lean: the 128 KiB threshold; default: tune_malloc leaves glibc as it is
+    if malloc in ("fast", "default"):
+        env["MINITUNE_MALLOC"] = malloc  # fast: the 2 MiB threshold; default: tune_malloc leaves glibc as it is
     return env
 
 
@@ -563,8 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss", choices=("auto", "full", "chunked"), default="auto",
                    help="training.loss of every cell (default auto, minitune's default)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
-    p.add_argument("--malloc", choices=("fixed", "lean", "default"), default="fixed",
-                   help="fixed: minitune's malloc settings in each cell (tune_malloc); lean: MINITUNE_MALLOC=lean; "
+    p.add_argument("--malloc", choices=("fixed", "fast", "default"), default="fixed",
+                   help="fixed: minitune's malloc settings in each cell (tune_malloc); fast: MINITUNE_MALLOC=fast; "
                         "default: glibc's own (CPU)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     p.add_argument("--name", help="file name stem (default <device>-<date>)")

@@ -7,17 +7,16 @@ Two things live here, the one place for each:
    each time a large block is freed (up to 32 MiB), so after the first steps the tensors of
    variable-size batches come from the heap, and freed heap memory that is not at its top is kept,
    not returned: RSS grows step after step by what malloc caches, not by what training holds.
-   A fixed threshold of 2 MiB (`mallopt` stops glibc from moving it) puts every tensor of 2 MiB or
-   more in its own mapping, returned to the system when freed; smaller ones are reused from the heap.
+   A fixed threshold of 128 KiB (glibc's starting value, which `mallopt` stops it from moving) puts
+   every tensor of 128 KiB or more in its own mapping, returned to the system when freed.
    glibc reads `MALLOC_MMAP_THRESHOLD_` and friends only at process start, so a library cannot set
    them through the environment: `mallopt` (through ctypes) does the same from inside the process.
    The threshold trades speed for RSS: a tensor at or above it is a fresh mapping, zero-filled by the
    kernel page by page when first written (page faults, every step); one below it reuses heap memory,
-   which the heap keeps between steps (the default job, 30 steps: 136-150 tokens/s at 128 KiB, 228 at
-   2 MiB with a peak RSS 15% higher; bench/results/malloc-cpu-2026-12-05.md).
-   `MINITUNE_MALLOC=lean` in the environment fixes it at 128 KiB instead: the least RSS, for a
-   machine where memory is tight, at the page faults' price. `MINITUNE_MALLOC=default` leaves glibc
-   as it is (no faster than 2 MiB, and beyond what `process_peak` predicts).
+   which the heap keeps between steps. `MINITUNE_MALLOC=fast` fixes it at 2 MiB instead (the default
+   job: 1.48x the tokens/s at 17% more peak RSS; bench/results/malloc-cpu-2026-12-05.md), with the
+   heap's extra predicted as `malloc_heap`. `MINITUNE_MALLOC=default` leaves glibc as it is (no faster
+   than 2 MiB, and beyond what `process_peak` predicts).
    `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
 
 2. `process_peak(kind, tensors, baseline, loading)`: the peak the operating system (or driver) will
@@ -59,10 +58,11 @@ _M_MMAP_THRESHOLD = -3
 # own mapping, returned when freed; smaller ones come from the heap, whose reuse spares their page
 # faults (the default job, 30 steps, the threshold fixed through glibc's own variable: 128 tokens/s at
 # 256 KiB, 133 at 512 KiB, 182 at 1 MiB, 228 at 2 MiB; bench/results/malloc-cpu-2026-12-05.md).
-#   unset   2 MiB: the speed of glibc's own settings, RSS bounded (the heap keeps its high-water mark)
-#   lean    128 KiB (glibc's starting value): the least RSS, each step paying page faults
+#   unset   128 KiB (glibc's starting value): RSS follows the tensors, each step paying page faults
+#   fast    2 MiB: 1.5x the default job's tokens/s; the heap keeps freed memory (`heap_kept`), and on
+#           one config of five outside the grid it kept far more than predicted (bench/README.md)
 #   default glibc's own (the threshold rises to 32 MiB): neither bounded nor predicted
-MMAP_THRESHOLDS = {"": 2 * MiB, "lean": 128 * KiB}
+MMAP_THRESHOLDS = {"": 128 * KiB, "fast": 2 * MiB}
 TRIM_THRESHOLD = 128 * KiB  # free heap top above this goes back to the system (glibc's default)
 
 # CPU/MPS: beyond its tensors a process holds, at its peak, malloc's headers and page rounding and
@@ -82,8 +82,8 @@ OVERHEAD_FRACTION = 0.02
 # job's steps 1-2 (2026-12-05, `python bench/memory_grid.py --parts grid`: what the RSS held beyond
 # baseline + tensors + overhead in training was 115-350 MiB in 17 cells, 796 in one, and did not grow
 # with the transient tensors: 115 MiB for 442 MiB of them, 313 for 2,940; the default job: 529 for 978).
-# With lean's 128 KiB threshold the overhead above needs nothing more.
-HEAP_KEPT = {"": (120 * MiB, 0.2), "lean": (0, 0.0)}
+# With the default 128 KiB threshold the overhead above needs nothing more.
+HEAP_KEPT = {"": (0, 0.0), "fast": (120 * MiB, 0.2)}
 CUDA_CONTEXT = GiB  # the CUDA context, cuBLAS workspaces and the caching allocator's unused blocks
 
 _tuned: str | None = None
@@ -136,22 +136,22 @@ def tune_malloc() -> str:
     elif (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLDS[setting])
           and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         _tuned = (f"glibc mmap threshold fixed at {MMAP_THRESHOLDS[setting] // KiB} KiB, trim threshold "
-                  f"{TRIM_THRESHOLD // KiB} KiB" + (" (MINITUNE_MALLOC=lean)" if setting else ""))
+                  f"{TRIM_THRESHOLD // KiB} KiB" + (f" (MINITUNE_MALLOC={setting})" if setting else ""))
     else:
         _tuned = "unchanged (mallopt refused)"
     return _tuned
 
 
 def malloc_setting() -> str:
-    """MINITUNE_MALLOC from the environment: '' (unset: minitune's settings), 'lean' or 'default'.
+    """MINITUNE_MALLOC from the environment: '' (unset: minitune's settings), 'fast' or 'default'.
 
     Raises:
         MinituneError: any other value (named, with the ones there are).
     """
     value = os.environ.get("MINITUNE_MALLOC", "").strip().lower()
-    if value not in ("", "lean", "default"):
-        raise MinituneError(f"MINITUNE_MALLOC={value!r} is not a malloc setting: unset it (minitune's, 2 MiB mmap "
-                            "threshold), or set it to 'lean' (the least RSS, slower steps) or 'default' (glibc's own)")
+    if value not in ("", "fast", "default"):
+        raise MinituneError(f"MINITUNE_MALLOC={value!r} is not a malloc setting: unset it (minitune's, the least RSS), "
+                            "or set it to 'fast' (2 MiB mmap threshold: faster steps, more RSS) or 'default' (glibc's own)")
     return value
 
 
@@ -219,10 +219,10 @@ def allocator_overhead(tensors: int) -> int:
 def heap_kept(transient: int) -> int:
     """CPU: what glibc's heap keeps beyond the tensors at the peak of a step whose transient tensors
     are `transient` bytes, under this process's MINITUNE_MALLOC (HEAP_KEPT; glibc's own settings:
-    as minitune's, which is below what they keep). 0 off glibc or without a step."""
+    as fast's, which is below what they keep). 0 off glibc or without a step."""
     if not transient or _glibc() is None:
         return 0
-    fixed, share = HEAP_KEPT.get(malloc_setting(), HEAP_KEPT[""])
+    fixed, share = HEAP_KEPT.get(malloc_setting(), HEAP_KEPT["fast"])
     return int(fixed + share * transient)
 
 

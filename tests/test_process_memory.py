@@ -80,9 +80,9 @@ def test_load_peak_of_a_safetensors_folder_follows_its_stored_dtype(tmp_path):
 
 def test_a_plan_counts_loading_where_it_holds_the_peak(monkeypatch):
     # opt-125m, fp32, LoRA, one example of 8 tokens: building the model (its output layer made, then
-    # tied to the embedding: 147 MiB) holds more than a training step (with lean's malloc, whose heap
-    # keeps nothing more: minitune's would add its fixed part to the step)
-    monkeypatch.setenv("MINITUNE_MALLOC", "lean")
+    # tied to the embedding: 147 MiB) holds more than a training step (with the default malloc, whose
+    # heap keeps nothing more: MINITUNE_MALLOC=fast would add its fixed part to the step)
+    monkeypatch.delenv("MINITUNE_MALLOC", raising=False)
     cfg = load_config(tiny_config(model={"preset": "opt-125m"}, training={"batch_size": 1}, data={"max_length": 8}))
     p = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
     assert p.prediction.loading > p.prediction.total + pm.allocator_overhead(p.prediction.total)
@@ -166,9 +166,9 @@ print((rss() - before) >> 20)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or pm._glibc() is None, reason="glibc only")
 @pytest.mark.parametrize(("env", "block_kib", "kept_mib"), [
-    ({}, 3072, (0, 4)),  # above minitune's 2 MiB threshold: mapped, returned
-    ({}, 1024, (16, 64)),  # below it: the heap keeps them for the next step (the speed)
-    ({"MINITUNE_MALLOC": "lean"}, 1024, (0, 4)),  # above lean's 128 KiB
+    ({}, 1024, (0, 4)),  # above minitune's 128 KiB threshold: mapped, returned
+    ({"MINITUNE_MALLOC": "fast"}, 3072, (0, 4)),  # above fast's 2 MiB threshold: mapped, returned
+    ({"MINITUNE_MALLOC": "fast"}, 1024, (16, 64)),  # below it: the heap keeps them for the next step (the speed)
     ({"MINITUNE_MALLOC": "default"}, 3072, (40, 200)),  # glibc's threshold, raised by the first large free
 ])
 def test_tuned_malloc_returns_freed_tensors_to_the_system(env, block_kib, kept_mib):
@@ -188,25 +188,25 @@ def test_tuned_malloc_returns_freed_tensors_to_the_system(env, block_kib, kept_m
 def test_an_unknown_malloc_setting_is_refused_with_the_ones_there_are(monkeypatch):
     from minitune.errors import MinituneError
 
-    monkeypatch.setenv("MINITUNE_MALLOC", "fast")
-    with pytest.raises(MinituneError, match="MINITUNE_MALLOC='fast'.*'lean'.*'default'"):
+    monkeypatch.setenv("MINITUNE_MALLOC", "quick")
+    with pytest.raises(MinituneError, match="MINITUNE_MALLOC='quick'.*'fast'.*'default'"):
         pm.malloc_setting()
-    monkeypatch.setenv("MINITUNE_MALLOC", " Lean ")
-    assert pm.malloc_setting() == "lean"
+    monkeypatch.setenv("MINITUNE_MALLOC", " Fast ")
+    assert pm.malloc_setting() == "fast"
 
 
 @pytest.mark.skipif(pm._glibc() is None, reason="glibc's heap only")
-def test_the_heap_term_grows_with_the_transient_tensors_and_lean_has_none(monkeypatch):
+def test_the_heap_term_grows_with_the_transient_tensors_under_fast_and_the_default_has_none(monkeypatch):
     cfg = load_config(tiny_config("tiny-llama"))
-    monkeypatch.delenv("MINITUNE_MALLOC", raising=False)
+    monkeypatch.setenv("MINITUNE_MALLOC", "fast")
     p = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
     transient = sum(p.prediction.breakdown.get(k, 0) for k in ("activations", "logits/loss", "temporaries"))
     assert transient > 0
-    fixed, share = pm.HEAP_KEPT[""]
+    fixed, share = pm.HEAP_KEPT["fast"]
     assert p.process.terms["malloc_heap"] == int(fixed + share * transient) == pm.heap_kept(transient)
-    assert "MINITUNE_MALLOC=lean" in format_plan(p)
-    monkeypatch.setenv("MINITUNE_MALLOC", "lean")
-    lean = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
-    assert "malloc_heap" not in lean.process.terms
-    assert lean.process.total == p.process.total - p.process.terms["malloc_heap"]
+    assert "unset MINITUNE_MALLOC: none" in format_plan(p)
+    monkeypatch.delenv("MINITUNE_MALLOC")
+    default = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
+    assert "malloc_heap" not in default.process.terms
+    assert default.process.total == p.process.total - p.process.terms["malloc_heap"]
     assert "malloc_heap" not in pm.process_peak("mps", 10 * MB, baseline=0, transient=5 * MB).terms  # macOS malloc
