@@ -79,9 +79,10 @@ OVERHEAD_FRACTION = 0.02
 # nearly every tensor, even those above the threshold, is carved from the heap's free chunks).
 # Modelled per MINITUNE_MALLOC setting as a fixed part and a share of the step's transient tensors
 # (activations, logits, temporaries): fitted on the 18 cells of the CPU memory grid and the default
-# job's steps 1-2 (2026-12-05, `python bench/memory_grid.py --parts grid`: what the RSS held beyond
-# baseline + tensors + overhead in training was 115-350 MiB in 17 cells, 796 in one, and did not grow
-# with the transient tensors: 115 MiB for 442 MiB of them, 313 for 2,940; the default job: 529 for 978).
+# job's steps 1-2 (2026-12-05, `python bench/memory_grid.py --parts grid --malloc fast`: what the RSS
+# held beyond baseline + tensors + overhead in training was 115-350 MiB in 17 cells, 796 in one, far from
+# in step with the transient tensors: 115 MiB for 442 MiB of them, 313 for 2,940; the default job: 529
+# for 978). Not captured: an 8-bit gpt-neo-125m with accumulation 4 held 552 MiB more than this predicts.
 # With the default 128 KiB threshold the overhead above needs nothing more.
 HEAP_KEPT = {"": (0, 0.0), "fast": (120 * MiB, 0.2)}
 CUDA_CONTEXT = GiB  # the CUDA context, cuBLAS workspaces and the caching allocator's unused blocks
