@@ -74,9 +74,10 @@ TRIM_THRESHOLD = 128 * KiB  # free heap top above this goes back to the system (
 OVERHEAD_FIXED = 24 * MiB
 OVERHEAD_FRACTION = 0.02
 # CPU: glibc's heap at the peak holds, beyond the live tensors, freed chunks it keeps for reuse:
-# thousands of holes left between chunks still alive (mallinfo2 on the default job, 2 MiB threshold,
-# steps 2-4: 1.4 GiB in use and 0.46-0.53 GiB free inside the heap at the end of the forward pass, where
-# nearly every tensor, even those above the threshold, is carved from the heap's free chunks).
+# thousands of holes left between chunks still alive (the default job, 2 MiB threshold, steps 2-4, at
+# the end of the forward pass: 1.3-1.4 GiB in use and 494-586 MiB free inside the heap, 62-102 MiB
+# mapped: nearly every tensor, even those above the threshold, is carved from the heap's free chunks;
+# `MINITUNE_MALLOC=fast python bench/heap_stats.py --config smollm2-quotes training.max_steps=4`).
 # Modelled per MINITUNE_MALLOC setting as a fixed part and a share of the step's transient tensors
 # (activations, logits, temporaries): fitted on the 18 cells of the CPU memory grid and the default
 # job's steps 1-2 (2026-12-05, `python bench/memory_grid.py --parts grid --malloc fast`: what the RSS
