@@ -129,8 +129,8 @@ def plot_all(data: dict, stem: Path) -> list[Path]:
     """Every plot of a saved run (the JSON `memory_grid.py` writes); returns the PNG paths."""
     label = data["peak_label"]
     out = []
-    if data.get("rows"):
-        grid_rows = [r for r in data["rows"] if r["group"] == "grid"]
+    grid_rows = [r for r in data.get("rows") or [] if r["group"] == "grid"]
+    if grid_rows:  # `--parts knobs` alone has knob rows only
         out.append(plot_peaks(grid_rows, stem.with_name(stem.name + "-peak.png"), peak_label=label,
                               title=f"Training peak by method and where it goes, {data['device']}"))
     cells = data.get("steps_cells") or []
