@@ -434,8 +434,9 @@ def markdown(data: dict) -> str:
             "| error | RSS MiB | process_peak MiB | RSS vs process | RSS above baseline / peak | weights | train+grads "
             "| optim | activ. | s/step | tokens/s |")
     sep = "|" + "---|" * 20
-    lines += ["## Grid", "", head, sep]
-    for r in (r for r in data["rows"] if r["group"] == "grid"):
+    grid_rows = [r for r in data["rows"] if r["group"] == "grid"]
+    lines += ["## Grid", "", head, sep] if grid_rows else []  # `--parts knobs` alone: no grid table
+    for r in grid_rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['batch_size']}x{r['seq_len']} | {r['status']} | "
                      f"{_f(r.get('trainable_params'), ',d')} | {_f(r.get('trainable_pct'), '.2f')} | "
                      f"{_f(r.get('peak_train_mb'))} | {_f(r.get('predicted_mb'))} | {_f(r.get('ratio'), '.3f')} | "
