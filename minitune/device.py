@@ -392,7 +392,7 @@ def cpu_threads_note() -> str | None:
 
     `accelerate launch` without `--cpu` sets OMP_NUM_THREADS=1 for the process it starts (so torch
     uses one thread) unless it is given `--num_cpu_threads_per_process N` or OMP_NUM_THREADS is set:
-    `time make train` on a 2-core CPU ran the default job at 95 tokens/s so and at 120 with both cores
+    `time make train` on a 2-core CPU ran the default job at 95 tokens/s on one thread and at 120 with both cores
     (2026-12-05). The setting may be the user's, so it is reported, not changed.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
