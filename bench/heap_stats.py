@@ -1,13 +1,14 @@
 """glibc's heap during a run: bytes in use and free inside it, and mapped, at each phase and step.
 
-    MINITUNE_MALLOC=fast python bench/heap_stats.py --config smollm2-quotes training.max_steps=4 \
+    python bench/heap_stats.py --config smollm2-quotes training.max_steps=4 \
         training.eval_every=0 logging.report=false training.output_dir=/tmp/heap training.overwrite=true
 
 A `train.py` run (the same arguments) that prints glibc's `mallinfo2()` (summed over every arena)
 whenever the memory profiler closes a phase or a step: `heap` (bytes the heap spans), `in use`,
 `free` (freed chunks the heap keeps, and how many), `mapped` (blocks at or above the mmap threshold).
-What `process_memory.HEAP_KEPT` models: with the 2 MiB threshold the heap's free bytes at the end of
-a forward pass are RSS beyond the tensors. Linux with glibc 2.33 or later only; needs
+What `process_memory.HEAP_KEPT` models: with the 2 MiB threshold (minitune's, once train.py has
+restarted with glibc's thread cache off) the heap's free bytes at the end of a forward pass are RSS
+beyond the tensors. Linux with glibc 2.33 or later only; needs
 `logging.memory=true` (the default).
 """
 

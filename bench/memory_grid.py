@@ -24,8 +24,9 @@ CPU memory is the process RSS above its baseline (the RSS once Python and every 
 imported, before the model loads). Each cell fixes glibc's mmap threshold as every minitune run
 does (`minitune.process_memory.tune_malloc`): without it glibc raises its mmap threshold after the
 first large frees and keeps later freed tensors in its heap, so RSS drifts upwards step after step
-by whatever the allocator keeps, not what training holds (`--malloc fast` fixes it at 2 MiB instead
-of 128 KiB, `--malloc default` turns it off to see that). The column "RSS vs process" is the cell's whole-run peak RSS against
+by whatever the allocator keeps, not what training holds. Each cell starts as train.py restarts
+itself (`process_memory.malloc_env`: glibc's thread cache off, the 2 MiB threshold); `--malloc lean`
+gives the 128 KiB threshold instead, `--malloc default` glibc's own settings, to see the growth. The column "RSS vs process" is the cell's whole-run peak RSS against
 `minitune.process_memory.process_peak` (the RSS before loading + the higher of the predicted
 training tensors with the allocator's overhead and glibc's heap, and loading's predicted peak,
 `planner.load_peak`):
@@ -58,6 +59,7 @@ from minitune.config import LoraArgs, ModelArgs
 from minitune.model import build_from_config
 from minitune.prepare import apply_lora, trainable_parameters
 from minitune.presets import PRESETS
+from minitune.process_memory import malloc_env
 
 REPO = Path(__file__).resolve().parents[1]
 CELL = REPO / "bench" / "cell.py"
@@ -111,9 +113,9 @@ MB = 2**20
 def cell_env(malloc: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
-    if malloc in ("fast", "default"):
-        env["MINITUNE_MALLOC"] = malloc  # fast: the 2 MiB threshold; default: tune_malloc leaves glibc as it is
-    return env
+    if malloc in ("lean", "default"):
+        env["MINITUNE_MALLOC"] = malloc  # lean: the 128 KiB threshold; default: tune_malloc leaves glibc as it is
+    return malloc_env(env)  # minitune's own: started as train.py restarts itself (thread cache off)
 
 
 def run_cell(spec: dict, *, timeout: float, env: dict | None = None, train: bool = False) -> dict:
@@ -564,9 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss", choices=("auto", "full", "chunked"), default="auto",
                    help="training.loss of every cell (default auto, minitune's default)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
-    p.add_argument("--malloc", choices=("fixed", "fast", "default"), default="fixed",
-                   help="fixed: minitune's malloc settings in each cell (tune_malloc); fast: MINITUNE_MALLOC=fast; "
-                        "default: glibc's own (CPU)")
+    p.add_argument("--malloc", choices=("fixed", "lean", "default"), default="fixed",
+                   help="fixed: minitune's malloc settings in each cell (as train.py starts); lean: MINITUNE_MALLOC=lean "
+                        "(128 KiB threshold); default: glibc's own (CPU)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     p.add_argument("--name", help="file name stem (default <device>-<date>)")
     p.add_argument("--report", type=Path, metavar="JSON", help="only rewrite the .md, .csv and plots of a saved run")

@@ -3,7 +3,7 @@
     python bench/soak.py --job opt-125m --steps 1000          # opt-125m preset, bf16, LoRA, batch 4 x <=128, 2,000 quotes
     python bench/soak.py --job default --steps 1000           # the default job (`make train`'s config)
     python bench/soak.py --job opt-125m --steps 300 --malloc default   # without minitune's malloc settings
-    python bench/soak.py --job default --steps 1000 --malloc fast      # MINITUNE_MALLOC=fast (2 MiB threshold)
+    python bench/soak.py --job default --steps 1000 --malloc lean      # MINITUNE_MALLOC=lean (128 KiB threshold)
 
 One `minitune.train` run in this process, on real variable-length data (the quotes, padded per
 batch, so every batch has another shape), evaluation off, no checkpoint before the end. After
@@ -11,9 +11,10 @@ every optimizer step the process RSS (/proc/self/statm) is recorded. Every 25 st
 end (and on SIGTERM / Ctrl-C), it writes bench/results/soak-<job>-cpu-<date>.{md,csv,png}: so a
 soak stopped early (time, a shared machine) still leaves the steps it ran, and says how many.
 
-`--malloc fast` / `--malloc default` set MINITUNE_MALLOC before minitune is imported: fast fixes the
-mmap threshold at 2 MiB instead of 128 KiB; default keeps glibc's own settings
-(`minitune.process_memory.tune_malloc` does nothing), to see the growth it fixes.
+The script restarts itself as train.py does (`process_memory.restart_with_malloc_env`: glibc's
+thread cache off, the 2 MiB threshold). `--malloc lean` / `--malloc default` set MINITUNE_MALLOC
+before minitune is imported: lean fixes the mmap threshold at 128 KiB instead; default keeps
+glibc's own settings (`minitune.process_memory.tune_malloc` does nothing), to see the growth it fixes.
 
 Verdict: RSS at the last step within 5% of RSS at step 100 (the issue's target: step 1,000 vs 100).
 """
@@ -105,13 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", choices=sorted(JOBS), default="opt-125m")
     ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--malloc", choices=["minitune", "fast", "default"], default="minitune",
-                    help="fast: MINITUNE_MALLOC=fast (2 MiB mmap threshold); default: keep glibc's own settings")
+    ap.add_argument("--malloc", choices=["minitune", "lean", "default"], default="minitune",
+                    help="lean: MINITUNE_MALLOC=lean (128 KiB mmap threshold); default: keep glibc's own settings")
     ap.add_argument("--out", type=Path, default=None, help="output stem (default bench/results/soak-<job>-cpu-<date>)")
     ap.add_argument("overrides", nargs="*", help="extra section.key=value settings")
     args = ap.parse_args(argv)
     if args.malloc != "minitune":
         os.environ["MINITUNE_MALLOC"] = args.malloc
+    from minitune.process_memory import restart_with_malloc_env  # light: no torch yet
+
+    restart_with_malloc_env()  # as train.py: a no-op once restarted, or with MINITUNE_MALLOC set
     baseline = rss_bytes()  # before minitune, torch and the libraries are imported
     import torch
 
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                  "training.overwrite=true", f"training.output_dir={out_dir}", "logging.log_every=1",
                  "logging.progress=none", "training.device=cpu", *args.overrides]
     date = dt.date.today().isoformat()
-    suffix = {"minitune": "", "fast": "-fast-malloc", "default": "-glibc-default"}[args.malloc]
+    suffix = {"minitune": "", "lean": "-lean-malloc", "default": "-glibc-default"}[args.malloc]
     stem = args.out or RESULTS / f"soak-{args.job}-cpu-{date}{suffix}"
     meta = {"job": args.job, "date": date, "steps": args.steps, "malloc": args.malloc, "torch": torch.__version__,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads", "baseline_mb": baseline / MB,

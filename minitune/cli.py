@@ -27,6 +27,7 @@ from rich.table import Table
 
 from .config import SEED_MAX, choices_of, describe, describe_configs, generation_args, load_config
 from .errors import ConfigError, MinituneError, one_line
+from .process_memory import restart_with_malloc_env
 from .run_data import TABLE_COLUMNS, load_run, run_labels, table_rows
 from .run_report import write_report
 
@@ -81,6 +82,8 @@ def _path_problem(e: OSError) -> str:
 
 def main_train(argv: Sequence[str] | None = None) -> int:
     """`train.py --config NAME|FILE [section.key=value ...]`, or `train.py --list-configs`."""
+    if argv is None:  # the program itself, not a caller's function: its allocator can still be set
+        restart_with_malloc_env()
     parser = _Parser(
         prog="train.py",
         description="Fine-tune a language model with minitune (launch with `accelerate launch train.py ...`).",
@@ -187,6 +190,8 @@ def main_report(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`minitune plan ...` or `minitune report ...` (training and evaluation are minitune-train and minitune-eval)."""
+    if argv is None:  # `minitune plan` predicts the process a train.py run will be: the same allocator
+        restart_with_malloc_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: minitune plan --config NAME|FILE [--device T4 | --budget 12GiB] [--json] [key=value ...]\n"

@@ -7,16 +7,19 @@ Two things live here, the one place for each:
    each time a large block is freed (up to 32 MiB), so after the first steps the tensors of
    variable-size batches come from the heap, and freed heap memory that is not at its top is kept,
    not returned: RSS grows step after step by what malloc caches, not by what training holds.
-   A fixed threshold of 128 KiB (glibc's starting value, which `mallopt` stops it from moving) puts
-   every tensor of 128 KiB or more in its own mapping, returned to the system when freed.
-   glibc reads `MALLOC_MMAP_THRESHOLD_` and friends only at process start, so a library cannot set
-   them through the environment: `mallopt` (through ctypes) does the same from inside the process.
-   The threshold trades speed for RSS: a tensor at or above it is a fresh mapping, zero-filled by the
-   kernel page by page when first written (page faults, every step); one below it reuses heap memory,
-   which the heap keeps between steps. `MINITUNE_MALLOC=fast` fixes it at 2 MiB instead (the default
-   job: 1.48x the tokens/s at 17% more peak RSS; bench/results/malloc-cpu-2026-12-05.md), with the
-   heap's extra predicted as `malloc_heap`. `MINITUNE_MALLOC=default` leaves glibc as it is (no faster
-   than 2 MiB, and beyond what `process_peak` predicts).
+   `mallopt` (through ctypes) fixes the threshold from inside the process. Tensors at or above it
+   get their own mapping, zero-filled by the kernel page by page when first written (page faults,
+   every step) and returned when freed; smaller ones reuse heap memory.
+   minitune's setting (`malloc_mode`): a 2 MiB threshold with glibc's per-thread cache (tcache)
+   off, "heap". The tcache holds small freed chunks that the heap cannot merge with their free
+   neighbours, and hands them to small allocations that stay alive: the holes they pin made the heap
+   grow step after step (an 8-bit gpt-neo-125m: 483 MiB of heap after 6 steps with it off, 702 with
+   it on, growing; bench/heap_stats.py). The tcache is a start-up tunable (GLIBC_TUNABLES), so the
+   command-line entry points restart themselves with it once (`restart_with_malloc_env`); a process
+   that did not start with it (minitune embedded in yours) gets "lean", a fixed 128 KiB threshold:
+   RSS follows the tensors, at the page faults' cost (the default job: 1.3x slower).
+   MINITUNE_MALLOC=lean asks for that anywhere; MINITUNE_MALLOC=default leaves glibc as it is
+   (beyond what `process_peak` predicts).
    `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
 
 2. `process_peak(kind, tensors, baseline, loading)`: the peak the operating system (or driver) will
@@ -36,6 +39,7 @@ Two things live here, the one place for each:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -46,23 +50,24 @@ from dataclasses import dataclass, field
 
 from .errors import MinituneError
 
-__all__ = ["ProcessPeak", "format_bytes", "heap_kept", "malloc_setting", "process_peak", "release_free_memory",
-           "rss_bytes", "tune_malloc"]
+__all__ = ["ProcessPeak", "format_bytes", "heap_kept", "malloc_env", "malloc_mode", "malloc_setting", "process_peak",
+           "release_free_memory", "restart_with_malloc_env", "rss_bytes", "tune_malloc"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# MINITUNE_MALLOC (environment) -> glibc's mmap threshold, fixed: tensors at or above it get their
-# own mapping, returned when freed; smaller ones come from the heap, whose reuse spares their page
-# faults (the default job, 30 steps, the threshold fixed through glibc's own variable: 128 tokens/s at
-# 256 KiB, 133 at 512 KiB, 182 at 1 MiB, 228 at 2 MiB; bench/results/malloc-cpu-2026-12-05.md).
-#   unset   128 KiB (glibc's starting value): RSS follows the tensors, each step paying page faults
-#   fast    2 MiB: 1.5x the default job's tokens/s; the heap keeps freed memory (`heap_kept`), and on
-#           one config of five outside the grid it kept far more than predicted (bench/README.md)
-#   default glibc's own (the threshold rises to 32 MiB): neither bounded nor predicted
-MMAP_THRESHOLDS = {"": 128 * KiB, "fast": 2 * MiB}
+
+# malloc_mode() -> glibc's mmap threshold, fixed: tensors at or above it get their own mapping,
+# returned when freed; smaller ones come from the heap, whose reuse spares their page faults (the
+# default job, 30 steps, the threshold fixed through glibc's own variable: 128 tokens/s at 256 KiB,
+# 133 at 512 KiB, 182 at 1 MiB, 228 at 2 MiB; bench/results/malloc-cpu-2026-12-05.md).
+#   heap    2 MiB, with the tcache off (TCACHE_OFF at start-up): the heap keeps freed memory for
+#           the next step (`heap_kept`), in holes that no longer grow
+#   lean    128 KiB (glibc's starting value): RSS follows the tensors, each step paying page faults
+MMAP_THRESHOLDS = {"lean": 128 * KiB, "heap": 2 * MiB}
+TCACHE_OFF = "glibc.malloc.tcache_count=0"  # a GLIBC_TUNABLES item: read by glibc at process start only
 TRIM_THRESHOLD = 128 * KiB  # free heap top above this goes back to the system (glibc's default)
 
 # CPU/MPS: beyond its tensors a process holds, at its peak, malloc's headers and page rounding and
@@ -74,18 +79,12 @@ TRIM_THRESHOLD = 128 * KiB  # free heap top above this goes back to the system (
 OVERHEAD_FIXED = 24 * MiB
 OVERHEAD_FRACTION = 0.02
 # CPU: glibc's heap at the peak holds, beyond the live tensors, freed chunks it keeps for reuse:
-# thousands of holes left between chunks still alive (the default job, 2 MiB threshold, steps 2-4, at
-# the end of the forward pass: 1.3-1.4 GiB in use and 494-586 MiB free inside the heap, 62-102 MiB
-# mapped: nearly every tensor, even those above the threshold, is carved from the heap's free chunks;
-# `MINITUNE_MALLOC=fast python bench/heap_stats.py --config smollm2-quotes training.max_steps=4`).
-# Modelled per MINITUNE_MALLOC setting as a fixed part and a share of the step's transient tensors
-# (activations, logits, temporaries): fitted on the 18 cells of the CPU memory grid and the default
-# job's steps 1-2 (2026-12-05, `python bench/memory_grid.py --parts grid --malloc fast`: what the RSS
-# held beyond baseline + tensors + overhead in training was 115-350 MiB in 17 cells, 796 in one, far from
-# in step with the transient tensors: 115 MiB for 442 MiB of them, 313 for 2,940; the default job: 529
-# for 978). Not captured: an 8-bit gpt-neo-125m with accumulation 4 held 552 MiB more than this predicts.
-# With the default 128 KiB threshold the overhead above needs nothing more.
-HEAP_KEPT = {"": (0, 0.0), "fast": (120 * MiB, 0.2)}
+# holes left between chunks still alive (`python bench/heap_stats.py --config smollm2-quotes
+# training.max_steps=4` prints the heap's bytes in use and free per phase). Modelled per
+# `malloc_mode` as a fixed part and a share of the step's transient tensors (activations, logits,
+# temporaries), fitted on the CPU memory grid (`python bench/memory_grid.py --parts grid`; see
+# bench/README.md). With the 128 KiB threshold the overhead above needs nothing more.
+HEAP_KEPT = {"lean": (0, 0.0), "heap": (120 * MiB, 0.2)}
 CUDA_CONTEXT = GiB  # the CUDA context, cuBLAS workspaces and the caching allocator's unused blocks
 
 _tuned: str | None = None
@@ -119,7 +118,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def tune_malloc() -> str:
-    """Fix glibc's mmap and trim thresholds for this process (once; later calls return the same).
+    """Fix glibc's mmap and trim thresholds for this process, as `malloc_mode` says (once; later
+    calls return the same).
 
     Returns:
         What was done, for the run's start-up lines: the settings, or why nothing changed (not glibc,
@@ -129,39 +129,92 @@ def tune_malloc() -> str:
     if _tuned is not None:
         return _tuned
     libc = _glibc()
-    setting = malloc_setting()
-    if setting == "default":
+    mode = malloc_mode()
+    if mode == "glibc":
         _tuned = ("glibc defaults kept (MINITUNE_MALLOC=default): RSS stays at the heap's high-water mark, "
                   "which the predicted process peak does not include")
     elif libc is None:
         _tuned = "unchanged (not glibc)"
-    elif (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLDS[setting])
+    elif (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLDS[mode])
           and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
-        _tuned = (f"glibc mmap threshold fixed at {MMAP_THRESHOLDS[setting] // KiB} KiB, trim threshold "
-                  f"{TRIM_THRESHOLD // KiB} KiB" + (f" (MINITUNE_MALLOC={setting})" if setting else ""))
+        _tuned = f"glibc mmap threshold fixed at {MMAP_THRESHOLDS[mode] // KiB} KiB, trim threshold {TRIM_THRESHOLD // KiB} KiB"
+        if mode == "heap":
+            _tuned += ", thread cache off"
+        elif not malloc_setting():
+            _tuned += (f" (this process did not start with GLIBC_TUNABLES={TCACHE_OFF}, so not the faster 2 MiB: "
+                       "train.py, minitune-train and minitune set it themselves)")
     else:
         _tuned = "unchanged (mallopt refused)"
     return _tuned
 
 
 def malloc_setting() -> str:
-    """MINITUNE_MALLOC from the environment: '' (unset: minitune's settings), 'fast' or 'default'.
+    """MINITUNE_MALLOC from the environment: '' (unset: minitune's settings), 'lean' or 'default'.
 
     Raises:
         MinituneError: any other value (named, with the ones there are).
     """
     value = os.environ.get("MINITUNE_MALLOC", "").strip().lower()
-    if value not in ("", "fast", "default"):
-        raise MinituneError(f"MINITUNE_MALLOC={value!r} is not a malloc setting: unset it (minitune's, the least RSS), "
-                            "or set it to 'fast' (2 MiB mmap threshold: faster steps, more RSS) or 'default' (glibc's own)")
+    if value == "fast":
+        raise MinituneError("MINITUNE_MALLOC=fast is gone: its 2 MiB threshold is minitune's own setting now, with "
+                            "glibc's thread cache off so that the heap stops growing; unset MINITUNE_MALLOC")
+    if value not in ("", "lean", "default"):
+        raise MinituneError(f"MINITUNE_MALLOC={value!r} is not a malloc setting: unset it (minitune's: 2 MiB mmap "
+                            "threshold, thread cache off), or set it to 'lean' (128 KiB: the least RSS, slower "
+                            "steps) or 'default' (glibc's own)")
     return value
+
+
+def _tcache_off(env: dict | os._Environ) -> bool:
+    return any(item.strip() == TCACHE_OFF for item in env.get("GLIBC_TUNABLES", "").split(":"))
+
+
+def malloc_mode() -> str:
+    """How this process's allocator is set for a run: 'heap' (2 MiB mmap threshold, thread cache
+    off: MINITUNE_MALLOC unset and the process started with GLIBC_TUNABLES holding TCACHE_OFF),
+    'lean' (128 KiB: MINITUNE_MALLOC=lean, or unset in a process started without it) or 'glibc'
+    (MINITUNE_MALLOC=default: glibc's own).
+
+    Raises:
+        MinituneError: a MINITUNE_MALLOC value there is none of.
+    """
+    setting = malloc_setting()
+    if setting == "default":
+        return "glibc"
+    return "heap" if not setting and _tcache_off(os.environ) else "lean"
+
+
+def malloc_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with what a process started with it needs for minitune's malloc setting: GLIBC_TUNABLES
+    with the thread cache off, unless MINITUNE_MALLOC is set, glibc is not in use, or GLIBC_TUNABLES
+    already says how big the thread cache is (yours is kept)."""
+    if (env.get("MINITUNE_MALLOC", "").strip() or _glibc() is None
+            or "glibc.malloc.tcache_count" in env.get("GLIBC_TUNABLES", "")):
+        return dict(env)
+    tunables = ":".join(filter(None, [env.get("GLIBC_TUNABLES", ""), TCACHE_OFF]))
+    return {**env, "GLIBC_TUNABLES": tunables}
+
+
+def restart_with_malloc_env() -> None:
+    """Replace this process by itself (same command line, same PID) started with `malloc_env`, if
+    that changes the environment; else return. For command-line entry points, before anything
+    heavy is imported: glibc reads GLIBC_TUNABLES only at start-up. If the restart fails, the run
+    goes on with the 128 KiB threshold ('lean')."""
+    env = malloc_env(dict(os.environ))
+    argv = getattr(sys, "orig_argv", None)
+    if env == dict(os.environ) or not argv or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        os.execve(sys.executable, [argv[0], *argv[1:]], env)
 
 
 def release_free_memory() -> None:
     """Return malloc's free memory to the system (glibc `malloc_trim`); nothing elsewhere. Cheap
     (a walk over the free lists): called after loading, which frees large temporaries."""
     libc = _glibc()
-    if libc is not None and malloc_setting() != "default":
+    if libc is not None and malloc_mode() != "glibc":
         libc.malloc_trim(0)
 
 
@@ -220,11 +273,11 @@ def allocator_overhead(tensors: int) -> int:
 
 def heap_kept(transient: int) -> int:
     """CPU: what glibc's heap keeps beyond the tensors at the peak of a step whose transient tensors
-    are `transient` bytes, under this process's MINITUNE_MALLOC (HEAP_KEPT; glibc's own settings:
-    as fast's, which is below what they keep). 0 off glibc or without a step."""
+    are `transient` bytes, under this process's `malloc_mode` (HEAP_KEPT; glibc's own settings:
+    as 'heap', which is below what they keep). 0 off glibc or without a step."""
     if not transient or _glibc() is None:
         return 0
-    fixed, share = HEAP_KEPT.get(malloc_setting(), HEAP_KEPT["fast"])
+    fixed, share = HEAP_KEPT.get(malloc_mode(), HEAP_KEPT["heap"])
     return int(fixed + share * transient)
 
 

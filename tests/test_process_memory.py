@@ -80,9 +80,9 @@ def test_load_peak_of_a_safetensors_folder_follows_its_stored_dtype(tmp_path):
 
 def test_a_plan_counts_loading_where_it_holds_the_peak(monkeypatch):
     # opt-125m, fp32, LoRA, one example of 8 tokens: building the model (its output layer made, then
-    # tied to the embedding: 147 MiB) holds more than a training step (with the default malloc, whose
-    # heap keeps nothing more: MINITUNE_MALLOC=fast would add its fixed part to the step)
-    monkeypatch.delenv("MINITUNE_MALLOC", raising=False)
+    # tied to the embedding: 147 MiB) holds more than a training step (with the 128 KiB threshold,
+    # whose heap keeps nothing more: minitune's 2 MiB one would add its fixed part to the step)
+    monkeypatch.setenv("MINITUNE_MALLOC", "lean")
     cfg = load_config(tiny_config(model={"preset": "opt-125m"}, training={"batch_size": 1}, data={"max_length": 8}))
     p = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
     assert p.prediction.loading > p.prediction.total + pm.allocator_overhead(p.prediction.total)
@@ -166,9 +166,10 @@ print((rss() - before) >> 20)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or pm._glibc() is None, reason="glibc only")
 @pytest.mark.parametrize(("env", "block_kib", "kept_mib"), [
-    ({}, 1024, (0, 4)),  # above minitune's 128 KiB threshold: mapped, returned
-    ({"MINITUNE_MALLOC": "fast"}, 3072, (0, 4)),  # above fast's 2 MiB threshold: mapped, returned
-    ({"MINITUNE_MALLOC": "fast"}, 1024, (16, 64)),  # below it: the heap keeps them for the next step (the speed)
+    ({"GLIBC_TUNABLES": pm.TCACHE_OFF}, 3072, (0, 4)),  # minitune's (as train.py restarts): above 2 MiB, mapped, returned
+    ({"GLIBC_TUNABLES": pm.TCACHE_OFF}, 1024, (16, 64)),  # below it: the heap keeps them for the next step (the speed)
+    ({}, 1024, (0, 4)),  # not started with the thread cache off: the 128 KiB threshold, mapped, returned
+    ({"MINITUNE_MALLOC": "lean", "GLIBC_TUNABLES": pm.TCACHE_OFF}, 1024, (0, 4)),  # lean: 128 KiB anyway
     ({"MINITUNE_MALLOC": "default"}, 3072, (40, 200)),  # glibc's threshold, raised by the first large free
 ])
 def test_tuned_malloc_returns_freed_tensors_to_the_system(env, block_kib, kept_mib):
@@ -178,8 +179,9 @@ def test_tuned_malloc_returns_freed_tensors_to_the_system(env, block_kib, kept_m
 
     from .conftest import REPO
 
+    clean = {k: v for k, v in os.environ.items() if k not in ("MINITUNE_MALLOC", "GLIBC_TUNABLES")}
     proc = subprocess.run([sys.executable, "-c", _CHURN, str(REPO), str(block_kib)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env})
+                          env={**clean, **env})
     assert proc.returncode == 0, proc.stderr
     kept = int(proc.stdout.strip())
     assert kept_mib[0] <= kept <= kept_mib[1], (kept, proc.stderr)
@@ -189,24 +191,69 @@ def test_an_unknown_malloc_setting_is_refused_with_the_ones_there_are(monkeypatc
     from minitune.errors import MinituneError
 
     monkeypatch.setenv("MINITUNE_MALLOC", "quick")
-    with pytest.raises(MinituneError, match="MINITUNE_MALLOC='quick'.*'fast'.*'default'"):
+    with pytest.raises(MinituneError, match="MINITUNE_MALLOC='quick'.*'lean'.*'default'"):
         pm.malloc_setting()
-    monkeypatch.setenv("MINITUNE_MALLOC", " Fast ")
-    assert pm.malloc_setting() == "fast"
+    monkeypatch.setenv("MINITUNE_MALLOC", "fast")  # yesterday's opt-in: what unset gives now
+    with pytest.raises(MinituneError, match="fast is gone.*unset MINITUNE_MALLOC"):
+        pm.malloc_setting()
+    monkeypatch.setenv("MINITUNE_MALLOC", " Lean ")
+    assert pm.malloc_setting() == "lean" and pm.malloc_mode() == "lean"
 
 
 @pytest.mark.skipif(pm._glibc() is None, reason="glibc's heap only")
-def test_the_heap_term_grows_with_the_transient_tensors_under_fast_and_the_default_has_none(monkeypatch):
+def test_the_heap_term_grows_with_the_transient_tensors_in_heap_mode_and_lean_has_none(monkeypatch):
     cfg = load_config(tiny_config("tiny-llama"))
-    monkeypatch.setenv("MINITUNE_MALLOC", "fast")
+    monkeypatch.delenv("MINITUNE_MALLOC", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", pm.TCACHE_OFF)  # as train.py restarts itself
+    assert pm.malloc_mode() == "heap"
     p = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
     transient = sum(p.prediction.breakdown.get(k, 0) for k in ("activations", "logits/loss", "temporaries"))
     assert transient > 0
-    fixed, share = pm.HEAP_KEPT["fast"]
+    fixed, share = pm.HEAP_KEPT["heap"]
     assert p.process.terms["malloc_heap"] == int(fixed + share * transient) == pm.heap_kept(transient)
-    assert "unset MINITUNE_MALLOC: none" in format_plan(p)
-    monkeypatch.delenv("MINITUNE_MALLOC")
+    assert "MINITUNE_MALLOC=lean: none" in format_plan(p)
+    monkeypatch.delenv("GLIBC_TUNABLES")  # a process that did not start with the thread cache off: lean
+    assert pm.malloc_mode() == "lean"
     default = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
     assert "malloc_heap" not in default.process.terms
     assert default.process.total == p.process.total - p.process.terms["malloc_heap"]
     assert "malloc_heap" not in pm.process_peak("mps", 10 * MB, baseline=0, transient=5 * MB).terms  # macOS malloc
+
+
+@pytest.mark.skipif(pm._glibc() is None, reason="glibc only")
+def test_malloc_env_turns_the_thread_cache_off_unless_told_otherwise():
+    assert pm.malloc_env({})["GLIBC_TUNABLES"] == pm.TCACHE_OFF
+    mine = "glibc.malloc.check=0"
+    assert pm.malloc_env({"GLIBC_TUNABLES": mine})["GLIBC_TUNABLES"] == f"{mine}:{pm.TCACHE_OFF}"
+    yours = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=3"}  # your own tcache size is kept
+    assert pm.malloc_env(yours) == yours
+    for setting in ("lean", "default"):
+        assert "GLIBC_TUNABLES" not in pm.malloc_env({"MINITUNE_MALLOC": setting})
+
+
+_RESTART = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+print("started", os.getpid(), flush=True)
+from minitune.process_memory import restart_with_malloc_env, tune_malloc
+restart_with_malloc_env()
+print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[2:], tune_malloc(), flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or pm._glibc() is None, reason="glibc only")
+def test_an_entry_point_restarts_itself_once_with_the_thread_cache_off():
+    import os
+
+    from .conftest import REPO
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("MINITUNE_MALLOC", "GLIBC_TUNABLES")}
+    proc = subprocess.run([sys.executable, "-c", _RESTART, str(REPO), "a b", "c"], capture_output=True, text=True,
+                          timeout=60, env=clean)
+    assert proc.returncode == 0, proc.stderr
+    first, again, running = proc.stdout.splitlines()  # started, restarted (the same process), ran on
+    assert first == again and running.startswith("running " + first.split()[1] + " " + pm.TCACHE_OFF + " ['a b', 'c']")
+    assert "2048 KiB" in running and "thread cache off" in running
+    lean = subprocess.run([sys.executable, "-c", _RESTART, str(REPO)], capture_output=True, text=True, timeout=60,
+                          env={**clean, "MINITUNE_MALLOC": "lean"})
+    assert lean.stdout.count("started") == 1 and "128 KiB" in lean.stdout and "None" in lean.stdout

@@ -185,7 +185,7 @@ def format_plan(p: Plan) -> str:
     lines.append(f"predicted process peak{format_bytes(process.total):>19}   "
                  f"({'RSS' if tg.kind != 'cuda' else 'device memory'}: what fits is decided on)")
     why = {"baseline": "   (RSS before the model loads)",
-           "malloc_heap": "   (freed memory glibc's heap keeps; unset MINITUNE_MALLOC: none, slower steps)"}
+           "malloc_heap": "   (freed memory glibc's heap keeps; MINITUNE_MALLOC=lean: none, slower steps)"}
     for name, value in process.terms.items():
         lines.append(f"  {name:<28}{format_bytes(value):>11}" + why.get(name, ""))
     lines.append(f"predicted tensor peak{format_bytes(pred.total):>20}   (the allocator's, in the {pred.peak_phase} pass)")
