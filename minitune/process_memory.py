@@ -14,10 +14,11 @@ Two things live here, the one place for each:
    off, "heap". The tcache holds small freed chunks that the heap cannot merge with their free
    neighbours, and hands them to small allocations that stay alive: the holes they pin made the heap
    grow step after step (an 8-bit gpt-neo-125m: 483 MiB of heap after 6 steps with it off, 702 with
-   it on, growing; bench/heap_stats.py). The tcache is a start-up tunable (GLIBC_TUNABLES), so the
+   it on, growing; bench/results/default-job-speed-cpu-2026-12-05.md). The tcache is a start-up tunable (GLIBC_TUNABLES), so the
    command-line entry points restart themselves with it once (`restart_with_malloc_env`); a process
    that did not start with it (minitune embedded in yours) gets "lean", a fixed 128 KiB threshold:
-   RSS follows the tensors, at the page faults' cost (the default job: 1.3x slower).
+   RSS follows the tensors, at the page faults' cost (the default job: 1.5x the training time;
+   bench/results/default-job-speed-cpu-2026-12-05.md).
    MINITUNE_MALLOC=lean asks for that anywhere; MINITUNE_MALLOC=default leaves glibc as it is
    (beyond what `process_peak` predicts).
    `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
