@@ -14,11 +14,11 @@ Two things live here, the one place for each:
    off, "heap". The tcache holds small freed chunks that the heap cannot merge with their free
    neighbours, and hands them to small allocations that stay alive: the holes they pin made the heap
    grow step after step (an 8-bit gpt-neo-125m: 483 MiB of heap after 6 steps with it off, 702 with
-   it on, growing; bench/results/default-job-speed-cpu-2026-12-05.md). The tcache is a start-up tunable (GLIBC_TUNABLES), so the
-   command-line entry points restart themselves with it once (`restart_with_malloc_env`); a process
-   that did not start with it (minitune embedded in yours) gets "lean", a fixed 128 KiB threshold:
-   RSS follows the tensors, at the page faults' cost (the default job: 1.5x the training time;
-   bench/results/default-job-speed-cpu-2026-12-05.md).
+   it on, growing; bench/results/default-job-speed-cpu-2026-12-05.md). The tcache is a start-up
+   tunable (GLIBC_TUNABLES), so the command-line entry points restart themselves with it once
+   (`restart_with_malloc_env`); a process that did not start with it (minitune embedded in yours)
+   gets "lean", a fixed 128 KiB threshold: RSS follows the tensors, at the page faults' cost (the
+   default job: 1.5x the training time; bench/results/default-job-speed-cpu-2026-12-05.md).
    MINITUNE_MALLOC=lean asks for that anywhere; MINITUNE_MALLOC=default leaves glibc as it is
    (beyond what `process_peak` predicts).
    `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
@@ -145,7 +145,9 @@ def tune_malloc() -> str:
         _tuned = f"glibc mmap threshold fixed at {MMAP_THRESHOLDS[mode] // KiB} KiB, trim threshold {TRIM_THRESHOLD // KiB} KiB"
         if mode == "heap":
             _tuned += ", thread cache off"
-        elif not malloc_setting():
+        elif malloc_setting():
+            _tuned += f" (MINITUNE_MALLOC={malloc_setting()})"
+        else:
             _tuned += (f" (this process did not start with GLIBC_TUNABLES={TCACHE_OFF}, so not the faster 2 MiB: "
                        "train.py, minitune-train and minitune set it themselves)")
     else:
