@@ -26,7 +26,8 @@ does (`minitune.process_memory.tune_malloc`): without it glibc raises its mmap t
 first large frees and keeps later freed tensors in its heap, so RSS drifts upwards step after step
 by whatever the allocator keeps, not what training holds. Each cell starts as train.py restarts
 itself (`process_memory.malloc_env`: glibc's thread cache off, the 2 MiB threshold); `--malloc lean`
-gives the 128 KiB threshold instead, `--malloc default` glibc's own settings, to see the growth. The column "RSS vs process" is the cell's whole-run peak RSS against
+gives the 128 KiB threshold instead, `--malloc default` glibc's own settings, to see the growth.
+The column "RSS vs process" is the cell's whole-run peak RSS against
 `minitune.process_memory.process_peak` (the RSS before loading + the higher of the predicted
 training tensors with the allocator's overhead and glibc's heap, and loading's predicted peak,
 `planner.load_peak`):
