@@ -188,7 +188,18 @@ def test_malformed_jsonl_row_is_named_by_its_line(tmp_path):
     msg = _data_error(tmp_path, "d.jsonl", b'{"text": "a"}\n\n{"text": "b"}\n{"text": "c",}\n{"text": "d"}\n')
     assert "data file" in msg and "d.jsonl', line 4: not valid JSON (" in msg and "fix or remove that line" in msg
     msg = _data_error(tmp_path, "e.jsonl", b'{"text": "a"}\n["text", "b"]\n')
-    assert "e.jsonl', line 2: a JSON list, not an object" in msg
+    assert "e.jsonl', line 2: a JSON array, not an object" in msg
+
+
+@pytest.mark.parametrize("content, named", [
+    (b"null", "the whole file is a JSON null"),  # pyarrow 26's JSON reader segfaults on a leading null
+    (b"\nnull\n{\"text\": \"a\"}\n", "line 2: a JSON null"),
+    (b'{"text": "a"}\nnull\n', "line 2: a JSON null"),  # pyarrow would read it as a row of nulls
+    (b'[{"text": "a"}, 3]', "item 1 of its list is a JSON number"),
+])
+def test_json_rows_that_are_not_objects_are_refused_before_pyarrow_reads_them(tmp_path, content, named):
+    msg = _data_error(tmp_path, "d.json", content)
+    assert named in msg and "not an object" in msg
 
 
 def test_data_file_that_is_not_utf8_is_named_with_its_line(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -52,6 +51,11 @@ def _read_local(path: Path, split: str) -> datasets.DatasetDict:
         builder, kwargs = BUILDERS[files[0].suffix.lower()]
         # datasets names splits after the files (train.jsonl, validation.jsonl, test-00000.parquet, ...)
         source = {"data_dir": str(path)}
+    if builder == "json":
+        # before pyarrow's JSON reader sees them: it segfaults on a file whose first row is `null`
+        # (pyarrow 26, apache/arrow#47409), and reads other non-object rows as rows of nulls
+        for f in [path] if path.is_file() else files:
+            _check_text_file(f, builder)
     try:
         return datasets.load_dataset(builder, **source, **kwargs)
     except Exception as e:  # datasets raises many types (StopIteration for an empty JSON file, ArrowInvalid, ...)
@@ -79,9 +83,17 @@ def _check_text_file(path: Path, builder: str) -> None:
                         "save the file as UTF-8") from None
     if builder != "json":
         return
-    with contextlib.suppress(ValueError):
-        json.loads(text)
-        return  # one JSON document (a list of rows): well formed
+    try:
+        document = json.loads(text)
+    except ValueError:
+        pass
+    else:  # one JSON document: a list of rows, or one row
+        for number, row in enumerate(document if isinstance(document, list) else [document]):
+            if not isinstance(row, dict):
+                where = f"item {number} of its list" if isinstance(document, list) else "the whole file"
+                raise DataError(f"data file '{path}': {where} is a JSON {_json_kind(row)}, not an object; give a "
+                                "list of {\"column\": value, ...} objects, or one object per line")
+        return
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -91,8 +103,14 @@ def _check_text_file(path: Path, builder: str) -> None:
             raise DataError(f"data file '{path}', line {number}: not valid JSON ({e}); fix or remove that line "
                             "(JSON lines: one object per line)") from None
         if not isinstance(row, dict):
-            raise DataError(f"data file '{path}', line {number}: a JSON {type(row).__name__}, not an object "
+            raise DataError(f"data file '{path}', line {number}: a JSON {_json_kind(row)}, not an object "
                             "(JSON lines: one {\"column\": value, ...} object per line)")
+
+
+def _json_kind(value: Any) -> str:
+    """JSON's name for the type of a parsed value ('null', 'array', ...)."""
+    kinds = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+    return kinds.get(type(value), "object")
 
 
 def _read_hub(name: str) -> datasets.DatasetDict:
