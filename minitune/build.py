@@ -40,7 +40,7 @@ from .model import load_model, load_tokenizer, model_config, resolve_kind
 from .optim import build_optimizer, build_scheduler
 from .planner import MicroBatch, Prediction, load_peak, simulate
 from .prepare import PreparationReport, prepare_model
-from .process_memory import ProcessPeak, release_free_memory, rss_bytes, tune_malloc
+from .process_memory import ProcessPeak, release_free_memory, release_heap_top, rss_bytes, tune_malloc
 from .report import RunLogger
 from .resume import resolve_resume, restore_run
 from .run_folder import check_output_dir, prepare_output_dir
@@ -141,6 +141,7 @@ def setup(cfg: Config) -> Parts:
         optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
         if profiler is not None:  # the window the prediction is compared with: the first TRACE_STEPS steps
             optimizer.register_step_post_hook(lambda *_: profiler.optimizer_stepped())
+        optimizer.register_step_post_hook(lambda *_: release_heap_top())  # RSS between steps: the heap's floor
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         if eval_loader is not None:
             eval_loader = accelerator.prepare(eval_loader)
