@@ -4,7 +4,9 @@
     python bench/speed.py --jobs default --steps 20 --tag packing data.packing=true   # one job, a variant
     python bench/speed.py --grid bench/results/cpu-2026-12-04.csv   # `minitune plan`'s step time vs the grid's
 
-Per job, one `minitune.train` run in its own process (evaluation and checkpoints off), then:
+Per job, one `minitune.train` run in its own process (evaluation and checkpoints off), started with
+the environment train.py restarts itself with (`process_memory.malloc_env`: glibc's thread cache
+off, so minitune's 2 MiB mmap threshold applies, as in `make train`), then:
 - the peak: `minitune.planner.roofline.probe` in the step's dtype (a 2048 x 1024 @ 1024 x 4096
   product, best of 5) before and after the job; the higher of the two counts (a probe taken while
   something else shares the cores reads low);
@@ -125,7 +127,8 @@ def write(rows: list[dict], meta: dict, stem: Path) -> None:
     lines = [f"# Speed against this machine's peak: cpu, {meta['date']}", "",
              f"Command: `{meta['command']}`  ", f"Code: commit {meta['commit']}  ",
              f"Machine: {meta['machine']}; torch {meta['torch']}; load average {meta['load_before']} before, "
-             f"{meta['load_after']} after", "",
+             f"{meta['load_after']} after; each job's process started as train.py restarts itself "
+             "(`process_memory.malloc_env`: minitune's malloc setting unless MINITUNE_MALLOC says otherwise)", "",
              "Peak: `minitune.planner.roofline.probe` in the job's dtype before and after the job, the higher "
              "counted. Tokens/s: median of the run's logged tokens_per_s after the warm-up steps (real tokens, "
              "no padding). FLOP/token: the run's own planner count of its first two steps (`predicted.flops` in "
@@ -214,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from minitune.process_memory import malloc_env  # each job starts as train.py restarts itself
+
     date = dt.date.today().isoformat()
     meta = {"date": date, "command": "python bench/speed.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.jobs.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps),
                                "--warmup", str(args.warmup), *args.overrides], capture_output=True, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                              env=malloc_env({**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"error: job {name} failed (exit {proc.returncode})")
