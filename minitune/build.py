@@ -141,7 +141,7 @@ def setup(cfg: Config) -> Parts:
         optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
         if profiler is not None:  # the window the prediction is compared with: the first TRACE_STEPS steps
             optimizer.register_step_post_hook(lambda *_: profiler.optimizer_stepped())
-        optimizer.register_step_post_hook(lambda *_: release_heap_top())  # RSS between steps: the heap's floor
+        optimizer.register_step_post_hook(lambda *_: release_heap_top())  # the heap's free top, back to the system
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         if eval_loader is not None:
             eval_loader = accelerator.prepare(eval_loader)

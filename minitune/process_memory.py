@@ -21,7 +21,8 @@ Two things live here, the one place for each:
    default job: 1.5x the training time; bench/results/default-job-speed-cpu-2026-12-05.md).
    MINITUNE_MALLOC=lean asks for that anywhere; MINITUNE_MALLOC=default leaves glibc as it is
    (beyond what `process_peak` predicts).
-   `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
+   `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies);
+   `release_heap_top()`, after every optimizer step, the free top of the heap.
 
 2. `process_peak(kind, tensors, baseline, loading)`: the peak the operating system (or driver) will
    see, as named byte terms and their sum:
@@ -239,10 +240,12 @@ def release_heap_top() -> None:
     """Return the free memory at the top of glibc's heap to the system, where it is more than the
     trim threshold; nothing elsewhere. Cheap (one malloc and free of 96 KiB): called after every
     optimizer step. glibc trims its top only when a chunk of 64 KiB or more is freed, so after a step
-    whose last frees were small ones the top stays resident until some later step: on the default
-    job, one step in five ended 10-220 MiB above the heap's floor, all of it that top (mallinfo2's
-    `keepcost`). Unlike `release_free_memory`, the holes inside the heap are kept: giving those back
-    after every step made the default job 22% slower (their pages fault in again in the next step)."""
+    whose last frees were small ones the top stays resident until some later step: in an 80-step
+    `train.py` run of the default job, 15 steps ended 4-107 MiB above the heap's floor, each excess
+    that top (mallinfo2's `keepcost`), and none with this. (A soak through `minitune.train` still
+    showed such steps: docs/memory.md.) Unlike `release_free_memory`, the holes inside the heap are
+    kept: giving those back after every step made the default job 22% slower (their pages fault in
+    again in the next step)."""
     libc = _glibc()
     if libc is not None and malloc_mode() != "glibc":
         libc.free(libc.malloc(_TOP_NUDGE))
