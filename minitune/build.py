@@ -139,9 +139,7 @@ def setup(cfg: Config) -> Parts:
         set_seed(t.seed)  # data order and dropout do not depend on how much randomness loading used
         loader, eval_loader = train_loader(cfg, data), _eval_loader(cfg, data)
         optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
-        if profiler is not None:  # the window the prediction is compared with: the first TRACE_STEPS steps
-            optimizer.register_step_post_hook(lambda *_: profiler.optimizer_stepped())
-        optimizer.register_step_post_hook(lambda *_: release_heap_top())  # the heap's free top, back to the system
+        _after_each_step(optimizer, profiler)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         if eval_loader is not None:
             eval_loader = accelerator.prepare(eval_loader)
@@ -173,6 +171,14 @@ def setup(cfg: Config) -> Parts:
             profiler.stop()
         raise
     return parts
+
+
+def _after_each_step(optimizer: torch.optim.Optimizer, profiler: MemoryProfiler | None) -> None:
+    """Hooks on every optimizer step: the profiler's count (its measured window is the first
+    TRACE_STEPS steps, which the prediction is compared with) and the heap's free top handed back."""
+    if profiler is not None:
+        optimizer.register_step_post_hook(lambda *_: profiler.optimizer_stepped())
+    optimizer.register_step_post_hook(lambda *_: release_heap_top())
 
 
 def _model_and_prediction(cfg: Config, device: torch.device, data: DataBundle, profiler: MemoryProfiler | None,
