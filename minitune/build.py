@@ -40,7 +40,7 @@ from .model import load_model, load_tokenizer, model_config, resolve_kind
 from .optim import build_optimizer, build_scheduler
 from .planner import MicroBatch, Prediction, load_peak, simulate
 from .prepare import PreparationReport, prepare_model
-from .process_memory import ProcessPeak, release_free_memory, release_heap_top, rss_bytes, tune_malloc
+from .process_memory import ProcessPeak, release_free_memory, rss_bytes, tune_malloc
 from .report import RunLogger
 from .resume import resolve_resume, restore_run
 from .run_folder import check_output_dir, prepare_output_dir
@@ -139,7 +139,8 @@ def setup(cfg: Config) -> Parts:
         set_seed(t.seed)  # data order and dropout do not depend on how much randomness loading used
         loader, eval_loader = train_loader(cfg, data), _eval_loader(cfg, data)
         optimizer = build_optimizer(model, cfg.optimizer, accelerator.device)
-        _after_each_step(optimizer, profiler)
+        if profiler is not None:  # the window the prediction is compared with: the first TRACE_STEPS steps
+            optimizer.register_step_post_hook(lambda *_: profiler.optimizer_stepped())
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         if eval_loader is not None:
             eval_loader = accelerator.prepare(eval_loader)
@@ -171,14 +172,6 @@ def setup(cfg: Config) -> Parts:
             profiler.stop()
         raise
     return parts
-
-
-def _after_each_step(optimizer: torch.optim.Optimizer, profiler: MemoryProfiler | None) -> None:
-    """Hooks on every optimizer step: the profiler's count (its measured window is the first
-    TRACE_STEPS steps, which the prediction is compared with) and the heap's free top handed back."""
-    if profiler is not None:
-        optimizer.register_step_post_hook(lambda *_: profiler.optimizer_stepped())
-    optimizer.register_step_post_hook(lambda *_: release_heap_top())
 
 
 def _model_and_prediction(cfg: Config, device: torch.device, data: DataBundle, profiler: MemoryProfiler | None,

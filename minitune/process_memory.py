@@ -21,8 +21,7 @@ Two things live here, the one place for each:
    default job: 1.5x the training time; bench/results/default-job-speed-cpu-2026-12-05.md).
    MINITUNE_MALLOC=lean asks for that anywhere; MINITUNE_MALLOC=default leaves glibc as it is
    (beyond what `process_peak` predicts).
-   `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies);
-   `release_heap_top()`, after every optimizer step, the free top of the heap.
+   `release_free_memory()` (`malloc_trim`) hands back what loading freed (file buffers, fp32 copies).
 
 2. `process_peak(kind, tensors, baseline, loading)`: the peak the operating system (or driver) will
    see, as named byte terms and their sum:
@@ -44,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import functools
 import os
 import resource
 import sys
@@ -54,7 +52,7 @@ from dataclasses import dataclass, field
 from .errors import MinituneError
 
 __all__ = ["ProcessPeak", "format_bytes", "heap_kept", "malloc_env", "malloc_mode", "malloc_setting", "process_peak",
-           "release_free_memory", "release_heap_top", "restart_with_malloc_env", "rss_bytes", "tune_malloc"]
+           "release_free_memory", "restart_with_malloc_env", "rss_bytes", "tune_malloc"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -113,15 +111,12 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # noqa: B018  (raises AttributeError off glibc: musl has no mallopt knobs we want)
-        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-        libc.free.restype, libc.free.argtypes = None, [ctypes.c_void_p]
         return libc
     except (OSError, AttributeError):
         return None
@@ -228,27 +223,6 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None and malloc_mode() != "glibc":
         libc.malloc_trim(0)
-
-
-# glibc looks at its heap's top, and hands it back above the trim threshold, only when it frees a
-# chunk of at least FASTBIN_CONSOLIDATION_THRESHOLD (64 KiB): a size between that and both mmap
-# thresholds, so that it comes from the heap
-_TOP_NUDGE = 96 * KiB
-
-
-def release_heap_top() -> None:
-    """Return the free memory at the top of glibc's heap to the system, where it is more than the
-    trim threshold; nothing elsewhere. Cheap (one malloc and free of 96 KiB): called after every
-    optimizer step. glibc trims its top only when a chunk of 64 KiB or more is freed, so after a step
-    whose last frees were small ones the top stays resident until some later step: in an 80-step
-    `train.py` run of the default job, 15 steps ended 4-107 MiB above the heap's floor, each excess
-    that top (mallinfo2's `keepcost`), and none with this. (A soak through `minitune.train` still
-    showed such steps: docs/memory.md.) Unlike `release_free_memory`, the holes inside the heap are
-    kept: giving those back after every step made the default job 22% slower (their pages fault in
-    again in the next step)."""
-    libc = _glibc()
-    if libc is not None and malloc_mode() != "glibc":
-        libc.free(libc.malloc(_TOP_NUDGE))
 
 
 def rss_bytes() -> int:

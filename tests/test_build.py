@@ -73,19 +73,3 @@ def test_setup_builds_every_part(tmp_path):
     finally:
         parts.logger.close()
         parts.profiler.stop()
-
-
-def test_every_optimizer_step_hands_the_heaps_free_top_back(tmp_path, monkeypatch):
-    import minitune.build as build
-
-    nudges: list[int] = []
-    monkeypatch.setattr(build, "release_heap_top", lambda: nudges.append(1))
-    parts = setup(load_config(measured_config(output_dir=tmp_path / "run", training={"max_steps": 3})))
-    try:
-        assert nudges == []  # loading does not call it
-        for _ in range(3):
-            parts.optimizer.step()
-        assert len(nudges) == 3
-    finally:
-        parts.logger.close()
-        parts.profiler.stop()

@@ -187,36 +187,6 @@ def test_tuned_malloc_returns_freed_tensors_to_the_system(env, block_kib, kept_m
     assert kept_mib[0] <= kept <= kept_mib[1], (kept, proc.stderr)
 
 
-class _FakeLibc:
-    def __init__(self):
-        self.calls: list[tuple[str, int]] = []
-
-    def malloc(self, size):
-        self.calls.append(("malloc", size))
-        return 4096
-
-    def free(self, pointer):
-        self.calls.append(("free", pointer))
-
-
-@pytest.mark.parametrize(("env", "nudged"), [
-    ({"GLIBC_TUNABLES": pm.TCACHE_OFF}, True), ({"MINITUNE_MALLOC": "lean"}, True),
-    ({"MINITUNE_MALLOC": "default"}, False),  # glibc's own settings: left alone
-])
-def test_the_heap_top_is_released_by_freeing_a_heap_chunk_glibc_checks_the_top_for(monkeypatch, env, nudged):
-    # glibc looks at its top only on the free of a chunk of 64 KiB or more (FASTBIN_CONSOLIDATION_THRESHOLD),
-    # and the chunk must come from the heap: below every mmap threshold minitune sets
-    assert 64 * pm.KiB <= pm._TOP_NUDGE < min(pm.MMAP_THRESHOLDS.values())
-    monkeypatch.delenv("MINITUNE_MALLOC", raising=False)
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    libc = _FakeLibc()
-    monkeypatch.setattr(pm, "_glibc", lambda: libc)
-    pm.release_heap_top()
-    assert libc.calls == ([("malloc", pm._TOP_NUDGE), ("free", 4096)] if nudged else [])
-
-
 def test_an_unknown_malloc_setting_is_refused_with_the_ones_there_are(monkeypatch):
     from minitune.errors import MinituneError
 
