@@ -5,7 +5,8 @@
 
 A `train.py` run (the same arguments) that prints glibc's `mallinfo2()` (summed over every arena)
 whenever the memory profiler closes a phase or a step: `heap` (bytes the heap spans), `in use`,
-`free` (freed chunks the heap keeps, and how many), `mapped` (blocks at or above the mmap threshold).
+`free` (freed chunks the heap keeps, and how many), `top` (the free chunk at the heap's end, which
+glibc can hand back: `keepcost`), `mapped` (blocks at or above the mmap threshold), and the RSS.
 What `process_memory.HEAP_KEPT` models: with the 2 MiB threshold (minitune's, once train.py has
 restarted with glibc's thread cache off) the heap's free bytes at the end of a forward pass are RSS
 beyond the tensors. Linux with glibc 2.33 or later only; needs
@@ -19,6 +20,7 @@ import sys
 
 import minitune.memory as memory
 from minitune.cli import main_train
+from minitune.process_memory import rss_bytes
 
 MB = 2**20
 
@@ -31,9 +33,9 @@ class _Mallinfo2(ctypes.Structure):
 def _printer(libc: ctypes.CDLL):
     def show(what: str) -> None:
         m = libc.mallinfo2()
-        print(f"heap at {what}: heap {m.arena / MB:.0f} MiB, in use {m.uordblks / MB:.0f}, "
-              f"free {m.fordblks / MB:.0f} ({m.ordblks} chunks), mapped {m.hblkhd / MB:.0f} ({m.hblks} blocks)",
-              flush=True)
+        print(f"heap at {what}: RSS {rss_bytes() / MB:.0f} MiB, heap {m.arena / MB:.0f} MiB, in use "
+              f"{m.uordblks / MB:.0f}, free {m.fordblks / MB:.0f} ({m.ordblks} chunks), top {m.keepcost / MB:.0f}, "
+              f"mapped {m.hblkhd / MB:.0f} ({m.hblks} blocks)", flush=True)
     return show
 
 
