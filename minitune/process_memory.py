@@ -14,7 +14,11 @@ Two things live here, the one place for each:
    off, "heap". The tcache holds small freed chunks that the heap cannot merge with their free
    neighbours, and hands them to small allocations that stay alive: the holes they pin made the heap
    grow step after step (an 8-bit gpt-neo-125m: 483 MiB of heap after 6 steps with it off, 702 with
-   it on, growing; bench/results/default-job-speed-cpu-2026-12-05.md). The tcache is a start-up
+   it on, growing; bench/results/default-job-speed-cpu-2026-12-05.md). Its fast bins are off too
+   (`mallopt(M_MXFAST, 0)`): small chunks freed into them merge with the heap's free top only when a
+   later malloc of 1 KiB or more consolidates them, a path that never trims the top, so RSS kept up
+   to 220 MiB of free top after one step in five (the default job); without them each free next to
+   the top merges and trims at once (`python bench/heap_stats.py`: top 0 at every step). The tcache is a start-up
    tunable (GLIBC_TUNABLES), so the command-line entry points restart themselves with it once
    (`restart_with_malloc_env`); a process that did not start with it (minitune embedded in yours)
    gets "lean", a fixed 128 KiB threshold: RSS follows the tensors, at the page faults' cost (the
@@ -57,6 +61,7 @@ __all__ = ["ProcessPeak", "format_bytes", "heap_kept", "malloc_env", "malloc_mod
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
 # glibc's mallopt parameters (malloc.h)
+_M_MXFAST = 1
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -64,8 +69,8 @@ _M_MMAP_THRESHOLD = -3
 # returned when freed; smaller ones come from the heap, whose reuse spares their page faults (the
 # default job, 30 steps, the threshold fixed through glibc's own variable: 128 tokens/s at 256 KiB,
 # 133 at 512 KiB, 182 at 1 MiB, 228 at 2 MiB; bench/results/malloc-cpu-2026-12-05.md).
-#   heap    2 MiB, with the tcache off (TCACHE_OFF at start-up): the heap keeps freed memory for
-#           the next step (`heap_kept`), in holes that no longer grow
+#   heap    2 MiB, with the tcache off (TCACHE_OFF at start-up) and the fast bins off: the heap keeps
+#           freed memory for the next step (`heap_kept`), in holes that no longer grow
 #   lean    128 KiB (glibc's starting value): RSS follows the tensors, each step paying page faults
 MMAP_THRESHOLDS = {"lean": 128 * KiB, "heap": 2 * MiB}
 TCACHE_OFF = "glibc.malloc.tcache_count=0"  # a GLIBC_TUNABLES item: read by glibc at process start only
@@ -141,10 +146,11 @@ def tune_malloc() -> str:
     elif libc is None:
         _tuned = "unchanged (not glibc)"
     elif (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLDS[mode])
-          and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+          and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+          and (mode != "heap" or libc.mallopt(_M_MXFAST, 0))):
         _tuned = f"glibc mmap threshold fixed at {MMAP_THRESHOLDS[mode] // KiB} KiB, trim threshold {TRIM_THRESHOLD // KiB} KiB"
         if mode == "heap":
-            _tuned += ", thread cache off"
+            _tuned += ", thread cache and fast bins off"
         elif malloc_setting():
             _tuned += f" (MINITUNE_MALLOC={malloc_setting()})"
         else:

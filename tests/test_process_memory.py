@@ -187,6 +187,47 @@ def test_tuned_malloc_returns_freed_tensors_to_the_system(env, block_kib, kept_m
     assert kept_mib[0] <= kept <= kept_mib[1], (kept, proc.stderr)
 
 
+
+_SMALL_FREES = r"""
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+from minitune.process_memory import tune_malloc
+print(tune_malloc(), file=sys.stderr)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
+                                                "keepcost").split()]
+libc.mallinfo2.restype = Info
+small = [libc.malloc(96) for _ in range(40000)]  # 4.4 MiB of small objects at the heap's end, as a step leaves them
+for b in reversed(small):
+    libc.free(b)
+keep = libc.malloc(2000)  # the next allocation of 1 KiB or more
+print(libc.mallinfo2().keepcost >> 10)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or pm._glibc() is None, reason="glibc only")
+@pytest.mark.parametrize(("setting", "top_kib"), [
+    ("", (0, 512)),  # minitune's: no fast bins, each free next to the top merges and the top is trimmed
+    ("default", (4096, 8192)),  # glibc's: the frees wait in fast bins, merged into the top by the next
+                                # larger malloc, which does not trim it: RSS keeps 4 MiB nothing holds
+])
+def test_small_frees_at_the_heaps_end_go_back_to_the_system(setting, top_kib):
+    """The free top of the heap (glibc's keepcost) after 40,000 small blocks at its end are freed,
+    with the thread cache off (as train.py restarts itself)."""
+    import os
+
+    from .conftest import REPO
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("MINITUNE_MALLOC", "GLIBC_TUNABLES")}
+    proc = subprocess.run([sys.executable, "-c", _SMALL_FREES, str(REPO)], capture_output=True, text=True, timeout=60,
+                          env={**clean, "GLIBC_TUNABLES": pm.TCACHE_OFF, "MINITUNE_MALLOC": setting})
+    assert proc.returncode == 0, proc.stderr
+    top = int(proc.stdout.strip())
+    assert top_kib[0] <= top <= top_kib[1], (top, proc.stderr)
+
 def test_an_unknown_malloc_setting_is_refused_with_the_ones_there_are(monkeypatch):
     from minitune.errors import MinituneError
 
@@ -253,7 +294,7 @@ def test_an_entry_point_restarts_itself_once_with_the_thread_cache_off():
     assert proc.returncode == 0, proc.stderr
     first, again, running = proc.stdout.splitlines()  # started, restarted (the same process), ran on
     assert first == again and running.startswith("running " + first.split()[1] + " " + pm.TCACHE_OFF + " ['a b', 'c']")
-    assert "2048 KiB" in running and "thread cache off" in running
+    assert "2048 KiB" in running and "thread cache and fast bins off" in running
     lean = subprocess.run([sys.executable, "-c", _RESTART, str(REPO)], capture_output=True, text=True, timeout=60,
                           env={**clean, "MINITUNE_MALLOC": "lean"})
     assert lean.stdout.count("started") == 1 and "128 KiB" in lean.stdout and "None" in lean.stdout
