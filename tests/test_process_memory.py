@@ -189,7 +189,6 @@ def test_tuned_malloc_returns_freed_tensors_to_the_system(env, block_kib, kept_m
     assert kept_mib[0] <= kept <= kept_mib[1], (kept, proc.stderr)
 
 
-
 _SMALL_FREES = r"""
 import ctypes, sys
 sys.path.insert(0, sys.argv[1])
@@ -201,6 +200,8 @@ libc.free.argtypes = [ctypes.c_void_p]
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
                                                 "keepcost").split()]
+if not hasattr(libc, "mallinfo2"):
+    sys.exit(77)  # glibc before 2.33
 libc.mallinfo2.restype = Info
 n = 1_800_000
 small = (ctypes.c_void_p * n)()  # mapped (above the threshold); Python allocates nothing in the heap in the loops
@@ -230,9 +231,12 @@ def test_small_frees_at_the_heaps_end_go_back_to_the_system(setting, top_mib):
     clean = {k: v for k, v in os.environ.items() if k not in ("MINITUNE_MALLOC", "GLIBC_TUNABLES")}
     proc = subprocess.run([sys.executable, "-c", _SMALL_FREES, str(REPO)], capture_output=True, text=True, timeout=60,
                           env={**clean, "GLIBC_TUNABLES": pm.TCACHE_OFF, "MINITUNE_MALLOC": setting})
+    if proc.returncode == 77:
+        pytest.skip("glibc has no mallinfo2 (before 2.33)")
     assert proc.returncode == 0, proc.stderr
     top = int(proc.stdout.strip())
     assert top_mib[0] <= top <= top_mib[1], (top, proc.stderr)
+
 
 def test_an_unknown_malloc_setting_is_refused_with_the_ones_there_are(monkeypatch):
     from minitune.errors import MinituneError
