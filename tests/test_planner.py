@@ -325,6 +325,54 @@ def test_cuda_plans_use_bitsandbytes_cuda_kernels_and_report_process_terms(monke
     assert terms["cublas_workspace"] == 2 * 8_519_680 and terms["allocator_cache"] > 0
 
 
+def _saved_for_backward(fn) -> list[torch.Tensor]:
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_cuda_attention_keeps_no_attention_matrix_and_dropout_keeps_a_bool_mask():
+    from minitune.planner.standins import kernels_as_on
+
+    b, h, n, d = 2, 3, 16, 8
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, h, n, n, requires_grad=True)  # T5's relative positions, trainable
+    sdpa = lambda p: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # noqa: E731
+    # CPU with dropout: the math path keeps batch x heads x n x n tensors (scores, softmax, mask)
+    _, saved = _saved_for_backward(lambda: sdpa(0.1))
+    assert sum(t.numel() == b * h * n * n for t in saved) >= 2
+    with kernels_as_on("cuda"):
+        out, saved = _saved_for_backward(lambda: sdpa(0.1))
+        dropped, kept = _saved_for_backward(lambda: torch.nn.functional.dropout(q, 0.1, True))
+    # as CUDA's fused kernels: inputs, output, an fp32 log-sum-exp per query; the bias, never the matrix
+    assert not [t for t in saved if t.numel() == b * h * n * n and t is not bias]
+    assert any(t.dtype == torch.float32 and t.shape == (b, h, n) for t in saved)
+    assert [t.dtype for t in kept] == [torch.bool] and dropped.shape == q.shape
+    out.sum().backward()
+    assert bias.grad.shape == bias.shape and q.grad.shape == q.shape
+    # the values are attention's (dropout aside): the stand-in runs CPU's flash kernel
+    with kernels_as_on("cuda"):
+        fused = sdpa(0.0)
+    torch.testing.assert_close(fused, sdpa(0.0), atol=1e-5, rtol=1e-4)
+    # and everything is as it was afterwards
+    assert torch.nn.functional.dropout.__module__ == "torch.nn.functional"
+    _, kept = _saved_for_backward(lambda: torch.nn.functional.dropout(q, 0.1, True))
+    assert [t.dtype for t in kept] == [torch.float32]
+
+
+def test_cuda_plans_of_t5_count_no_attention_matrices():
+    # tiny-t5 trains with dropout 0.1: on CPU, sdpa's math path keeps the matrices; CUDA's kernels do not
+    cfg = load_config(tiny_config("tiny-t5", data={"max_length": 128, "max_target_length": 128}))
+    model = meta_model(cfg)[0]
+    cpu, cuda = (simulate(model, cfg, device_type=d) for d in ("cpu", "cuda"))
+    b, n, layers = cfg.training.batch_size, 128, model.config.num_layers
+    heads = model.config.num_heads
+    matrix = b * heads * n * n * 4  # one fp32 attention matrix of one layer
+    # encoder, decoder and cross attention: at least one matrix each (the softmax) and a float mask
+    assert cpu.breakdown["activations"] - cuda.breakdown["activations"] >= 3 * layers * 2 * matrix * 0.9
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_the_configured_attention_is_built_and_planned(attn):
     cfg = load_config(tiny_config("tiny-llama", model={"attn_implementation": attn}, data={"max_length": 128}))

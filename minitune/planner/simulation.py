@@ -28,7 +28,7 @@ from ..presets import hub_preset
 from ..process_memory import ProcessPeak, process_peak
 from .ledger import ROLES, Ledger
 from .roofline import memory_bytes
-from .standins import Bnb8bitState, QuantizedLinear, is_bnb_layer, stand_in_optimizer
+from .standins import Bnb8bitState, QuantizedLinear, is_bnb_layer, kernels_as_on, stand_in_optimizer
 
 
 def _fake_copy(model: nn.Module, mode: Any, device_type: str = "cpu") -> nn.Module:
@@ -213,7 +213,7 @@ def simulate(model: nn.Module, cfg: Config, *, steps: list[list[MicroBatch]] | N
         hooks = [fake.register_forward_hook(lambda *a: setattr(ledger, "role", "logits/loss"))]
         if head is not None:
             hooks.append(head.register_forward_pre_hook(lambda *a: setattr(ledger, "role", "logits/loss")))
-        with ledger, _masks_read_as_real():
+        with ledger, _masks_read_as_real(), kernels_as_on(device_type):
             for step in steps:
                 _simulate_step(fake, step, loss_fn, optimizer, ledger, cfg, device_type,
                                vocab=int(getattr(inner.config, "vocab_size", 0) or 2))

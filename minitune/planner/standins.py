@@ -1,9 +1,12 @@
 """Stand-ins for what runs inside kernels, where a dispatch mode cannot see it: bitsandbytes layers
-(what their forward and backward allocate on the planned device) and optimizers (their state, as
-torch and bitsandbytes allocate it)."""
+(what their forward and backward allocate on the planned device), optimizers (their state, as
+torch and bitsandbytes allocate it), and CUDA's fused attention and dropout kernels (the
+simulation runs on CPU fake tensors, where torch takes other paths)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -190,3 +193,75 @@ def stand_in_optimizer(model: nn.Module, cfg: Config, device_type: str) -> torch
         return torch.optim.SGD(groups, lr=cfg.optimizer.lr, foreach=device_type == "cuda")
     return Bnb8bitState(groups, moments=1 if "lion" in name else 2, eight_bit="8bit" in name,
                          paged=name.startswith("paged_"), device_type=device_type)
+
+
+class FusedAttention(torch.autograd.Function):
+    """`F.scaled_dot_product_attention` as CUDA runs it in training: a fused kernel (flash, or
+    memory-efficient where a mask or bias is given) that keeps the inputs, the output and an fp32
+    log-sum-exp per query for backward, never the attention matrix, and draws dropout inside the
+    kernel (an RNG seed, no mask). On CPU, torch takes the math path whenever dropout is on (T5's
+    attention in training), keeping the matrix, its softmax and a dropout mask, batch x heads x
+    queries x keys each. Here: CPU's flash kernel, which keeps what CUDA's keeps (and counts the same
+    FLOPs). A bias that takes a gradient (T5's relative positions in full fine-tuning) gets one of its
+    own shape; a bool mask is first turned into a bias, as the memory-efficient kernel does."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                is_causal: bool, scale: float | None) -> torch.Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
+                                                                              attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.contiguous(), q, k, v, out, lse, 0.0, ctx.is_causal, attn_mask=bias, scale=ctx.scale)
+        gbias = torch.empty_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
+        return gq, gk, gv, gbias, None, None
+
+
+def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                    enable_gqa: bool = False) -> torch.Tensor:
+    """A stand-in for `F.scaled_dot_product_attention` on CUDA (`FusedAttention`), autocast's casts included."""
+    tensors = [query, key, value, attn_mask]
+    if torch.is_autocast_enabled("cpu"):  # sdpa is on autocast's lower-precision list (CUDA's and CPU's)
+        low = torch.get_autocast_dtype("cpu")
+        tensors = [t.to(low) if t is not None and t.is_floating_point() else t for t in tensors]
+    query, key, value, attn_mask = tensors
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        key, value = (t.repeat_interleave(query.shape[-3] // t.shape[-3], dim=-3) for t in (key, value))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
+    return FusedAttention.apply(query, key, value, attn_mask, is_causal, scale)
+
+
+def fused_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """`F.dropout` as CUDA runs it: the fused `native_dropout`, which keeps a bool mask for backward
+    (1 byte an element). On CPU it is `bernoulli_`, `div_` and `mul`, keeping a mask of the input's
+    dtype (4 bytes an element in fp32): aten/src/ATen/native/Dropout.cpp, `is_fused_kernel_acceptable`."""
+    if not training or not 0 < p < 1 or input.numel() == 0:
+        return _DROPOUT(input, p, training, inplace)
+    return torch.native_dropout(input, p, training)[0]
+
+
+_DROPOUT = nn.functional.dropout
+
+
+@contextlib.contextmanager
+def kernels_as_on(device_type: str) -> Iterator[None]:
+    """While it lasts, attention and dropout allocate as on `device_type` (CUDA: `fused_attention`,
+    `fused_dropout`; elsewhere torch's own, as the simulation's CPU tensors run them)."""
+    if device_type != "cuda":
+        yield
+        return
+    functional = nn.functional
+    saved = functional.scaled_dot_product_attention, functional.dropout
+    functional.scaled_dot_product_attention, functional.dropout = fused_attention, fused_dropout
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention, functional.dropout = saved
