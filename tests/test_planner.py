@@ -361,6 +361,32 @@ def test_cuda_attention_keeps_no_attention_matrix_and_dropout_keeps_a_bool_mask(
     assert [t.dtype for t in kept] == [torch.float32]
 
 
+def test_cuda_plans_cast_to_fp32_where_cudas_autocast_does():
+    from minitune.planner.standins import kernels_as_on
+
+    x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    ops = {"layer_norm": lambda: torch.nn.functional.layer_norm(x, (8,)), "softmax": lambda: x.softmax(-1),
+           "pow": lambda: torch.pow(x, 3.0), "sum": lambda: x.sum(-1), "matmul": lambda: x @ x.T}
+
+    def dtypes() -> dict:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return {name: f().dtype for name, f in ops.items()}
+
+    cpu = dtypes()
+    with kernels_as_on("cuda"):
+        cuda = dtypes()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.pow(x, 3.0).sum().backward()  # differentiable through the cast
+    assert set(cpu.values()) == {torch.bfloat16}
+    assert cuda == {**{k: torch.float32 for k in ops}, "matmul": torch.bfloat16}
+    assert x.grad.dtype == torch.bfloat16 and dtypes() == cpu  # unregistered afterwards
+    # a bf16-autocast plan of GPT-Neo (GELU's pow, layer norms) keeps more on CUDA than on CPU
+    cfg = load_config(tiny_config("tiny-gpt-neo", training={"mixed_precision": "bf16"}, data={"max_length": 64}))
+    model = meta_model(cfg)[0]
+    cpu_plan, cuda_plan = (simulate(model, cfg, device_type=d) for d in ("cpu", "cuda"))
+    assert cuda_plan.breakdown["activations"] > 1.1 * cpu_plan.breakdown["activations"]
+
+
 def test_cuda_plans_of_t5_count_no_attention_matrices():
     # tiny-t5 trains with dropout 0.1: on CPU, sdpa's math path keeps the matrices; CUDA's kernels do not
     cfg = load_config(tiny_config("tiny-t5", data={"max_length": 128, "max_target_length": 128}))

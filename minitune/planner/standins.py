@@ -251,10 +251,66 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, in
 _DROPOUT = nn.functional.dropout
 
 
+# CUDA's autocast runs these in fp32 where CPU's leaves them in bf16 / fp16 (ATen/autocast_mode.h:
+# AT_FORALL_FP32, and AT_FORALL_FP32_SET_OPT_DTYPE: an unset `dtype` becomes fp32); the ones CPU's
+# autocast also runs in fp32 (its losses, `prod`) are left to it
+CUDA_AUTOCAST_FP32 = ("acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
+                      "rsqrt", "sinh", "tan", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus",
+                      "layer_norm", "native_layer_norm", "rms_norm", "group_norm", "cosine_similarity", "logsumexp")
+CUDA_AUTOCAST_FP32_DTYPE = ("softmax.int", "log_softmax.int", "cumprod", "cumsum", "linalg_vector_norm", "sum",
+                            "sum.dim_IntList")
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _aten(name: str) -> Any:
+    base, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, base), overload or "default")
+
+
+def _autocast_fp32(op: Any, set_dtype: bool) -> Any:
+    """An AutocastCPU kernel for `op` that does what CUDA's autocast does: bf16 / fp16 inputs cast
+    to fp32 (`set_dtype`: the op's unset `dtype` argument set to fp32 instead)."""
+    schema = [a.name for a in op._schema.arguments]
+    at = schema.index("dtype") if set_dtype else -1
+    kwarg_only = set_dtype and op._schema.arguments[at].kwarg_only
+    below = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def up(a: Any) -> Any:
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype in _LOW else a
+
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        with torch._C._ExcludeDispatchKeyGuard(below):
+            if not set_dtype:
+                return op(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+            if args[0].dtype in _LOW and kwarg_only and kwargs.get("dtype") is None:
+                kwargs["dtype"] = torch.float32
+            elif args[0].dtype in _LOW and not kwarg_only and (len(args) <= at or args[at] is None):
+                args = (*args[:at], *[None] * (at - len(args)), torch.float32, *args[at + 1:])
+            return op(*args, **kwargs)
+
+    return kernel
+
+
+@contextlib.contextmanager
+def _cuda_autocast_policy() -> Iterator[None]:
+    """While it lasts, CPU autocast casts as CUDA's does (`CUDA_AUTOCAST_FP32`): the simulation runs
+    autocast on CPU tensors, and a layer norm, a softmax or GELU's `pow` of a bf16 activation is
+    bf16 there but fp32 on CUDA, twice the bytes kept for backward."""
+    library = torch.library.Library("aten", "IMPL")
+    try:
+        for names, set_dtype in ((CUDA_AUTOCAST_FP32, False), (CUDA_AUTOCAST_FP32_DTYPE, True)):
+            for name in names:
+                library.impl(name, _autocast_fp32(_aten(name), set_dtype), "AutocastCPU")
+        yield
+    finally:
+        library._destroy()
+
+
 @contextlib.contextmanager
 def kernels_as_on(device_type: str) -> Iterator[None]:
-    """While it lasts, attention and dropout allocate as on `device_type` (CUDA: `fused_attention`,
-    `fused_dropout`; elsewhere torch's own, as the simulation's CPU tensors run them)."""
+    """While it lasts, attention, dropout and autocast allocate as on `device_type` (CUDA:
+    `fused_attention`, `fused_dropout`, `_cuda_autocast_policy`; elsewhere torch's own, as the
+    simulation's CPU tensors run them)."""
     if device_type != "cuda":
         yield
         return
@@ -262,6 +318,7 @@ def kernels_as_on(device_type: str) -> Iterator[None]:
     saved = functional.scaled_dot_product_attention, functional.dropout
     functional.scaled_dot_product_attention, functional.dropout = fused_attention, fused_dropout
     try:
-        yield
+        with _cuda_autocast_policy():
+            yield
     finally:
         functional.scaled_dot_product_attention, functional.dropout = saved
