@@ -7,10 +7,13 @@ The planner's peak is what `torch.cuda.max_memory_allocated` reports: the bytes 
 driver sees more (what `nvidia-smi` and `torch.cuda.mem_get_info` show for the process):
 
 - `cuda_context`: the CUDA context and the kernel modules loaded into it. Its size depends on the
-  GPU, the driver and which kernels run, and cannot be derived from a config. The figure used is
-  PyTorch's own measurement of a context created with lazy module loading, which torch turns on by
-  default (pytorch/pytorch#86509: 287,047,680 bytes, against 666,632,192 with eager loading), plus
-  `MODULE_ALLOWANCE` for the kernels a training step loads (cuBLAS, the optimizer's, bitsandbytes'):
+  GPU, the driver and which kernels run, and cannot be derived from a config. The figure used
+  (`context_bytes`) is, on Hopper (compute capability 9.x), the one `bench/gpu_check.py` read with
+  `torch.cuda.mem_get_info` right after creating the context: 527 MiB on an H200 and on an H100
+  (torch 2.11+cu130, driver 580; bench/results/gpu-2026-12-04.md and gpu-2026-12-05.md);
+  elsewhere, PyTorch's own measurement of a context created with lazy module loading, which torch
+  turns on by default (pytorch/pytorch#86509: 287,047,680 bytes, against 666,632,192 with eager
+  loading). Plus `MODULE_ALLOWANCE` for the kernels a training step loads (cuBLAS, the optimizer's, bitsandbytes'):
   an allowance, not a measurement. `bench/gpu_check.py --parts process` measures the real one.
 - `cublas_workspace`: cuBLAS's workspace, one per (handle, stream). torch allocates it through the
   caching allocator (so `max_memory_allocated` counts it): by default 32 MiB on compute capability
@@ -34,8 +37,8 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["CONTEXT_BYTES", "MODULE_ALLOWANCE", "AllocatorStats", "CachingAllocatorModel", "cublas_workspace_bytes",
-           "cuda_process_terms", "replay"]
+__all__ = ["CONTEXT_BYTES", "HOPPER_CONTEXT_BYTES", "MODULE_ALLOWANCE", "AllocatorStats", "CachingAllocatorModel",
+           "context_bytes", "cublas_workspace_bytes", "cuda_process_terms", "replay"]
 
 KiB, MiB = 2**10, 2**20
 
@@ -49,6 +52,7 @@ MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc
 ROUND_LARGE = 2 * MiB  # kRoundLarge: larger requests get a segment rounded up to 2 MiB
 
 CONTEXT_BYTES = 287_047_680  # pytorch/pytorch#86509: a context with CUDA_MODULE_LOADING=LAZY
+HOPPER_CONTEXT_BYTES = 527 * MiB  # measured on an H100 and an H200 (torch 2.11+cu130, driver 580)
 MODULE_ALLOWANCE = 128 * MiB  # kernels loaded while training (an allowance, not a measurement)
 
 
@@ -64,6 +68,11 @@ def segment_size(size: int) -> int:
     if size < MIN_LARGE_ALLOC:
         return LARGE_BUFFER
     return ROUND_LARGE * -(-size // ROUND_LARGE)
+
+
+def context_bytes(capability: tuple[int, int]) -> int:
+    """The CUDA context of a GPU of compute capability `capability`, before any kernel is loaded."""
+    return HOPPER_CONTEXT_BYTES if capability[0] == 9 else CONTEXT_BYTES
 
 
 def cublas_workspace_bytes(capability: tuple[int, int]) -> int:
@@ -188,7 +197,7 @@ def replay(trace: Iterable[tuple[int, int | None]], model: CachingAllocatorModel
 
 
 def cuda_process_terms(trace: Iterable[tuple[int, int | None]], *, capability: tuple[int, int] = (8, 0),
-                       workspaces: int = 2, context: int = CONTEXT_BYTES + MODULE_ALLOWANCE) -> dict[str, int]:
+                       workspaces: int = 2, context: int | None = None) -> dict[str, int]:
     """The parts of a CUDA training process's peak device memory (bytes); they add up to it.
 
     Args:
@@ -196,7 +205,8 @@ def cuda_process_terms(trace: Iterable[tuple[int, int | None]], *, capability: t
             allocation and `(key, None)` for a release (`planner.ledger.Ledger(trace=True).trace`).
         capability: the GPU's compute capability (sets cuBLAS's workspace size).
         workspaces: cuBLAS workspaces alive (2: the main thread's and autograd's device thread's).
-        context: the CUDA context's bytes (see the module docstring).
+        context: the CUDA context's bytes (default: `context_bytes(capability)` + `MODULE_ALLOWANCE`;
+            see the module docstring).
 
     Returns:
         {"cuda_context", "cublas_workspace", "tensors", "allocator_cache"}: the context; the
@@ -207,5 +217,6 @@ def cuda_process_terms(trace: Iterable[tuple[int, int | None]], *, capability: t
     events = itertools.chain(((-1 - i, ws) for i in range(workspaces)), trace)  # allocated at the first matmul
     stats = replay(events)
     workspace = workspaces * round_size(ws)
+    context = context_bytes(capability) + MODULE_ALLOWANCE if context is None else context
     return {"cuda_context": context, "cublas_workspace": workspace, "tensors": stats.peak_allocated - workspace,
             "allocator_cache": stats.peak_reserved - stats.peak_allocated}

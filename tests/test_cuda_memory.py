@@ -80,6 +80,8 @@ def test_process_terms_add_the_context_the_workspaces_and_the_cache():
     # the two 8.125 MiB workspaces share one 20 MiB segment; what is left of it is cache
     assert terms == {"cuda_context": CONTEXT_BYTES + MODULE_ALLOWANCE, "cublas_workspace": 2 * 8_519_680,
                      "tensors": 0, "allocator_cache": 20 * MiB - 2 * 8_519_680}
+    # Hopper's context: the one measured there (527 MiB)
+    assert cuda_process_terms([], capability=(9, 0))["cuda_context"] == 527 * MiB + MODULE_ALLOWANCE
     terms = cuda_process_terms(alloc(12 * MiB, 12 * MiB), capability=(9, 0), context=0)
     assert terms == {"cuda_context": 0, "cublas_workspace": 64 * MiB, "tensors": 24 * MiB, "allocator_cache": 0}
     assert sum(cuda_process_terms([(0, 3 * MiB), (0, None), (1, 12 * MiB)], context=0).values()) == \
