@@ -279,7 +279,9 @@ def measured_process_peak(profiler: Any) -> tuple[int, str] | None:
     """(bytes, what) the whole process reached over the steps `process_peak` predicts (loading and
     the measurement window, steps 1-2): on CPU the highest RSS sampled, on MPS the kernel's peak RSS
     of the process (unified memory; ru_maxrss covers the whole run), on CUDA the caching allocator's
-    peak reserved (the context is not in it); None without a profiler."""
+    peak reserved plus what the driver shows beyond the allocator's reserve now (the context and the
+    kernels loaded into it, which stay; on a shared GPU other processes' memory too); None without a
+    profiler."""
     if profiler is None:
         return None
     if profiler.kind == "cpu":
@@ -290,7 +292,10 @@ def measured_process_peak(profiler: Any) -> tuple[int, str] | None:
         import resource  # Unix only
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "peak RSS of the process (ru_maxrss)"
-    return torch.cuda.max_memory_reserved(profiler.device), "peak reserved (without the CUDA context)"
+    free, total = torch.cuda.mem_get_info(profiler.device)
+    outside = max(0, total - free - torch.cuda.memory_reserved(profiler.device))
+    return (torch.cuda.max_memory_reserved(profiler.device) + outside,
+            "peak reserved + the context and kernels (the driver's view)")
 
 
 def _process_rows(profiler: Any, process: Any) -> list[tuple[str, str]]:

@@ -308,3 +308,17 @@ def test_an_entry_point_restarts_itself_once_with_the_thread_cache_off():
     lean = subprocess.run([sys.executable, "-c", _RESTART, str(REPO)], capture_output=True, text=True, timeout=60,
                           env={**clean, "MINITUNE_MALLOC": "lean"})
     assert lean.stdout.count("started") == 1 and "128 KiB" in lean.stdout and "None" in lean.stdout
+
+
+def test_on_cuda_the_measured_process_is_the_reserve_peak_plus_what_the_driver_shows_beyond_it(monkeypatch):
+    # compared with process_peak, which counts the context: the driver's view, not the reserve alone
+    import types
+
+    from minitune.run import measured_process_peak
+
+    GiB = 2**30
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda device=None: (70 * GiB, 80 * GiB))  # 10 GiB used now
+    monkeypatch.setattr("torch.cuda.memory_reserved", lambda device=None: 1 * GiB)  # after training: 1 GiB kept
+    monkeypatch.setattr("torch.cuda.max_memory_reserved", lambda device=None: 12 * GiB)
+    measured, what = measured_process_peak(types.SimpleNamespace(kind="cuda", device=0))
+    assert measured == 12 * GiB + 9 * GiB and "context" in what  # 9 GiB outside the allocator
