@@ -102,6 +102,10 @@ def test_gpu_check_process_part_dry_run_plans_the_cuda_terms(tmp_path):
     row = check._process_row("job", predicted, measured, 1.0)
     assert row["status"] == "measured" and row["detail"].count("(+0.0%)") == 3
     assert "max_memory_allocated 1,126 vs 1,024 predicted (+10.0%)" in row["detail"]
+    # what the driver showed beyond the reserve after training (context and kernels) against the context term
+    row = check._process_row("job", predicted, {**measured, "outside_after": 2**28 + 2**26}, 1.0)
+    assert "context (mem_get_info at start) + kernels 320 vs 256 predicted (+25.0%)" in row["detail"]
+    assert row["detail"].endswith("context alone at start 256")
 
 
 @pytest.mark.slow
