@@ -153,3 +153,22 @@ def test_speed_bench_reports_achieved_flops_against_the_probed_peak(tmp_path):
     assert float(row["achieved_gflops"]) == pytest.approx(tokens_per_s * per_token / 1e9, rel=0.01)
     assert float(row["fraction"]) == pytest.approx(float(row["achieved_gflops"]) / peak, rel=0.02)
     assert "python bench/speed.py --jobs tiny-llama" in (tmp_path / "s.md").read_text()
+
+
+def test_replan_gpu_predicts_the_measured_cells_of_a_memory_table_again(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("replan_gpu", REPO / "bench" / "replan_gpu.py")
+    replan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replan)
+    table = tmp_path / "run-memory.md"
+    table.write_text("| model | method | batch x seq | status | trainable | trainable % | peak MiB | predicted MiB |\n"
+                     "|---|---|---|---|---|---|---|---|\n"
+                     "| tiny-llama | LoRA | 2x16 | ok | 1 | 0.1 | 50.0 | 40.0 |\n"
+                     "| tiny-llama | full fine-tuning | 2x16 | timeout (> 5 s) | | | | |\n")
+    assert replan.main([str(table), "--out", str(tmp_path / "out.md")]) == 0
+    (row,) = [line for line in (tmp_path / "out.md").read_text().splitlines() if line.startswith("| tiny-llama")]
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    now = float(cols[5].replace(",", ""))
+    assert cols[:5] == ["tiny-llama", "LoRA", "2x16", "50", "40"] and now > 0
+    assert float(cols[6]) == pytest.approx(50.0 / now, rel=0.05)  # "now" is shown rounded to MiB
+    table.write_text("no table here\n")
+    assert replan.main([str(table)]) == 2 and "error: no measured cells" in capsys.readouterr().err
