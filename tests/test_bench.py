@@ -106,6 +106,9 @@ def test_gpu_check_process_part_dry_run_plans_the_cuda_terms(tmp_path):
     row = check._process_row("job", predicted, {**measured, "outside_after": 2**28 + 2**26}, 1.0)
     assert "context (mem_get_info at start) + kernels 320 vs 256 predicted (+25.0%)" in row["detail"]
     assert row["detail"].endswith("context alone at start 256")
+    # a training row's prediction is what max_memory_allocated reads: on CUDA, cuBLAS's workspaces too
+    assert check._predicted_allocated({"total": 2**20, "cuda": {"cublas_workspace": 64 * 2**20}}) == 65
+    assert check._predicted_allocated({"total": 2**20, "cuda": {}}) == 1 and check._predicted_allocated(None) is None
 
 
 @pytest.mark.slow
