@@ -182,20 +182,53 @@ def _without_auto(args: ModelArgs, quant: QuantizationArgs,
 
 def build_from_config(args: ModelArgs, *, seed: int = 0) -> nn.Module:
     """A randomly initialised model from a preset or config file (seeded); model.dtype 'auto' is
-    float32 here (no device is named)."""
+    float32 here (no device is named). Built on the meta device, then given its tensors on the
+    default device (the CPU; the meta device when the planner replays the build) and initialised
+    once (`finish_build`)."""
     args, _ = _without_auto(args, QuantizationArgs(), None)
+    model = construct(args)
+    finish_build(model, args, seed=seed)
+    return model
+
+
+def construct(args: ModelArgs) -> nn.Module:
+    """The model of a preset or config file on the meta device: its modules, no tensor memory."""
     config = model_config(args)
     kind = resolve_kind(args, config)
-    torch.manual_seed(seed)
     try:
         # the configured attention, as from_pretrained gets it (eager keeps every attention matrix for backward)
         extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-        model = _auto_class(kind).from_config(config, dtype=DTYPES[args.dtype], **extra)
+        with torch.device("meta"):
+            return _auto_class(kind).from_config(config, dtype=DTYPES[args.dtype], **extra)
     except ValueError as e:  # "Unrecognized configuration class": model.kind names the other kind
         raise ModelError(f"model.kind={kind} does not fit a {type(config).__name__} model ({str(e).splitlines()[0]}); "
                          "set model.kind=auto") from None
+
+
+def finish_build(model: nn.Module, args: ModelArgs, *, seed: int = 0) -> None:
+    """A `construct`ed model's tensors on the default device, initialised from `seed` by transformers'
+    own init (as from_pretrained runs it for weights a checkpoint lacks; skipped on the meta device)."""
+    materialize(model, torch.get_default_device())
+    torch.manual_seed(seed)
+    model.init_weights()
     _untie_lm_head_if_configured(model, args)
-    return model
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Give a model built on the meta device uninitialised tensors on `device`, one per parameter or
+    buffer however many modules share it. Built on the CPU instead, a model allocates and initialises
+    every layer it later ties away (an output layer tied to the input embedding: 980 MiB of fp32 for
+    bloom-560m's, alive until `post_init` ties it) and initialises every weight twice."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table, wrap in ((module._parameters, True), (module._buffers, False)):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in made:
+                    new = torch.empty_like(t, device=device)
+                    made[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if wrap else new
+                table[name] = made[id(t)]
 
 
 def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device: torch.device | None = None,

@@ -53,11 +53,13 @@ def test_load_peak_of_a_random_init_model_is_the_allocators_peak_while_it_loads(
     with AllocatorTrace() as trace:
         model = load_model(cfg.model, cfg.quantization, device=torch.device("cpu"))
     predicted = load_peak(cfg)
-    assert predicted.bytes == trace.peak(), predicted.how
     held = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in
                                                       [*model.parameters(), *model.buffers()]}.values())
-    if preset != "tiny-t5" and quant == "none":  # tied output layers: built, then dropped by the tie
-        assert predicted.bytes > held
+    if quant == "none":  # the build: one tensor per parameter, an output layer tied away never allocated;
+        # the real init's own temporaries (a rotary table computed: 60 bytes for tiny-llama) are not counted
+        assert predicted.bytes == held and 0 <= trace.peak() - held < 4096, predicted.how
+    else:  # the build, the quantized weights and one layer's quantizing (a measured bytes-per-weight)
+        assert predicted.bytes == pytest.approx(trace.peak(), rel=0.005), predicted.how
 
 
 def test_load_peak_of_a_safetensors_folder_follows_its_stored_dtype(tmp_path):
@@ -79,11 +81,12 @@ def test_load_peak_of_a_safetensors_folder_follows_its_stored_dtype(tmp_path):
 
 
 def test_a_plan_counts_loading_where_it_holds_the_peak(monkeypatch):
-    # opt-125m, fp32, LoRA, one example of 8 tokens: building the model (its output layer made, then
-    # tied to the embedding: 147 MiB) holds more than a training step (with the 128 KiB threshold,
-    # whose heap keeps nothing more: minitune's 2 MiB one would add its fixed part to the step)
+    # opt-125m, an 8-bit base, LoRA, one example of 8 tokens: loading (the fp32 build alive while its
+    # linear layers are quantized) holds more than a training step on the 8-bit weights (with the
+    # 128 KiB threshold, whose heap keeps nothing more: minitune's 2 MiB one would add its fixed part)
     monkeypatch.setenv("MINITUNE_MALLOC", "lean")
-    cfg = load_config(tiny_config(model={"preset": "opt-125m"}, training={"batch_size": 1}, data={"max_length": 8}))
+    cfg = load_config(tiny_config(model={"preset": "opt-125m"}, quantization={"mode": "8bit"},
+                                  training={"batch_size": 1}, data={"max_length": 8}))
     p = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
     assert p.prediction.loading > p.prediction.total + pm.allocator_overhead(p.prediction.total)
     assert p.process.total == 200 * MB + p.prediction.loading and "loading_above_training" in p.process.terms

@@ -2,10 +2,10 @@
 process's own memory while `model.load_model` runs, above the RSS it had before.
 
     preset or model.config_file   random init: the build replayed on the meta device under the
-                                  ledger, every tensor the constructors allocate counted until it is
-                                  freed (an output layer built, then tied to the input embedding,
-                                  counts until the tie drops it). Quantized, the built model's state
-                                  dict is read in place, so the build holds the peak.
+                                  ledger: the model is built on the meta device and then given one
+                                  tensor per parameter and buffer (`model.finish_build`), which the
+                                  ledger counts. Quantized, the built model's state dict is read in
+                                  place, so the build holds the peak.
     safetensors files             stored in the dtype the model loads in and not quantized: the tensors
                                   are views of the mapped file, the weights and no more. Converted:
                                   the file's pages, read once, beside the converted weights. Quantized:
@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import Config, resolve_path
-from ..model import build_from_config
+from ..model import construct, finish_build
 from .ledger import Ledger
 from .simulation import planned_args
 
@@ -74,6 +74,31 @@ def _stored_dtypes(files: list[Path]) -> set[str]:
     return dtypes
 
 
+# bytes per weight of the layer being quantized that bitsandbytes' CPU quantization holds on top of
+# the weights already quantized (its fp16 copy and row statistics for 8-bit, the blocks for 4-bit):
+# measured with the CPU allocator's trace on opt-125m (`tests/test_process_memory.py`), not derived
+QUANTIZE_TRANSIENT = {"8bit": 8, "4bit": 9}
+
+
+def _quantized_layers(cfg: Config) -> tuple[int, int]:
+    """(bytes of the quantized weights and their state, weights of the largest quantized layer) of
+    the layers bitsandbytes quantizes for `cfg` (the planner's meta model: transformers' own choice)."""
+    from .simulation import meta_model
+    from .standins import QuantizedLinear, is_bnb_layer
+
+    def make(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    packed, largest = 0, 0
+    for module in meta_model(cfg)[0].modules():
+        bits = is_bnb_layer(module)
+        if bits:
+            q = QuantizedLinear(module, bits, make)
+            packed += q.weight.nbytes + q.quant_state.nbytes
+            largest = max(largest, q.in_features * q.out_features)
+    return packed, largest
+
+
 def load_peak(cfg: Config) -> LoadPeak:
     """The peak `load_model` reaches for the resolved `cfg` (bytes above the RSS before it starts).
 
@@ -82,15 +107,21 @@ def load_peak(cfg: Config) -> LoadPeak:
     """
     args, _ = planned_args(cfg)
     uncached = bool(args.preset) and not cfg.model.preset  # a hub id planned from a preset's shapes
+    model = construct(args)  # the modules, on the meta device: no memory
     ledger = Ledger(fake=False)
     with torch.device("meta"), ledger:
-        model = build_from_config(args, seed=cfg.training.seed)
+        finish_build(model, args, seed=cfg.training.seed)  # the tensors the build allocates
     built, weights = ledger.peak, ledger.live
     quantized = cfg.quantization.mode != "none"
     if uncached:
         return LoadPeak(weights, f"the weights in {args.dtype} ({cfg.model.name_or_path} is not cached: its files unknown)")
     if args.preset or args.config_file:
-        return LoadPeak(built, f"random init in {args.dtype}: the build, tensors tying frees included")
+        if quantized:
+            packed, largest = _quantized_layers(cfg)
+            transient = QUANTIZE_TRANSIENT[cfg.quantization.mode] * largest
+            return LoadPeak(built + packed + transient, f"random init in {args.dtype}, quantized while the built "
+                            "weights are alive: the build, the quantized weights, one layer's quantizing")
+        return LoadPeak(built, f"random init in {args.dtype}: the build, one tensor per parameter")
     if args.gguf_file:
         params = sum(p.numel() for p in {id(t): t for t in model.parameters()}.values())
         return LoadPeak(4 * params, "GGUF: every tensor dequantized to float32 first")
