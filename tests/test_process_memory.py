@@ -28,11 +28,12 @@ def test_cpu_process_peak_is_baseline_plus_tensors_plus_overhead():
 
 def test_loading_counts_only_where_it_holds_more_than_training():
     overhead = pm.allocator_overhead(300 * MB)
-    below = pm.process_peak("cpu", 300 * MB, baseline=500 * MB, loading=300 * MB + overhead)
+    below = pm.process_peak("cpu", 300 * MB, baseline=500 * MB, loading=300 * MB)
     assert "loading_above_training" not in below.terms  # training's peak is the higher, or equal
     above = pm.process_peak("cpu", 300 * MB, baseline=500 * MB, loading=900 * MB)
-    over = 900 * MB - 300 * MB - overhead
-    assert above.terms["loading_above_training"] == over and above.total == 500 * MB + 900 * MB
+    loaded = 900 * MB + pm.allocator_overhead(900 * MB)  # loading's tensors and the allocator's overhead on them
+    assert above.terms["loading_above_training"] == loaded - 300 * MB - overhead
+    assert above.total == 500 * MB + loaded
     assert pm.process_peak("cuda", 300 * MB, loading=900 * MB).total == 300 * MB + pm.CUDA_CONTEXT  # host memory
 
 
@@ -89,7 +90,8 @@ def test_a_plan_counts_loading_where_it_holds_the_peak(monkeypatch):
                                   training={"batch_size": 1}, data={"max_length": 8}))
     p = plan(cfg, "cpu", suggest=False, baseline=200 * MB)
     assert p.prediction.loading > p.prediction.total + pm.allocator_overhead(p.prediction.total)
-    assert p.process.total == 200 * MB + p.prediction.loading and "loading_above_training" in p.process.terms
+    loaded = p.prediction.loading + pm.allocator_overhead(p.prediction.loading)
+    assert p.process.total == 200 * MB + loaded and "loading_above_training" in p.process.terms
     assert p.to_dict()["predicted"]["loading"] == p.prediction.loading
     assert "predicted loading peak" in format_plan(p)
 
