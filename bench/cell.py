@@ -247,6 +247,7 @@ def run_cell(spec: dict) -> dict:
             prediction.loading = load_peak(cfg).bytes
             process = prediction.process("cpu", baseline)
             result.update(rss_peak_mb=rss_peak / MB, process_peak_mb=process.total / MB,
+                          predicted_loading_mb=prediction.loading / MB,  # beside peak_all_mb where loading holds it
                           process_terms_mb={k: v / MB for k, v in process.terms.items()})
     return result
 

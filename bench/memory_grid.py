@@ -201,7 +201,7 @@ def summarize(res: dict, group: str, method: str, label: str) -> dict:
         row["activations_mb"] = b["activations_and_temporaries"]
     for key in ("peak_train_mb", "peak_all_mb", "ratio", "step_s", "tokens_per_s", "load_s", "fp32_cast_mb",
                 "optimizer_used", "wall_s", "rss_peak_mb",
-                "process_peak_mb", "baseline_mb"):
+                "process_peak_mb", "baseline_mb", "predicted_loading_mb"):
         if key in res:
             row[key] = res[key]
     if "optimizer" in s:
@@ -516,7 +516,7 @@ def markdown(data: dict) -> str:
 CSV_FIELDS = ["group", "knob", "model", "method", "method_key", "batch_size", "seq_len", "status", "trainable_params",
               "total_params", "trainable_pct", "peak_train_mb", "peak_all_mb", "predicted_mb", "ratio", "weights_mb",
               "trainable_grads_mb", "optimizer_mb", "activations_mb", "fp32_cast_mb", "optimizer_used", "step_s",
-              "tokens_per_s", "load_s", "wall_s", "note"]
+              "tokens_per_s", "load_s", "wall_s", "predicted_loading_mb", "note"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
