@@ -149,8 +149,7 @@ def run_cell(spec: dict) -> dict:
         result.update(trainable_params=report.trainable, total_params=report.total, optimizer_used=opt_name,
                       fp32_cast_mb=report.fp32_cast_bytes / MB, seq2seq=seq2seq)
         # the cell's batches: random ids, no padding, every position a target
-        step = [MicroBatch(s["batch_size"], s["seq_len"], s["seq_len"] if seq2seq else None, padded=False)]
-        prediction = simulate(bare, cfg, steps=[step * min(2, s["grad_accum"])] * 2, device_type=dev.type)
+        prediction = simulate(bare, cfg, steps=cell_steps(s, seq2seq), device_type=dev.type)
         predicted = {**prediction.breakdown, "total": prediction.total}
         result["predicted"] = predicted
         result["predicted_phases"] = prediction.phases
@@ -250,6 +249,13 @@ def run_cell(spec: dict) -> dict:
                           predicted_loading_mb=prediction.loading / MB,  # beside peak_all_mb where loading holds it
                           process_terms_mb={k: v / MB for k, v in process.terms.items()})
     return result
+
+
+def cell_steps(s: dict, seq2seq: bool) -> list[list[MicroBatch]]:
+    """The micro-batches a cell trains, as the planner simulates them: random ids, no padding, every
+    position a target; two optimizer steps (with accumulation, two micro-batches each)."""
+    step = [MicroBatch(s["batch_size"], s["seq_len"], s["seq_len"] if seq2seq else None, padded=False)]
+    return [step * min(2, s["grad_accum"])] * 2
 
 
 def cell_config(s: dict) -> Config:

@@ -156,6 +156,13 @@ def run_cell(spec: dict, *, timeout: float, env: dict | None = None, train: bool
         return result
 
 
+def cell_spec(grid: dict, model: str, overrides: dict, batch_size: int, seq_len: int, loss: str) -> dict:
+    """A cell of `grid` (`GRIDS`): its model, shape and the grid's precision, with `overrides` (a method's)."""
+    return {"model": model, "batch_size": batch_size, "seq_len": seq_len, "warmup": grid["warmup"],
+            "steps": grid["steps"], "device": grid["device"], "mixed_precision": grid["mixed_precision"],
+            "compute_dtype": grid["compute_dtype"], "loss": loss, **overrides}
+
+
 class Runner:
     """Runs cells once each (identical specs are shared between the grid and the knobs)."""
 
@@ -165,10 +172,7 @@ class Runner:
         self.cache: dict[str, dict] = {}
 
     def spec(self, model: str, overrides: dict, batch_size: int, seq_len: int) -> dict:
-        g = self.grid
-        return {"model": model, "batch_size": batch_size, "seq_len": seq_len, "warmup": g["warmup"],
-                "steps": g["steps"], "device": g["device"], "mixed_precision": g["mixed_precision"],
-                "compute_dtype": g["compute_dtype"], "loss": self.args.loss, **overrides}
+        return cell_spec(self.grid, model, overrides, batch_size, seq_len, self.args.loss)
 
     def run(self, spec: dict, label: str) -> dict:
         key = json.dumps(spec, sort_keys=True)

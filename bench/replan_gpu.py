@@ -41,22 +41,19 @@ def measured_cells(table: str) -> list[dict]:
 def predict(cell: dict) -> float:
     """Today's predicted peak (MiB) of a GPU grid cell."""
     import cell as cells
-    from memory_grid import GRIDS, METHODS
+    from memory_grid import GRIDS, METHODS, cell_spec
 
     from minitune.device import resolve_precision
-    from minitune.planner import MicroBatch, simulate, target
+    from minitune.planner import simulate, target
     from minitune.planner.simulation import meta_model
 
-    grid = GRIDS["gpu"]
     key = next(k for k, (label, _) in METHODS.items() if label == cell["method"])
-    spec = {**cells.DEFAULTS, "model": cell["model"], "batch_size": cell["batch_size"], "seq_len": cell["seq_len"],
-            "device": "cuda", "mixed_precision": grid["mixed_precision"], "compute_dtype": grid["compute_dtype"],
-            **METHODS[key][1]}
+    # the grid's own cell (the run's loss was the default, `auto`)
+    spec = {**cells.DEFAULTS, **cell_spec(GRIDS["gpu"], cell["model"], METHODS[key][1], cell["batch_size"],
+                                          cell["seq_len"], "auto")}
     cfg, _ = resolve_precision(cells.cell_config(spec), "cuda", caps=target("H100").caps)
     model = meta_model(cfg)[0]
-    seq2seq = model.config.is_encoder_decoder
-    step = [MicroBatch(cell["batch_size"], cell["seq_len"], cell["seq_len"] if seq2seq else None, padded=False)]
-    return simulate(model, cfg, steps=[step * min(2, spec["grad_accum"])] * 2, device_type="cuda",
+    return simulate(model, cfg, steps=cells.cell_steps(spec, model.config.is_encoder_decoder), device_type="cuda",
                     cuda_capability=(9, 0)).total / MB
 
 
