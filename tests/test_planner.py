@@ -355,6 +355,12 @@ def test_cuda_attention_keeps_no_attention_matrix_and_dropout_keeps_a_bool_mask(
     with kernels_as_on("cuda"):
         fused = sdpa(0.0)
     torch.testing.assert_close(fused, sdpa(0.0), atol=1e-5, rtol=1e-4)
+    # grouped-query attention (transformers passes enable_gqa): fewer key/value heads, the same values
+    kv = [t[:, :1].detach() for t in (k, v)]
+    gqa = lambda: torch.nn.functional.scaled_dot_product_attention(q, *kv, is_causal=True, enable_gqa=True)  # noqa: E731
+    with kernels_as_on("cuda"):
+        fused = gqa()
+    torch.testing.assert_close(fused, gqa(), atol=1e-5, rtol=1e-4)
     # and everything is as it was afterwards
     assert torch.nn.functional.dropout.__module__ == "torch.nn.functional"
     _, kept = _saved_for_backward(lambda: torch.nn.functional.dropout(q, 0.1, True))
