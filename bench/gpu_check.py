@@ -282,7 +282,7 @@ def _process_row(name: str, predicted: dict, measured: dict | None, seconds: flo
                 "predicted_mb": process / 2**20, "seconds": seconds}
     detail = "; ".join(f"{what} {mib(m)} vs {mib(p)} predicted ({(m - p) / p:+.1%})" for what, m, p in (
         ("max_memory_allocated", measured["allocated"], allocated), ("max_memory_reserved", measured["reserved"], reserved),
-        ("context (mem_get_info at start) + kernels", measured.get("outside_after", measured["context"]),
+        ("context (mem_get_info at start) + kernels", measured["outside_after"],
          terms["cuda_context"]),
         ("driver's view at the peak (peak reserved + what it shows beyond the reserve)", measured["driver"], process)))
     detail += f"; context alone at start {mib(measured['context'])}"

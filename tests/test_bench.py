@@ -97,7 +97,8 @@ def test_gpu_check_process_part_dry_run_plans_the_cuda_terms(tmp_path):
     assert row["predicted_mb"] > 300
     # a GPU's row: each measured figure against its prediction (allocated: tensors + workspaces, reserved:
     # + the cache, the driver's view: + the context)
-    measured = {"allocated": 1.1 * 2**30, "reserved": 2**31, "context": 2**28, "driver": 2**31 + 2**28}
+    measured = {"allocated": 1.1 * 2**30, "reserved": 2**31, "context": 2**28, "driver": 2**31 + 2**28,
+                "outside_after": 2**28}
     predicted = {"cuda_context": 2**28, "cublas_workspace": 2**29, "tensors": 2**29, "allocator_cache": 2**30}
     row = check._process_row("job", predicted, measured, 1.0)
     assert row["status"] == "measured" and row["detail"].count("(+0.0%)") == 3
