@@ -23,6 +23,7 @@ from .device import resolve_precision
 from .errors import ModelError
 from .lm import ensure_pad_token, model_kind
 from .presets import PRESETS, preset_config
+from .random_init import UnitBuild, build_units
 
 __all__ = [
     "load_model",
@@ -206,29 +207,15 @@ def construct(args: ModelArgs) -> nn.Module:
 
 
 def finish_build(model: nn.Module, args: ModelArgs, *, seed: int = 0) -> None:
-    """A `construct`ed model's tensors on the default device, initialised from `seed` by transformers'
-    own init (as from_pretrained runs it for weights a checkpoint lacks; skipped on the meta device)."""
-    materialize(model, torch.get_default_device())
-    torch.manual_seed(seed)
-    model.init_weights()
+    """A `construct`ed model's tensors on the default device, one per parameter or buffer however many
+    modules share it, initialised from `seed` by transformers' own init, block by block
+    (`random_init.build_units`; skipped on the meta device, where the planner replays the build).
+    Built on the CPU instead, a model allocates and initialises every layer it later ties away (an
+    output layer tied to the input embedding: 980 MiB of fp32 for bloom-560m's) and initialises every
+    weight twice."""
+    build_units(model, torch.get_default_device(), seed)
+    model.tie_weights(recompute_mapping=False)
     _untie_lm_head_if_configured(model, args)
-
-
-def materialize(model: nn.Module, device: torch.device) -> None:
-    """Give a model built on the meta device uninitialised tensors on `device`, one per parameter or
-    buffer however many modules share it. Built on the CPU instead, a model allocates and initialises
-    every layer it later ties away (an output layer tied to the input embedding: 980 MiB of fp32 for
-    bloom-560m's, alive until `post_init` ties it) and initialises every weight twice."""
-    made: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for table, wrap in ((module._parameters, True), (module._buffers, False)):
-            for name, t in table.items():
-                if t is None:
-                    continue
-                if id(t) not in made:
-                    new = torch.empty_like(t, device=device)
-                    made[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if wrap else new
-                table[name] = made[id(t)]
 
 
 def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device: torch.device | None = None,
@@ -252,28 +239,22 @@ def load_model(args: ModelArgs, quant: QuantizationArgs | None = None, *, device
     args, quant = _without_auto(args, quant or QuantizationArgs(), device)
     qconf = quantization_config(quant)
     if args.preset or args.config_file:
-        model = build_from_config(args, seed=seed)
         if qconf is None:
-            return model
-        # bitsandbytes quantizes while loading weights: the random model's own state dict goes through
-        # from_pretrained (no file: its tensors are read in place, so loading peaks where the build did
-        # and nothing stays mapped from a temporary file)
-        head = model.get_output_embeddings()
-        # an output layer of its own (flan-t5): the reload ties it to the input embedding again
-        own_head = head.weight.detach() if head is not None and head.weight is not model.get_input_embeddings().weight \
-            else None
-        cls, config, state = type(model), model.config, model.state_dict()
-        del model, head
+            return build_from_config(args, seed=seed)
+        # bitsandbytes quantizes while loading weights: the random model's state dict goes through
+        # from_pretrained, each block made and initialised when the loader first reads one of its
+        # tensors and freed once quantized (no file; the fp32 model never exists whole)
+        model = construct(args)
+        state = UnitBuild(model, torch.device("cpu"), seed).deferred_state_dict()
         try:
-            quantized = cls.from_pretrained(None, config=config, state_dict=state, **_pretrained_kwargs(args, qconf, device))
+            quantized = type(model).from_pretrained(None, config=model.config, state_dict=state,
+                                                    **_pretrained_kwargs(args, qconf, device))
         finally:
             del state
         _disable_cpu_bf16_4bit_path(quantized)
-        if own_head is not None:
-            _untie_lm_head_if_configured(quantized, args)
-            out = quantized.get_output_embeddings()
-            if out.weight is not quantized.get_input_embeddings().weight:
-                out.weight.data.copy_(own_head.to(out.weight.device, out.weight.dtype))
+        # an output layer of its own (flan-t5): the reload tied it to the input embedding, whose values
+        # it had when built (`finish_build`)
+        _untie_lm_head_if_configured(quantized, args)
         return quantized
     return from_pretrained(resolve_path(args.name_or_path, "model.name_or_path"), args, qconf, device)
 

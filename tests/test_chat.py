@@ -192,10 +192,12 @@ def test_generate_cuts_before_a_stop_string(tiny_model):
     """The generation stops at, and is cut before, a stop string in the new text: the stop is two
     characters the random model writes after its first two, where they first appear."""
     tok = AutoTokenizer.from_pretrained(GPT2)
-    free = generate(tiny_model, tok, ["Love is"], GenerationArgs(max_new_tokens=12, no_repeat_ngram_size=0))[0]
-    at = next(i for i in range(2, len(free) - 1) if " " not in free[i:i + 2] and free.find(free[i:i + 2]) == i)
+    prompt = "The quote"  # the random model echoes its prompt's last word: a word of 4 letters or more
+    free = generate(tiny_model, tok, [prompt], GenerationArgs(max_new_tokens=12, no_repeat_ngram_size=0))[0]
+    at = next((i for i in range(2, len(free) - 1) if " " not in free[i:i + 2] and free.find(free[i:i + 2]) == i), None)
+    assert at is not None, f"no two new characters after the first two in {free!r}: choose another prompt"
     stop = free[at:at + 2]
-    cut = generate(tiny_model, tok, ["Love is"], GenerationArgs(max_new_tokens=12, no_repeat_ngram_size=0, stop=[stop]))
+    cut = generate(tiny_model, tok, [prompt], GenerationArgs(max_new_tokens=12, no_repeat_ngram_size=0, stop=[stop]))
     assert cut[0] == free[:at].strip() and len(cut[0]) < len(free)
 
 

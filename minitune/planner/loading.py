@@ -4,9 +4,9 @@ process's own memory while `model.load_model` runs, above the RSS it had before.
     preset or model.config_file   random init: the build replayed on the meta device under the
                                   ledger: the model is built on the meta device and then given one
                                   tensor per parameter and buffer (`model.finish_build`), which the
-                                  ledger counts. Quantized, the built model's state dict is read in
-                                  place and stays alive while the quantized weights are made: the
-                                  build, the quantized weights and one layer's quantizing.
+                                  ledger counts. Quantized, each block is made when the loader reads
+                                  it and freed once quantized (`random_init.UnitBuild`): the quantized
+                                  model, one block's weights before quantizing, one layer's quantizing.
     safetensors files             stored in the dtype the model loads in and not quantized: the tensors
                                   are views of the mapped file, the weights and no more. Converted:
                                   the file's pages, read once, beside the converted weights. Quantized:
@@ -37,7 +37,8 @@ import torch
 from safetensors import safe_open
 
 from ..config import Config, resolve_path
-from ..model import construct, finish_build
+from ..model import DTYPES, construct, finish_build
+from ..random_init import unit_of_names
 from .ledger import Ledger
 from .simulation import planned_args
 
@@ -79,29 +80,38 @@ def _stored_dtypes(files: list[Path]) -> set[str]:
 
 
 # bytes per weight of the layer being quantized that bitsandbytes' CPU quantization holds on top of
-# the weights already quantized (its fp16 copy and row statistics for 8-bit, the blocks for 4-bit):
-# fitted to opt-125m's loading peak in the CPU allocator's trace (`peak_all_mb` of the memory grid's
-# int8-lora and qlora cells), not derived
-QUANTIZE_TRANSIENT = {"8bit": 8, "4bit": 9}
+# its weights before and after (its fp16 copy and row statistics for 8-bit, the blocks for 4-bit):
+# fitted to opt-125m's loading peak in the CPU allocator's trace, not derived (out of sample,
+# bloom-560m: within 0.03%; `python bench/plan_check.py --parts loading`)
+QUANTIZE_TRANSIENT = {"8bit": 10, "4bit": 10}
 
 
-def _quantized_layers(cfg: Config) -> tuple[int, int]:
-    """(bytes of the quantized weights and their state, weights of the largest quantized layer) of
-    the layers bitsandbytes quantizes for `cfg` (the planner's meta model: transformers' own choice)."""
+def _quantized_layers(cfg: Config, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """Of the layers bitsandbytes quantizes for `cfg` (the planner's meta model: transformers' own
+    choice): (bytes of their weights in `dtype`, bytes of the quantized weights and their state, the
+    most that one block's layers hold in `dtype` beyond their quantized form, weights of the largest
+    layer)."""
     from .simulation import meta_model
     from .standins import QuantizedLinear, is_bnb_layer
 
     def make(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device="meta")
 
-    packed, largest = 0, 0
-    for module in meta_model(cfg)[0].modules():
+    model = meta_model(cfg)[0]
+    named = dict(model.named_modules())
+    units = unit_of_names(model, named)
+    unquantized, packed, largest = 0, 0, 0
+    per_block: dict[int, int] = {}
+    for name, module in named.items():
         bits = is_bnb_layer(module)
         if bits:
             q = QuantizedLinear(module, bits, make)
-            packed += q.weight.nbytes + q.quant_state.nbytes
+            size = q.in_features * q.out_features * dtype.itemsize
+            small = q.weight.nbytes + q.quant_state.nbytes
+            unquantized, packed = unquantized + size, packed + small
+            per_block[units[name]] = per_block.get(units[name], 0) + size - small
             largest = max(largest, q.in_features * q.out_features)
-    return packed, largest
+    return unquantized, packed, max(per_block.values(), default=0), largest
 
 
 def load_peak(cfg: Config) -> LoadPeak:
@@ -113,19 +123,29 @@ def load_peak(cfg: Config) -> LoadPeak:
     args, _ = planned_args(cfg)
     uncached = bool(args.preset) and not cfg.model.preset  # a hub id planned from a preset's shapes
     model = construct(args)  # the modules, on the meta device: no memory
+    head = model.get_output_embeddings()
+
+    def tied() -> bool:
+        return head is not None and head.weight is model.get_input_embeddings().weight
+
+    tied_before = tied()
     ledger = Ledger(fake=False)
     with torch.device("meta"), ledger:
         finish_build(model, args, seed=cfg.training.seed)  # the tensors the build allocates
     built, weights = ledger.peak, ledger.live
+    # an output layer the build unties (flan-t5's): made after a quantized load, from the embedding
+    untied = head.weight.nbytes if tied_before and not tied() else 0
     quantized = cfg.quantization.mode != "none"
     if uncached:
         return LoadPeak(weights, f"the weights in {args.dtype} ({cfg.model.name_or_path} is not cached: its files unknown)")
     if args.preset or args.config_file:
         if quantized:
-            packed, largest = _quantized_layers(cfg)
+            unquantized, packed, block, largest = _quantized_layers(cfg, DTYPES[args.dtype])
             transient = QUANTIZE_TRANSIENT[cfg.quantization.mode] * largest
-            return LoadPeak(built + packed + transient, f"random init in {args.dtype}, quantized while the built "
-                            "weights are alive: the build, the quantized weights, one layer's quantizing")
+            final = weights - unquantized + packed
+            return LoadPeak(max(final - untied + block + transient, final),
+                            f"random init in {args.dtype}, quantized block by block: the quantized model, "
+                            "one block's weights before quantizing, one layer's quantizing")
         return LoadPeak(built, f"random init in {args.dtype}: the build, one tensor per parameter")
     if args.gguf_file:
         params = sum(p.numel() for p in {id(t): t for t in model.parameters()}.values())
