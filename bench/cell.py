@@ -12,8 +12,8 @@ no padding): `batch_size x seq_len` inputs, and for seq2seq models `seq_len` tar
 
 Memory: on CPU, `peak_train_mb` is the highest number of bytes the CPU allocator holds during the
 training steps (warm-up included), counted from before the model loads (`AllocatorTrace`, exact);
-`peak_all_mb` covers loading too (a random-init quantized model is built in its unquantized dtype
-first). RSS above the baseline taken once every library is imported is kept beside it
+`peak_all_mb` covers loading too, and `peak_load_mb` is loading's own (beside the planner's
+`predicted_loading_mb`). RSS above the baseline taken once every library is imported is kept beside it
 (`rss_peak_train_mb`). On CUDA the peak is `max_memory_allocated` (baseline 0).
 
 Writes one JSON object to the result path: status ('ok', 'OOM' or 'error: ...'), the settings,
@@ -133,7 +133,8 @@ def run_cell(spec: dict) -> dict:
     t0 = time.perf_counter()
     stage = "load"
     try:
-        model = load_model(cfg.model, cfg.quantization, device=dev, seed=s["seed"])
+        with trace.window("load") if trace is not None else contextlib.nullcontext():
+            model = load_model(cfg.model, cfg.quantization, device=dev, seed=s["seed"])
         if profiler is not None:
             profiler.phase("load")
         seq2seq = model_kind(model) == "seq2seq"
@@ -226,6 +227,7 @@ def run_cell(spec: dict) -> dict:
         sampled_peak = max(0, int(max(r[key] for r in profiler.records if r["step"] >= 1) * MB - baseline))
         if trace is not None:  # CPU: the allocator's account; RSS kept alongside
             train_peak, all_peak = trace.peak("train"), trace.peak()
+            result["peak_load_mb"] = trace.peak("load") / MB
             result.update(rss_peak_train_mb=sampled_peak / MB,
                           rss_peak_all_mb=profiler.peak_bytes(above_baseline=True) / MB)
             kind = "CPU allocator (torch profiler memory events), held since before loading"
@@ -246,7 +248,7 @@ def run_cell(spec: dict) -> dict:
             prediction.loading = load_peak(cfg).bytes
             process = prediction.process("cpu", baseline)
             result.update(rss_peak_mb=rss_peak / MB, process_peak_mb=process.total / MB,
-                          predicted_loading_mb=prediction.loading / MB,  # beside peak_all_mb where loading holds it
+                          predicted_loading_mb=prediction.loading / MB,  # beside peak_load_mb
                           process_terms_mb={k: v / MB for k, v in process.terms.items()})
     return result
 

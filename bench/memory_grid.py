@@ -205,7 +205,7 @@ def summarize(res: dict, group: str, method: str, label: str) -> dict:
         row["activations_mb"] = b["activations_and_temporaries"]
     for key in ("peak_train_mb", "peak_all_mb", "ratio", "step_s", "tokens_per_s", "load_s", "fp32_cast_mb",
                 "optimizer_used", "wall_s", "rss_peak_mb",
-                "process_peak_mb", "baseline_mb", "predicted_loading_mb"):
+                "process_peak_mb", "baseline_mb", "peak_load_mb", "predicted_loading_mb"):
         if key in res:
             row[key] = res[key]
     if "optimizer" in s:
@@ -419,7 +419,7 @@ def markdown(data: dict) -> str:
              f"Command: `{data['command']}`  ", f"Machine: {data['machine']}  ",
              *([f"Note: {data['note']}  "] if data.get("note") else []),
              f"Peak = **{lab}**, over the training steps (warm-up included; loading is recorded apart, "
-             "`peak_all_mb` in the CSV). "
+             "`peak_all_mb` in the CSV, loading's own `peak_load_mb` beside the planner's `predicted_loading_mb`). "
              + ("On CPU: the bytes PyTorch's CPU allocator holds, from the torch profiler's allocation and release "
                 "events (`minitune.cpu_allocator.AllocatorTrace`), counted from before the model loads; RSS is in the CSV "
                 "(`rss_peak_train_mb`)." if data["kind"] == "cpu" else ""),
@@ -520,7 +520,7 @@ def markdown(data: dict) -> str:
 CSV_FIELDS = ["group", "knob", "model", "method", "method_key", "batch_size", "seq_len", "status", "trainable_params",
               "total_params", "trainable_pct", "peak_train_mb", "peak_all_mb", "predicted_mb", "ratio", "weights_mb",
               "trainable_grads_mb", "optimizer_mb", "activations_mb", "fp32_cast_mb", "optimizer_used", "step_s",
-              "tokens_per_s", "load_s", "wall_s", "predicted_loading_mb", "note"]
+              "tokens_per_s", "load_s", "wall_s", "peak_load_mb", "predicted_loading_mb", "note"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
