@@ -185,7 +185,7 @@ def build_from_config(args: ModelArgs, *, seed: int = 0) -> nn.Module:
     """A randomly initialised model from a preset or config file (seeded); model.dtype 'auto' is
     float32 here (no device is named). Built on the meta device, then given its tensors on the
     default device (the CPU; the meta device when the planner replays the build) and initialised
-    once (`finish_build`)."""
+    block by block (`finish_build`)."""
     args, _ = _without_auto(args, QuantizationArgs(), None)
     model = construct(args)
     finish_build(model, args, seed=seed)

@@ -36,7 +36,7 @@ Two things live here, the one place for each:
                  allocator_overhead  what the process holds beyond its tensors at the peak (malloc
                                      headers and page rounding, the math libraries' buffers)
                  loading_above_training  where loading the model holds more than training will
-                                     (`planner.loading.load_peak`: an fp32 build cast or quantized,
+                                     (`planner.loading.load_peak`: a quantized build, a GGUF file,
                                      a file converted; with the allocator's overhead on it, as on
                                      training's tensors): the difference, so the sum is the higher peak
        CPU also  malloc_heap         what glibc's heap keeps beyond the tensors at the peak: a fixed

@@ -19,10 +19,10 @@ process's own memory while `model.load_model` runs, above the RSS it had before.
 Checked: random init is exact in allocator bytes but for the init's own few-byte temporaries, and
 quantized within 0.5% on tiny models
 (`tests/test_process_memory.py::test_load_peak_of_a_random_init_model_is_the_allocators_peak_while_it_loads`);
-at full size, `python bench/memory_grid.py --models opt-125m,bloom-560m --methods int8-lora,qlora
---parts grid` puts `predicted_loading_mb` beside the allocator's whole-run peak `peak_all_mb`, which
-loading holds in those cells (bench/results/cpu-2026-12-05-loading.csv: bloom-560m 8-bit to the byte,
-4-bit -0.006%, opt-125m +0.002% and -0.013%; opt-125m is where the quantizing constants were measured). The rules for
+at full size, `python bench/memory_grid.py --parts grid` puts `predicted_loading_mb` beside
+loading's own allocator peak `peak_load_mb` (bench/results/cpu-2026-12-05-blockwise.csv: every
+unquantized cell to the byte; quantized, opt-125m -0.01% and -0.06% (where the quantizing constants
+were measured), bloom-560m and flan-t5-small within 0.03%). The rules for
 files and GGUF are only checked for their arithmetic (`test_load_peak_of_a_safetensors_folder_...`),
 not yet against a measured load by a benchmark.
 """
@@ -81,8 +81,9 @@ def _stored_dtypes(files: list[Path]) -> set[str]:
 
 # bytes per weight of the layer being quantized that bitsandbytes' CPU quantization holds on top of
 # its weights before and after (its fp16 copy and row statistics for 8-bit, the blocks for 4-bit):
-# fitted to opt-125m's loading peak in the CPU allocator's trace, not derived (out of sample,
-# bloom-560m: within 0.03%; `python bench/plan_check.py --parts loading`)
+# fitted to opt-125m's loading peak in the CPU allocator's trace, not derived (`peak_load_mb` beside
+# `predicted_loading_mb` in `python bench/memory_grid.py --parts grid`; out of sample, bloom-560m and
+# flan-t5-small: within 0.03%, bench/results/cpu-2026-12-05-blockwise.csv)
 QUANTIZE_TRANSIENT = {"8bit": 10, "4bit": 10}
 
 
