@@ -176,3 +176,20 @@ def test_replan_gpu_predicts_the_measured_cells_of_a_memory_table_again(tmp_path
     assert float(cols[6]) == pytest.approx(50.0 / now, rel=0.05)  # "now" is shown rounded to MiB
     table.write_text("no table here\n")
     assert replan.main([str(table)]) == 2 and "error: no measured cells" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: two tiny runs, each a process of its own
+def test_profiler_cost_alternates_runs_with_the_memory_profiler_on_and_off(tmp_path):
+    import yaml
+
+    from .conftest import tiny_config
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config("tiny-llama", tmp_path / "unused")))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "profiler_cost.py"), "--config", str(config),
+                           "--steps", "3", "--pairs", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[2].strip() for r in rows] == ["on", "off"], proc.stdout
+    assert all(float(r.split("|")[6]) > 0 for r in rows)  # a peak RSS read for each run
+    assert "steps after the trace" in proc.stdout

@@ -1,0 +1,78 @@
+"""What `logging.memory=true` costs a real run: train.py with it on and off, alternated, each run a
+whole process.
+
+    python bench/profiler_cost.py                  # the default job, 30 steps, 3 pairs
+    python bench/profiler_cost.py --pairs 2 --steps 12 --config smollm2-quotes
+
+Per run: the kernel's peak RSS of the process (`wait4`), its wall time, and the steps' own time from
+its log.jsonl (`step_time_s`): all steps, and the steps after the allocator trace's window
+(`build.TRACE_STEPS`), which is what the profiler costs tokens/s in a long run. The start-up's
+planner simulation (the prediction the measurement is compared with) runs only with the profiler on
+and is in the wall time, not in the steps. Prints a table; run it with nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from minitune.build import TRACE_STEPS  # noqa: E402  (after the path)
+
+
+def run(config: str, steps: int, memory: bool, out: Path) -> dict:
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", config, f"training.max_steps={steps}",
+           "data.validation_fraction=0", "logging.report=false", "training.overwrite=true", "logging.progress=none",
+           f"training.output_dir={out}", f"logging.memory={'true' if memory else 'false'}"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"error: {' '.join(cmd)} exited {proc.returncode}")
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    times = [r["step_time_s"] for r in records if "step_time_s" in r]
+    return {"memory": memory, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "steps_s": sum(times), "after_trace_s": sum(times[TRACE_STEPS:])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="smollm2-quotes")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--pairs", type=int, default=3)
+    args = p.parse_args(argv)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.pairs):
+            for memory in ((True, False) if i % 2 == 0 else (False, True)):  # on off, off on, ...
+                runs.append(run(args.config, args.steps, memory, Path(tmp) / f"run{len(runs)}"))
+    print(f"# logging.memory on vs off: {args.config}, {args.steps} steps, {args.pairs} pairs (commit: git log -1)\n")
+    print("| run | memory | wall s | all steps s | steps after the trace s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for i, r in enumerate(runs, 1):
+        print(f"| {i} | {'on' if r['memory'] else 'off'} | {r['wall_s']:.1f} | {r['steps_s']:.2f} | "
+              f"{r['after_trace_s']:.2f} | {r['peak_rss_mib']:.1f} |")
+    on = [r for r in runs if r["memory"]]
+    off = [r for r in runs if not r["memory"]]
+
+    def ratio(key: str) -> str:
+        return f"{statistics.median(r[key] for r in on) / statistics.median(r[key] for r in off):.3f}"
+
+    print(f"\nmedians, on / off: wall {ratio('wall_s')}, all steps {ratio('steps_s')}, "
+          f"steps after the trace {ratio('after_trace_s')}, peak RSS {ratio('peak_rss_mib')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
