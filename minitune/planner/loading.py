@@ -84,7 +84,7 @@ def _stored_dtypes(files: list[Path]) -> set[str]:
 # fitted to opt-125m's loading peak in the CPU allocator's trace, not derived (`peak_load_mb` beside
 # `predicted_loading_mb` in `python bench/memory_grid.py --parts grid`; out of sample, bloom-560m and
 # flan-t5-small: within 0.03%, bench/results/cpu-2026-12-05-blockwise.csv)
-QUANTIZE_TRANSIENT = {"8bit": 10, "4bit": 10}
+QUANTIZE_TRANSIENT = 10  # the same for 8-bit and 4-bit (two fitted constants came out equal)
 
 
 def _quantized_layers(cfg: Config, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -95,8 +95,8 @@ def _quantized_layers(cfg: Config, dtype: torch.dtype) -> tuple[int, int, int, i
     from .simulation import meta_model
     from .standins import QuantizedLinear, is_bnb_layer
 
-    def make(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, device="meta")
+    def make(shape: tuple, kind: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=kind, device="meta")
 
     model = meta_model(cfg)[0]
     named = dict(model.named_modules())
@@ -142,7 +142,7 @@ def load_peak(cfg: Config) -> LoadPeak:
     if args.preset or args.config_file:
         if quantized:
             unquantized, packed, block, largest = _quantized_layers(cfg, DTYPES[args.dtype])
-            transient = QUANTIZE_TRANSIENT[cfg.quantization.mode] * largest
+            transient = QUANTIZE_TRANSIENT * largest
             final = weights - unquantized + packed
             return LoadPeak(max(final - untied + block + transient, final),
                             f"random init in {args.dtype}, quantized block by block: the quantized model, "
