@@ -24,7 +24,6 @@ per-step records, the phase snapshots of every step and the step times.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import importlib
 import json
@@ -51,7 +50,7 @@ from minitune.model import load_model
 from minitune.optim import build_optimizer
 from minitune.planner import MicroBatch, load_peak, simulate
 from minitune.presets import preset_config
-from minitune.process_memory import tune_malloc
+from minitune.process_memory import release_free_memory, tune_malloc
 from minitune.run import train
 
 MB = 2**20
@@ -105,15 +104,6 @@ def _random_batches(n: int, vocab: int, batch_size: int, seq_len: int, seq2seq: 
     return out
 
 
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc `malloc_trim`), so that memory freed while
-    loading (a quantized random-init model passes through a temporary fp32 copy) does not stay in
-    the RSS the training steps are measured by. No-op off glibc."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def run_cell(spec: dict) -> dict:
     """Build and run one cell; returns the result dict (raises on errors other than out-of-memory)."""
     s = {**DEFAULTS, **spec}
@@ -157,7 +147,8 @@ def run_cell(spec: dict) -> dict:
         n = s["warmup"] + s["steps"]
         batches = _random_batches(n * s["grad_accum"], bare.config.vocab_size, s["batch_size"], s["seq_len"], seq2seq,
                                   dev, s["seed"])
-        _trim_heap()
+        gc.collect()
+        release_free_memory()  # what loading freed goes back to the system, as a run does after loading
         spent = [0.0]  # seconds inside the profiler's calls during training (for the overhead)
         if profiler is not None:
             profiler.step(0)  # closes the load window: step records from here on cover training only
@@ -227,8 +218,7 @@ def run_cell(spec: dict) -> dict:
         sampled_peak = max(0, int(max(r[key] for r in profiler.records if r["step"] >= 1) * MB - baseline))
         if trace is not None:  # CPU: the allocator's account; RSS kept alongside
             train_peak, all_peak = trace.peak("train"), trace.peak()
-            result["peak_load_mb"] = trace.peak("load") / MB
-            result.update(rss_peak_train_mb=sampled_peak / MB,
+            result.update(peak_load_mb=trace.peak("load") / MB, rss_peak_train_mb=sampled_peak / MB,
                           rss_peak_all_mb=profiler.peak_bytes(above_baseline=True) / MB)
             kind = "CPU allocator (torch profiler memory events), held since before loading"
         else:
