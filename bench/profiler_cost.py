@@ -4,7 +4,8 @@ whole process.
     python bench/profiler_cost.py                  # the default job, 30 steps, 3 pairs
     python bench/profiler_cost.py --pairs 2 --steps 12 --config smollm2-quotes
 
-Per run: the kernel's peak RSS of the process (`wait4`), its wall time, and the steps' own time from
+Per run: the kernel's peak RSS of the process (`wait4`; with the profiler on, which resets that peak
+each step, the highest of it and the peaks in the run's memory.json), its wall time, and the steps' own time from
 its log.jsonl (`step_time_s`): all steps, and the steps after the allocator trace's window
 (`build.TRACE_STEPS`), which is what the profiler costs tokens/s in a long run. The start-up's
 planner simulation (the prediction the measurement is compared with) runs only with the profiler on
@@ -42,7 +43,12 @@ def run(config: str, steps: int, memory: bool, out: Path) -> dict:
         raise SystemExit(f"error: {' '.join(cmd)} exited {proc.returncode}")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     times = [r["step_time_s"] for r in records if "step_time_s" in r]
-    return {"memory": memory, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
+    peak = usage.ru_maxrss / 1024  # KiB on Linux: the process's peak RSS, for an 'off' run
+    if memory:  # the profiler resets the kernel's peak at each step: ru_maxrss covers the time since its last
+        # reset; its memory.json has the peak from its start on and the process's peak before it
+        summary = json.loads((out / "memory.json").read_text())
+        peak = max(peak, summary["peak_mb"], summary.get("peak_before_start_mb", 0))
+    return {"memory": memory, "wall_s": wall, "peak_rss_mib": peak,
             "steps_s": sum(times), "after_trace_s": sum(times[TRACE_STEPS:])}
 
 

@@ -15,8 +15,9 @@ called peaks):
     CUDA  mem/allocated_mb, mem/reserved_mb, mem/peak_allocated_mb (torch's peak counter, no sync)
     MPS   mem/current_mb, mem/driver_mb, mem/max_sampled_mb (running max from a sampler thread),
           mem/headroom_mb (recommended_max_memory - driver)
-    CPU   mem/rss_mb (process RSS now), mem/peak_rss_mb (max sampled since the last step; the
-          kernel's ru_maxrss only ever grows, so it cannot give per-step peaks)
+    CPU   mem/rss_mb (process RSS now), mem/peak_rss_mb (the highest RSS since the last step: on
+          Linux the kernel's own high-water mark, read and reset each step (`KernelPeakRss`), exact
+          and with no thread; elsewhere the max of a sampler thread's reads)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu_allocator import AllocatorTrace, live_cpu_storages, live_cpu_tensor_bytes
-from .process_memory import MB, format_bytes, release_free_memory, rss_bytes
+from .process_memory import MB, KernelPeakRss, format_bytes, release_free_memory, rss_bytes
 
 __all__ = ["MemoryProfiler", "format_bytes", "tensor_breakdown"]
 
@@ -58,7 +59,8 @@ class MemoryProfiler:
 
     Args:
         device: the device to watch ('cuda', 'cuda:1', 'mps', 'cpu' or a torch.device).
-        sample_interval_s: CPU/MPS sampler period (the thread sleeps between reads).
+        sample_interval_s: MPS sampler period (the thread sleeps between reads); CPU too where the
+            kernel keeps no resettable peak (not Linux).
         phases_every: record in-step phases (forward/backward/optimizer) every N steps; 0 = never.
     """
 
@@ -85,7 +87,9 @@ class MemoryProfiler:
         self.records: list[dict[str, float]] = []
         self.phases: dict[str, dict[str, float]] = {}
         self.breakdown: dict[str, int] | None = None
-        self._max_sampled = 0  # running max since the last step() (CPU/MPS)
+        self._max_sampled = 0  # running max since the last step() (MPS; CPU without a kernel peak)
+        self._kernel_peak: KernelPeakRss | None = None  # CPU on Linux: the kernel's peak RSS, reset each step
+        self.peak_before_start = 0  # CPU on Linux: the process's peak RSS before start() (imports, data)
         # CPU: RSS when profiling started (Python, torch, libraries): not training memory
         self.baseline_bytes = 0
         self._overall_peak = 0
@@ -95,17 +99,23 @@ class MemoryProfiler:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> MemoryProfiler:
-        """Start the sampler thread (CPU and MPS; CUDA has a hardware-backed peak counter)."""
+        """Start watching: CUDA's peak counter reset, on CPU the kernel's peak RSS reset (Linux),
+        else a sampler thread (MPS, and CPU elsewhere)."""
         if self.window_steps and self.kind == "cpu" and self._before is None:
             # tensors that exist before the run (another model in this process) are not the run's
             self._before = WeakIdKeyDictionary(dict.fromkeys(live_cpu_storages(), True))
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self._thread is None:
+            return self
+        if self.kind == "cpu" and self._kernel_peak is None:
+            self._kernel_peak = KernelPeakRss.open()
+            if self._kernel_peak is not None:
+                self.peak_before_start = self._kernel_peak.peak_at_open
+        if self.kind == "cpu" and not self.baseline_bytes:
+            self.baseline_bytes = self._current()
+        if self._kernel_peak is None and self._thread is None:
             self._stop.clear()
             self._max_sampled = self._current()
-            if self.kind == "cpu" and not self.baseline_bytes:
-                self.baseline_bytes = self._max_sampled
             self._thread = threading.Thread(target=self._sample, name="minitune-memory", daemon=True)
             self._thread.start()
         return self
@@ -143,8 +153,7 @@ class MemoryProfiler:
     def _close_window(self) -> None:
         key = {"cuda": "mem/peak_allocated_mb", "mps": "mem/max_sampled_mb"}.get(self.kind)
         if self.kind != "cuda":
-            with self._lock:
-                self.window_process_peak = max(self._overall_peak, self._max_sampled, self._current())
+            self.window_process_peak = max(self._overall_peak, self._peak_since_step(), self._current())
         if key is None:  # CPU: the allocator trace
             self._end_trace()
             self.window_peak = self.trace_peaks.get("train")
@@ -153,8 +162,7 @@ class MemoryProfiler:
         if self.kind == "cuda":
             now = torch.cuda.max_memory_allocated(self.device)
         else:
-            with self._lock:
-                now = max(self._max_sampled, self._current())
+            now = max(self._peak_since_step(), self._current())
         self.window_peak = max([now, *recorded])
 
     def training_peak(self) -> tuple[int, str]:
@@ -196,6 +204,26 @@ class MemoryProfiler:
     def _current(self) -> int:
         return _CURRENT.get(self.kind, _cpu_current)(self.device)
 
+    def _peak_since_step(self) -> int:
+        """CPU/MPS: the highest value since the last step() (or start)."""
+        if self._kernel_peak is not None:
+            return self._kernel_peak.read()
+        with self._lock:
+            return self._max_sampled
+
+    def _new_step(self, current: int) -> None:
+        """CPU/MPS: start the next step's peak from `current`."""
+        if self._kernel_peak is not None:
+            self._kernel_peak.reset()
+        else:
+            with self._lock:
+                self._max_sampled = current
+
+    @property
+    def rss_source(self) -> str:
+        """CPU: where peak RSS comes from, for labels."""
+        return "kernel peak" if self._kernel_peak is not None else "sampled"
+
     # -- records -----------------------------------------------------------------------------------
     def want_phases(self, step: int) -> bool:
         """True if in-step phases should be recorded at optimizer step `step`."""
@@ -223,9 +251,8 @@ class MemoryProfiler:
             }
         else:
             current = self._current()
-            with self._lock:
-                peak = max(self._max_sampled, current)
-                self._max_sampled = current
+            peak = max(self._peak_since_step(), current)
+            self._new_step(current)
             if self.kind == "mps":
                 driver = torch.mps.driver_allocated_memory()
                 record = {
@@ -249,8 +276,7 @@ class MemoryProfiler:
         if self.kind == "cuda":
             peak = max(self._overall_peak, torch.cuda.max_memory_allocated(self.device))
         else:
-            with self._lock:
-                peak = max(self._overall_peak, self._max_sampled)
+            peak = max(self._overall_peak, self._peak_since_step())
         return max(0, peak - self.baseline_bytes) if above_baseline else peak
 
     # -- reports -----------------------------------------------------------------------------------
@@ -261,9 +287,10 @@ class MemoryProfiler:
         return {
             "device": str(self.device),
             "peak_label": {"cuda": "peak allocated", "mps": "max sampled (current allocated)",
-                           "cpu": "peak RSS (sampled)"}[self.kind],
+                           "cpu": f"peak RSS ({self.rss_source})"}[self.kind],
             "peak_mb": self.peak_bytes() / MB,
             "baseline_mb": self.baseline_bytes / MB,
+            "peak_before_start_mb": self.peak_before_start / MB,
             "steps": len(self.records),
             "step_means": means,
             "phases": self.phases,

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 from .errors import MinituneError
 
-__all__ = ["ProcessPeak", "format_bytes", "heap_kept", "malloc_env", "malloc_mode", "malloc_setting", "process_peak",
+__all__ = ["KernelPeakRss", "ProcessPeak", "format_bytes", "heap_kept", "malloc_env", "malloc_mode", "malloc_setting", "process_peak",
            "release_free_memory", "restart_with_malloc_env", "rss_bytes", "tune_malloc"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -265,6 +265,44 @@ def rss_bytes() -> int:
                       stacklevel=2)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+class KernelPeakRss:
+    """The kernel's own high-water mark of this process's RSS (Linux `VmHWM`), read, then reset to
+    the RSS now (`/proc/self/clear_refs` "5", Linux 4.0+): the exact peak between two reads, every
+    page counted, with no thread sampling it. The kernel updates the mark before it unmaps or
+    discards pages, so a peak freed a microsecond later is still in it (a sampler every 10 ms
+    misses it). A reset also lowers what `getrusage` reports as this process's `ru_maxrss`
+    (the same counter): whoever resets keeps the peaks it read.
+
+    `open()` returns None where there is no such counter (not Linux, or /proc/self/clear_refs not
+    writable): callers sample instead.
+    """
+
+    @classmethod
+    def open(cls) -> KernelPeakRss | None:
+        counter = cls()
+        try:
+            counter.peak_at_open = counter.read()
+            counter.reset()
+        except (OSError, ValueError):
+            return None
+        return counter
+
+    peak_at_open = 0  # the peak before open() reset it: the process's own, from its start
+
+    def read(self) -> int:
+        """The highest RSS (bytes) since the last reset (or the process's start)."""
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * KiB
+        raise ValueError("no VmHWM line in /proc/self/status")
+
+    def reset(self) -> None:
+        """Set the high-water mark to the RSS now."""
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
 
 
 @dataclass

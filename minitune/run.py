@@ -277,7 +277,7 @@ def _memory_rows(profiler: Any, predicted: Any) -> list[tuple[str, str]]:
 
 def measured_process_peak(profiler: Any) -> tuple[int, str] | None:
     """(bytes, what) the whole process reached over the steps `process_peak` predicts (loading and
-    the measurement window, steps 1-2): on CPU the highest RSS sampled, on MPS the kernel's peak RSS
+    the measurement window, steps 1-2): on CPU the highest RSS (the kernel's peak on Linux), on MPS the kernel's peak RSS
     of the process (unified memory; ru_maxrss covers the whole run), on CUDA the caching allocator's
     peak reserved plus what the driver shows beyond the allocator's reserve now (the context and the
     kernels loaded into it, which stay; on a shared GPU other processes' memory too); None without a
@@ -286,8 +286,9 @@ def measured_process_peak(profiler: Any) -> tuple[int, str] | None:
         return None
     if profiler.kind == "cpu":
         if profiler.window_process_peak is not None:
-            return profiler.window_process_peak, f"peak RSS sampled, loading and steps 1-{profiler.window_steps}"
-        return profiler.peak_bytes(), "peak RSS sampled, whole run"
+            return (profiler.window_process_peak,
+                    f"peak RSS ({profiler.rss_source}), loading and steps 1-{profiler.window_steps}")
+        return profiler.peak_bytes(), f"peak RSS ({profiler.rss_source}), whole run"
     if profiler.kind == "mps":
         import resource  # Unix only
 

@@ -22,7 +22,7 @@ __all__ = ["MEMORY_KEYS", "PEAK_KEYS", "TABLE_COLUMNS", "RunData", "final_figure
 # per-step memory keys of log.jsonl (see minitune.memory.MemoryProfiler.step) and how they are named
 MEMORY_KEYS = {
     "mem/rss_mb": "RSS",
-    "mem/peak_rss_mb": "peak RSS (sampled)",
+    "mem/peak_rss_mb": "peak RSS",
     "mem/allocated_mb": "CUDA allocated",
     "mem/reserved_mb": "CUDA reserved",
     "mem/peak_allocated_mb": "CUDA peak allocated",

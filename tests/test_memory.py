@@ -58,36 +58,65 @@ def test_assume_grads_counts_freed_gradients():
     assert tensor_breakdown(model, assume_grads=True)["gradients"] == tensor_breakdown(model)["trainable_weights"]
 
 
-def test_cpu_peak_is_per_step_and_resets():
+def _touch_and_free_200_mb(prof: MemoryProfiler, wait_for_sampler: bool) -> None:
+    import mmap
+    import time
+
+    from minitune.process_memory import rss_bytes
+
+    # fresh anonymous pages, touched: resident whatever the allocator holds already (inside a long
+    # test session, malloc may serve 200 MB from memory that is resident and free)
+    before = rss_bytes()
+    region = mmap.mmap(-1, 200 * MB)
+    big = torch.frombuffer(region, dtype=torch.uint8).fill_(1)
+    assert rss_bytes() >= before + 150 * MB  # the allocation is in the RSS
+    # a sampler thread sees it within a few periods; a busy machine may delay it (up to 2 s)
+    deadline = time.monotonic() + 2.0
+    while wait_for_sampler and prof._max_sampled < before + 150 * MB and time.monotonic() < deadline:
+        time.sleep(0.01)
+    del big
+    region.close()  # unmapped: freed within microseconds of being touched when not waiting
+
+
+@pytest.mark.parametrize("kernel_peak", [True, False], ids=["kernel-peak", "sampler-thread"])
+def test_cpu_peak_is_per_step_and_resets(kernel_peak, monkeypatch):
+    from minitune.process_memory import KernelPeakRss
+
+    if kernel_peak and KernelPeakRss.open() is None:
+        pytest.skip("no resettable kernel peak RSS here (not Linux, or /proc/self/clear_refs not writable)")
+    if not kernel_peak:
+        monkeypatch.setattr(KernelPeakRss, "open", classmethod(lambda cls: None))
     with MemoryProfiler("cpu", sample_interval_s=0.002) as prof:
+        assert prof.rss_source == ("kernel peak" if kernel_peak else "sampled")
+        assert (prof._thread is None) == kernel_peak  # no thread where the kernel keeps the peak
         first = prof.step(1)
         assert first["mem/rss_mb"] > 0 and first["mem/peak_rss_mb"] >= first["mem/rss_mb"]
-        import mmap
-        import time
-
-        # fresh anonymous pages, touched: resident whatever the allocator holds already (inside a long
-        # test session, malloc may serve 200 MB from memory that is resident and free)
-        region = mmap.mmap(-1, 200 * MB)
-        big = torch.frombuffer(region, dtype=torch.uint8).fill_(1)
-
-        from minitune.process_memory import rss_bytes
-
-        assert rss_bytes() >= (first["mem/rss_mb"] + 150) * MB  # the allocation is in the RSS
-        # the sampler thread sees it within a few periods; a busy machine may delay it (up to 2 s)
-        deadline = time.monotonic() + 2.0
-        while prof._max_sampled < (first["mem/rss_mb"] + 150) * MB and time.monotonic() < deadline:
-            time.sleep(0.01)
-        del big
-        region.close()
+        _touch_and_free_200_mb(prof, wait_for_sampler=not kernel_peak)  # the kernel's mark needs no wait
         second = prof.step(2)
         assert second["mem/peak_rss_mb"] >= first["mem/rss_mb"] + 150
         assert second["mem/rss_mb"] < second["mem/peak_rss_mb"] - 150
-        time.sleep(0.02)
         third = prof.step(3)
         assert third["mem/peak_rss_mb"] < second["mem/peak_rss_mb"] - 150
         assert prof.peak_bytes() >= second["mem/peak_rss_mb"] * MB
         assert prof.baseline_bytes > 0
         assert prof.peak_bytes(above_baseline=True) == prof.peak_bytes() - prof.baseline_bytes
+
+
+def test_kernel_peak_catches_a_peak_freed_at_once_and_reset_lowers_it():
+    from minitune.process_memory import KernelPeakRss, rss_bytes
+
+    counter = KernelPeakRss.open()
+    if counter is None:
+        pytest.skip("no resettable kernel peak RSS here")
+    assert counter.peak_at_open >= rss_bytes() - 4 * MB
+    counter.reset()
+    low = counter.read()
+    buf = bytearray(100 * MB)  # zero pages: write one byte a page to make them resident
+    buf[::4096] = b"x" * len(buf[::4096])
+    del buf
+    assert counter.read() >= low + 90 * MB
+    counter.reset()
+    assert counter.read() < low + 50 * MB
 
 
 def test_cuda_path_with_mocks():
