@@ -9,7 +9,9 @@ each step, the highest of it and the peaks in the run's memory.json), its wall t
 its log.jsonl (`step_time_s`): all steps, and the steps after the allocator trace's window
 (`build.TRACE_STEPS`), which is what the profiler costs tokens/s in a long run. The start-up's
 planner simulation (the prediction the measurement is compared with) runs only with the profiler on
-and is in the wall time, not in the steps. Prints a table; run it with nothing else on the machine.
+and is in the wall time, not in the steps. Last, the profiler's own calls timed in this process:
+after the trace's window they are all it does (on Linux no thread samples RSS: the kernel keeps the
+peak), so their time over a step's is its cost to tokens/s, without the runs' noise. Prints a table; run it with nothing else on the machine.
 """
 
 from __future__ import annotations
@@ -64,20 +66,44 @@ def main(argv: list[str] | None = None) -> int:
             for memory in ((True, False) if i % 2 == 0 else (False, True)):  # on off, off on, ...
                 runs.append(run(args.config, args.steps, memory, Path(tmp) / f"run{len(runs)}"))
     print(f"# logging.memory on vs off: {args.config}, {args.steps} steps, {args.pairs} pairs (commit: git log -1)\n")
-    print("| run | memory | wall s | all steps s | steps after the trace s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"| run | memory | wall s | all steps s | steps 1-{TRACE_STEPS} s | steps after them s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
     for i, r in enumerate(runs, 1):
         print(f"| {i} | {'on' if r['memory'] else 'off'} | {r['wall_s']:.1f} | {r['steps_s']:.2f} | "
-              f"{r['after_trace_s']:.2f} | {r['peak_rss_mib']:.1f} |")
+              f"{r['steps_s'] - r['after_trace_s']:.2f} | {r['after_trace_s']:.2f} | {r['peak_rss_mib']:.1f} |")
     on = [r for r in runs if r["memory"]]
     off = [r for r in runs if not r["memory"]]
 
     def ratio(key: str) -> str:
         return f"{statistics.median(r[key] for r in on) / statistics.median(r[key] for r in off):.3f}"
 
+    def traced(group: list[dict]) -> float:
+        return statistics.median(r["steps_s"] - r["after_trace_s"] for r in group)
+
     print(f"\nmedians, on / off: wall {ratio('wall_s')}, all steps {ratio('steps_s')}, "
-          f"steps after the trace {ratio('after_trace_s')}, peak RSS {ratio('peak_rss_mib')}")
+          f"steps after the trace {ratio('after_trace_s')}, peak RSS {ratio('peak_rss_mib')}; "
+          f"steps 1-{TRACE_STEPS} (traced when on) {traced(on):.2f} s / {traced(off):.2f} s")
+    print("\nwhat the profiler's calls cost after the trace, timed here (the loop calls `step()` at each logged step, "
+          f"`phase()` three times at a phased one): {calls_cost()}")
     return 0
+
+
+def calls_cost(n: int = 2000) -> str:
+    """Microseconds per MemoryProfiler.step() and .phase() on this machine's CPU, and where the peak
+    RSS comes from (no thread runs beside training when it is the kernel's)."""
+    from minitune.memory import MemoryProfiler
+
+    with MemoryProfiler("cpu") as prof:
+        t = time.perf_counter()
+        for i in range(n):
+            prof.step(i)
+        step_us = (time.perf_counter() - t) / n * 1e6
+        t = time.perf_counter()
+        for _ in range(n):
+            prof.phase("forward")
+        phase_us = (time.perf_counter() - t) / n * 1e6
+        source = prof.rss_source
+    return f"step() {step_us:.0f} us, phase() {phase_us:.0f} us, peak RSS: {source}"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -191,5 +192,6 @@ def test_profiler_cost_alternates_runs_with_the_memory_profiler_on_and_off(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split("|")[2].strip() for r in rows] == ["on", "off"], proc.stdout
-    assert all(float(r.split("|")[6]) > 0 for r in rows)  # a peak RSS read for each run
+    assert all(float(r.split("|")[7]) > 0 for r in rows)  # a peak RSS read for each run
     assert "steps after the trace" in proc.stdout
+    assert re.search(r"step\(\) \d+ us, phase\(\) \d+ us", proc.stdout), proc.stdout  # its calls, timed
