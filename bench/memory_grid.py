@@ -431,7 +431,8 @@ def markdown(data: dict) -> str:
              "ratio = measured / predicted; error = (predicted - measured) / measured. "
              "Breakdown (`tensor_breakdown` at the peak): frozen weights | trainable weights + gradients | "
              "optimizer state | activations and temporaries (= peak minus the tensors)."
-             + (" RSS = the cell's whole-run peak RSS (sampled every 10 ms, loading included); process_peak = "
+             + (" RSS = the cell's whole-run peak RSS (loading included; the kernel's own high-water mark on Linux, "
+                "sampled every 10 ms elsewhere); process_peak = "
                 "`minitune.process_memory.process_peak` (RSS before loading + the higher of the predicted training "
                 "tensors with the allocator's overhead and glibc's heap, and loading's predicted peak); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak, "
                 "what the process held beyond its tensors (the cell's trace records every step, where a run's records "
@@ -477,8 +478,8 @@ def markdown(data: dict) -> str:
     if o:
         lines += ["", f"## Profiler overhead ({o['model']}, LoRA, batch {o['batch_size']} x seq {o['seq_len']}, "
                   f"{o['steps']} timed steps per run)", "",
-                  f"Alternating runs, order {', '.join(o['order'])}; 'on' = MemoryProfiler started (sampler "
-                  "thread) with forward/backward/optimizer phases and a record every step, as `train()` does with "
+                  f"Alternating runs, order {', '.join(o['order'])}; 'on' = MemoryProfiler started (the kernel's "
+                  "peak RSS read each step on Linux, a sampler thread elsewhere) with forward/backward/optimizer phases and a record every step, as `train()` does with "
                   "logging.memory=true; 'off' = no profiler at all.", "",
                   "| profiler | median s/step of each run (in run order) | median over runs |", "|---|---|---|"]
         for mode in ("on", "off"):
@@ -487,13 +488,15 @@ def markdown(data: dict) -> str:
             lines.append(f"| {mode} | {', '.join(f'{v:.4f}' for v in vals)} | {med:.4f} |")
         if "overhead_pct" in o:
             lines += ["", f"Between runs: on vs off **{o['overhead_pct']:+.2f}%** of the step time; the spread "
-                      f"between the 'off' runs alone is {o['spread_pct']:.1f}% (a shared 2-core machine), so this "
-                      "difference is within noise."]
+                      f"between the 'off' runs alone is {o['spread_pct']:.1f}%"
+                      + (", so this difference is within noise." if abs(o["overhead_pct"]) <= o["spread_pct"]
+                         else ": the difference is larger than that noise.")]
         if "calls_pct" in o:
             lines += ["", f"Measured directly inside the 'on' runs: the profiler's calls (3 phase snapshots and one "
                       f"record per step) take {o['calls_ms']:.3f} ms per step = **{o['calls_pct']:.3f}%** of the "
-                      f"step; the sampler thread (one /proc read every 10 ms) costs {o['sampler_pct']:.3f}% of a "
-                      f"core. Total **{o['calls_pct'] + o['sampler_pct']:.2f}%** (target < 2%)."]
+                      + (f"step; the sampler thread (one /proc read every 10 ms) costs {o['sampler_pct']:.3f}% of a "
+                         "core" if o["sampler_pct"] else "step; no sampler thread runs (the kernel keeps the peak)")
+                      + f". Total **{o['calls_pct'] + o['sampler_pct']:.2f}%** (target < 2%)."]
     if data.get("rank"):
         r0 = data["rank"][0]
         lines += ["", f"## LoRA rank sweep ({r0['model']}, targets {r0['targets']}, meta device)", "",

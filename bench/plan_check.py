@@ -126,7 +126,8 @@ def markdown(data: dict) -> str:
              ""]
     if data.get("outside"):
         lines += ["## Configs outside the grid", "",
-                  "RSS = the run's whole-process peak RSS (sampled every 10 ms, loading included); process_peak = "
+                  "RSS = the run's whole-process peak RSS (loading included; the kernel's own high-water mark on Linux); "
+                  "process_peak = "
                   "`minitune.process_memory.process_peak` (RSS before loading + the higher of the predicted training "
                   "tensors with the allocator's overhead and glibc's heap, and loading's predicted peak); RSS above baseline / peak = (peak RSS - RSS before loading) / the allocator's peak.", "",
                   "| config | status | measured MiB | predicted MiB | ratio | error | RSS MiB | process_peak MiB "
