@@ -221,8 +221,13 @@ class MemoryProfiler:
 
     @property
     def rss_source(self) -> str:
-        """CPU: where peak RSS comes from, for labels."""
+        """CPU: where peak RSS comes from: 'kernel peak' (exact) or 'sampled' (may miss a short peak)."""
         return "kernel peak" if self._kernel_peak is not None else "sampled"
+
+    @property
+    def peak_rss_label(self) -> str:
+        """CPU: 'peak RSS', or 'peak RSS (sampled)' where it is sampled."""
+        return "peak RSS" if self._kernel_peak is not None else "peak RSS (sampled)"
 
     # -- records -----------------------------------------------------------------------------------
     def want_phases(self, step: int) -> bool:
@@ -287,7 +292,7 @@ class MemoryProfiler:
         return {
             "device": str(self.device),
             "peak_label": {"cuda": "peak allocated", "mps": "max sampled (current allocated)",
-                           "cpu": f"peak RSS ({self.rss_source})"}[self.kind],
+                           "cpu": self.peak_rss_label}[self.kind],
             "peak_mb": self.peak_bytes() / MB,
             "baseline_mb": self.baseline_bytes / MB,
             "peak_before_start_mb": self.peak_before_start / MB,

@@ -286,9 +286,8 @@ def measured_process_peak(profiler: Any) -> tuple[int, str] | None:
         return None
     if profiler.kind == "cpu":
         if profiler.window_process_peak is not None:
-            return (profiler.window_process_peak,
-                    f"peak RSS ({profiler.rss_source}), loading and steps 1-{profiler.window_steps}")
-        return profiler.peak_bytes(), f"peak RSS ({profiler.rss_source}), whole run"
+            return profiler.window_process_peak, f"{profiler.peak_rss_label}, loading and steps 1-{profiler.window_steps}"
+        return profiler.peak_bytes(), f"{profiler.peak_rss_label}, whole run"
     if profiler.kind == "mps":
         import resource  # Unix only
 

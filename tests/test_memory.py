@@ -88,6 +88,7 @@ def test_cpu_peak_is_per_step_and_resets(kernel_peak, monkeypatch):
         monkeypatch.setattr(KernelPeakRss, "open", classmethod(lambda cls: None))
     with MemoryProfiler("cpu", sample_interval_s=0.002) as prof:
         assert prof.rss_source == ("kernel peak" if kernel_peak else "sampled")
+        assert prof.summary()["peak_label"] == ("peak RSS" if kernel_peak else "peak RSS (sampled)")
         assert (prof._thread is None) == kernel_peak  # no thread where the kernel keeps the peak
         first = prof.step(1)
         assert first["mem/rss_mb"] > 0 and first["mem/peak_rss_mb"] >= first["mem/rss_mb"]
