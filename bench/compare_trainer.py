@@ -19,8 +19,9 @@ like-for-like loop races.
 
 Measured per run, over the steps after `--warmup`: tokens/s (real tokens: attention-mask ones,
 plus target tokens for seq2seq; the same batches on both sides, so the ratio is a time ratio),
-peak memory (CPU: peak RSS of the process from the kernel, ru_maxrss, and the peak of RSS sampled
-every 2 ms during training minus the RSS before it; CUDA: max_memory_allocated) and the loss of
+peak memory (CPU: peak RSS of the process, and the peak RSS during training minus the RSS before it,
+both from the kernel's high-water mark on Linux (`minitune.process_memory.KernelPeakRss`; elsewhere
+ru_maxrss and RSS sampled every 2 ms); CUDA: max_memory_allocated) and the loss of
 every step (the Trainer's and minitune's full-loss losses agree: a check that both did the same work).
 
 Results go to `bench/results/compare_trainer[_levers].{md,csv}` with the command that made them.
@@ -56,6 +57,7 @@ from minitune.loop import fit
 from minitune.losses import loss_fn_for
 from minitune.model import load_model, load_tokenizer, resolve_kind
 from minitune.optim import build_optimizer, build_scheduler
+from minitune.process_memory import KernelPeakRss, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")
@@ -149,28 +151,44 @@ def precision_settings(side: str, precision: str) -> dict:
 # one run (in its own process)
 
 
+class _TrainingRss:
+    """Peak RSS during training and of the whole process: the kernel's high-water mark, reset when
+    training starts (no thread beside the steps being timed), or where it cannot be reset a
+    sampler thread and ru_maxrss."""
+
+    def __init__(self):
+        self.before = rss_bytes()
+        self._counter = KernelPeakRss.open()
+        self._sampler = None if self._counter is not None else _RssSampler()
+        if self._sampler is not None:
+            self._sampler.start()
+
+    def stop(self) -> tuple[int, int]:
+        """(peak during training, peak of the process from its start), bytes."""
+        if self._counter is not None:
+            during = self._counter.read()
+            return during, max(during, self._counter.peak_at_open)
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self._sampler.stop(), maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
 class _RssSampler(threading.Thread):
-    """Peak resident set size, read from /proc every `interval` s (the kernel's ru_maxrss cannot be
-    reset, so the peak *during training* needs sampling)."""
+    """Peak resident set size, read from /proc (psutil off Linux) every `interval` s: where the
+    kernel's peak cannot be reset, ru_maxrss covers the whole process, not training alone."""
 
     def __init__(self, interval: float = 0.002):
         super().__init__(daemon=True)
         self.interval, self.peak, self._stop_event = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def current(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, self.current())
+            self.peak = max(self.peak, rss_bytes())
             time.sleep(self.interval)
 
     def stop(self) -> int:
         self._stop_event.set()
         self.join()
-        self.peak = max(self.peak, self.current())
+        self.peak = max(self.peak, rss_bytes())
         return self.peak
 
 
@@ -224,9 +242,7 @@ def run_one(spec: dict) -> dict:
         model.to("cuda")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    sampler = _RssSampler()
-    rss_before = sampler.current()
-    sampler.start()
+    rss = _TrainingRss()
     stamps: list[tuple[float, float]] = []  # (wall, process CPU) time at the end of each step
     losses: list[float] = []
     set_seed(t.seed)
@@ -237,7 +253,7 @@ def run_one(spec: dict) -> dict:
         _train_trainer(cfg, model, loader(), data, stamps, losses, cuda)
     if cuda:
         torch.cuda.synchronize()
-    peak_sampled = sampler.stop()
+    peak_training, peak_process = rss.stop()
     total_s = time.perf_counter() - t_start
     begin = stamps[warmup - 1] if warmup else (t_start, c_start)
     measured, cpu = stamps[-1][0] - begin[0], stamps[-1][1] - begin[1]
@@ -252,9 +268,9 @@ def run_one(spec: dict) -> dict:
         "tokens_per_cpu_s": tokens / cpu,
         "first_steps_s": (begin[0] - t_start),
         "total_s": total_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-        "train_rss_delta_mb": (peak_sampled - rss_before) / 2**20,
-        "rss_before_mb": rss_before / 2**20,
+        "peak_rss_mb": peak_process / 2**20,
+        "train_rss_delta_mb": (peak_training - rss.before) / 2**20,
+        "rss_before_mb": rss.before / 2**20,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "losses": losses,
     }

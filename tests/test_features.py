@@ -278,6 +278,13 @@ def test_compare_trainer_smoke(tmp_path, precision):
     md = (tmp_path / "cmp.md").read_text()
     assert "| tiny-llama | trainer |" in md and "| tiny-llama | minitune |" in md
     assert f"precision {precision}" in md
+    import csv
+
+    lines = (tmp_path / "cmp.csv").read_text().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))  # the command comes first
+    assert len(rows) == 2
+    for row in rows:  # the process's peak RSS covers training's, which is counted above the RSS before it
+        assert float(row["peak_rss_mb"]) > float(row["train_rss_delta_mb"]) >= 0, row
 
 
 @pytest.mark.slow  # the default job (SmolLM2-135M from its GGUF file), 2 steps instead of 40
