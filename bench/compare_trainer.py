@@ -57,7 +57,7 @@ from minitune.loop import fit
 from minitune.losses import loss_fn_for
 from minitune.model import load_model, load_tokenizer, resolve_kind
 from minitune.optim import build_optimizer, build_scheduler
-from minitune.process_memory import KernelPeakRss, rss_bytes
+from minitune.process_memory import KernelPeakRss, max_rss_bytes, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")
@@ -168,8 +168,7 @@ class _TrainingRss:
         if self._counter is not None:
             during = self._counter.read()
             return during, max(during, self._counter.peak_at_open)
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return self._sampler.stop(), maxrss if sys.platform == "darwin" else maxrss * 1024
+        return self._sampler.stop(), max_rss_bytes(resource.getrusage(resource.RUSAGE_SELF))
 
 
 class _RssSampler(threading.Thread):

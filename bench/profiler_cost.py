@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from minitune.build import TRACE_STEPS  # noqa: E402  (after the path)
+from minitune.process_memory import MiB, max_rss_bytes  # noqa: E402
 
 
 def run(config: str, steps: int, memory: bool, out: Path) -> dict:
@@ -45,7 +46,7 @@ def run(config: str, steps: int, memory: bool, out: Path) -> dict:
         raise SystemExit(f"error: {' '.join(cmd)} exited {proc.returncode}")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     times = [r["step_time_s"] for r in records if "step_time_s" in r]
-    peak = usage.ru_maxrss / 1024  # KiB on Linux: the process's peak RSS, for an 'off' run
+    peak = max_rss_bytes(usage) / MiB  # the process's peak RSS, for an 'off' run
     if memory:  # the profiler resets the kernel's peak at each step: ru_maxrss covers the time since its last
         # reset; its memory.json has the peak from its start on and the process's peak before it
         summary = json.loads((out / "memory.json").read_text())

@@ -54,11 +54,12 @@ import os
 import resource
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 from .errors import MinituneError
 
-__all__ = ["KernelPeakRss", "ProcessPeak", "format_bytes", "heap_kept", "malloc_env", "malloc_mode", "malloc_setting", "process_peak",
+__all__ = ["KernelPeakRss", "ProcessPeak", "format_bytes", "heap_kept", "malloc_env", "max_rss_bytes", "malloc_mode", "malloc_setting", "process_peak",
            "release_free_memory", "restart_with_malloc_env", "rss_bytes", "tune_malloc"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -263,46 +264,73 @@ def rss_bytes() -> int:
         warnings.warn("CPU memory: no /proc and no psutil, so the current RSS is unknown; using ru_maxrss, which "
                       "only grows: per-step peaks and phases show the highest RSS so far (pip install psutil)",
                       stacklevel=2)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    return max_rss_bytes(resource.getrusage(resource.RUSAGE_SELF))
 
 
 class KernelPeakRss:
     """The kernel's own high-water mark of this process's RSS (Linux `VmHWM`), read, then reset to
-    the RSS now (`/proc/self/clear_refs` "5", Linux 4.0+): the exact peak between two reads, every
-    page counted, with no thread sampling it. The kernel updates the mark before it unmaps or
-    discards pages, so a peak freed a microsecond later is still in it (a sampler every 10 ms
-    misses it). A reset also lowers what `getrusage` reports as this process's `ru_maxrss`
-    (the same counter): whoever resets keeps the peaks it read.
+    the RSS now (`/proc/self/clear_refs` "5", Linux 4.0+): the exact peak since this counter's last
+    reset, every page counted, with no thread sampling it. The kernel updates the mark before it
+    unmaps or discards pages, so a peak freed a microsecond later is still in it (a sampler every
+    10 ms misses it).
 
-    `open()` returns None where there is no such counter (not Linux, or /proc/self/clear_refs not
-    writable): callers sample instead.
+    The kernel keeps one mark per process: every `KernelPeakRss` alive shares it, and a reset by one
+    first carries the mark into the others, so each still reads its own peak since its own reset.
+    A reset also lowers what `getrusage` reports as this process's `ru_maxrss` (the same mark):
+    whoever reads that in a process that resets it sees the peak since the last reset only.
+
+    `open()` returns None where there is no such counter (not Linux, /proc/self/clear_refs not
+    writable, or a write the kernel ignores): callers sample instead. `read` and `reset` raise
+    OSError or ValueError if /proc fails them later.
     """
+
+    _alive: weakref.WeakSet[KernelPeakRss] = weakref.WeakSet()
+
+    def __init__(self) -> None:
+        self.peak_at_open = 0  # the mark before open() reset it: the process's peak from its start
+        self._carried = 0  # the highest mark other counters' resets took away since this one's last
 
     @classmethod
     def open(cls) -> KernelPeakRss | None:
         counter = cls()
         try:
-            counter.peak_at_open = counter.read()
+            counter.peak_at_open = _read_hwm()
+            cls._alive.add(counter)
             counter.reset()
+            after = _read_hwm()
         except (OSError, ValueError):
+            cls._alive.discard(counter)
+            return None
+        if after == counter.peak_at_open and after > rss_bytes() + MiB:  # the write did not reset it
+            cls._alive.discard(counter)
             return None
         return counter
 
-    peak_at_open = 0  # the peak before open() reset it: the process's own, from its start
-
     def read(self) -> int:
-        """The highest RSS (bytes) since the last reset (or the process's start)."""
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * KiB
-        raise ValueError("no VmHWM line in /proc/self/status")
+        """The highest RSS (bytes) since this counter's last reset (or its opening)."""
+        return max(self._carried, _read_hwm())
 
     def reset(self) -> None:
-        """Set the high-water mark to the RSS now."""
+        """Start this counter's peak again from the RSS now (the others keep theirs)."""
+        mark = _read_hwm()
+        for other in list(self._alive):
+            other._carried = max(other._carried, mark)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        self._carried = 0
+
+
+def _read_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * KiB
+    raise ValueError("no VmHWM line in /proc/self/status")
+
+
+def max_rss_bytes(usage: resource.struct_rusage) -> int:
+    """`ru_maxrss` of a `getrusage`/`wait4` result in bytes (the kernel gives KiB on Linux, bytes on macOS)."""
+    return usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * KiB
 
 
 @dataclass

@@ -242,3 +242,20 @@ def test_profiler_training_peak_on_cpu_is_the_allocator_trace():
     assert 4 * MB <= prof.held_at_start < 8 * MB and peak == prof.held_at_start + 3 * MB
     assert what == "held by the CPU allocator, steps 1-2"
     del weights, other
+
+
+def test_kernel_peak_counters_share_the_mark_and_keep_their_own_peaks():
+    from minitune.process_memory import KernelPeakRss, rss_bytes
+
+    first = KernelPeakRss.open()
+    if first is None:
+        pytest.skip("no resettable kernel peak RSS here")
+    buf = bytearray(100 * MB)
+    buf[::4096] = b"x" * len(buf[::4096])
+    del buf  # a 100 MB peak, gone
+    second = KernelPeakRss.open()  # resets the process's one mark...
+    assert second.read() < rss_bytes() + 20 * MB
+    assert first.read() >= rss_bytes() + 90 * MB  # ...but the first counter keeps the peak it had not read
+    first.reset()
+    assert first.read() < rss_bytes() + 20 * MB
+
