@@ -50,7 +50,7 @@ def run(config: str, steps: int, memory: bool, out: Path) -> dict:
     if memory:  # the profiler resets the kernel's peak at each step: ru_maxrss covers the time since its last
         # reset; its memory.json has the peak from its start on and the process's peak before it
         summary = json.loads((out / "memory.json").read_text())
-        peak = max(peak, summary["peak_mb"], summary.get("peak_before_start_mb", 0))
+        peak = max(peak, summary["peak_mb"], summary.get("peak_before_start_mb") or 0)
     return {"memory": memory, "wall_s": wall, "peak_rss_mib": peak,
             "steps_s": sum(times), "after_trace_s": sum(times[TRACE_STEPS:])}
 

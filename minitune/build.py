@@ -130,7 +130,7 @@ def setup(cfg: Config) -> Parts:
     laps.mark("data")
     baseline = rss_bytes()  # the process before the model loads: libraries, tokenizer, data
     profiler = _start_profiler(cfg, accelerator.device)
-    try:  # a failure from here on (bad weights, a checkpoint that does not fit) stops the sampler thread
+    try:  # a failure from here on (bad weights, a checkpoint that does not fit) stops the profiler
         model, prep, loss_fn, predicted, process = _model_and_prediction(cfg, accelerator.device, data, profiler,
                                                                          baseline, laps)
         if t.compile:
@@ -346,8 +346,8 @@ def train_loader(cfg: Config, data: DataBundle) -> Any:
 
 
 def _start_profiler(cfg: Config, device: torch.device) -> MemoryProfiler | None:
-    """The memory profiler, sampling from before the model loads (None with logging.memory=false: no
-    sampler, no records, no measured peak; the prediction stays)."""
+    """The memory profiler, watching from before the model loads (None with logging.memory=false: no
+    records, no measured peak; the prediction stays)."""
     if not cfg.logging.memory:
         return None
     profiler = MemoryProfiler(device, window_steps=TRACE_STEPS,

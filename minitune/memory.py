@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import json
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,10 @@ class MemoryProfiler:
         self.phases: dict[str, dict[str, float]] = {}
         self.breakdown: dict[str, int] | None = None
         self._max_sampled = 0  # running max since the last step() (MPS; CPU without a kernel peak)
-        self._kernel_peak: KernelPeakRss | None = None  # CPU on Linux: the kernel's peak RSS, reset each step
-        self.peak_before_start = 0  # CPU on Linux: the process's peak RSS before start() (imports, data)
+        self._kernel_peak: KernelPeakRss | None = None  # CPU on Linux, while started: the kernel's peak RSS
+        # CPU: where peak RSS comes from: 'kernel peak' (exact) or 'sampled' (may miss a short peak)
+        self.rss_source = "sampled"
+        self.peak_before_start: int | None = None  # CPU, kernel peak: the process's peak RSS before start()
         # CPU: RSS when profiling started (Python, torch, libraries): not training memory
         self.baseline_bytes = 0
         self._overall_peak = 0
@@ -107,18 +110,24 @@ class MemoryProfiler:
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        if self.kind == "cpu" and self._kernel_peak is None:
-            self._kernel_peak = KernelPeakRss.open()
-            if self._kernel_peak is not None:
-                self.peak_before_start = self._kernel_peak.peak_at_open
-        if self.kind == "cpu" and not self.baseline_bytes:
-            self.baseline_bytes = self._current()
-        if self._kernel_peak is None and self._thread is None:
+        if self.kind == "cpu":
+            if self._kernel_peak is None and self._thread is None:
+                self._kernel_peak = KernelPeakRss.open()
+                self.rss_source = "kernel peak" if self._kernel_peak is not None else "sampled"
+                if self._kernel_peak is not None and self.peak_before_start is None:
+                    self.peak_before_start = self._kernel_peak.peak_at_open
+            if not self.baseline_bytes:
+                self.baseline_bytes = self._current()
+        if self._kernel_peak is None:
+            self._start_sampler()
+        return self
+
+    def _start_sampler(self) -> None:
+        if self._thread is None:
             self._stop.clear()
             self._max_sampled = self._current()
             self._thread = threading.Thread(target=self._sample, name="minitune-memory", daemon=True)
             self._thread.start()
-        return self
 
     def training_starts(self) -> None:
         """Mark the end of loading: the peak so far is the load's, later ones are the training's."""
@@ -181,8 +190,15 @@ class MemoryProfiler:
         return peak, f"{label}, every step"
 
     def stop(self) -> None:
-        """Stop the sampler thread (and an allocator trace still running)."""
+        """Stop watching: the peaks read from here on are those up to now (an allocator trace still
+        running ends, a sampler thread stops, the kernel's peak is read a last time)."""
         self._end_trace()
+        if self._kernel_peak is not None:
+            last = self._peak_since_step()
+            self._kernel_peak = None
+            with self._lock:
+                self._max_sampled = last
+            self._overall_peak = max(self._overall_peak, last)
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=1.0)
@@ -207,27 +223,37 @@ class MemoryProfiler:
     def _peak_since_step(self) -> int:
         """CPU/MPS: the highest value since the last step() (or start)."""
         if self._kernel_peak is not None:
-            return self._kernel_peak.read()
+            try:
+                return self._kernel_peak.read()
+            except (OSError, ValueError) as e:
+                self._sample_instead(e)
         with self._lock:
             return self._max_sampled
 
     def _new_step(self, current: int) -> None:
         """CPU/MPS: start the next step's peak from `current`."""
         if self._kernel_peak is not None:
-            self._kernel_peak.reset()
-        else:
-            with self._lock:
-                self._max_sampled = current
+            try:
+                self._kernel_peak.reset()
+                return
+            except (OSError, ValueError) as e:
+                self._sample_instead(e)
+        with self._lock:
+            self._max_sampled = current
 
-    @property
-    def rss_source(self) -> str:
-        """CPU: where peak RSS comes from: 'kernel peak' (exact) or 'sampled' (may miss a short peak)."""
-        return "kernel peak" if self._kernel_peak is not None else "sampled"
+    def _sample_instead(self, error: Exception) -> None:
+        """The kernel's peak failed after it opened (/proc refused a read or a reset): sample from
+        here on, saying so once (the peak since the last good read is lost)."""
+        warnings.warn(f"CPU memory: the kernel's peak RSS failed ({error}); sampling RSS every "
+                      f"{self.sample_interval_s * 1000:g} ms from here on, which may miss short peaks", stacklevel=3)
+        self._kernel_peak = None
+        self.rss_source = "sampled"
+        self._start_sampler()
 
     @property
     def peak_rss_label(self) -> str:
         """CPU: 'peak RSS', or 'peak RSS (sampled)' where it is sampled."""
-        return "peak RSS" if self._kernel_peak is not None else "peak RSS (sampled)"
+        return "peak RSS" if self.rss_source == "kernel peak" else "peak RSS (sampled)"
 
     # -- records -----------------------------------------------------------------------------------
     def want_phases(self, step: int) -> bool:
@@ -295,7 +321,7 @@ class MemoryProfiler:
                            "cpu": self.peak_rss_label}[self.kind],
             "peak_mb": self.peak_bytes() / MB,
             "baseline_mb": self.baseline_bytes / MB,
-            "peak_before_start_mb": self.peak_before_start / MB,
+            "peak_before_start_mb": self.peak_before_start / MB if self.peak_before_start is not None else None,
             "steps": len(self.records),
             "step_means": means,
             "phases": self.phases,

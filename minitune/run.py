@@ -79,7 +79,7 @@ def train(config: Config | dict | str | Path, overrides: list[str] | dict | tupl
         try:
             state = _fit(parts, on_step)
         except BaseException:
-            _phase(parts.profiler, None)  # stops the sampler thread
+            _phase(parts.profiler, None)  # stops the profiler (a sampler thread where there is one)
             raise
         finally:
             parts.logger.close()

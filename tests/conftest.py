@@ -80,7 +80,7 @@ def tiny_config(preset: str = "tiny-llama", output_dir: str | Path = "runs/test"
         "training": {"output_dir": str(output_dir), "max_steps": 8, "batch_size": 4, "seed": 0,
                      "mixed_precision": "no", "eval_batches": 2},
         # no report.png per test run (a second or two each); tests/test_run_report.py turns it on.
-        # memory=false: no sampler thread, heap walks or allocator trace (about 2 s of a tiny run); the
+        # memory=false: no RSS records, heap walks or allocator trace (about 2 s of a tiny run); the
         # tests of memory records, memory.json and the profiler use measured_config (memory on)
         "logging": {"progress": "none", "report": False, "memory": False},
     }
@@ -91,7 +91,7 @@ def tiny_config(preset: str = "tiny-llama", output_dir: str | Path = "runs/test"
 
 def measured_config(preset: str = "tiny-llama", output_dir: str | Path = "runs/test", **sections) -> dict:
     """tiny_config with logging.memory on, as a run is by default: the memory records, memory.json,
-    the measured peak and the sampler thread."""
+    the measured peak (the kernel's peak RSS, or a sampler thread)."""
     sections["logging"] = {"memory": True, **sections.get("logging", {})}
     return tiny_config(preset, output_dir, **sections)
 

@@ -259,3 +259,38 @@ def test_kernel_peak_counters_share_the_mark_and_keep_their_own_peaks():
     first.reset()
     assert first.read() < rss_bytes() + 20 * MB
 
+
+def test_profiler_samples_instead_when_the_kernel_peak_fails_mid_run(monkeypatch):
+    from minitune.process_memory import KernelPeakRss
+
+    with MemoryProfiler("cpu", sample_interval_s=0.002) as prof:
+        if prof.rss_source != "kernel peak":
+            pytest.skip("no resettable kernel peak RSS here")
+        prof.step(1)
+
+        def refused(self):
+            raise PermissionError("clear_refs: Permission denied")
+
+        monkeypatch.setattr(KernelPeakRss, "reset", refused)
+        with pytest.warns(UserWarning, match="kernel's peak RSS failed .*Permission denied.*sampling"):
+            record = prof.step(2)
+        assert record["mem/peak_rss_mb"] > 0 and prof.rss_source == "sampled"
+        assert prof._thread is not None and prof._thread.is_alive()
+        assert prof.summary()["peak_label"] == "peak RSS (sampled)"
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            prof.step(3)  # goes on sampling, no second warning
+    assert prof._thread is None
+
+
+def test_profiler_peak_stops_at_stop():
+    with MemoryProfiler("cpu") as prof:
+        prof.step(1)
+    frozen = prof.peak_bytes()
+    buf = bytearray(100 * MB)
+    buf[::4096] = b"x" * len(buf[::4096])
+    del buf  # after stop(): not the profiler's
+    assert prof.peak_bytes() == frozen
+    assert prof.summary()["peak_mb"] == frozen / MB

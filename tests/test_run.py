@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import threading
@@ -107,8 +108,14 @@ def _samplers() -> int:
 @pytest.mark.parametrize("where", ["setup", "fit"])
 def test_a_failed_run_stops_its_memory_sampler(tmp_path, monkeypatch, where):
     """A run that fails after the memory sampler started (weights that do not load, an error mid-run)
-    leaves no sampler thread behind: a program that calls train() again (or a fuzz loop) would pile them up."""
+    leaves no sampler thread behind: a program that calls train() again (or a fuzz loop) would pile them up.
+    The sampler is forced (on Linux the kernel keeps the peak and no thread runs); the kernel's
+    counter is let go of as well."""
     from minitune import build, run
+    from minitune.process_memory import KernelPeakRss
+
+    counters = len(KernelPeakRss._alive)
+    monkeypatch.setattr(KernelPeakRss, "open", classmethod(lambda cls: None))
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
@@ -118,6 +125,8 @@ def test_a_failed_run_stops_its_memory_sampler(tmp_path, monkeypatch, where):
     with pytest.raises(RuntimeError, match="boom"):
         train(measured_config("tiny-llama", tmp_path / "run", training={"max_steps": 1}))
     assert _samplers() == before
+    gc.collect()
+    assert len(KernelPeakRss._alive) == counters
 
 
 @pytest.mark.parametrize("eval_every, evaluations", [(2, 2), (3, 2), (0, 1)])
