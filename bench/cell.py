@@ -219,7 +219,7 @@ def run_cell(spec: dict) -> dict:
         if trace is not None:  # CPU: the allocator's account; RSS kept alongside
             train_peak, all_peak = trace.peak("train"), trace.peak()
             result.update(peak_load_mb=trace.peak("load") / MB, rss_peak_train_mb=sampled_peak / MB,
-                          rss_peak_all_mb=profiler.peak_bytes(above_baseline=True) / MB)
+                          rss_peak_all_mb=max(0, rss_peak - baseline) / MB)  # read before the trace's read-back
             kind = "CPU allocator (torch profiler memory events), held since before loading"
         else:
             train_peak, all_peak = sampled_peak, profiler.peak_bytes(above_baseline=True)
