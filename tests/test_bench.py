@@ -195,3 +195,26 @@ def test_profiler_cost_alternates_runs_with_the_memory_profiler_on_and_off(tmp_p
     assert all(float(r.split("|")[7]) > 0 for r in rows)  # a peak RSS read for each run
     assert "steps after the trace" in proc.stdout
     assert re.search(r"step\(\) \d+ us, phase\(\) \d+ us", proc.stdout), proc.stdout  # its calls, timed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2 and /proc/self/smaps: Linux only")
+def test_heap_stats_runs_a_grid_cell_and_shows_the_heap_at_each_phase():
+    # ~15 s: the cell restarts itself with glibc's thread cache off, as train.py does
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "heap_stats.py"), "--cell",
+                           '{"model": "tiny-llama", "steps": 2}'], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    phases = [line.split(":")[0] for line in lines if line.startswith("heap at")]
+    assert phases[:2] == ["heap at phase start", "heap at phase load"] and "heap at phase backward" in phases, phases
+    resident = [int(m) for m in re.findall(r"main heap resident (\d+)", proc.stdout)]
+    rss = [int(m) for m in re.findall(r": RSS (\d+) MiB", proc.stdout)]
+    assert len(resident) == len(rss) == len(phases) and all(0 < h <= r for h, r in zip(resident, rss, strict=True))
+    above, peak, ratio = re.search(r"peak RSS above the baseline ([\d.]+) MiB, allocator's training peak ([\d.]+) "
+                                   r"MiB: ([\d.]+)x", lines[-1]).groups()
+    assert float(peak) > 0 and abs(float(above) / float(peak) - float(ratio)) < 0.01
+
+
+def test_heap_stats_refuses_a_cell_without_its_spec():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "heap_stats.py"), "--cell"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --cell takes one cell spec"), proc.stderr[-500:]
