@@ -20,7 +20,7 @@ like-for-like loop races.
 Measured per run, over the steps after `--warmup`: tokens/s (real tokens: attention-mask ones,
 plus target tokens for seq2seq; the same batches on both sides, so the ratio is a time ratio),
 peak memory (CPU: peak RSS of the process, and the peak RSS during training minus the RSS before it,
-both from the kernel's high-water mark on Linux (`minitune.process_memory.KernelPeakRss`; elsewhere
+both from the kernel's high-water mark on Linux (`minitune.rss.KernelPeakRss`; elsewhere
 ru_maxrss and RSS sampled every 2 ms); CUDA: max_memory_allocated) and the loss of
 every step (the Trainer's and minitune's full-loss losses agree: a check that both did the same work).
 
@@ -57,7 +57,7 @@ from minitune.loop import fit
 from minitune.losses import loss_fn_for
 from minitune.model import load_model, load_tokenizer, resolve_kind
 from minitune.optim import build_optimizer, build_scheduler
-from minitune.process_memory import KernelPeakRss, max_rss_bytes, rss_bytes
+from minitune.rss import KernelPeakRss, max_rss_bytes, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")

@@ -26,7 +26,8 @@ import sys
 
 import minitune.memory as memory
 from minitune.cli import main_train
-from minitune.process_memory import restart_with_malloc_env, rss_bytes, tune_malloc
+from minitune.process_memory import restart_with_malloc_env, tune_malloc
+from minitune.rss import rss_bytes
 
 MB = 2**20
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from minitune.build import TRACE_STEPS  # noqa: E402  (after the path)
-from minitune.process_memory import MiB, max_rss_bytes  # noqa: E402
+from minitune.rss import MiB, max_rss_bytes  # noqa: E402
 
 
 def run(config: str, steps: int, memory: bool, out: Path) -> dict:

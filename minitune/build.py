@@ -40,9 +40,10 @@ from .model import load_model, load_tokenizer, model_config, resolve_kind
 from .optim import build_optimizer, build_scheduler
 from .planner import MicroBatch, Prediction, load_peak, simulate
 from .prepare import PreparationReport, prepare_model
-from .process_memory import ProcessPeak, release_free_memory, rss_bytes, tune_malloc
+from .process_memory import ProcessPeak, release_free_memory, tune_malloc
 from .report import RunLogger
 from .resume import resolve_resume, restore_run
+from .rss import rss_bytes
 from .run_folder import check_output_dir, prepare_output_dir
 from .state import TrainState
 

@@ -34,7 +34,8 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu_allocator import AllocatorTrace, live_cpu_storages, live_cpu_tensor_bytes
-from .process_memory import MB, KernelPeakRss, format_bytes, release_free_memory, rss_bytes
+from .process_memory import MB, format_bytes, release_free_memory
+from .rss import KernelPeakRss, rss_bytes
 
 __all__ = ["MemoryProfiler", "format_bytes", "tensor_breakdown"]
 

@@ -24,7 +24,7 @@ import minitune
 PACKAGE = Path(minitune.__file__).parent
 LAYERS = {
     "core": ("errors", "lm", "config", "device", "launch", "presets"),
-    "parts": ("data", "model", "random_init", "losses", "optim", "state", "checkpoint", "memory", "process_memory",
+    "parts": ("data", "model", "random_init", "losses", "optim", "state", "checkpoint", "memory", "process_memory", "rss",
               "cuda_memory", "cpu_allocator", "metrics", "report", "eval_loss", "interrupt", "prepare", "rng", "files"),
     "loop": ("loop",),
     "assembly": ("build", "run_folder", "resume", "run", "planner", "evaluate", "run_data", "run_plots", "run_report",

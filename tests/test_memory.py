@@ -9,7 +9,8 @@ from torch import nn
 
 from minitune.cpu_allocator import AllocatorTrace
 from minitune.memory import MB, MemoryProfiler, format_bytes, tensor_breakdown
-from minitune.process_memory import release_free_memory, rss_bytes
+from minitune.process_memory import release_free_memory
+from minitune.rss import rss_bytes
 
 
 def _tiny():
@@ -62,7 +63,7 @@ def _touch_and_free_200_mb(prof: MemoryProfiler, wait_for_sampler: bool) -> None
     import mmap
     import time
 
-    from minitune.process_memory import rss_bytes
+    from minitune.rss import rss_bytes
 
     # fresh anonymous pages, touched: resident whatever the allocator holds already (inside a long
     # test session, malloc may serve 200 MB from memory that is resident and free)
@@ -80,7 +81,7 @@ def _touch_and_free_200_mb(prof: MemoryProfiler, wait_for_sampler: bool) -> None
 
 @pytest.mark.parametrize("kernel_peak", [True, False], ids=["kernel-peak", "sampler-thread"])
 def test_cpu_peak_is_per_step_and_resets(kernel_peak, monkeypatch):
-    from minitune.process_memory import KernelPeakRss
+    from minitune.rss import KernelPeakRss
 
     if kernel_peak and KernelPeakRss.open() is None:
         pytest.skip("no resettable kernel peak RSS here (not Linux, or /proc/self/clear_refs not writable)")
@@ -104,7 +105,7 @@ def test_cpu_peak_is_per_step_and_resets(kernel_peak, monkeypatch):
 
 
 def test_kernel_peak_catches_a_peak_freed_at_once_and_reset_lowers_it():
-    from minitune.process_memory import KernelPeakRss, rss_bytes
+    from minitune.rss import KernelPeakRss, rss_bytes
 
     counter = KernelPeakRss.open()
     if counter is None:
@@ -245,7 +246,7 @@ def test_profiler_training_peak_on_cpu_is_the_allocator_trace():
 
 
 def test_kernel_peak_counters_share_the_mark_and_keep_their_own_peaks():
-    from minitune.process_memory import KernelPeakRss, rss_bytes
+    from minitune.rss import KernelPeakRss, rss_bytes
 
     first = KernelPeakRss.open()
     if first is None:
@@ -261,7 +262,7 @@ def test_kernel_peak_counters_share_the_mark_and_keep_their_own_peaks():
 
 
 def test_profiler_samples_instead_when_the_kernel_peak_fails_mid_run(monkeypatch):
-    from minitune.process_memory import KernelPeakRss
+    from minitune.rss import KernelPeakRss
 
     with MemoryProfiler("cpu", sample_interval_s=0.002) as prof:
         if prof.rss_source != "kernel peak":

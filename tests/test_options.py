@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from minitune import process_memory
+from minitune import rss
 from minitune.errors import CheckpointError, RunError
 from minitune.evaluate import evaluate_checkpoint
 from minitune.run import train
@@ -53,7 +53,7 @@ def test_eval_refuses_a_checkpoint_tokenizer_that_does_not_load(quiet_run, tmp_p
 
 
 def test_rss_off_linux_uses_psutil_and_warns_when_it_must_use_ru_maxrss(monkeypatch):
-    on_linux = process_memory.rss_bytes()
+    on_linux = rss.rss_bytes()
     real_open = builtins.open
 
     def no_proc(path, *args, **kwargs):
@@ -62,12 +62,12 @@ def test_rss_off_linux_uses_psutil_and_warns_when_it_must_use_ru_maxrss(monkeypa
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", no_proc)
-    via_psutil = process_memory.rss_bytes()
+    via_psutil = rss.rss_bytes()
     assert abs(via_psutil - on_linux) < 0.2 * on_linux  # the current RSS, from psutil
     monkeypatch.setitem(sys.modules, "psutil", None)  # not installed
-    monkeypatch.setattr(process_memory, "_RSS_FALLBACK_WARNED", False)
+    monkeypatch.setattr(rss, "_RSS_FALLBACK_WARNED", False)
     with pytest.warns(UserWarning, match="ru_maxrss, which only grows"):
-        fallback = process_memory.rss_bytes()
+        fallback = rss.rss_bytes()
     assert fallback == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -12,7 +12,7 @@ from minitune import process_memory as pm
 from minitune.config import load_config
 from minitune.memory import MB
 from minitune.planner import format_plan, plan
-from minitune.process_memory import rss_bytes
+from minitune.rss import rss_bytes
 
 from .conftest import measured_config, tiny_config
 

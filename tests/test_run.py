@@ -112,7 +112,7 @@ def test_a_failed_run_stops_its_memory_sampler(tmp_path, monkeypatch, where):
     The sampler is forced (on Linux the kernel keeps the peak and no thread runs); the kernel's
     counter is let go of as well."""
     from minitune import build, run
-    from minitune.process_memory import KernelPeakRss
+    from minitune.rss import KernelPeakRss
 
     counters = len(KernelPeakRss._alive)
     monkeypatch.setattr(KernelPeakRss, "open", classmethod(lambda cls: None))
