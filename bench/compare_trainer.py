@@ -20,7 +20,7 @@ like-for-like loop races.
 Measured per run, over the steps after `--warmup`: tokens/s (real tokens: attention-mask ones,
 plus target tokens for seq2seq; the same batches on both sides, so the ratio is a time ratio),
 peak memory (CPU: peak RSS of the process, and the peak RSS during training minus the RSS before it,
-both from the kernel's high-water mark on Linux (`minitune.rss.KernelPeakRss`; elsewhere
+both from the kernel's high-water mark on Linux (`minitune.rss.PeakWatcher`; elsewhere
 ru_maxrss and RSS sampled every 2 ms); CUDA: max_memory_allocated) and the loss of
 every step (the Trainer's and minitune's full-loss losses agree: a check that both did the same work).
 
@@ -41,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -57,7 +56,7 @@ from minitune.loop import fit
 from minitune.losses import loss_fn_for
 from minitune.model import load_model, load_tokenizer, resolve_kind
 from minitune.optim import build_optimizer, build_scheduler
-from minitune.rss import KernelPeakRss, max_rss_bytes, rss_bytes
+from minitune.rss import PeakWatcher, max_rss_bytes, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2 = str(REPO / "tests/fixtures/tokenizers/gpt2")
@@ -152,43 +151,20 @@ def precision_settings(side: str, precision: str) -> dict:
 
 
 class _TrainingRss:
-    """Peak RSS during training and of the whole process: the kernel's high-water mark, reset when
-    training starts (no thread beside the steps being timed), or where it cannot be reset a
-    sampler thread and ru_maxrss."""
+    """Peak RSS during training and of the whole process (`PeakWatcher`: the kernel's high-water
+    mark, reset when training starts, so no thread runs beside the steps being timed; where it
+    cannot be reset, RSS sampled every 2 ms and ru_maxrss)."""
 
     def __init__(self):
         self.before = rss_bytes()
-        self._counter = KernelPeakRss.open()
-        self._sampler = None if self._counter is not None else _RssSampler()
-        if self._sampler is not None:
-            self._sampler.start()
+        self._watch = PeakWatcher(interval_s=0.002)
 
     def stop(self) -> tuple[int, int]:
         """(peak during training, peak of the process from its start), bytes."""
-        if self._counter is not None:
-            during = self._counter.read()
-            return during, max(during, self._counter.peak_at_open)
-        return self._sampler.stop(), max_rss_bytes(resource.getrusage(resource.RUSAGE_SELF))
-
-
-class _RssSampler(threading.Thread):
-    """Peak resident set size, read from /proc (psutil off Linux) every `interval` s: where the
-    kernel's peak cannot be reset, ru_maxrss covers the whole process, not training alone."""
-
-    def __init__(self, interval: float = 0.002):
-        super().__init__(daemon=True)
-        self.interval, self.peak, self._stop_event = interval, 0, threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        self.peak = max(self.peak, rss_bytes())
-        return self.peak
+        during = self._watch.stop()
+        if self._watch.peak_before is not None:  # the kernel's mark: reset at the start, so ru_maxrss is not the process's
+            return during, max(during, self._watch.peak_before)
+        return during, max(during, max_rss_bytes(resource.getrusage(resource.RUSAGE_SELF)))
 
 
 def _no_dropout(model) -> None:

@@ -16,16 +16,14 @@ called peaks):
     MPS   mem/current_mb, mem/driver_mb, mem/max_sampled_mb (running max from a sampler thread),
           mem/headroom_mb (recommended_max_memory - driver)
     CPU   mem/rss_mb (process RSS now), mem/peak_rss_mb (the highest RSS since the last step: on
-          Linux the kernel's own high-water mark, read and reset each step (`KernelPeakRss`), exact
-          and with no thread; elsewhere the max of a sampler thread's reads)
+          Linux the kernel's own high-water mark, read and reset each step, exact and with no
+          thread; elsewhere the max of a sampler thread's reads: `rss.PeakWatcher`)
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu_allocator import AllocatorTrace, live_cpu_storages, live_cpu_tensor_bytes
 from .process_memory import MB, format_bytes, release_free_memory
-from .rss import KernelPeakRss, rss_bytes
+from .rss import PeakWatcher, rss_bytes
 
 __all__ = ["MemoryProfiler", "format_bytes", "tensor_breakdown"]
 
@@ -89,17 +87,14 @@ class MemoryProfiler:
         self.records: list[dict[str, float]] = []
         self.phases: dict[str, dict[str, float]] = {}
         self.breakdown: dict[str, int] | None = None
-        self._max_sampled = 0  # running max since the last step() (MPS; CPU without a kernel peak)
-        self._kernel_peak: KernelPeakRss | None = None  # CPU on Linux, while started: the kernel's peak RSS
-        # CPU: where peak RSS comes from: 'kernel peak' (exact) or 'sampled' (may miss a short peak)
-        self.rss_source = "sampled"
+        # CPU/MPS while started: the peak since the last step() (on CPU the kernel's mark where it can)
+        self._watch: PeakWatcher | None = None
+        self._last_peak = 0  # CPU/MPS: the peak since the last step() when watching stopped
+        self._last_source = "sampled"  # CPU/MPS: the watcher's source when it stopped
         self.peak_before_start: int | None = None  # CPU, kernel peak: the process's peak RSS before start()
         # CPU: RSS when profiling started (Python, torch, libraries): not training memory
         self.baseline_bytes = 0
         self._overall_peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> MemoryProfiler:
@@ -111,24 +106,19 @@ class MemoryProfiler:
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        if self.kind == "cpu":
-            if self._kernel_peak is None and self._thread is None:
-                self._kernel_peak = KernelPeakRss.open()
-                self.rss_source = "kernel peak" if self._kernel_peak is not None else "sampled"
-                if self._kernel_peak is not None and self.peak_before_start is None:
-                    self.peak_before_start = self._kernel_peak.peak_at_open
-            if not self.baseline_bytes:
-                self.baseline_bytes = self._current()
-        if self._kernel_peak is None:
-            self._start_sampler()
+        if self._watch is None:
+            self._watch = PeakWatcher(self._current, self.sample_interval_s, kernel=self.kind == "cpu",
+                                      what=f"{self.kind.upper()} memory")
+            if self.peak_before_start is None:
+                self.peak_before_start = self._watch.peak_before
+        if self.kind == "cpu" and not self.baseline_bytes:
+            self.baseline_bytes = self._current()
         return self
 
-    def _start_sampler(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._max_sampled = self._current()
-            self._thread = threading.Thread(target=self._sample, name="minitune-memory", daemon=True)
-            self._thread.start()
+    @property
+    def rss_source(self) -> str:
+        """CPU: where peak RSS comes from: 'kernel peak' (exact) or 'sampled' (may miss a short peak)."""
+        return self._watch.source if self._watch is not None else self._last_source
 
     def training_starts(self) -> None:
         """Mark the end of loading: the peak so far is the load's, later ones are the training's."""
@@ -194,16 +184,10 @@ class MemoryProfiler:
         """Stop watching: the peaks read from here on are those up to now (an allocator trace still
         running ends, a sampler thread stops, the kernel's peak is read a last time)."""
         self._end_trace()
-        if self._kernel_peak is not None:
-            last = self._peak_since_step()
-            self._kernel_peak = None
-            with self._lock:
-                self._max_sampled = last
-            self._overall_peak = max(self._overall_peak, last)
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join(timeout=1.0)
-            self._thread = None
+        if self._watch is not None:
+            self._last_source, self._last_peak = self._watch.source, self._watch.stop()
+            self._overall_peak = max(self._overall_peak, self._last_peak)
+            self._watch = None
 
     def __enter__(self) -> MemoryProfiler:
         return self.start()
@@ -211,45 +195,19 @@ class MemoryProfiler:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def _sample(self) -> None:
-        while not self._stop.wait(self.sample_interval_s):
-            value = self._current()
-            with self._lock:
-                if value > self._max_sampled:
-                    self._max_sampled = value
-
     def _current(self) -> int:
         return _CURRENT.get(self.kind, _cpu_current)(self.device)
 
     def _peak_since_step(self) -> int:
-        """CPU/MPS: the highest value since the last step() (or start)."""
-        if self._kernel_peak is not None:
-            try:
-                return self._kernel_peak.read()
-            except (OSError, ValueError) as e:
-                self._sample_instead(e)
-        with self._lock:
-            return self._max_sampled
+        """CPU/MPS: the highest value since the last step() (or start; after stop(), up to stop())."""
+        return self._watch.read() if self._watch is not None else self._last_peak
 
     def _new_step(self, current: int) -> None:
         """CPU/MPS: start the next step's peak from `current`."""
-        if self._kernel_peak is not None:
-            try:
-                self._kernel_peak.reset()
-                return
-            except (OSError, ValueError) as e:
-                self._sample_instead(e)
-        with self._lock:
-            self._max_sampled = current
-
-    def _sample_instead(self, error: Exception) -> None:
-        """The kernel's peak failed after it opened (/proc refused a read or a reset): sample from
-        here on, saying so once (the peak since the last good read is lost)."""
-        warnings.warn(f"CPU memory: the kernel's peak RSS failed ({error}); sampling RSS every "
-                      f"{self.sample_interval_s * 1000:g} ms from here on, which may miss short peaks", stacklevel=3)
-        self._kernel_peak = None
-        self.rss_source = "sampled"
-        self._start_sampler()
+        if self._watch is not None:
+            self._watch.reset(current)
+        else:
+            self._last_peak = current
 
     @property
     def peak_rss_label(self) -> str:

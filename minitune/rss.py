@@ -2,6 +2,8 @@
 
 - `rss_bytes()`: the RSS now (/proc on Linux, else psutil, else the peak so far, with a warning).
 - `KernelPeakRss`: the kernel's own high-water mark of the RSS (Linux), read and reset: exact.
+- `PeakWatcher`: the peak of a value since the last reset, the one place that keeps one: the
+  kernel's mark for the RSS where it can, else a sampler thread (MPS's allocation, RSS off Linux).
 - `max_rss_bytes(usage)`: `ru_maxrss` in bytes.
 
 What the process will hold (`process_peak`) and the C allocator's settings are in process_memory.
@@ -12,10 +14,12 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 import warnings
 import weakref
+from collections.abc import Callable
 
-__all__ = ["KernelPeakRss", "max_rss_bytes", "rss_bytes"]
+__all__ = ["KernelPeakRss", "PeakWatcher", "max_rss_bytes", "rss_bytes"]
 
 KiB, MiB = 2**10, 2**20
 _RSS_FALLBACK_WARNED = False
@@ -98,6 +102,102 @@ class KernelPeakRss:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self._carried = 0
+
+
+class PeakWatcher:
+    """The highest value of `current()` since the last `reset`: the one place that keeps a peak.
+
+    With `kernel=True` (`current` is this process's RSS) on Linux, the kernel's own mark
+    (`KernelPeakRss`): exact, no thread. Otherwise (MPS's allocation; RSS where the kernel's mark
+    cannot be reset) a daemon thread samples `current` every `interval_s`: a peak shorter than that
+    may be missed. If the kernel's mark fails after it opened (/proc refused a read or a reset), it
+    warns once and samples from there (the peak since the last good read is lost).
+
+    Args:
+        current: the value watched, in bytes (default: this process's RSS).
+        interval_s: the sampler's period, where it samples.
+        kernel: use the kernel's mark where it can (only for `current` = this process's RSS).
+        what: the watched value's name, for the fallback's warning.
+    """
+
+    def __init__(self, current: Callable[[], int] | None = None, interval_s: float = 0.01, *, kernel: bool = True,
+                 what: str = "RSS") -> None:
+        self.current = current if current is not None else rss_bytes
+        self.interval_s = interval_s
+        self.what = what
+        self._kernel = KernelPeakRss.open() if kernel else None
+        # the process's peak RSS from its start to now (None where unknown: no kernel mark)
+        self.peak_before = self._kernel.peak_at_open if self._kernel is not None else None
+        self._lock = threading.Lock()
+        self._max = 0
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self._kernel is None:
+            self._sample()
+
+    @property
+    def source(self) -> str:
+        """'kernel peak' (exact) or 'sampled' (may miss a short peak)."""
+        return "kernel peak" if self._kernel is not None else "sampled"
+
+    @property
+    def sampling(self) -> bool:
+        """True while a sampler thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def read(self) -> int:
+        """The highest value since the last reset (or since watching began)."""
+        if self._kernel is not None:
+            try:
+                return self._kernel.read()
+            except (OSError, ValueError) as e:
+                self._fall_back(e)
+        with self._lock:
+            return self._max
+
+    def reset(self, current: int | None = None) -> None:
+        """Start the peak again from now (`current`: the value now, if the caller has just read it)."""
+        if self._kernel is not None:
+            try:
+                self._kernel.reset()
+                return
+            except (OSError, ValueError) as e:
+                self._fall_back(e)
+        with self._lock:
+            self._max = self.current() if current is None else current
+
+    def stop(self) -> int:
+        """Stop watching (the kernel's mark let go, the thread joined); return the peak since the last
+        reset, which later reads return until a reset sets it to the value given."""
+        last = self.read()
+        self._kernel = None
+        if self._thread is not None:
+            self._stop_event.set()
+            self._thread.join(timeout=1.0)
+            self._thread = None
+        with self._lock:
+            self._max = last
+        return last
+
+    def _sample(self) -> None:
+        if self._thread is None:
+            self._stop_event.clear()
+            self._max = self.current()
+            self._thread = threading.Thread(target=self._run, name="minitune-memory", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            value = self.current()
+            with self._lock:
+                if value > self._max:
+                    self._max = value
+
+    def _fall_back(self, error: Exception) -> None:
+        warnings.warn(f"{self.what}: the kernel's peak RSS failed ({error}); sampling it every "
+                      f"{self.interval_s * 1000:g} ms from here on, which may miss short peaks", stacklevel=4)
+        self._kernel = None
+        self._sample()
 
 
 def _read_hwm() -> int:

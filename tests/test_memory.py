@@ -73,7 +73,7 @@ def _touch_and_free_200_mb(prof: MemoryProfiler, wait_for_sampler: bool) -> None
     assert rss_bytes() >= before + 150 * MB  # the allocation is in the RSS
     # a sampler thread sees it within a few periods; a busy machine may delay it (up to 2 s)
     deadline = time.monotonic() + 2.0
-    while wait_for_sampler and prof._max_sampled < before + 150 * MB and time.monotonic() < deadline:
+    while wait_for_sampler and prof._watch.read() < before + 150 * MB and time.monotonic() < deadline:
         time.sleep(0.01)
     del big
     region.close()  # unmapped: freed within microseconds of being touched when not waiting
@@ -90,7 +90,7 @@ def test_cpu_peak_is_per_step_and_resets(kernel_peak, monkeypatch):
     with MemoryProfiler("cpu", sample_interval_s=0.002) as prof:
         assert prof.rss_source == ("kernel peak" if kernel_peak else "sampled")
         assert prof.summary()["peak_label"] == ("peak RSS" if kernel_peak else "peak RSS (sampled)")
-        assert (prof._thread is None) == kernel_peak  # no thread where the kernel keeps the peak
+        assert prof._watch.sampling != kernel_peak  # no thread where the kernel keeps the peak
         first = prof.step(1)
         assert first["mem/rss_mb"] > 0 and first["mem/peak_rss_mb"] >= first["mem/rss_mb"]
         _touch_and_free_200_mb(prof, wait_for_sampler=not kernel_peak)  # the kernel's mark needs no wait
@@ -102,6 +102,7 @@ def test_cpu_peak_is_per_step_and_resets(kernel_peak, monkeypatch):
         assert prof.peak_bytes() >= second["mem/peak_rss_mb"] * MB
         assert prof.baseline_bytes > 0
         assert prof.peak_bytes(above_baseline=True) == prof.peak_bytes() - prof.baseline_bytes
+    assert prof.rss_source == ("kernel peak" if kernel_peak else "sampled")  # still said after stop()
 
 
 def test_kernel_peak_catches_a_peak_freed_at_once_and_reset_lowers_it():
@@ -276,14 +277,15 @@ def test_profiler_samples_instead_when_the_kernel_peak_fails_mid_run(monkeypatch
         with pytest.warns(UserWarning, match="kernel's peak RSS failed .*Permission denied.*sampling"):
             record = prof.step(2)
         assert record["mem/peak_rss_mb"] > 0 and prof.rss_source == "sampled"
-        assert prof._thread is not None and prof._thread.is_alive()
+        watch = prof._watch
+        assert watch.sampling
         assert prof.summary()["peak_label"] == "peak RSS (sampled)"
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             prof.step(3)  # goes on sampling, no second warning
-    assert prof._thread is None
+    assert not watch.sampling and prof._watch is None
 
 
 def test_profiler_peak_stops_at_stop():

@@ -12,7 +12,7 @@ from minitune import process_memory as pm
 from minitune.config import load_config
 from minitune.memory import MB
 from minitune.planner import format_plan, plan
-from minitune.rss import rss_bytes
+from minitune.rss import KernelPeakRss, PeakWatcher, rss_bytes
 
 from .conftest import measured_config, tiny_config
 
@@ -333,3 +333,52 @@ def test_on_cuda_the_measured_process_is_the_reserve_peak_plus_what_the_driver_s
     monkeypatch.setattr("torch.cuda.max_memory_reserved", lambda device=None: 12 * GiB)
     measured, what = measured_process_peak(types.SimpleNamespace(kind="cuda", device=0))
     assert measured == 12 * GiB + 9 * GiB and "context" in what  # 9 GiB outside the allocator
+
+
+def test_peak_watcher_samples_any_value_keeps_its_peak_and_freezes_at_stop():
+    import time
+
+    value = [10]
+    watch = PeakWatcher(lambda: value[0], interval_s=0.001, kernel=False)
+    assert watch.source == "sampled" and watch.sampling and watch.peak_before is None
+    value[0] = 50  # a peak, seen by the thread...
+    deadline = time.monotonic() + 2.0
+    while watch.read() < 50 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    value[0] = 20  # ...and kept once gone
+    time.sleep(0.01)
+    assert watch.read() == 50
+    watch.reset()
+    assert watch.read() == 20
+    value[0] = 70
+    deadline = time.monotonic() + 2.0
+    while watch.read() < 70 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert watch.stop() == 70 and not watch.sampling
+    value[0] = 99  # after stop(): not watched
+    time.sleep(0.01)
+    assert watch.read() == 70
+    watch.reset(5)
+    assert watch.read() == 5
+
+
+def test_peak_watcher_reads_the_kernels_mark_and_samples_when_it_fails(monkeypatch):
+    watch = PeakWatcher()
+    if watch.source != "kernel peak":
+        pytest.skip("no resettable kernel peak RSS here")
+    assert not watch.sampling and watch.peak_before >= rss_bytes() - 4 * MB
+    buf = bytearray(100 * MB)
+    buf[::4096] = b"x" * len(buf[::4096])
+    del buf  # a 100 MB peak, freed at once: in the kernel's mark without waiting
+    assert watch.read() >= rss_bytes() + 90 * MB
+
+    def refused(self):
+        raise PermissionError("clear_refs: Permission denied")
+
+    monkeypatch.setattr(KernelPeakRss, "reset", refused)
+    with pytest.warns(UserWarning, match="RSS: the kernel's peak RSS failed .*Permission denied.*sampling it every"):
+        watch.reset()
+    assert watch.source == "sampled" and watch.sampling
+    assert watch.read() < rss_bytes() + 20 * MB  # from now on, by the sampler
+    watch.stop()
+    assert not watch.sampling
