@@ -27,7 +27,7 @@ from rich.table import Table
 
 from .config import SEED_MAX, choices_of, describe, describe_configs, generation_args, load_config
 from .errors import ConfigError, MinituneError, one_line
-from .process_memory import restart_with_malloc_env
+from .process_memory import restart_with_malloc_env, tune_malloc
 from .run_data import TABLE_COLUMNS, load_run, run_labels, table_rows
 from .run_report import write_report
 
@@ -254,6 +254,8 @@ def _eval_parser() -> _Parser:
 
 def main_eval(argv: Sequence[str] | None = None) -> int:
     """`eval.py -p CHECKPOINT [options] [section.key=value ...]`, or `eval.py --scores SHEET.csv`."""
+    if argv is None:  # the program itself: its allocator is set as train.py's is
+        restart_with_malloc_env()
     parser = _eval_parser()
     args = parser.parse_args(argv)
     if args.scores is None and not args.path:
@@ -278,6 +280,7 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     def evaluate() -> None:
         from .evaluate import evaluate_checkpoint, render_result  # here: as above
 
+        tune_malloc()  # minitune's malloc setting, as a run's: one setting for every minitune program
         overrides = list(args.overrides) + ([f"training.device={args.device}"] if args.device else [])
         overrides += [f"generation.{key}={json.dumps(value)}" for key, value in decoding_flags.items()]
         with _progress(not args.no_progress) as progress:

@@ -382,3 +382,22 @@ def test_peak_watcher_reads_the_kernels_mark_and_samples_when_it_fails(monkeypat
     assert watch.read() < rss_bytes() + 20 * MB  # from now on, by the sampler
     watch.stop()
     assert not watch.sampling
+
+
+def test_eval_py_sets_the_allocator_as_train_py_does(monkeypatch, capsys):
+    from minitune import cli, evaluate
+    from minitune.errors import CheckpointError
+
+    calls = []
+    monkeypatch.setattr(cli, "restart_with_malloc_env", lambda: calls.append("restart"))
+    monkeypatch.setattr(cli, "tune_malloc", lambda: calls.append("tune") or "")
+
+    def no_checkpoint(*args, **kwargs):
+        calls.append("evaluate")
+        raise CheckpointError("no checkpoint at nowhere")
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", no_checkpoint)
+    monkeypatch.setattr(sys, "argv", ["eval.py", "-p", "nowhere", "--no-progress"])
+    assert cli.main_eval() == 2  # the program itself: restarted first, the allocator set before any weights
+    assert calls == ["restart", "tune", "evaluate"]
+    assert "error: no checkpoint at nowhere" in capsys.readouterr().err
