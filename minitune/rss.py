@@ -175,6 +175,7 @@ class PeakWatcher:
             self._stop_event.set()
             self._thread.join(timeout=1.0)
             self._thread = None
+            last = max(last, self.read(), self.current())  # what the thread took while stopping, and now
         with self._lock:
             self._max = last
         return last

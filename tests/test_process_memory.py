@@ -360,6 +360,10 @@ def test_peak_watcher_samples_any_value_keeps_its_peak_and_freezes_at_stop():
     assert watch.read() == 70
     watch.reset(5)
     assert watch.read() == 5
+    value[0] = 5
+    slow = PeakWatcher(lambda: value[0], interval_s=60, kernel=False)  # its thread never samples in this test
+    value[0] = 40
+    assert slow.stop() == 40  # the value when it stopped counts
 
 
 def test_peak_watcher_reads_the_kernels_mark_and_samples_when_it_fails(monkeypatch):
