@@ -130,6 +130,7 @@ class PeakWatcher:
         self.peak_before = self._kernel.peak_at_open if self._kernel is not None else None
         self._lock = threading.Lock()
         self._max = 0
+        self._resets = 0  # a sample read before a reset is not counted after it
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         if self._kernel is None:
@@ -164,6 +165,7 @@ class PeakWatcher:
             except (OSError, ValueError) as e:
                 self._fall_back(e)
         with self._lock:
+            self._resets += 1
             self._max = self.current() if current is None else current
 
     def stop(self) -> int:
@@ -189,9 +191,11 @@ class PeakWatcher:
 
     def _run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
+            with self._lock:
+                resets = self._resets
             value = self.current()
             with self._lock:
-                if value > self._max:
+                if resets == self._resets and value > self._max:
                     self._max = value
 
     def _fall_back(self, error: Exception) -> None:
