@@ -185,7 +185,8 @@ class MemoryProfiler:
         running ends, a sampler thread stops, the kernel's peak is read a last time)."""
         self._end_trace()
         if self._watch is not None:
-            self._last_source, self._last_peak = self._watch.source, self._watch.stop()
+            self._last_peak = self._watch.stop()
+            self._last_source = self._watch.source  # after stop(): a last read that failed says 'sampled'
             self._overall_peak = max(self._overall_peak, self._last_peak)
             self._watch = None
 

@@ -128,6 +128,7 @@ class PeakWatcher:
         self._kernel = KernelPeakRss.open() if kernel else None
         # the process's peak RSS from its start to now (None where unknown: no kernel mark)
         self.peak_before = self._kernel.peak_at_open if self._kernel is not None else None
+        self._source = "kernel peak" if self._kernel is not None else "sampled"
         self._lock = threading.Lock()
         self._max = 0
         self._resets = 0  # a sample read before a reset is not counted after it
@@ -138,8 +139,9 @@ class PeakWatcher:
 
     @property
     def source(self) -> str:
-        """'kernel peak' (exact) or 'sampled' (may miss a short peak)."""
-        return "kernel peak" if self._kernel is not None else "sampled"
+        """'kernel peak' (exact) or 'sampled' (may miss a short peak): how the peaks were kept, also
+        after stop()."""
+        return self._source
 
     @property
     def sampling(self) -> bool:
@@ -202,6 +204,7 @@ class PeakWatcher:
         warnings.warn(f"{self.what}: the kernel's peak RSS failed ({error}); sampling it every "
                       f"{self.interval_s * 1000:g} ms from here on, which may miss short peaks", stacklevel=4)
         self._kernel = None
+        self._source = "sampled"
         self._sample()
 
 

@@ -288,6 +288,23 @@ def test_profiler_samples_instead_when_the_kernel_peak_fails_mid_run(monkeypatch
     assert not watch.sampling and prof._watch is None
 
 
+def test_a_last_read_that_fails_at_stop_is_said_to_be_sampled(monkeypatch):
+    from minitune.rss import KernelPeakRss
+
+    prof = MemoryProfiler("cpu").start()
+    if prof.rss_source != "kernel peak":
+        prof.stop()
+        pytest.skip("no resettable kernel peak RSS here")
+
+    def refused(self):
+        raise PermissionError("/proc/self/status: Permission denied")
+
+    monkeypatch.setattr(KernelPeakRss, "read", refused)
+    with pytest.warns(UserWarning, match="kernel's peak RSS failed"):
+        prof.stop()
+    assert prof.rss_source == "sampled" and prof.summary()["peak_label"] == "peak RSS (sampled)"
+
+
 def test_profiler_peak_stops_at_stop():
     with MemoryProfiler("cpu") as prof:
         prof.step(1)
