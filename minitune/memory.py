@@ -22,6 +22,7 @@ called peaks):
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 from pathlib import Path
@@ -107,7 +108,9 @@ class MemoryProfiler:
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         if self._watch is None:
-            self._watch = PeakWatcher(self._current, self.sample_interval_s, kernel=self.kind == "cpu",
+            # the reader alone, not a bound method: no cycle keeps an unstopped profiler's counter alive
+            current = functools.partial(_CURRENT.get(self.kind, _cpu_current), self.device)
+            self._watch = PeakWatcher(current, self.sample_interval_s, kernel=self.kind == "cpu",
                                       what=f"{self.kind.upper()} memory")
             if self.peak_before_start is None:
                 self.peak_before_start = self._watch.peak_before

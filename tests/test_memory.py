@@ -288,6 +288,21 @@ def test_profiler_samples_instead_when_the_kernel_peak_fails_mid_run(monkeypatch
     assert not watch.sampling and prof._watch is None
 
 
+def test_an_unstopped_profiler_lets_go_of_the_kernels_mark_when_dropped():
+    from minitune.rss import KernelPeakRss
+
+    prof = MemoryProfiler("cpu").start()
+    if prof.rss_source != "kernel peak":
+        pytest.skip("no resettable kernel peak RSS here")
+    alive = len(KernelPeakRss._alive)
+    gc.disable()  # no cycle collection: the counter must go with the last reference
+    try:
+        del prof
+        assert len(KernelPeakRss._alive) == alive - 1
+    finally:
+        gc.enable()
+
+
 def test_a_last_read_that_fails_at_stop_is_said_to_be_sampled(monkeypatch):
     from minitune.rss import KernelPeakRss
 
