@@ -162,9 +162,12 @@ class _TrainingRss:
     def stop(self) -> tuple[int, int]:
         """(peak during training, peak of the process from its start), bytes."""
         during = self._watch.stop()
-        if self._watch.peak_before is not None:  # the kernel's mark: reset at the start, so ru_maxrss is not the process's
-            return during, max(during, self._watch.peak_before)
-        return during, max(during, max_rss_bytes(resource.getrusage(resource.RUSAGE_SELF)))
+        since_reset = max_rss_bytes(resource.getrusage(resource.RUSAGE_SELF))  # the kernel's mark, or from the start
+        if self._watch.peak_before is None:  # sampled from the start: ru_maxrss is the process's peak
+            return during, max(during, since_reset)
+        if self._watch.source == "sampled":  # the kernel's mark failed mid-run: its last value is in ru_maxrss
+            during = max(during, since_reset)
+        return during, max(during, self._watch.peak_before)
 
 
 def _no_dropout(model) -> None:
