@@ -202,7 +202,7 @@ class PeakWatcher:
 
     def _fall_back(self, error: Exception) -> None:
         warnings.warn(f"{self.what}: the kernel's peak RSS failed ({error}); sampling it every "
-                      f"{self.interval_s * 1000:g} ms from here on, which may miss short peaks", stacklevel=4)
+                      f"{self.interval_s * 1000:g} ms from here on, which may miss short peaks", stacklevel=3)
         self._kernel = None
         self._source = "sampled"
         self._sample()
