@@ -96,9 +96,11 @@ class KernelPeakRss:
 
     def reset(self) -> None:
         """Start this counter's peak again from the RSS now (the others keep theirs)."""
-        mark = _read_hwm()
-        for other in list(self._alive):
-            other._carried = max(other._carried, mark)
+        others = [other for other in self._alive if other is not self]
+        if others:  # the one mark is theirs too: keep what it holds for them (one /proc read, only then)
+            mark = _read_hwm()
+            for other in others:
+                other._carried = max(other._carried, mark)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self._carried = 0
