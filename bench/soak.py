@@ -49,11 +49,6 @@ JOBS = {
 }
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def write(rows: list[dict], meta: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -114,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.malloc != "minitune":
         os.environ["MINITUNE_MALLOC"] = args.malloc
     from minitune.process_memory import restart_with_malloc_env  # light: no torch yet
+    from minitune.rss import rss_bytes  # light too
 
     restart_with_malloc_env()  # as train.py: a no-op once restarted, or with MINITUNE_MALLOC set
     baseline = rss_bytes()  # before minitune, torch and the libraries are imported
