@@ -10,7 +10,8 @@ closes a phase or a step: `heap` (bytes the heap spans), `in use`, `free` (freed
 keeps, and how many), `top` (the free chunk at the heap's end, which glibc can hand back:
 `keepcost`), `mapped` (blocks at or above the mmap threshold), the main heap's resident bytes
 (`[heap]` in /proc/self/smaps: what of its span the process holds in RAM; of its free chunks, those
-touched since the last `malloc_trim`) and the RSS. A cell ends with its peak RSS above the baseline
+touched since the last `malloc_trim`), the RSS and its file-backed part (`RssFile`: library code
+paged in). A cell ends with its peak RSS above the baseline
 against the allocator's training peak (the memory grid's "RSS / allocator" column).
 What `process_memory.HEAP_KEPT` models: with the 2 MiB threshold (minitune's, once train.py has
 restarted with glibc's thread cache off; `--cell` restarts itself the same way) the heap's free bytes
@@ -50,12 +51,23 @@ def heap_resident_bytes() -> int:
     return resident
 
 
+def file_backed_bytes() -> int:
+    """This process's file-backed resident bytes (`RssFile` in /proc/self/status): library code and
+    data paged in, which the heap does not hold."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _printer(libc: ctypes.CDLL):
     def show(what: str) -> None:
         m = libc.mallinfo2()
         print(f"heap at {what}: RSS {rss_bytes() / MB:.0f} MiB, heap {m.arena / MB:.0f} MiB, in use "
               f"{m.uordblks / MB:.0f}, free {m.fordblks / MB:.0f} ({m.ordblks} chunks), top {m.keepcost / MB:.0f}, "
-              f"mapped {m.hblkhd / MB:.0f} ({m.hblks} blocks), main heap resident {heap_resident_bytes() / MB:.0f}",
+              f"mapped {m.hblkhd / MB:.0f} ({m.hblks} blocks), main heap resident {heap_resident_bytes() / MB:.0f}, "
+              f"file-backed {file_backed_bytes() / MB:.0f}",
               flush=True)
     return show
 

@@ -207,6 +207,7 @@ def test_heap_stats_runs_a_grid_cell_and_shows_the_heap_at_each_phase():
     phases = [line.split(":")[0] for line in lines if line.startswith("heap at")]
     assert phases[:2] == ["heap at phase start", "heap at phase load"] and "heap at phase backward" in phases, phases
     resident = [int(m) for m in re.findall(r"main heap resident (\d+)", proc.stdout)]
+    assert len(re.findall(r"file-backed \d+$", proc.stdout, re.M)) == len(phases)
     rss = [int(m) for m in re.findall(r": RSS (\d+) MiB", proc.stdout)]
     assert len(resident) == len(rss) == len(phases) and all(0 < h <= r for h, r in zip(resident, rss, strict=True))
     above, peak, ratio = re.search(r"peak RSS above the baseline ([\d.]+) MiB, allocator's training peak ([\d.]+) "
